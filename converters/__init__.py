@@ -1,0 +1,69 @@
+"""HF (and later Megatron) checkpoints -> dsjax ModelConfig + parameters.
+
+`load(model, dtype)` accepts an HF checkpoint directory or an in-memory transformers model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from converters import gpt2, llama
+from converters.loader import CheckpointError, TensorSource, from_directory, from_state_dict
+from converters.policy import Policy, convert
+from dsjax.config import ModelConfig
+
+POLICIES: dict[str, Policy] = {p.name: p for p in (gpt2.POLICY, llama.POLICY)}
+
+
+def policy_for(hf_config: dict) -> Policy:
+    model_type = hf_config.get("model_type")
+    for policy in POLICIES.values():
+        if model_type in policy.model_types:
+            archs = hf_config.get("architectures") or []
+            foreign = [a for a in archs if a not in policy.architectures]
+            if foreign:
+                raise CheckpointError(
+                    f"architecture {foreign[0]!r} (model_type {model_type!r}) is not supported; "
+                    f"the {policy.name} policy accepts {', '.join(policy.architectures)}")
+            return policy
+    known = sorted(t for p in POLICIES.values() for t in p.model_types)
+    raise CheckpointError(
+        f"unknown architecture: model_type {model_type!r} "
+        f"(architectures {hf_config.get('architectures')}); dsjax converts {', '.join(known)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HFSource:
+    """What a checkpoint says before any weight is read."""
+
+    hf_config: dict
+    config: ModelConfig
+    policy: Policy
+    tensors: TensorSource
+    directory: Path | None  # tokenizer files live here, if any
+
+
+def open_hf(model) -> HFSource:
+    """An HF checkpoint directory or an in-memory transformers model, opened lazily."""
+    if isinstance(model, (str, Path)):
+        directory = Path(model)
+        cfg_path = directory / "config.json"
+        if not cfg_path.exists():
+            raise CheckpointError(f"{directory}: no config.json; is this an HF checkpoint directory?")
+        hf_config = json.loads(cfg_path.read_text())
+        policy = policy_for(hf_config)  # before touching any weight file
+        return HFSource(hf_config, policy.make_config(hf_config), policy, from_directory(directory),
+                        directory)
+    if not (hasattr(model, "state_dict") and hasattr(model, "config")):
+        raise TypeError(f"expected an HF checkpoint directory or a transformers model, got {type(model)}")
+    hf_config = model.config.to_dict()
+    hf_config.setdefault("architectures", None)
+    hf_config["architectures"] = [type(model).__name__]
+    policy = policy_for(hf_config)
+    return HFSource(hf_config, policy.make_config(hf_config), policy,
+                    from_state_dict(model.state_dict(), type(model).__name__), None)
+
+
+__all__ = ["POLICIES", "CheckpointError", "HFSource", "convert", "open_hf", "policy_for"]

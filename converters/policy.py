@@ -1,0 +1,130 @@
+"""The one conversion engine: a family policy is a table of rules, run here.
+
+A Rule maps one or more HF tensor names (with `{i}` for the layer index) to one dsjax parameter
+path through a named transform. Every checkpoint tensor must be consumed by a rule or matched by
+an explicit ignore pattern (buffers such as GPT-2's causal mask); every model parameter must be
+produced; every produced shape must equal the model's. Anything else raises CheckpointError
+naming the tensor, before any weight is converted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from converters.loader import CheckpointError, TensorSource
+from dsjax.config import ModelConfig
+
+log = logging.getLogger("dsjax.converters")
+
+
+# Transforms: explicit per rule, never guessed from tensor rank. HF Linear weights are [out, in];
+# dsjax kernels are [in, out]. Each transform also states its output shape, so that every shape
+# is checked from the headers before any tensor is read.
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    name: str
+    apply: Callable[..., np.ndarray]
+    shape: Callable[..., tuple]
+
+
+IDENTITY = Transform("identity", lambda x: x, lambda s: tuple(s))
+TRANSPOSE = Transform("transpose", lambda x: x.T, lambda s: tuple(s[::-1]))
+# separate [out_j, in] Linear weights -> one fused [in, sum out_j] kernel (QKV, gate|up)
+CONCAT_TRANSPOSED = Transform(
+    "concat_transposed", lambda *xs: np.concatenate([x.T for x in xs], axis=1),
+    lambda *ss: (ss[0][1], sum(s[0] for s in ss)) if all(len(s) == 2 for s in ss) else None)
+CONCAT = Transform("concat", lambda *xs: np.concatenate(xs, axis=0),
+                   lambda *ss: (sum(s[0] for s in ss),) + tuple(ss[0][1:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    target: str  # dsjax parameter path, e.g. "layers.{i}.attn.qkv.kernel"
+    sources: tuple[str, ...]  # HF names relative to the policy prefix, e.g. "h.{i}.attn.c_attn.weight"
+    transform: Transform = IDENTITY
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    name: str
+    model_types: tuple[str, ...]  # HF config `model_type` values served
+    architectures: tuple[str, ...]  # HF classes accepted
+    prefix: str  # the base model's prefix in *ForCausalLM checkpoints ("transformer.", "model.")
+    make_config: Callable[[dict], ModelConfig]
+    make_rules: Callable[[ModelConfig], tuple[Rule, ...]]
+    ignore: tuple[str, ...] = ()  # regexes of HF names that hold no weights
+
+
+def expand(rules: tuple[Rule, ...], num_layers: int) -> list[Rule]:
+    out = []
+    for rule in rules:
+        layers = range(num_layers) if "{i}" in rule.target else [None]
+        for i in layers:
+            fmt = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
+            out.append(Rule(fmt(rule.target), tuple(fmt(s) for s in rule.sources), rule.transform))
+    return out
+
+
+def _resolve_names(policy: Policy, source: TensorSource) -> dict[str, str]:
+    """Policy-relative name -> checkpoint name. Base-model checkpoints lack the prefix; head
+    tensors (lm_head.*) live outside it in both."""
+    mapping = {}
+    for name in source:
+        rel = name[len(policy.prefix):] if name.startswith(policy.prefix) else name
+        mapping[rel] = name
+    return mapping
+
+
+def convert(policy: Policy, cfg: ModelConfig, source: TensorSource,
+            expected: dict[str, jax.ShapeDtypeStruct], dtype, progress: bool = True,
+            put: Callable[[str, np.ndarray], jax.Array] | None = None) -> dict[str, jax.Array]:
+    """Runs the policy's table over `source`; returns {param path: device array} in `dtype`."""
+    rules = expand(policy.make_rules(cfg), cfg.num_layers)
+    names = _resolve_names(policy, source)
+    used = {s for r in rules for s in r.sources}
+    missing = sorted(used - set(names))
+    if missing:
+        raise CheckpointError(
+            f"{source.origin}: {len(missing)} tensor(s) the {policy.name} policy needs are missing, "
+            f"e.g. {', '.join(repr(policy.prefix + m) for m in missing[:5])}")
+    ignored = [re.compile(p) for p in policy.ignore]
+    unexpected = sorted(names[n] for n in set(names) - used
+                        if not any(p.fullmatch(n) for p in ignored))
+    if unexpected:
+        raise CheckpointError(
+            f"{source.origin}: {len(unexpected)} tensor(s) the {policy.name} policy does not know, "
+            f"e.g. {', '.join(map(repr, unexpected[:5]))}; refusing to drop them silently "
+            "(is the config's architecture right?)")
+    targets = [r.target for r in rules]
+    if sorted(targets) != sorted(expected):
+        raise CheckpointError(
+            f"{policy.name} policy produces {sorted(set(targets) ^ set(expected))[:5]} "
+            "which do not match the model's parameters")
+    for r in rules:  # shapes first, from the headers: no tensor is read before all are checked
+        got = r.transform.shape(*(source.shapes[names[s]] for s in r.sources))
+        if got != tuple(expected[r.target].shape):
+            raise CheckpointError(
+                f"{source.origin}: {', '.join(names[s] for s in r.sources)} gives shape {got} for "
+                f"{r.target}, but the config implies {tuple(expected[r.target].shape)}")
+    put = put or (lambda path, x: jnp.asarray(x))
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    params = {}
+    for r in _progress(rules, progress, f"loading {policy.name}"):
+        value = r.transform.apply(*(source[names[s]] for s in r.sources))
+        params[r.target] = put(r.target, np.asarray(value, dtype=np_dtype))
+    return params
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", leave=False)

@@ -1,0 +1,13 @@
+"""dsjax: DeepSpeed-Inference rebuilt on JAX/XLA (and Pallas kernels).
+
+    engine = dsjax.init_inference("path/to/hf-checkpoint", dtype="bf16", max_out_tokens=1024)
+    out = engine.generate([[15496, 11, 995]], max_new_tokens=32)
+"""
+
+from dsjax.config import InferenceConfig, ModelConfig, RopeScaling
+from dsjax.engine import GenerationOutput, InferenceEngine, init_inference
+
+__version__ = "0.1.0"
+
+__all__ = ["GenerationOutput", "InferenceConfig", "InferenceEngine", "ModelConfig", "RopeScaling",
+           "init_inference"]

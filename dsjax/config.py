@@ -1,0 +1,197 @@
+"""Configuration: what the model is (ModelConfig) and how to run it (InferenceConfig).
+
+ModelConfig describes every family dsjax serves through ONE generic transformer; families differ
+only in these fields and in their converter. Both dataclasses are frozen, hashable (they are
+static arguments under jit) and round-trip through JSON with a dsjax checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Literal
+
+import jax.numpy as jnp
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
+POSITIONS = ("learned", "rotary", "alibi", "none")
+ROTARY_LAYOUTS = ("half", "interleaved")
+ROPE_KINDS = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling (HF `rope_scaling`): 'linear' divides positions by `factor`;
+    'llama3' stretches low frequencies as Llama-3.1 does."""
+
+    kind: Literal["default", "linear", "llama3"] = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self):
+        _check_choice("rope_scaling.kind", self.kind, ROPE_KINDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder or encoder transformer, in family-neutral terms."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    num_kv_heads: int | None = None  # None: = num_heads (MHA); 1: MQA; else GQA
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    max_position_embeddings: int = 2048
+    # normalization
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    norm_plus_one: bool = False  # Gemma: scale applied as (1 + w)
+    norm_position: Literal["pre", "post"] = "pre"
+    final_norm: bool = True
+    embedding_norm: bool = False  # BLOOM: LayerNorm right after the embedding
+    # MLP
+    activation: Literal["gelu", "gelu_tanh", "relu", "silu", "quick_gelu"] = "gelu"
+    gated_mlp: bool = False  # act(x @ gate) * (x @ up), gate and up fused in one kernel
+    # positions
+    positions: Literal["learned", "rotary", "alibi", "none"] = "learned"
+    position_offset: int = 0  # OPT: learned table indexed at position + 2
+    rotary_dim: int | None = None  # None: the whole head (partial rotary otherwise)
+    rotary_layout: Literal["half", "interleaved"] = "half"  # NeoX/LLaMA vs GPT-J pairs
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    # attention
+    causal: bool = True  # False for encoders (BERT, CLIP vision)
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim); GPT-Neo: 1.0
+    sliding_window: int | None = None  # keys with q_pos - k_pos >= window are masked
+    local_layers: tuple[int, ...] | None = None  # layers that use the window; None: all
+    # residual
+    parallel_residual: bool = False  # x + attn(n1(x)) + mlp(n2(x))  (GPT-J, NeoX)
+    shared_norm: bool = False  # parallel residual off ONE norm (GPT-J)
+    # biases
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    # embeddings
+    tie_word_embeddings: bool = True
+    embed_scale: float = 1.0  # Gemma: sqrt(hidden_size)
+    type_vocab_size: int = 0  # BERT token types
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.local_layers, list):
+            object.__setattr__(self, "local_layers", tuple(self.local_layers))
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("norm_position", self.norm_position, ("pre", "post"))
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("positions", self.positions, POSITIONS)
+        _check_choice("rotary_layout", self.rotary_layout, ROTARY_LAYOUTS)
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.kv_heads})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads});"
+                " set head_dim explicitly"
+            )
+        if self.positions == "rotary" and (self.rot_dim % 2 or self.rot_dim > self.dim_head):
+            raise ValueError(f"rotary_dim ({self.rot_dim}) must be even and <= head_dim ({self.dim_head})")
+        if self.shared_norm and not self.parallel_residual:
+            raise ValueError("shared_norm=True needs parallel_residual=True")
+        if self.norm_position == "post" and self.parallel_residual:
+            raise ValueError("post-norm blocks with a parallel residual are not a known family")
+        if self.local_layers is not None and self.sliding_window is None:
+            raise ValueError("local_layers is set but sliding_window is None")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def rot_dim(self) -> int:
+        return self.rotary_dim or self.dim_head
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.dim_head**-0.5
+
+    def layer_window(self, layer: int) -> int | None:
+        if self.local_layers is None or layer in self.local_layers:
+            return self.sliding_window
+        return None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        data = json.loads(text)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+
+DTYPES = {
+    "float32": jnp.float32, "fp32": jnp.float32, "float": jnp.float32,
+    "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+    "float16": jnp.float16, "fp16": jnp.float16, "half": jnp.float16,
+}
+QUANTIZED_DTYPES = ("int8", "int4", "qint8")
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """Accepts 'bf16'/'fp16'/'fp32' spellings, numpy/JAX dtypes and torch dtypes."""
+    name = str(dtype).removeprefix("torch.").lower() if dtype is not None else "bfloat16"
+    if name in QUANTIZED_DTYPES:
+        raise NotImplementedError(
+            f"dtype={dtype!r}: weight-only INT8/INT4 inference is the GEMM-kernel issue's feature "
+            "(Pallas INT8 dequant GEMM + dsjax.quant) and is not implemented yet; use bf16 or fp16"
+        )
+    try:
+        return jnp.dtype(DTYPES[name])
+    except KeyError:
+        raise ValueError(
+            f"unsupported dtype {dtype!r}; choose one of bf16, fp16, fp32 (or their long names)"
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """How a model is served: compute dtype, token budget, parallelism, kernels."""
+
+    dtype: str = "bfloat16"
+    max_out_tokens: int = 1024  # prompt + new tokens per sequence; the KV cache capacity
+    tp_size: int = 1
+    kernels: Literal["xla", "pallas"] = "xla"
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", jnp.dtype(resolve_dtype(self.dtype)).name)
+        if self.max_out_tokens < 2:
+            raise ValueError(f"max_out_tokens must be >= 2, got {self.max_out_tokens}")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        _check_choice("kernels", self.kernels, ("xla", "pallas"))
+
+    @property
+    def jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")

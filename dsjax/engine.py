@@ -1,0 +1,309 @@
+"""init_inference(): DeepSpeed's entry point, returning an InferenceEngine.
+
+Everything that can be checked from configs (dtype, parallel degrees, token budget, the
+checkpoint's architecture and tensor names and shapes) is checked before any weight is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax import checkpoint, generate as gen, presets
+from dsjax.cache import check_budget
+from dsjax.config import InferenceConfig, ModelConfig
+from dsjax.model import abstract_model, flatten, random_params, unflatten
+
+log = logging.getLogger("dsjax")
+
+_OPTIONS = ("dtype", "tensor_parallel", "mp_size", "pipeline_parallel", "max_out_tokens",
+            "replace_with_kernel_inject", "quant")
+
+
+def init_inference(model, config: dict | None = None, *, dtype=None, tensor_parallel=None,
+                   mp_size: int | None = None, pipeline_parallel=None, max_out_tokens: int | None = None,
+                   replace_with_kernel_inject: bool = False, quant=None, seed: int = 0,
+                   progress: bool = True) -> InferenceEngine:
+    """Builds an inference engine.
+
+    model: an HF checkpoint directory, a dsjax checkpoint directory (`dsjax convert`), an
+      in-memory transformers model, a built-in architecture name (random weights, see
+      dsjax.presets), or a ModelConfig (random weights).
+    config: a DeepSpeed-style dict with the same keys as the keyword arguments.
+    dtype: bf16 (default) / fp16 / fp32, as strings, JAX or torch dtypes.
+    tensor_parallel: {"tp_size": N} (or mp_size=N). max_out_tokens: prompt + new tokens per
+      sequence, the KV cache capacity (default 1024, or the model's learned positions if fewer).
+      seed: for random weights.
+    """
+    opts = dict(dtype=dtype, tensor_parallel=tensor_parallel, mp_size=mp_size,
+                pipeline_parallel=pipeline_parallel, max_out_tokens=max_out_tokens,
+                replace_with_kernel_inject=replace_with_kernel_inject, quant=quant)
+    for key, value in (config or {}).items():
+        if key not in _OPTIONS:
+            raise ValueError(f"unknown init_inference config key {key!r}; known: {', '.join(_OPTIONS)}")
+        opts[key] = value
+    source = _open(model)
+    cfg = source.config
+    if opts["max_out_tokens"] is None:
+        opts["max_out_tokens"] = (min(1024, cfg.max_position_embeddings)
+                                  if cfg.positions == "learned" else 1024)
+    icfg = _inference_config(opts)
+    _check_parallel(cfg, icfg, opts)
+    if cfg.positions == "learned" and icfg.max_out_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"max_out_tokens={icfg.max_out_tokens} exceeds the {cfg.max_position_embeddings} "
+            f"learned positions of this {cfg.family} model; pass max_out_tokens <= "
+            f"{cfg.max_position_embeddings}")
+    graphdef, expected = abstract_model(cfg, icfg.jnp_dtype)
+    params = source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress)
+    log.info("dsjax: %s, %d layers, %s, budget %d tokens, kernels %s", cfg.family,
+             cfg.num_layers, icfg.dtype, icfg.max_out_tokens, icfg.kernels)
+    return InferenceEngine(cfg, icfg, graphdef, params, generation=source.generation,
+                           tokenizer_dir=source.tokenizer_dir)
+
+
+def convert_checkpoint(src, out_dir, *, dtype="bf16", progress: bool = True) -> Path:
+    """HF checkpoint directory (or in-memory HF model) -> dsjax checkpoint at out_dir."""
+    jdtype = InferenceConfig(dtype=dtype).jnp_dtype
+    source = _open(src)
+    _, expected = abstract_model(source.config, jdtype)
+    params = source.load(expected, jdtype, seed=0, progress=progress)
+    return checkpoint.save(out_dir, source.config, params, generation=source.generation,
+                           tokenizer_dir=source.tokenizer_dir)
+
+
+def _inference_config(opts: dict) -> InferenceConfig:
+    if opts["replace_with_kernel_inject"]:
+        raise NotImplementedError(
+            "replace_with_kernel_inject=True routes the model through Pallas kernels, which arrive "
+            "with the GEMM- and attention-kernel issues; use the XLA path (the default) for now")
+    if opts["quant"] is not None:
+        raise NotImplementedError("quant=...: weight quantization is the GEMM-kernel issue's "
+                                  "feature (dsjax.quant) and is not implemented yet")
+    return InferenceConfig(dtype=opts["dtype"] or "bfloat16", max_out_tokens=opts["max_out_tokens"],
+                           tp_size=_tp_size(opts))
+
+
+def _tp_size(opts: dict) -> int:
+    tp = opts["tensor_parallel"]
+    if isinstance(tp, dict):
+        unknown = set(tp) - {"tp_size", "enabled"}
+        if unknown:
+            raise ValueError(f"unknown tensor_parallel keys {sorted(unknown)}; known: tp_size, enabled")
+        size = tp.get("tp_size", 1) if tp.get("enabled", True) else 1
+    else:
+        size = tp if tp is not None else 1
+    if opts["mp_size"] not in (None, 1, size) and size != 1:
+        raise ValueError(f"mp_size={opts['mp_size']} contradicts tensor_parallel tp_size={size}")
+    size = opts["mp_size"] if size == 1 and opts["mp_size"] else size
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"tp_size must be a positive integer, got {size!r}")
+    return size
+
+
+def _check_parallel(cfg: ModelConfig, icfg: InferenceConfig, opts: dict) -> None:
+    tp = icfg.tp_size
+    if cfg.num_heads % tp:
+        raise ValueError(f"tp_size={tp} does not divide the {cfg.num_heads} attention heads; "
+                         f"choose a divisor of {cfg.num_heads}")
+    if cfg.kv_heads % tp and tp % cfg.kv_heads:
+        raise ValueError(f"tp_size={tp} and the {cfg.kv_heads} KV heads do not divide each other")
+    pp = opts["pipeline_parallel"]
+    if tp > 1 or pp:
+        raise NotImplementedError(
+            "tensor/pipeline parallelism (Megatron slicing and pipeline stages over a device mesh) "
+            "is the multi-GPU issue's feature and is not implemented yet; use tp_size=1")
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclasses.dataclass
+class _Source:
+    config: ModelConfig
+    load: callable  # (expected, dtype, seed=, progress=) -> nested params
+    generation: dict
+    tokenizer_dir: Path | None = None
+
+
+def _open(model) -> _Source:
+    if isinstance(model, ModelConfig):
+        return _Source(model, lambda exp, dt, seed, progress: random_params(model, dt, seed), {})
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if checkpoint.is_checkpoint(path):
+            cfg, meta = checkpoint.load_meta(path)
+            return _Source(cfg, lambda exp, dt, seed, progress: checkpoint.restore(path, exp, dt),
+                           meta["generation"], path)
+        if not path.exists() and str(model) in presets.PRESETS:
+            return _open_hf_config(presets.hf_config(str(model)))
+        if not path.exists():
+            raise FileNotFoundError(f"{model!r} is neither a directory nor a built-in architecture "
+                                    f"({', '.join(presets.PRESETS)})")
+    import converters
+
+    hf = converters.open_hf(model)
+
+    def load(expected, dtype, seed, progress):
+        flat = converters.convert(hf.policy, hf.config, hf.tensors, expected, dtype, progress)
+        return unflatten(flat)
+
+    return _Source(hf.config, load, _generation(hf.hf_config, hf.directory), hf.directory)
+
+
+def _open_hf_config(hf_config: dict) -> _Source:
+    import converters
+
+    cfg = converters.policy_for(hf_config).make_config(hf_config)
+    return _Source(cfg, lambda exp, dt, seed, progress: random_params(cfg, dt, seed),
+                   _generation(hf_config, None))
+
+
+def _generation(hf_config: dict, directory: Path | None) -> dict:
+    gen_cfg = {}
+    if directory is not None and (directory / "generation_config.json").exists():
+        import json
+
+        gen_cfg = json.loads((directory / "generation_config.json").read_text())
+    pick = lambda k: gen_cfg.get(k, hf_config.get(k))  # noqa: E731
+    return {"eos_token_id": pick("eos_token_id"), "pad_token_id": pick("pad_token_id")}
+
+
+# ----------------------------------------------------------------------------- the engine
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    tokens: np.ndarray  # [B, max_new_tokens] new tokens, pad_token_id after each sequence's end
+    num_tokens: np.ndarray  # [B] tokens generated per prompt (a stop token included)
+    logprobs: np.ndarray | None  # [B, max_new_tokens] log p(token) under the model, if asked
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.num_tokens)]
+
+
+class InferenceEngine:
+    """A converted model on the device, with jitted forward and generate."""
+
+    def __init__(self, cfg: ModelConfig, icfg: InferenceConfig, graphdef, params, *,
+                 generation: dict | None = None, tokenizer_dir: Path | None = None):
+        self.config, self.inference_config = cfg, icfg
+        self.graphdef, self.params = graphdef, params
+        generation = generation or {}
+        eos = generation.get("eos_token_id")
+        self.eos_token_id = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = generation.get("pad_token_id")
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id or [0])[0]
+        self.tokenizer_dir = tokenizer_dir
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's HF tokenizer; a byte-level one for random-weight models."""
+        if self._tokenizer is None:
+            if self.tokenizer_dir is not None and any(
+                    (self.tokenizer_dir / f).exists() for f in checkpoint.TOKENIZER_FILES[:5]):
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+            else:
+                self._tokenizer = presets.ByteTokenizer()
+        return self._tokenizer
+
+    def __call__(self, input_ids, attention_mask=None) -> jax.Array:
+        """Logits [B, T, V] (float32) of a full forward pass, HF-style padding mask optional."""
+        ids = np.asarray(input_ids, np.int32)
+        ids = ids[None] if ids.ndim == 1 else ids
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        self._check_ids(ids)
+        return gen.forward(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask))
+
+    forward = __call__
+
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, eos_token_id=None, pad_token_id: int | None = None,
+                 prng_key=None, return_logprobs: bool = False) -> GenerationOutput:
+        """Generates for a batch of prompts of any lengths (each gets exactly its own tokens).
+
+        input_ids: a list of token lists, one token list, or an [B, T] array with an HF-style
+          attention_mask (left or right padding). eos_token_id: int, list, or None for the
+          model's own (pass [] to never stop early). prng_key: a jax.random key, needed when
+          do_sample=True.
+        """
+        rows = _prompt_rows(input_ids, attention_mask)
+        budget = self.inference_config.max_out_tokens
+        check_budget(max(len(r) for r in rows), max_new_tokens, budget)
+        for r in rows:
+            if len(r) == 0:
+                raise ValueError("every prompt needs at least one token")
+            self._check_ids(r)
+        if do_sample and prng_key is None:
+            raise ValueError("do_sample=True needs an explicit prng_key (jax.random.key(seed))")
+        sampling = gen.Sampling.make(temperature, top_k, top_p)
+        eos = self.eos_token_id if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        pad = self.pad_token_id if pad_token_id is None else pad_token_id
+        tokens, lengths = _pack(rows, budget, pad)
+        out, count, lps = gen.generate(
+            self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(lengths),
+            prng_key if prng_key is not None else jax.random.key(0), jnp.int32(max_new_tokens),
+            jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad), sampling, capacity=budget,
+            do_sample=do_sample, return_logprobs=return_logprobs)
+        B = len(rows)
+        out, count = np.asarray(out)[:B, :max_new_tokens], np.asarray(count)[:B]
+        return GenerationOutput(out, count, np.asarray(lps)[:B, :max_new_tokens]
+                                if return_logprobs else None)
+
+    def save(self, path, tokenizer_dir: Path | None = None) -> Path:
+        """Writes a dsjax checkpoint that init_inference(path) restores."""
+        gen_meta = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
+        return checkpoint.save(path, self.config, self.params, generation=gen_meta,
+                               tokenizer_dir=tokenizer_dir or self.tokenizer_dir)
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in flatten(self.params).values())
+
+    def _check_ids(self, ids) -> None:
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
+                             f"[{ids.min()}, {ids.max()}]")
+
+
+def _prompt_rows(input_ids, attention_mask) -> list[np.ndarray]:
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (int, np.integer)):
+        input_ids = [input_ids]
+    if isinstance(input_ids, (list, tuple)) and attention_mask is None:
+        return [np.asarray(r, np.int64).reshape(-1) for r in input_ids]
+    ids = np.asarray(input_ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    if attention_mask is None:
+        return list(ids)
+    mask = np.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    rows = []
+    for r, m in zip(ids, mask):
+        idx = np.flatnonzero(m)
+        if idx.size and idx[-1] - idx[0] + 1 != idx.size:
+            raise ValueError("attention_mask rows must be one contiguous run of 1s (left or right padding)")
+        rows.append(r[idx])
+    return rows
+
+
+def _pack(rows: list[np.ndarray], budget: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads to a bucketed [B', T'] (B' and T' powers of two); dummy rows have length 1."""
+    B, T = gen.bucket(len(rows), minimum=1), min(gen.bucket(max(len(r) for r in rows)), budget)
+    tokens = np.full((B, T), pad, np.int32)
+    lengths = np.ones((B,), np.int32)
+    for b, r in enumerate(rows):
+        tokens[b, : len(r)] = r
+        lengths[b] = len(r)
+    return tokens, lengths

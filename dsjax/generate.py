@@ -1,0 +1,142 @@
+"""Prefill + decode loop under one jit, and sampling.
+
+The jitted functions are pure: (graphdef, params, arrays) in, arrays out. Prompts arrive
+right-padded to a bucketed length with per-sequence lengths, so sequence b's token t sits in
+cache slot t whatever the other prompts look like: a padded batch gives each prompt's own tokens.
+Sampling runs on the device; the host sees the result once, after the loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.cache import KVCache
+
+# Incremented when a function is traced (i.e. compiled for new shapes); tests read it.
+TRACES: collections.Counter = collections.Counter()
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Next power of two >= n (at least `minimum`): prompt lengths and batch sizes compile once
+    per bucket instead of once per value."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Per-call sampling values (traced: changing them does not recompile)."""
+
+    temperature: jax.Array  # [] float32
+    top_k: jax.Array  # [] int32, 0 = off
+    top_p: jax.Array  # [] float32, 1 = off
+
+    @classmethod
+    def make(cls, temperature=1.0, top_k=0, top_p=1.0) -> Sampling:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+
+
+def sample(logits, key, sampling: Sampling, do_sample: bool):
+    """logits [B, V] float32 -> tokens [B] int32. Temperature, then top-k, then top-p (HF order)."""
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    V = logits.shape[-1]
+    logits = logits / sampling.temperature
+    desc = -jnp.sort(-logits, axis=-1)  # [B, V]
+    k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, V), V)
+    desc = jnp.where(jnp.arange(V) < k, desc, -jnp.inf)
+    probs = jax.nn.softmax(desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.sum((mass_before < sampling.top_p) & (jnp.arange(V) < k), axis=-1)  # >= 1
+    threshold = jnp.take_along_axis(desc, (keep - 1)[:, None], axis=-1)  # [B, 1]
+    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def prefill(model, tokens, lengths, cache: KVCache):
+    """Runs the prompts [B, T] into an empty cache; returns last-token logits [B, V]."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    hidden, cache = model(tokens, positions, cache)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    return model.logits(last), cache.replace(lengths=lengths)
+
+
+def decode_step(model, tokens, cache: KVCache):
+    """One new token per sequence [B] at position cache.lengths; returns logits [B, V]."""
+    hidden, cache = model(tokens[:, None], cache.lengths[:, None], cache)
+    return model.logits(hidden[:, 0]), cache.replace(lengths=cache.lengths + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "do_sample", "return_logprobs"))
+def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
+             sampling: Sampling, *, capacity: int, do_sample: bool, return_logprobs: bool):
+    """Prefill + `lax.while_loop` decode.
+
+    tokens [B, T] right-padded prompts, lengths [B]; max_new_tokens, pad_id: [] int32;
+    stop_ids [E] int32 (-1 entries never match). Returns (new tokens [B, capacity] padded with
+    pad_id, count [B] of tokens generated including the stop token, logprobs [B, capacity]).
+    """
+    TRACES["generate"] += 1
+    model = nnx.merge(graphdef, params)
+    B = tokens.shape[0]
+    cache = KVCache.create(model.cfg, B, capacity, model.embed.embedding.dtype)
+    logits, cache = prefill(model, tokens, lengths, cache)
+
+    def pick(logits, key, done):
+        tok = sample(logits, key, sampling, do_sample)
+        tok = jnp.where(done, pad_id, tok)
+        lp = jnp.zeros((B,), jnp.float32)
+        if return_logprobs:
+            lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
+        return tok, jnp.where(done, 0.0, lp)
+
+    def is_stop(tok):
+        return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+
+    key, sub = jax.random.split(key)
+    not_done = jnp.zeros((B,), bool)
+    tok, lp = pick(logits, sub, not_done)
+    out = jnp.full((B, capacity), pad_id, jnp.int32).at[:, 0].set(tok)
+    out_lp = jnp.zeros((B, capacity), jnp.float32).at[:, 0].set(lp)
+    state = (jnp.int32(1), tok, is_stop(tok), jnp.ones((B,), jnp.int32), out, out_lp, cache, key)
+
+    def cond(state):
+        step, _, done, *_ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tok, done, count, out, out_lp, cache, key = state
+        logits, cache = decode_step(model, tok, cache)
+        key, sub = jax.random.split(key)
+        tok, lp = pick(logits, sub, done)
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+        out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, step))
+        count = count + (~done).astype(jnp.int32)
+        return step + 1, tok, done | is_stop(tok), count, out, out_lp, cache, key
+
+    _, _, _, count, out, out_lp, _, _ = jax.lax.while_loop(cond, body, state)
+    return out, count, out_lp
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def forward(graphdef, params, tokens, attention_mask):
+    """Full-sequence logits [B, T, V] (float32) with an HF-style padding mask [B, T] (any side):
+    positions count real tokens only, padded keys are masked."""
+    TRACES["forward"] += 1
+    model = nnx.merge(graphdef, params)
+    mask = attention_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    hidden, _ = model(tokens, positions, None, key_mask=mask)
+    return model.logits(hidden)
