@@ -1,0 +1,62 @@
+"""Shared fixtures: small random HF torch models (the reference) and their dsjax engines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import dsjax  # noqa: E402
+
+# A wide init spreads the logits, so greedy tokens vary instead of repeating one token.
+INIT = 0.25
+
+
+def gpt2_model(seed=0, **overrides):
+    cfg = dict(vocab_size=96, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+               initializer_range=INIT, eos_token_id=None, bos_token_id=None)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
+
+
+def llama_model(seed=0, **overrides):
+    cfg = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               initializer_range=INIT, eos_token_id=None, bos_token_id=None, pad_token_id=None,
+               tie_word_embeddings=False)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+
+
+def hf_greedy(model, prompt, n, eos_token_id=None):
+    """HF transformers' own greedy tokens for one prompt (new tokens only)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def prompt(seed, length, vocab=96):
+    return np.random.default_rng(seed).integers(0, vocab, length).tolist()
+
+
+@pytest.fixture(scope="session")
+def gpt2_pair():
+    model = gpt2_model()
+    return model, dsjax.init_inference(model, dtype="fp32", max_out_tokens=128, progress=False)
+
+
+@pytest.fixture(scope="session")
+def llama_pair():
+    model = llama_model()
+    return model, dsjax.init_inference(model, dtype="fp32", max_out_tokens=128, progress=False)

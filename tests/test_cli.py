@@ -1,0 +1,53 @@
+"""The command line: the built-in default job, convert, and generate with the checkpoint's tokenizer."""
+
+import pytest
+
+from dsjax import cli
+from tests.conftest import gpt2_model
+
+WORDS = ["<eos>", "<unk>", "hello", "world", "deep", "speed", "jax", "on", "the", "gpu"]
+
+
+def _word_tokenizer(directory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(directory)
+
+
+def test_demo_default_job_agrees_with_hf(capsys):
+    assert cli.main(["-q", "demo", "--arch", "tiny-gpt2", "--max-new-tokens", "8", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "token agreement with HF: identical (8/8" in out
+    assert "ms/token" in out
+
+
+def test_demo_without_hf(capsys):
+    assert cli.main(["-q", "demo", "--arch", "tiny-llama", "--no-hf", "--max-new-tokens", "4", "--runs", "1"]) == 0
+    assert "generated 4 tokens" in capsys.readouterr().out
+
+
+def test_convert_then_generate_with_checkpoint_tokenizer(tmp_path, capsys):
+    gpt2_model(vocab_size=len(WORDS) + 6, eos_token_id=0).save_pretrained(tmp_path / "hf")
+    _word_tokenizer(tmp_path / "hf")
+    assert cli.main(["-q", "convert", str(tmp_path / "hf"), str(tmp_path / "ds"), "--dtype", "fp32"]) == 0
+    assert (tmp_path / "ds" / "tokenizer.json").exists()
+    assert "wrote dsjax checkpoint" in capsys.readouterr().out
+    args = ["-q", "generate", "--prompt", "hello world", "--prompt", "deep speed on jax",
+            "--max-new-tokens", "5", "--dtype", "fp32", "--max-out-tokens", "64", "--logprobs"]
+    assert cli.main(args + ["--model", str(tmp_path / "ds")]) == 0
+    from_ckpt = capsys.readouterr().out
+    assert from_ckpt.startswith("[0] hello world")
+    assert "[1] deep speed on jax" in from_ckpt and "logprobs:" in from_ckpt
+    assert cli.main(args + ["--model", str(tmp_path / "hf")]) == 0
+    assert capsys.readouterr().out == from_ckpt  # same weights, same tokenizer, same text
+
+
+def test_help_explains_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--prompt", "--max-new-tokens", "--top-p", "--max-out-tokens", "--seed"):
+        assert flag in text

@@ -1,0 +1,93 @@
+"""init_inference(): option checking (before any weight is read) and the checkpoint round trip."""
+
+import json
+
+import numpy as np
+import pytest
+
+import dsjax
+from dsjax import checkpoint
+from dsjax.config import ModelConfig
+from tests.conftest import gpt2_model, llama_model, prompt
+
+TINY = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                   num_kv_heads=2, intermediate_size=32, norm="rmsnorm", positions="rotary",
+                   gated_mlp=True, activation="silu")
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    ({"dtype": "int3"}, ValueError, "unsupported dtype"),
+    ({"dtype": "int8"}, NotImplementedError, "INT8"),
+    ({"tensor_parallel": {"tp_size": 3}}, ValueError, "does not divide the 4 attention heads"),
+    ({"tensor_parallel": {"tp_size": 2}}, NotImplementedError, "multi-GPU"),
+    ({"tensor_parallel": {"tp_sise": 2}}, ValueError, "unknown tensor_parallel keys"),
+    ({"mp_size": 2, "tensor_parallel": {"tp_size": 4}}, ValueError, "contradicts"),
+    ({"pipeline_parallel": {"pp_size": 2}}, NotImplementedError, "pipeline"),
+    ({"replace_with_kernel_inject": True}, NotImplementedError, "Pallas"),
+    ({"quant": {"bits": 8}}, NotImplementedError, "quantization"),
+    ({"max_out_tokens": 1}, ValueError, "max_out_tokens"),
+    ({"config": {"max_tokens": 5}}, ValueError, "unknown init_inference config key 'max_tokens'"),
+])
+def test_bad_options(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        dsjax.init_inference(TINY, **kwargs)
+
+
+def test_unknown_keyword_is_a_type_error():
+    with pytest.raises(TypeError, match="enable_magic"):
+        dsjax.init_inference(TINY, enable_magic=True)
+
+
+def test_deepspeed_config_dict():
+    engine = dsjax.init_inference(TINY, config={"dtype": "fp16", "max_out_tokens": 64})
+    assert engine.inference_config.dtype == "float16"
+    assert engine.inference_config.max_out_tokens == 64
+
+
+def test_budget_beyond_learned_positions(tmp_path):
+    gpt2_model(n_positions=64).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="exceeds the 64 learned positions"):
+        dsjax.init_inference(tmp_path, max_out_tokens=100)
+
+
+def test_unknown_reference():
+    with pytest.raises(FileNotFoundError, match="neither a directory nor a built-in"):
+        dsjax.init_inference("no/such/dir")
+
+
+def test_builtin_architecture_random_weights():
+    engine = dsjax.init_inference("tiny-llama", dtype="fp32", max_out_tokens=32)
+    assert engine.config.num_kv_heads == 2
+    assert engine.generate([[1, 2, 3]], max_new_tokens=4).tokens.shape == (1, 4)
+
+
+@pytest.mark.parametrize("make", [gpt2_model, llama_model])
+def test_convert_restore_round_trip(tmp_path, make):
+    model = make()
+    model.save_pretrained(tmp_path / "hf")
+    out = dsjax.engine.convert_checkpoint(tmp_path / "hf", tmp_path / "ds", dtype="fp32", progress=False)
+    assert checkpoint.is_checkpoint(out)
+    restored = dsjax.init_inference(out, dtype="fp32", max_out_tokens=64)
+    direct = dsjax.init_inference(tmp_path / "hf", dtype="fp32", max_out_tokens=64, progress=False)
+    ids = [prompt(30, 12)]
+    np.testing.assert_array_equal(np.asarray(restored(ids)), np.asarray(direct(ids)))
+    assert restored.config == direct.config
+    # stored fp32, restored as bf16: cast on restore
+    half = dsjax.init_inference(out, dtype="bf16", max_out_tokens=64)
+    assert {str(x.dtype) for x in half.params["layers"][0]["attn"]["qkv"].values()} == {"bfloat16"}
+
+
+def test_restore_refuses_mismatched_config(tmp_path):
+    engine = dsjax.init_inference(TINY, dtype="fp32")
+    engine.save(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "dsjax.json").read_text())
+    meta["model"]["intermediate_size"] = 40
+    (tmp_path / "ck" / "dsjax.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="stored as"):
+        dsjax.init_inference(tmp_path / "ck")
+
+
+def test_save_refuses_non_empty_directory(tmp_path):
+    (tmp_path / "x").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        dsjax.init_inference(TINY).save(tmp_path)

@@ -1,0 +1,120 @@
+"""generate(): padding, sampling, stop tokens, logprobs, recompilation, the token budget."""
+
+import jax
+import numpy as np
+import pytest
+
+from dsjax import generate as gen
+from tests.conftest import hf_greedy, prompt
+
+
+@pytest.mark.parametrize("pair", ["gpt2_pair", "llama_pair"])
+def test_padded_batch_equals_single_prompts(pair, request):
+    model, engine = request.getfixturevalue(pair)
+    prompts = [prompt(10, 3), prompt(11, 11), prompt(12, 7)]
+    batch = engine.generate(prompts, max_new_tokens=12, eos_token_id=[]).sequences
+    singles = [engine.generate([p], max_new_tokens=12, eos_token_id=[]).sequences[0] for p in prompts]
+    assert batch == singles
+    assert batch[0] == hf_greedy(model, prompts[0], 12)
+
+
+def test_hf_style_left_padded_array(llama_pair):
+    _, engine = llama_pair
+    prompts = [prompt(13, 4), prompt(14, 9)]
+    ids = np.zeros((2, 9), np.int64)
+    mask = np.zeros((2, 9), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, 9 - len(p):], mask[b, 9 - len(p):] = p, 1
+    left = engine.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]).sequences
+    assert left == engine.generate(prompts, max_new_tokens=8, eos_token_id=[]).sequences
+
+
+def test_stop_token_ends_each_sequence(gpt2_pair):
+    model, engine = gpt2_pair
+    p = prompt(15, 6)
+    free = engine.generate([p], max_new_tokens=16, eos_token_id=[]).sequences[0]
+    stop = free[5]
+    first = free.index(stop)
+    out = engine.generate([p, prompt(16, 4)], max_new_tokens=16, eos_token_id=stop, pad_token_id=0)
+    assert out.sequences[0] == free[: first + 1]
+    assert out.tokens[0, first + 1:].tolist() == [0] * (16 - first - 1)
+    assert out.sequences[0] == hf_greedy(model, p, 16, eos_token_id=stop)
+
+
+def test_sampling_reproducible_and_key_dependent(llama_pair):
+    _, engine = llama_pair
+    p = [prompt(17, 5)]
+    kw = dict(max_new_tokens=24, do_sample=True, temperature=1.5, eos_token_id=[])
+    a = engine.generate(p, prng_key=jax.random.key(1), **kw).sequences
+    b = engine.generate(p, prng_key=jax.random.key(1), **kw).sequences
+    c = engine.generate(p, prng_key=jax.random.key(2), **kw).sequences
+    assert a == b
+    assert a != c
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(llama_pair):
+    _, engine = llama_pair
+    p = [prompt(18, 6)]
+    greedy = engine.generate(p, max_new_tokens=10, eos_token_id=[]).sequences
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        out = engine.generate(p, max_new_tokens=10, eos_token_id=[], do_sample=True, temperature=2.0,
+                              prng_key=jax.random.key(3), **kw).sequences
+        assert out == greedy
+
+
+def test_top_k_restricts_support():
+    logits = jax.numpy.asarray(np.random.default_rng(0).normal(size=(4, 50)), jax.numpy.float32)
+    allowed = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+    for s in range(20):
+        tok = gen.sample(logits, jax.random.key(s), gen.Sampling.make(top_k=3), do_sample=True)
+        assert all(int(t) in allowed[b] for b, t in enumerate(np.asarray(tok)))
+
+
+def test_logprobs_are_the_models(llama_pair):
+    _, engine = llama_pair
+    p = prompt(19, 5)
+    out = engine.generate([p], max_new_tokens=6, eos_token_id=[], return_logprobs=True)
+    new = out.sequences[0]
+    logits = np.asarray(engine([p + new]))[0]
+    ref = jax.nn.log_softmax(logits[len(p) - 1: len(p) + 5], axis=-1)
+    np.testing.assert_allclose(out.logprobs[0], np.take_along_axis(np.asarray(ref), np.array(new)[:, None], 1)[:, 0],
+                               atol=1e-4)
+
+
+def test_no_recompile_for_same_bucket(gpt2_pair):
+    _, engine = gpt2_pair
+    engine.generate([prompt(20, 5)], max_new_tokens=4)
+    before = gen.TRACES["generate"]
+    engine.generate([prompt(21, 5)], max_new_tokens=4)  # same shapes
+    engine.generate([prompt(22, 9)], max_new_tokens=7)  # other length, same bucket (16)
+    engine.generate([prompt(23, 3)], max_new_tokens=2, do_sample=False, eos_token_id=[5])
+    assert gen.TRACES["generate"] == before
+    engine.generate([prompt(24, 70)], max_new_tokens=4)  # bucket 128, used by no other test
+    assert gen.TRACES["generate"] == before + 1
+
+
+def test_budget_checked_before_compute(gpt2_pair):
+    _, engine = gpt2_pair
+    before = dict(gen.TRACES)
+    with pytest.raises(ValueError, match=r"100 tokens \+ max_new_tokens=40 = 140 .* max_out_tokens=128"):
+        engine.generate([prompt(25, 100)], max_new_tokens=40)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        engine.generate([prompt(25, 10)], max_new_tokens=0)
+    assert dict(gen.TRACES) == before
+
+
+def test_bad_requests(gpt2_pair):
+    _, engine = gpt2_pair
+    with pytest.raises(ValueError, match="prng_key"):
+        engine.generate([[1, 2]], do_sample=True)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        engine.generate([[1, 500]])
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate([[1, 2]], do_sample=True, temperature=0.0, prng_key=jax.random.key(0))
+    with pytest.raises(ValueError, match="contiguous"):
+        engine.generate(np.ones((1, 4), int), attention_mask=[[1, 0, 1, 1]])
+
+
+def test_bucket():
+    assert [gen.bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+    assert [gen.bucket(n, minimum=1) for n in (1, 2, 3, 5)] == [1, 2, 4, 8]
