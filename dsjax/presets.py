@@ -42,17 +42,22 @@ def hf_config(name: str) -> dict:
         raise ValueError(f"unknown built-in architecture {name!r}; known: {', '.join(PRESETS)}") from None
 
 
-def hf_torch_model(name: str, seed: int = 0, dtype=None):
-    """The HF transformers torch model of a preset with seeded random weights (needs torch)."""
+def hf_torch_model(name: str, seed: int = 0, dtype=None, device: str = "cpu"):
+    """The HF transformers torch model of a preset with seeded random weights (needs torch),
+    initialised directly on `device` in `dtype` (default float32)."""
     import torch
     import transformers
 
     hf = hf_config(name)
     config = transformers.AutoConfig.for_model(**hf)
     torch.manual_seed(seed)
-    model = getattr(transformers, hf["architectures"][0])(config)
-    if dtype is not None:
-        model = model.to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device):
+            model = getattr(transformers, hf["architectures"][0])(config)
+    finally:
+        torch.set_default_dtype(previous)
     return model.eval()
 
 
