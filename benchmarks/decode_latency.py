@@ -79,6 +79,23 @@ def time_hf(model, prompts, new_tokens: int, reps: int) -> dict:
             "tokens": run(new_tokens)[:, ids.shape[1]:].cpu().numpy()}
 
 
+def compare_logits(engine, hf_model, prompt_len: int) -> dict:
+    """Both systems' bf16 logits for one prompt: relative L2 difference (against the spread of
+    HF's logits) and whether the argmax agrees at each position. With random weights the top
+    logits are nearly tied, so bf16 rounding alone can flip greedy tokens."""
+    import torch
+
+    ids = np.random.default_rng(123).integers(0, engine.config.vocab_size, (1, prompt_len))
+    ours = np.asarray(engine(ids))[0]
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(ids, device=hf_model.device)).logits[0].float().cpu().numpy()
+    centred = theirs - theirs.mean(-1, keepdims=True)
+    top2 = np.sort(theirs, axis=-1)[:, -2:]
+    return {"rel_l2": float(np.linalg.norm(ours - theirs) / np.linalg.norm(centred)),
+            "argmax_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).mean()),
+            "median_top2_gap_over_logit_std": float(np.median((top2[:, 1] - top2[:, 0]) / centred.std(-1)))}
+
+
 def bench_arch(arch: str, batch_sizes, prompt_len: int, new_tokens: int, reps: int, hf_reps: int,
                bandwidth: float, skip_hf: bool) -> list[dict]:
     import torch
@@ -92,6 +109,7 @@ def bench_arch(arch: str, batch_sizes, prompt_len: int, new_tokens: int, reps: i
                                   progress=False)
     cfg = engine.config
     wbytes = weight_bytes_per_step(engine)
+    logits_check = compare_logits(engine, hf_model, prompt_len)
     rows = []
     for bs in batch_sizes:
         rng = np.random.default_rng(bs)
@@ -104,6 +122,7 @@ def bench_arch(arch: str, batch_sizes, prompt_len: int, new_tokens: int, reps: i
                "floor_with_kv_ms": (wbytes + kv) / bandwidth * 1e3,
                "dsjax": {k: v for k, v in ours.items() if k != "tokens"}}
         row["dsjax_over_floor"] = ours["decode_ms_per_token"] / floor_ms
+        row["prompt_logits_vs_hf"] = logits_check
         if not skip_hf:
             theirs = time_hf(hf_model, prompts, new_tokens, hf_reps)
             row["hf_eager"] = {k: v for k, v in theirs.items() if k != "tokens"}
@@ -127,12 +146,14 @@ def _line(r: dict) -> str:
     return (f"| {r['arch']} | {r['batch']} | {r['dsjax']['decode_ms_per_token']:.3f} | {hf:.3f} | "
             f"{r.get('speedup_vs_hf', float('nan')):.2f}x | {r['floor_ms']:.3f} | "
             f"{r['dsjax_over_floor']:.3f}x | {r['dsjax']['t_prefill_s'] * 1e3:.1f} | "
-            f"{r['dsjax']['compile_s']:.1f} | {r.get('tokens_agree_before_first_difference', '-')} |")
+            f"{r['dsjax']['compile_s']:.1f} | {r.get('tokens_agree_before_first_difference', '-')} | "
+            f"{r['prompt_logits_vs_hf']['rel_l2']:.4f} / {r['prompt_logits_vs_hf']['argmax_agreement']:.2f} |")
 
 
 HEADER = ("| arch | batch | dsjax decode ms/token | HF eager ms/token | speedup | weight-read floor ms "
-          "| dsjax / floor | dsjax prefill+1 ms | dsjax compile s | tokens equal to HF before first difference |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          "| dsjax / floor | dsjax prefill+1 ms | dsjax compile s | tokens equal to HF before first difference "
+          "| prompt logits vs HF: rel. L2 / argmax agreement |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:
