@@ -248,7 +248,7 @@ class Transformer(nnx.Module):
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""
         if self.lm_head is None:
-            out = ops.linear(hidden, self.embed.embedding[...].T, impl=self.impl)
+            out = ops.linear(hidden, self.embed.embedding[...], kernel_nk=True, impl=self.impl)
         else:
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)

@@ -67,9 +67,10 @@ def norm_xla(x, scale, bias, *, kind: str, eps: float, plus_one: bool):
     return y.astype(x.dtype)
 
 
-def linear_xla(x, kernel, bias=None):
-    """x [..., K] @ kernel [K, N] (+ bias [N])."""
-    y = jnp.einsum("...k,kn->...n", x, kernel)
+def linear_xla(x, kernel, bias=None, *, kernel_nk: bool = False):
+    """x [..., K] @ kernel [K, N] (+ bias [N]); kernel_nk: the kernel is stored [N, K] (a tied
+    embedding used as the LM head), contracted in place rather than transposed."""
+    y = jnp.einsum("...k,nk->...n" if kernel_nk else "...k,kn->...n", x, kernel)
     return y if bias is None else y + bias
 
 
@@ -111,8 +112,8 @@ def norm(x, scale, bias, *, kind, eps, plus_one, impl: Sequence[str] = ("xla",))
     return resolve("norm", impl)(x, scale, bias, kind=kind, eps=eps, plus_one=plus_one)
 
 
-def linear(x, kernel, bias=None, *, impl: Sequence[str] = ("xla",)):
-    return resolve("linear", impl)(x, kernel, bias)
+def linear(x, kernel, bias=None, *, kernel_nk: bool = False, impl: Sequence[str] = ("xla",)):
+    return resolve("linear", impl)(x, kernel, bias, kernel_nk=kernel_nk)
 
 
 def attention(q, k, v, q_pos, k_pos, k_valid, *, scale, causal, window, alibi_slopes,
