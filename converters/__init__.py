@@ -9,12 +9,26 @@ import dataclasses
 import json
 from pathlib import Path
 
-from converters import gpt2, llama
+import importlib
+import pkgutil
+
 from converters.loader import CheckpointError, TensorSource, from_directory, from_state_dict
 from converters.policy import Policy, convert
 from dsjax.config import ModelConfig
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (gpt2.POLICY, llama.POLICY)}
+
+def _discover() -> dict[str, Policy]:
+    """Every module of this package that defines POLICY is a family (one file per family)."""
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        policy = getattr(module, "POLICY", None)
+        if isinstance(policy, Policy):
+            found[policy.name] = policy
+    return dict(sorted(found.items()))
+
+
+POLICIES: dict[str, Policy] = _discover()
 
 
 def policy_for(hf_config: dict) -> Policy:

@@ -44,6 +44,23 @@ CONCAT = Transform("concat", lambda *xs: np.concatenate(xs, axis=0),
                    lambda *ss: (sum(s[0] for s in ss),) + tuple(ss[0][1:]))
 
 
+def qkv_per_head(num_heads: int) -> Transform:
+    """A fused QKV Linear stored per head, rows [H, 3, Dh] (BLOOM, GPT-NeoX, Megatron), ->
+    dsjax's [in, q heads | k heads | v heads] kernel; 1-D biases are reordered the same way."""
+
+    def apply(x):
+        rest = x.shape[1:]  # (in,) for weights, () for biases
+        y = x.reshape((num_heads, 3, -1) + rest).swapaxes(0, 1).reshape(x.shape)
+        return y.T if y.ndim == 2 else y
+
+    def shape(s):
+        if s[0] % (3 * num_heads):
+            return None  # reported as a shape mismatch
+        return tuple(s[::-1])
+
+    return Transform(f"qkv_per_head({num_heads})", apply, shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     target: str  # dsjax parameter path, e.g. "layers.{i}.attn.qkv.kernel"

@@ -77,7 +77,9 @@ class ModelConfig:
     qkv_bias: bool = True
     out_bias: bool = True
     mlp_bias: bool = True
-    # embeddings
+    # embeddings and head
+    embed_proj_dim: int | None = None  # OPT-350m: embeddings of this width, projected in/out
+    lm_head_bias: bool = False  # GPT-J
     tie_word_embeddings: bool = True
     embed_scale: float = 1.0  # Gemma: sqrt(hidden_size)
     type_vocab_size: int = 0  # BERT token types

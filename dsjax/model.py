@@ -200,7 +200,12 @@ class Transformer(nnx.Module):
         impl = tuple(impl)
         self.cfg = cfg
         D = cfg.hidden_size
-        self.embed = Embed(cfg.vocab_size, D, dtype=dtype, rngs=rngs)
+        E = cfg.embed_proj_dim or D
+        self.embed = Embed(cfg.vocab_size, E, dtype=dtype, rngs=rngs)
+        self.project_in = (Linear(E, D, bias=False, dtype=dtype, rngs=rngs, impl=impl)
+                           if cfg.embed_proj_dim else None)
+        self.project_out = (Linear(D, E, bias=False, dtype=dtype, rngs=rngs, impl=impl)
+                            if cfg.embed_proj_dim else None)
         self.pos_embed = (Embed(cfg.max_position_embeddings + cfg.position_offset, D, dtype=dtype,
                                 rngs=rngs) if cfg.positions == "learned" else None)
         self.type_embed = (Embed(cfg.type_vocab_size, D, dtype=dtype, rngs=rngs)
@@ -210,21 +215,25 @@ class Transformer(nnx.Module):
                                 for i in range(cfg.num_layers)])
         self.final_norm = Norm(cfg, D, dtype=dtype, impl=impl) if cfg.final_norm else None
         self.lm_head = (None if cfg.tie_word_embeddings else
-                        Linear(D, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs, impl=impl))
+                        Linear(E, cfg.vocab_size, bias=cfg.lm_head_bias, dtype=dtype, rngs=rngs,
+                               impl=impl))
         self.impl = impl
 
     def __call__(self, tokens, positions, cache: kv_cache.KVCache | None = None, key_mask=None,
-                 token_types=None):
+                 token_types=None, inputs_embeds=None):
         """tokens, positions: [B, T] -> hidden [B, T, D], updated cache.
 
         With a cache, the T tokens of sequence b are written at slots cache.lengths[b] ...
         (lengths themselves are left to the caller) and attend over the cache. Without one, they
-        attend among themselves; key_mask [B, T] marks real tokens.
+        attend among themselves; key_mask [B, T] marks real tokens. inputs_embeds [B, T, D]
+        replaces the token embedding (image patches, say); tokens then only give the shape.
         """
         cfg = self.cfg
-        x = self.embed(tokens)
+        x = self.embed(tokens) if inputs_embeds is None else inputs_embeds
         if cfg.embed_scale != 1.0:
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+        if self.project_in is not None:
+            x = self.project_in(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions + cfg.position_offset)
         if self.type_embed is not None:
@@ -241,6 +250,8 @@ class Transformer(nnx.Module):
             new_v.append(v)
         if self.final_norm is not None:
             x = self.final_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
         if cache is not None:
             cache = cache.replace(k=tuple(new_k), v=tuple(new_v))
         return x, cache
