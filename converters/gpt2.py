@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from converters.policy import IDENTITY, TRANSPOSE, Policy, Rule
 from converters.hf_config import activation, reject
+from converters.policy import (IDENTITY, Policy, Rule, layer_norm_rules, linear_rules, lm_head_rules)
 from dsjax.config import ModelConfig
 
 
@@ -28,23 +28,15 @@ def make_config(hf: dict) -> ModelConfig:
 
 def make_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
     # GPT-2's Conv1D stores weights as [in, out] already: no transpose for the blocks.
-    layer = "layers.{i}."
-    hf = "h.{i}."
-    rules = [
-        Rule("embed.embedding", ("wte.weight",)),
-        Rule("pos_embed.embedding", ("wpe.weight",)),
-        Rule("final_norm.scale", ("ln_f.weight",)),
-        Rule("final_norm.bias", ("ln_f.bias",)),
-    ]
-    for ours, theirs in [("attn_norm", "ln_1"), ("mlp_norm", "ln_2")]:
-        rules += [Rule(f"{layer}{ours}.scale", (f"{hf}{theirs}.weight",)),
-                  Rule(f"{layer}{ours}.bias", (f"{hf}{theirs}.bias",))]
+    layer, hf = "layers.{i}.", "h.{i}."
+    rules = [Rule("embed.embedding", ("wte.weight",)), Rule("pos_embed.embedding", ("wpe.weight",)),
+             *layer_norm_rules("final_norm", "ln_f"),
+             *layer_norm_rules(layer + "attn_norm", hf + "ln_1"),
+             *layer_norm_rules(layer + "mlp_norm", hf + "ln_2")]
     for ours, theirs in [("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"),
                          ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
-        rules += [Rule(f"{layer}{ours}.kernel", (f"{hf}{theirs}.weight",), IDENTITY),
-                  Rule(f"{layer}{ours}.bias", (f"{hf}{theirs}.bias",))]
-    if not cfg.tie_word_embeddings:
-        rules.append(Rule("lm_head.kernel", ("lm_head.weight",), TRANSPOSE))
+        rules += linear_rules(layer + ours, hf + theirs, IDENTITY)
+    rules += lm_head_rules(cfg)
     return tuple(rules)
 
 

@@ -1,17 +1,53 @@
-"""LLaMA (LlamaForCausalLM / LlamaModel): RMSNorm, rotary (half layout), gated SiLU, GQA."""
+"""LLaMA and its descendants with the same tensor names: Mistral (sliding window), Qwen2 (QKV
+bias), Gemma (scaled embeddings, GeGLU, RMSNorm with +1, tied head). RMSNorm, rotary (half
+layout), gated MLP, GQA/MQA."""
 
 from __future__ import annotations
 
+import math
+
 from converters.hf_config import activation, reject, rope_scaling
-from converters.policy import CONCAT, CONCAT_TRANSPOSED, TRANSPOSE, Policy, Rule
+from converters.loader import CheckpointError
+from converters.policy import (CONCAT, CONCAT_TRANSPOSED, Policy, Rule, layer_norm_rules,
+                               linear_rules, lm_head_rules)
 from dsjax.config import ModelConfig
+
+# what each model type fixes beyond the shared LLaMA fields
+_QUIRKS = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True, "out_bias": False},
+    "gemma": {"norm_plus_one": True, "tie_word_embeddings": True},
+}
+
+
+def _windows(hf: dict) -> tuple[int | None, tuple[int, ...] | None]:
+    """(sliding_window, local layers or None for all) from `layer_types` / `sliding_window`."""
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return None, None
+    if types is None:
+        return window, None
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise CheckpointError(f"layer_types {sorted(unknown)} are not supported")
+    local = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return (window, local) if local else (None, None)
 
 
 def make_config(hf: dict) -> ModelConfig:
     reject(hf, pretraining_tp=lambda v: v not in (None, 1))
+    kind = hf.get("model_type", "llama")
+    quirks = _QUIRKS[kind]
     theta, scaling = rope_scaling(hf)
+    window, local = _windows(hf)
+    bias = bool(hf.get("attention_bias", False))
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
     return ModelConfig(
-        family="llama",
+        family=kind,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"],
@@ -22,16 +58,20 @@ def make_config(hf: dict) -> ModelConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        activation=activation(hf.get("hidden_act", "silu")),
+        norm_plus_one=quirks.get("norm_plus_one", False),
+        activation=activation(act),
         gated_mlp=True,
         positions="rotary",
         rotary_layout="half",
         rope_theta=theta,
         rope_scaling=scaling,
-        qkv_bias=bool(hf.get("attention_bias", False)),
-        out_bias=bool(hf.get("attention_bias", False)),
+        sliding_window=window,
+        local_layers=local,
+        qkv_bias=quirks.get("qkv_bias", bias),
+        out_bias=quirks.get("out_bias", bias),
         mlp_bias=bool(hf.get("mlp_bias", False)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", quirks.get("tie_word_embeddings", False))),
+        embed_scale=math.sqrt(hf["hidden_size"]) if kind == "gemma" else 1.0,
     )
 
 
@@ -40,30 +80,27 @@ def make_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
     attn, mlp = hf + "self_attn.", hf + "mlp."
     rules = [
         Rule("embed.embedding", ("embed_tokens.weight",)),
-        Rule("final_norm.scale", ("norm.weight",)),
-        Rule(layer + "attn_norm.scale", (hf + "input_layernorm.weight",)),
-        Rule(layer + "mlp_norm.scale", (hf + "post_attention_layernorm.weight",)),
+        *layer_norm_rules("final_norm", "norm", bias=False),
+        *layer_norm_rules(layer + "attn_norm", hf + "input_layernorm", bias=False),
+        *layer_norm_rules(layer + "mlp_norm", hf + "post_attention_layernorm", bias=False),
         Rule(layer + "attn.qkv.kernel", tuple(f"{attn}{p}_proj.weight" for p in "qkv"), CONCAT_TRANSPOSED),
-        Rule(layer + "attn.out.kernel", (attn + "o_proj.weight",), TRANSPOSE),
+        *linear_rules(layer + "attn.out", attn + "o_proj", bias=cfg.out_bias),
         Rule(layer + "mlp.up.kernel", (mlp + "gate_proj.weight", mlp + "up_proj.weight"), CONCAT_TRANSPOSED),
-        Rule(layer + "mlp.down.kernel", (mlp + "down_proj.weight",), TRANSPOSE),
+        *linear_rules(layer + "mlp.down", mlp + "down_proj", bias=cfg.mlp_bias),
     ]
     if cfg.qkv_bias:
         rules.append(Rule(layer + "attn.qkv.bias", tuple(f"{attn}{p}_proj.bias" for p in "qkv"), CONCAT))
-    if cfg.out_bias:
-        rules.append(Rule(layer + "attn.out.bias", (attn + "o_proj.bias",)))
     if cfg.mlp_bias:
-        rules += [Rule(layer + "mlp.up.bias", (mlp + "gate_proj.bias", mlp + "up_proj.bias"), CONCAT),
-                  Rule(layer + "mlp.down.bias", (mlp + "down_proj.bias",))]
-    if not cfg.tie_word_embeddings:
-        rules.append(Rule("lm_head.kernel", ("lm_head.weight",), TRANSPOSE))
+        rules.append(Rule(layer + "mlp.up.bias", (mlp + "gate_proj.bias", mlp + "up_proj.bias"), CONCAT))
+    rules += lm_head_rules(cfg)
     return tuple(rules)
 
 
 POLICY = Policy(
     name="llama",
-    model_types=("llama",),
-    architectures=("LlamaForCausalLM", "LlamaModel"),
+    model_types=tuple(_QUIRKS),
+    architectures=tuple(f"{name}{head}" for name in ("Llama", "Mistral", "Qwen2", "Gemma")
+                        for head in ("ForCausalLM", "Model")),
     prefix="model.",
     make_config=make_config,
     make_rules=make_rules,

@@ -42,6 +42,11 @@ CONCAT_TRANSPOSED = Transform(
     lambda *ss: (ss[0][1], sum(s[0] for s in ss)) if all(len(s) == 2 for s in ss) else None)
 CONCAT = Transform("concat", lambda *xs: np.concatenate(xs, axis=0),
                    lambda *ss: (sum(s[0] for s in ss),) + tuple(ss[0][1:]))
+# a Conv2d weight [out, in, kh, kw] whose stride equals its kernel (ViT/CLIP patches) -> the
+# kernel [in * kh * kw, out] of a linear map of patches flattened in (in, kh, kw) order
+CONV_AS_LINEAR = Transform(
+    "conv_as_linear", lambda x: x.reshape(x.shape[0], -1).T,
+    lambda s: (s[1] * s[2] * s[3], s[0]) if len(s) == 4 else None)
 
 
 def qkv_per_head(num_heads: int) -> Transform:
@@ -68,6 +73,33 @@ class Rule:
     transform: Transform = IDENTITY
 
 
+def layer_norm_rules(ours: str, theirs: str, bias: bool = True) -> list[Rule]:
+    """A norm's scale (and bias): HF `theirs.weight` -> dsjax `ours.scale`."""
+    rules = [Rule(f"{ours}.scale", (f"{theirs}.weight",))]
+    return rules + [Rule(f"{ours}.bias", (f"{theirs}.bias",))] if bias else rules
+
+
+def linear_rules(ours: str, theirs: str, transform: Transform = TRANSPOSE,
+                 bias: bool = True) -> list[Rule]:
+    """A Linear's kernel (HF [out, in] -> [in, out] by default) and optional bias."""
+    rules = [Rule(f"{ours}.kernel", (f"{theirs}.weight",), transform)]
+    return rules + [Rule(f"{ours}.bias", (f"{theirs}.bias",))] if bias else rules
+
+
+def lm_head_rules(cfg: ModelConfig, theirs: str = "lm_head") -> list[Rule]:
+    """The output projection, when it is not tied to the input embedding."""
+    if cfg.tie_word_embeddings:
+        return []
+    return linear_rules("lm_head", theirs, bias=cfg.lm_head_bias)
+
+
+def fused_qkv_rules(ours: str, theirs: str, cfg: ModelConfig, bias: bool = True) -> list[Rule]:
+    """A QKV Linear fused per head ([H, 3, Dh] rows), with its bias reordered alike."""
+    t = qkv_per_head(cfg.num_heads)
+    rules = [Rule(f"{ours}.kernel", (f"{theirs}.weight",), t)]
+    return rules + [Rule(f"{ours}.bias", (f"{theirs}.bias",), t)] if bias else rules
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     name: str
@@ -77,6 +109,10 @@ class Policy:
     make_config: Callable[[dict], ModelConfig]
     make_rules: Callable[[ModelConfig], tuple[Rule, ...]]
     ignore: tuple[str, ...] = ()  # regexes of HF names that hold no weights
+    # (regex, replacement) pairs applied to checkpoint names first: legacy spellings
+    renames: tuple[tuple[str, str], ...] = ()
+    # a prefix that depends on the config (CLIP: the one tower a one-tower model holds)
+    prefix_for: Callable[[ModelConfig], str] | None = None
 
 
 def expand(rules: tuple[Rule, ...], num_layers: int) -> list[Rule]:
@@ -89,12 +125,14 @@ def expand(rules: tuple[Rule, ...], num_layers: int) -> list[Rule]:
     return out
 
 
-def _resolve_names(policy: Policy, source: TensorSource) -> dict[str, str]:
+def _resolve_names(policy: Policy, source: TensorSource, prefix: str) -> dict[str, str]:
     """Policy-relative name -> checkpoint name. Base-model checkpoints lack the prefix; head
     tensors (lm_head.*) live outside it in both."""
     mapping = {}
     for name in source:
-        rel = name[len(policy.prefix):] if name.startswith(policy.prefix) else name
+        rel = name[len(prefix):] if name.startswith(prefix) else name
+        for pattern, replacement in policy.renames:
+            rel = re.sub(pattern, replacement, rel)
         mapping[rel] = name
     return mapping
 
@@ -104,13 +142,14 @@ def convert(policy: Policy, cfg: ModelConfig, source: TensorSource,
             put: Callable[[str, np.ndarray], jax.Array] | None = None) -> dict[str, jax.Array]:
     """Runs the policy's table over `source`; returns {param path: device array} in `dtype`."""
     rules = expand(policy.make_rules(cfg), cfg.num_layers)
-    names = _resolve_names(policy, source)
+    prefix = policy.prefix_for(cfg) if policy.prefix_for else policy.prefix
+    names = _resolve_names(policy, source, prefix)
     used = {s for r in rules for s in r.sources}
     missing = sorted(used - set(names))
     if missing:
         raise CheckpointError(
             f"{source.origin}: {len(missing)} tensor(s) the {policy.name} policy needs are missing, "
-            f"e.g. {', '.join(repr(policy.prefix + m) for m in missing[:5])}")
+            f"e.g. {', '.join(repr(prefix + m) for m in missing[:5])}")
     ignored = [re.compile(p) for p in policy.ignore]
     unexpected = sorted(names[n] for n in set(names) - used
                         if not any(p.fullmatch(n) for p in ignored))

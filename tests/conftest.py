@@ -41,9 +41,34 @@ def hf_greedy(model, prompt, n, eos_token_id=None):
     return out[0, len(prompt):].tolist()
 
 
+def hf_greedy_logprobs(model, prompt, n):
+    """HF's greedy tokens and the log-probability of each under its own (unprocessed) logits."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):]
+    logits = torch.stack(out.logits)[:, 0].float()
+    return tokens.tolist(), torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0].numpy()
+
+
 def hf_logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.numpy()
+
+
+WORDS = ["<eos>", "<unk>", "hello", "world", "deep", "speed", "jax", "on", "the", "gpu"]
+
+
+def word_tokenizer(directory):
+    """Saves a tiny word-level HF tokenizer (built offline) into a checkpoint directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>",
+                                         unk_token="<unk>").save_pretrained(directory)
 
 
 def prompt(seed, length, vocab=96):

@@ -3,18 +3,7 @@
 import pytest
 
 from dsjax import cli
-from tests.conftest import gpt2_model
-
-WORDS = ["<eos>", "<unk>", "hello", "world", "deep", "speed", "jax", "on", "the", "gpu"]
-
-
-def _word_tokenizer(directory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(directory)
+from tests.conftest import WORDS, gpt2_model, word_tokenizer
 
 
 def test_demo_default_job_agrees_with_hf(capsys):
@@ -33,7 +22,7 @@ def test_demo_without_hf(capsys):
 
 def test_convert_then_generate_with_checkpoint_tokenizer(tmp_path, capsys):
     gpt2_model(vocab_size=len(WORDS) + 6, eos_token_id=0).save_pretrained(tmp_path / "hf")
-    _word_tokenizer(tmp_path / "hf")
+    word_tokenizer(tmp_path / "hf")
     assert cli.main(["-q", "convert", str(tmp_path / "hf"), str(tmp_path / "ds"), "--dtype", "fp32"]) == 0
     assert (tmp_path / "ds" / "tokenizer.json").exists()
     assert "wrote dsjax checkpoint" in capsys.readouterr().out
