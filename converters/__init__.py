@@ -1,18 +1,22 @@
-"""HF (and later Megatron) checkpoints -> dsjax ModelConfig + parameters.
+"""HF and Megatron-LM checkpoints -> dsjax ModelConfig + parameters.
 
-`load(model, dtype)` accepts an HF checkpoint directory or an in-memory transformers model.
+`open_hf(model)` accepts an HF checkpoint directory, an in-memory transformers model, or a
+Megatron-LM GPT checkpoint directory (see converters.megatron; `MegatronCheckpoint(dir,
+vocab_size=N)` where the checkpoint does not record its true vocab size).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import pkgutil
 from pathlib import Path
 
-import importlib
-import pkgutil
-
 from converters.loader import CheckpointError, TensorSource, from_directory, from_state_dict
+from converters.megatron import MegatronCheckpoint
+from converters.megatron import is_checkpoint as is_megatron
+from converters.megatron import open_checkpoint as open_megatron
 from converters.policy import Policy, convert
 from dsjax.config import ModelConfig
 
@@ -60,7 +64,11 @@ class HFSource:
 
 
 def open_hf(model) -> HFSource:
-    """An HF checkpoint directory or an in-memory transformers model, opened lazily."""
+    """An HF checkpoint directory, an in-memory transformers model or a Megatron-LM checkpoint
+    directory, opened lazily. A Megatron source has no HF config: `hf_config` holds its args."""
+    if isinstance(model, MegatronCheckpoint) or (
+            isinstance(model, (str, Path)) and is_megatron(model)):
+        return HFSource(*open_megatron(model), None)
     if isinstance(model, (str, Path)):
         directory = Path(model)
         cfg_path = directory / "config.json"
@@ -80,4 +88,5 @@ def open_hf(model) -> HFSource:
                     from_state_dict(model.state_dict(), type(model).__name__), None)
 
 
-__all__ = ["POLICIES", "CheckpointError", "HFSource", "convert", "open_hf", "policy_for"]
+__all__ = ["POLICIES", "CheckpointError", "HFSource", "MegatronCheckpoint", "convert", "open_hf",
+           "policy_for"]

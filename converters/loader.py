@@ -3,7 +3,8 @@
 A checkpoint is untrusted input. Each safetensors header is validated (size, JSON, known dtypes,
 offsets inside the file, shape x itemsize == byte length, no overlaps) before any tensor is read.
 Tensors are returned as numpy views of the mapped file, so a load holds one converted tensor in
-host memory at a time. Pickled `.bin` files need torch and are read with weights_only=True.
+host memory at a time. Pickled files (`.bin`, Megatron's `.pt`) need torch and are read with
+weights_only=True (`load_pickled`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import struct
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -157,18 +160,32 @@ def from_directory(path: str | Path) -> TensorSource:
 
 
 def _torch_load(files: list[Path]) -> dict:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{files[0].parent} holds only pickled .bin weights, which need torch to read; "
-            "install torch or convert the checkpoint to safetensors") from None
     state = {}
     for f in files:
         if f.name.endswith(".index.json"):
             continue
-        state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        state.update(load_pickled(f))
     return state
+
+
+def load_pickled(path: Path, allowed: tuple = ()):
+    """A torch-pickled file read with weights_only=True: tensors and plain containers, plus the
+    `allowed` globals (classes or (class, "module.name") pairs), nothing else is built."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path} holds pickled torch weights, which need torch to read; "
+                              "install torch or convert the checkpoint to safetensors") from None
+    from pickle import UnpicklingError
+
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=zipfile.is_zipfile(path))
+    except UnpicklingError as e:
+        why = re.search(r"Unsupported global: GLOBAL [\w.]+|but got <class '[\w.]+'>", str(e))
+        raise CheckpointError(f"{path}: refused to unpickle it with weights_only=True "
+                              f"({why.group(0) if why else str(e)[-300:]})") from None
 
 
 def torch_to_numpy(t) -> np.ndarray:
