@@ -4,10 +4,11 @@
     out = engine.generate([[15496, 11, 995]], max_new_tokens=32)
 """
 
-from dsjax.config import InferenceConfig, ModelConfig, RopeScaling
+from dsjax.config import EncoderConfig, ImageConfig, InferenceConfig, ModelConfig, RopeScaling
+from dsjax.encoders import CLIPOutput, EmbeddingOutput
 from dsjax.engine import GenerationOutput, InferenceEngine, init_inference
 
 __version__ = "0.1.0"
 
-__all__ = ["GenerationOutput", "InferenceConfig", "InferenceEngine", "ModelConfig", "RopeScaling",
-           "init_inference"]
+__all__ = ["CLIPOutput", "EmbeddingOutput", "EncoderConfig", "GenerationOutput", "ImageConfig",
+           "InferenceConfig", "InferenceEngine", "ModelConfig", "RopeScaling", "init_inference"]

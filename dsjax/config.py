@@ -18,6 +18,8 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
 POSITIONS = ("learned", "rotary", "alibi", "none")
 ROTARY_LAYOUTS = ("half", "interleaved")
 ROPE_KINDS = ("default", "linear", "llama3")
+POOLERS = ("none", "tanh", "relu", "class", "eos", "argmax")
+ENCODER_HEADS = ("none", "mlm", "classifier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +85,13 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     embed_scale: float = 1.0  # Gemma: sqrt(hidden_size)
     type_vocab_size: int = 0  # BERT token types
+    encoder: EncoderConfig | None = None  # set: an encoder (dsjax.encoders.Encoder) around this body
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.encoder, dict):
+            object.__setattr__(self, "encoder", EncoderConfig(**self.encoder))
         if isinstance(self.local_layers, list):
             object.__setattr__(self, "local_layers", tuple(self.local_layers))
         _check_choice("norm", self.norm, NORMS)
@@ -95,8 +100,10 @@ class ModelConfig:
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("rotary_layout", self.rotary_layout, ROTARY_LAYOUTS)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) < 1 and not (name == "vocab_size" and self.takes_images):
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.takes_images and self.vocab_size:
+            raise ValueError("an image tower (encoder.image set) has no token vocabulary: vocab_size=0")
         if self.num_heads % self.kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.kv_heads})"
@@ -114,6 +121,11 @@ class ModelConfig:
             raise ValueError("post-norm blocks with a parallel residual are not a known family")
         if self.local_layers is not None and self.sliding_window is None:
             raise ValueError("local_layers is set but sliding_window is None")
+
+    @property
+    def takes_images(self) -> bool:
+        """The body embeds image patches instead of tokens (a CLIP vision tower)."""
+        return self.encoder is not None and self.encoder.image is not None
 
     @property
     def kv_heads(self) -> int:
@@ -146,6 +158,66 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
         return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig:
+    """Square images cut into square patches (CLIP): a stride-`patch_size` conv, i.e. a linear
+    map of each flattened [channels, patch, patch] patch. Pixels past the last whole patch are
+    dropped, as the conv drops them."""
+
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+
+    def __post_init__(self):
+        if not 1 <= self.patch_size <= self.image_size or self.num_channels < 1:
+            raise ValueError(f"bad image geometry {self}: need 1 <= patch_size <= image_size")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """What an encoder adds around its generic body (ModelConfig.encoder).
+
+    pooler makes `pooler_output` [B, D]: 'tanh' / 'relu': act(dense(h[:, 0])) (BERT's pooler,
+    DistilBERT's pre-classifier); 'class': norm(h[:, 0]) (CLIP vision's post_layernorm); 'eos':
+    h at the first `eos_token_id`; 'argmax': h at the largest input id (CLIP's legacy rule).
+    head: 'mlm' (dense, act, norm, then the tied or own vocabulary matrix + bias) or
+    'classifier' (a linear map of pooler_output to num_labels). projection_dim > 0: a bias-free
+    projection of pooler_output (CLIP). vision: a second, image tower beside this text tower;
+    the pair has a logit scale (CLIPModel).
+    """
+
+    pooler: Literal["none", "tanh", "relu", "class", "eos", "argmax"] = "none"
+    head: Literal["none", "mlm", "classifier"] = "none"
+    num_labels: int = 0
+    eos_token_id: int | None = None
+    image: ImageConfig | None = None
+    projection_dim: int = 0
+    vision: ModelConfig | None = None
+
+    def __post_init__(self):
+        if isinstance(self.image, dict):
+            object.__setattr__(self, "image", ImageConfig(**self.image))
+        if isinstance(self.vision, dict):
+            object.__setattr__(self, "vision", ModelConfig(**self.vision))
+        _check_choice("encoder.pooler", self.pooler, POOLERS)
+        _check_choice("encoder.head", self.head, ENCODER_HEADS)
+        if self.head == "classifier" and (self.num_labels < 1 or self.pooler in ("none", "class")):
+            raise ValueError("a classifier head needs num_labels >= 1 and a dense pooler (tanh/relu)")
+        if self.pooler == "eos" and self.eos_token_id is None:
+            raise ValueError("pooler='eos' needs eos_token_id")
+        if (self.pooler == "class") != (self.image is not None):
+            raise ValueError("pooler='class' is the image towers' pooler, and theirs only")
+        if self.vision is not None:
+            if not self.vision.takes_images or self.image is not None:
+                raise ValueError("encoder.vision must be an image tower beside a text tower")
+            if not self.projection_dim or self.vision.encoder.projection_dim != self.projection_dim:
+                raise ValueError("a text/image pair needs equal projection_dim > 0 on both towers")
 
 
 DTYPES = {

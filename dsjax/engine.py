@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax import checkpoint, generate as gen, presets
+from dsjax import checkpoint, encoders, presets
+from dsjax import generate as gen
 from dsjax.cache import check_budget
 from dsjax.config import InferenceConfig, ModelConfig
-from dsjax.model import abstract_model, flatten, random_params, unflatten
+from dsjax.model import Transformer, abstract_model, flatten, random_params, unflatten
 
 log = logging.getLogger("dsjax")
 
@@ -59,7 +60,7 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
             f"max_out_tokens={icfg.max_out_tokens} exceeds the {cfg.max_position_embeddings} "
             f"learned positions of this {cfg.family} model; pass max_out_tokens <= "
             f"{cfg.max_position_embeddings}")
-    graphdef, expected = abstract_model(cfg, icfg.jnp_dtype)
+    graphdef, expected = _abstract_model(cfg, icfg.jnp_dtype)
     params = source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress)
     log.info("dsjax: %s, %d layers, %s, budget %d tokens, kernels %s", cfg.family,
              cfg.num_layers, icfg.dtype, icfg.max_out_tokens, icfg.kernels)
@@ -71,10 +72,24 @@ def convert_checkpoint(src, out_dir, *, dtype="bf16", progress: bool = True) -> 
     """HF checkpoint directory (or in-memory HF model) -> dsjax checkpoint at out_dir."""
     jdtype = InferenceConfig(dtype=dtype).jnp_dtype
     source = _open(src)
-    _, expected = abstract_model(source.config, jdtype)
+    _, expected = _abstract_model(source.config, jdtype)
     params = source.load(expected, jdtype, seed=0, progress=progress)
     return checkpoint.save(out_dir, source.config, params, generation=source.generation,
                            tokenizer_dir=source.tokenizer_dir)
+
+
+def _abstract_model(cfg: ModelConfig, dtype):
+    """The module a config describes: the generic Transformer, or an Encoder around it."""
+    return abstract_model(cfg, dtype, module=_module(cfg))
+
+
+def _random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
+    return random_params(cfg, dtype, seed, module=_module(cfg))
+
+
+def _module(cfg: ModelConfig):
+    """Encoders (BERT, DistilBERT, CLIP) wrap the Transformer body with their own heads."""
+    return encoders.Encoder if cfg.encoder else Transformer
 
 
 def _inference_config(opts: dict) -> InferenceConfig:
@@ -132,7 +147,7 @@ class _Source:
 
 def _open(model) -> _Source:
     if isinstance(model, ModelConfig):
-        return _Source(model, lambda exp, dt, seed, progress: random_params(model, dt, seed), {})
+        return _Source(model, lambda exp, dt, seed, progress: _random_params(model, dt, seed), {})
     if isinstance(model, (str, Path)):
         path = Path(model)
         if checkpoint.is_checkpoint(path):
@@ -159,7 +174,7 @@ def _open_hf_config(hf_config: dict) -> _Source:
     import converters
 
     cfg = converters.policy_for(hf_config).make_config(hf_config)
-    return _Source(cfg, lambda exp, dt, seed, progress: random_params(cfg, dt, seed),
+    return _Source(cfg, lambda exp, dt, seed, progress: _random_params(cfg, dt, seed),
                    _generation(hf_config, None))
 
 
@@ -216,6 +231,7 @@ class InferenceEngine:
 
     def __call__(self, input_ids, attention_mask=None) -> jax.Array:
         """Logits [B, T, V] (float32) of a full forward pass, HF-style padding mask optional."""
+        self._need_decoder("engine(input_ids) (LM logits)")
         ids = np.asarray(input_ids, np.int32)
         ids = ids[None] if ids.ndim == 1 else ids
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
@@ -225,6 +241,71 @@ class InferenceEngine:
         return gen.forward(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask))
 
     forward = __call__
+
+    # ------------------------------------------------------------------------- encoders
+
+    def embed(self, input_ids, attention_mask=None, token_type_ids=None) -> encoders.EmbeddingOutput:
+        """Runs an encoder's text tower (BERT, DistilBERT, CLIP text) as HF's model would.
+
+        input_ids: a list of token lists of any lengths (right-padded here, with the mask made
+          for you), one token list, or a [B, T] array with an optional HF attention_mask (any
+          padding side; positions are 0..T-1 as in HF). token_type_ids: the same shape as
+          input_ids (BERT sentence pairs); default all 0.
+        Returns an EmbeddingOutput (float32): last_hidden_state [B, T, D]; pooler_output [B, D]
+          (BERT's tanh pooler, DistilBERT classifier's ReLU pre-classifier, CLIP's EOS token;
+          None for models without one); logits (MLM [B, T, V] or classification [B, L]);
+          embeds [B, P] (CLIP's projected text features). `.mean_pooled()` gives the masked
+          mean of the hidden states (sentence-transformers' pooling).
+        """
+        self._need_encoder("embed()")
+        if self.config.takes_images:
+            raise TypeError(f"this {self.config.family} model is an image tower only: "
+                            "use embed_image(pixel_values)")
+        batch = encoders.pack_text(self.config, input_ids, attention_mask, token_type_ids)
+        raw = encoders.encode_text(self.graphdef, self.params, *batch.arrays)
+        return encoders.output(raw, batch.rows, batch.tokens, batch.mask)
+
+    embed_text = embed
+
+    def embed_image(self, pixel_values) -> encoders.EmbeddingOutput:
+        """Runs a CLIP image tower on pixel_values [B, C, S, S] (or one [C, S, S] image),
+        normalized as the checkpoint's image processor does; S must be the model's image_size.
+        Returns an EmbeddingOutput: last_hidden_state [B, 1 + N, D] (class token first, no
+        final norm, as in HF), pooler_output [B, D] (post-LayerNorm class token), embeds [B, P]
+        (CLIP's get_image_features) when the model has a visual projection."""
+        self._need_encoder("embed_image()")
+        enc = self.config.encoder
+        tower = self.config if self.config.takes_images else enc.vision
+        if tower is None:
+            raise TypeError(f"this {self.config.family} model has no image tower; use embed()")
+        pixels, B = encoders.pack_pixels(tower.encoder.image, pixel_values)
+        raw = encoders.encode_image(self.graphdef, self.params, pixels)
+        n = tower.encoder.image.num_patches + 1
+        return encoders.output(raw, B, n, np.ones((B, n), np.int32))
+
+    def clip_logits(self, input_ids, pixel_values, attention_mask=None) -> encoders.CLIPOutput:
+        """HF CLIPModel(input_ids, pixel_values, attention_mask): normalized text_embeds
+        [N, P] and image_embeds [I, P], logits_per_image [I, N] = exp(logit_scale) *
+        image_embeds @ text_embeds.T, and logits_per_text, its transpose. Inputs as in
+        embed() and embed_image()."""
+        if self.config.encoder is None or self.config.encoder.vision is None:
+            raise TypeError("clip_logits() needs a CLIP model with both towers (CLIPModel); "
+                            f"this is a {self.config.family} model: use embed()/embed_image()")
+        text = self.embed(input_ids, attention_mask)
+        image = self.embed_image(pixel_values)
+        return encoders.clip_output(text.embeds, image.embeds, self.params["logit_scale"])
+
+    def _need_encoder(self, what: str) -> None:
+        if self.config.encoder is None:
+            raise TypeError(f"{what} is for encoder models (BERT, DistilBERT, CLIP); this "
+                            f"{self.config.family} model is a decoder: use generate() or engine(ids)")
+
+    def _need_decoder(self, what: str) -> None:
+        if self.config.encoder is not None:
+            raise TypeError(
+                f"{what}: this {self.config.family} model is an encoder and does not generate "
+                "text; use engine.embed(input_ids, attention_mask) for hidden states, pooled "
+                "output and head logits (embed_image / clip_logits for CLIP images)")
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
@@ -237,6 +318,7 @@ class InferenceEngine:
           model's own (pass [] to never stop early). prng_key: a jax.random key, needed when
           do_sample=True.
         """
+        self._need_decoder("generate()")
         rows = _prompt_rows(input_ids, attention_mask)
         budget = self.inference_config.max_out_tokens
         check_budget(max(len(r) for r in rows), max_new_tokens, budget)

@@ -201,7 +201,8 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         D = cfg.hidden_size
         E = cfg.embed_proj_dim or D
-        self.embed = Embed(cfg.vocab_size, E, dtype=dtype, rngs=rngs)
+        # vocab_size 0: an image tower, fed only through inputs_embeds
+        self.embed = Embed(cfg.vocab_size, E, dtype=dtype, rngs=rngs) if cfg.vocab_size else None
         self.project_in = (Linear(E, D, bias=False, dtype=dtype, rngs=rngs, impl=impl)
                            if cfg.embed_proj_dim else None)
         self.project_out = (Linear(D, E, bias=False, dtype=dtype, rngs=rngs, impl=impl)
@@ -229,6 +230,8 @@ class Transformer(nnx.Module):
         replaces the token embedding (image patches, say); tokens then only give the shape.
         """
         cfg = self.cfg
+        if inputs_embeds is None and self.embed is None:
+            raise ValueError("this body has no token embedding (vocab_size=0): pass inputs_embeds")
         x = self.embed(tokens) if inputs_embeds is None else inputs_embeds
         if cfg.embed_scale != 1.0:
             x = x * jnp.asarray(cfg.embed_scale, x.dtype)
@@ -291,19 +294,21 @@ def unflatten(flat: dict[str, jax.Array]) -> dict:
     return nested
 
 
-def abstract_model(cfg: ModelConfig, dtype=jnp.float32, impl: Sequence[str] = ("xla",)):
-    """(graphdef, {path: ShapeDtypeStruct}) without allocating any weights."""
-    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0), impl=impl))
+def abstract_model(cfg: ModelConfig, dtype=jnp.float32, impl: Sequence[str] = ("xla",),
+                   module: type[nnx.Module] = Transformer):
+    """(graphdef, {path: ShapeDtypeStruct}) of `module` (the Transformer, or a family wrapper
+    around it such as dsjax.encoders.Encoder) without allocating any weights."""
+    model = nnx.eval_shape(lambda: module(cfg, dtype=dtype, rngs=nnx.Rngs(0), impl=impl))
     graphdef, state = nnx.split(model)
     return graphdef, flatten(nnx.to_pure_dict(state))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _random_params(cfg: ModelConfig, dtype, key):
-    model = Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(params=key))
-    return nnx.to_pure_dict(nnx.state(model))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _random_params(module: type[nnx.Module], cfg: ModelConfig, dtype, key):
+    return nnx.to_pure_dict(nnx.state(module(cfg, dtype=dtype, rngs=nnx.Rngs(params=key))))
 
 
-def random_params(cfg: ModelConfig, dtype=jnp.float32, seed: int = 0) -> dict:
+def random_params(cfg: ModelConfig, dtype=jnp.float32, seed: int = 0,
+                  module: type[nnx.Module] = Transformer) -> dict:
     """Randomly initialised weights (std 0.02 kernels, unit norms), made on the device."""
-    return _random_params(cfg, jnp.dtype(dtype), jax.random.key(seed))
+    return _random_params(module, cfg, jnp.dtype(dtype), jax.random.key(seed))

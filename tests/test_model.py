@@ -4,7 +4,6 @@ interleaved partial rotary, post-LN). HF parity of GPT-2 and LLaMA is in tests/c
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
