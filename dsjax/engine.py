@@ -65,7 +65,7 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
     log.info("dsjax: %s, %d layers, %s, budget %d tokens, kernels %s", cfg.family,
              cfg.num_layers, icfg.dtype, icfg.max_out_tokens, icfg.kernels)
     return InferenceEngine(cfg, icfg, graphdef, params, generation=source.generation,
-                           tokenizer_dir=source.tokenizer_dir)
+                           tokenizer_dir=source.tokenizer_dir, random_weights=source.random_weights)
 
 
 def convert_checkpoint(src, out_dir, *, dtype="bf16", progress: bool = True) -> Path:
@@ -143,11 +143,13 @@ class _Source:
     load: callable  # (expected, dtype, seed=, progress=) -> nested params
     generation: dict
     tokenizer_dir: Path | None = None
+    random_weights: bool = False
 
 
 def _open(model) -> _Source:
     if isinstance(model, ModelConfig):
-        return _Source(model, lambda exp, dt, seed, progress: _random_params(model, dt, seed), {})
+        return _Source(model, lambda exp, dt, seed, progress: _random_params(model, dt, seed), {},
+                       random_weights=True)
     if isinstance(model, (str, Path)):
         path = Path(model)
         if checkpoint.is_checkpoint(path):
@@ -175,7 +177,7 @@ def _open_hf_config(hf_config: dict) -> _Source:
 
     cfg = converters.policy_for(hf_config).make_config(hf_config)
     return _Source(cfg, lambda exp, dt, seed, progress: _random_params(cfg, dt, seed),
-                   _generation(hf_config, None))
+                   _generation(hf_config, None), random_weights=True)
 
 
 def _generation(hf_config: dict, directory: Path | None) -> dict:
@@ -205,7 +207,8 @@ class InferenceEngine:
     """A converted model on the device, with jitted forward and generate."""
 
     def __init__(self, cfg: ModelConfig, icfg: InferenceConfig, graphdef, params, *,
-                 generation: dict | None = None, tokenizer_dir: Path | None = None):
+                 generation: dict | None = None, tokenizer_dir: Path | None = None,
+                 random_weights: bool = False):
         self.config, self.inference_config = cfg, icfg
         self.graphdef, self.params = graphdef, params
         generation = generation or {}
@@ -213,20 +216,27 @@ class InferenceEngine:
         self.eos_token_id = [eos] if isinstance(eos, int) else list(eos or [])
         pad = generation.get("pad_token_id")
         self.pad_token_id = pad if pad is not None else (self.eos_token_id or [0])[0]
-        self.tokenizer_dir = tokenizer_dir
+        self.tokenizer_dir, self.random_weights = tokenizer_dir, random_weights
         self._tokenizer = None
 
     @property
     def tokenizer(self):
-        """The checkpoint's HF tokenizer; a byte-level one for random-weight models."""
+        """The checkpoint's HF tokenizer; a byte-level one for random-weight models. A model
+        with neither (an in-memory or Megatron model, a directory without tokenizer files) is
+        an error: encode with its own tokenizer and pass token ids."""
         if self._tokenizer is None:
-            if self.tokenizer_dir is not None and any(
-                    (self.tokenizer_dir / f).exists() for f in checkpoint.TOKENIZER_FILES[:5]):
+            d = self.tokenizer_dir
+            if d is not None and any((d / f).exists() for f in checkpoint.TOKENIZER_FILES[:5]):
                 from transformers import AutoTokenizer
 
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
-            else:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(d))
+            elif self.random_weights:
                 self._tokenizer = presets.ByteTokenizer()
+            else:
+                where = f"{d} has no tokenizer files" if d else "this model came without a directory"
+                raise ValueError(f"no tokenizer: {where} (looked for "
+                                 f"{', '.join(checkpoint.TOKENIZER_FILES[:5])}); encode prompts "
+                                 "with the model's own tokenizer and pass token ids")
         return self._tokenizer
 
     def __call__(self, input_ids, attention_mask=None) -> jax.Array:

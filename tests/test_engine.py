@@ -91,3 +91,13 @@ def test_save_refuses_non_empty_directory(tmp_path):
     (tmp_path / "x").write_text("keep me")
     with pytest.raises(FileExistsError):
         dsjax.init_inference(TINY).save(tmp_path)
+
+
+def test_tokenizer_is_never_guessed(tmp_path):
+    assert dsjax.init_inference(TINY).tokenizer.encode("hi") == [104, 105]  # random: bytes
+    model = gpt2_model()
+    with pytest.raises(ValueError, match="came without a directory"):
+        dsjax.init_inference(model, max_out_tokens=64, progress=False).tokenizer
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no tokenizer files"):
+        dsjax.init_inference(tmp_path, max_out_tokens=64, progress=False).tokenizer
