@@ -239,9 +239,11 @@ def true_vocab_size(args: dict, rows: int, given: int | None, origin: str) -> in
                               "word-embedding rows of the checkpoint")
     multiple = ((args.get("make_vocab_size_divisible_by") or 1)
                 * (args.get("tensor_model_parallel_size") or 1))
-    if math.ceil(vocab / multiple) * multiple != rows:
-        log.warning("%s: vocab size %d (%s) does not pad to the checkpoint's %d rows by Megatron's "
-                    "rule (multiple of %d); using it anyway", origin, vocab, source, rows, multiple)
+    if math.ceil(vocab / multiple) * multiple != rows and given is None:
+        raise CheckpointError(
+            f"{origin}: vocab size {vocab} ({source}) does not pad to the checkpoint's {rows} rows "
+            f"by Megatron's rule (multiple of {multiple}); if it is right, pass it explicitly: "
+            "converters.MegatronCheckpoint(DIR, vocab_size=N)")
     return vocab
 
 

@@ -133,6 +133,9 @@ def _resolve_names(policy: Policy, source: TensorSource, prefix: str) -> dict[st
         rel = name[len(prefix):] if name.startswith(prefix) else name
         for pattern, replacement in policy.renames:
             rel = re.sub(pattern, replacement, rel)
+        if rel in mapping:
+            raise CheckpointError(f"{source.origin}: {mapping[rel]!r} and {name!r} are the same "
+                                  f"tensor {rel!r} of the {policy.name} policy; keep one")
         mapping[rel] = name
     return mapping
 
@@ -151,8 +154,11 @@ def convert(policy: Policy, cfg: ModelConfig, source: TensorSource,
             f"{source.origin}: {len(missing)} tensor(s) the {policy.name} policy needs are missing, "
             f"e.g. {', '.join(repr(prefix + m) for m in missing[:5])}")
     ignored = [re.compile(p) for p in policy.ignore]
-    unexpected = sorted(names[n] for n in set(names) - used
-                        if not any(p.fullmatch(n) for p in ignored))
+    unused = set(names) - used
+    unexpected = sorted(names[n] for n in unused if not any(p.fullmatch(n) for p in ignored))
+    if unused and not unexpected:
+        log.info("%s: not read, as the %s policy's ignore list says: %s", source.origin,
+                 policy.name, ", ".join(sorted(names[n] for n in unused)[:8]))
     if unexpected:
         raise CheckpointError(
             f"{source.origin}: {len(unexpected)} tensor(s) the {policy.name} policy does not know, "

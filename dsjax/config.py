@@ -12,6 +12,7 @@ import json
 from typing import Literal
 
 import jax.numpy as jnp
+import numpy as np
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
@@ -142,6 +143,19 @@ class ModelConfig:
     @property
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else self.dim_head**-0.5
+
+    def check_length(self, tokens: int) -> None:
+        """A learned position table ends: a longer input is an error, never a clipped lookup."""
+        if self.positions == "learned" and tokens > self.max_position_embeddings:
+            raise ValueError(f"{tokens} tokens exceed the {self.max_position_embeddings} learned "
+                             f"positions of this {self.family} model")
+
+    def check_ids(self, ids, what: str = "token ids") -> None:
+        """Ids outside the vocabulary would read NaN rows of the embedding: refuse them."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"{what} must lie in [0, {self.vocab_size}); got "
+                             f"[{ids.min()}, {ids.max()}]")
 
     def layer_window(self, layer: int) -> int | None:
         if self.local_layers is None or layer in self.local_layers:

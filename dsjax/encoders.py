@@ -260,12 +260,9 @@ def pack_text(cfg: ModelConfig, input_ids, attention_mask=None, token_type_ids=N
         if len({r.size for r in rows}) != 1 or mask.shape != (B, T):
             raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids "
                              f"({B} rows of lengths {sorted({r.size for r in rows})})")
+    cfg.check_length(T)
+    cfg.check_ids(np.concatenate(rows))
     limit = cfg.max_position_embeddings if cfg.positions == "learned" else None
-    if limit is not None and T > limit:
-        raise ValueError(f"{T} tokens exceed the {limit} positions of this {cfg.family} model")
-    ids = np.concatenate(rows)
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{ids.min()}, {ids.max()}]")
     Bp, Tp = bucket(B, minimum=1), bucket(T, minimum=8)
     Tp = min(Tp, limit) if limit is not None else Tp
     tokens, key_mask = np.zeros((Bp, Tp), np.int32), np.zeros((Bp, Tp), bool)

@@ -247,7 +247,8 @@ class InferenceEngine:
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-        self._check_ids(ids)
+        self.config.check_ids(ids)
+        self.config.check_length(ids.shape[1])
         return gen.forward(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask))
 
     forward = __call__
@@ -335,13 +336,14 @@ class InferenceEngine:
         for r in rows:
             if len(r) == 0:
                 raise ValueError("every prompt needs at least one token")
-            self._check_ids(r)
+            self.config.check_ids(r)
         if do_sample and prng_key is None:
             raise ValueError("do_sample=True needs an explicit prng_key (jax.random.key(seed))")
         sampling = gen.Sampling.make(temperature, top_k, top_p)
         eos = self.eos_token_id if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
+        self.config.check_ids([pad], "pad_token_id")
         tokens, lengths = _pack(rows, budget, pad)
         out, count, lps = gen.generate(
             self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(lengths),
@@ -362,11 +364,6 @@ class InferenceEngine:
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in flatten(self.params).values())
 
-    def _check_ids(self, ids) -> None:
-        ids = np.asarray(ids)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
-                             f"[{ids.min()}, {ids.max()}]")
 
 
 def _prompt_rows(input_ids, attention_mask) -> list[np.ndarray]:

@@ -113,7 +113,7 @@ def test_bad_requests_exit_with_a_message(tmp_path):
         cli.main(["-q", "embed", "--model", str(tmp_path / "gpt2"), "--text", "hi"])
     with pytest.raises(SystemExit, match="has no image tower"):
         cli.main(["-q", "embed", "--model", str(tmp_path / "bert"), "--image", "x.npy"])
-    with pytest.raises(SystemExit, match="34 tokens exceed the 32 positions"):
+    with pytest.raises(SystemExit, match="34 tokens exceed the 32 learned positions"):
         cli.main(["-q", "embed", "--model", str(tmp_path / "bert"), "--text", " ".join(["hello"] * 32)])
     with pytest.raises(SystemExit, match="at least one --text or --image"):
         cli.main(["-q", "embed", "--model", str(tmp_path / "bert")])

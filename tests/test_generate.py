@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dsjax import generate as gen
-from tests.conftest import hf_greedy, prompt
+from tests.conftest import hf_greedy, hf_greedy_logprobs, prompt
 
 
 @pytest.mark.parametrize("pair", ["gpt2_pair", "llama_pair"])
@@ -70,15 +70,13 @@ def test_top_k_restricts_support():
         assert all(int(t) in allowed[b] for b, t in enumerate(np.asarray(tok)))
 
 
-def test_logprobs_are_the_models(llama_pair):
-    _, engine = llama_pair
+def test_logprobs_are_hfs(llama_pair):
+    model, engine = llama_pair
     p = prompt(19, 5)
     out = engine.generate([p], max_new_tokens=6, eos_token_id=[], return_logprobs=True)
-    new = out.sequences[0]
-    logits = np.asarray(engine([p + new]))[0]
-    ref = jax.nn.log_softmax(logits[len(p) - 1: len(p) + 5], axis=-1)
-    np.testing.assert_allclose(out.logprobs[0], np.take_along_axis(np.asarray(ref), np.array(new)[:, None], 1)[:, 0],
-                               atol=1e-4)
+    tokens, logprobs = hf_greedy_logprobs(model, p, 6)
+    assert out.sequences[0] == tokens
+    np.testing.assert_allclose(out.logprobs[0], logprobs, atol=1e-4)
 
 
 def test_no_recompile_for_same_bucket(gpt2_pair):
@@ -113,6 +111,10 @@ def test_bad_requests(gpt2_pair):
         engine.generate([[1, 2]], do_sample=True, temperature=0.0, prng_key=jax.random.key(0))
     with pytest.raises(ValueError, match="contiguous"):
         engine.generate(np.ones((1, 4), int), attention_mask=[[1, 0, 1, 1]])
+    with pytest.raises(ValueError, match=r"pad_token_id must lie in \[0, 96\)"):
+        engine.generate([[1, 2, 3]], pad_token_id=101)
+    with pytest.raises(ValueError, match="130 tokens exceed the 128 learned positions"):
+        engine(np.ones((1, 130), int))
 
 
 def test_bucket():

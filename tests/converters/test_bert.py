@@ -132,7 +132,7 @@ def test_encoder_errors():
         engine.embed_image(np.zeros((1, 3, 8, 8)))
     with pytest.raises(TypeError, match="both towers"):
         engine.clip_logits([[1]], np.zeros((1, 3, 8, 8)))
-    with pytest.raises(ValueError, match="41 tokens exceed the 40 positions"):
+    with pytest.raises(ValueError, match="41 tokens exceed the 40 learned positions"):
         engine.embed([list(range(41))])
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 64\)"):
         engine.embed([[1, 64]])

@@ -161,5 +161,5 @@ def test_bad_images():
         engine.embed_image(np.zeros((1, 1, 18, 18)))
     with pytest.raises(ValueError, match=r"\[batch, channels, height, width\]"):
         engine.embed_image(np.zeros((18, 18)))
-    with pytest.raises(ValueError, match="13 tokens exceed the 12 positions"):
+    with pytest.raises(ValueError, match="13 tokens exceed the 12 learned positions"):
         engine.embed([list(range(13))])

@@ -2,6 +2,8 @@
 exercise each family's quirk: logits (fp32, tight tolerance), 32 greedy tokens through the KV
 cache, and a left-padded batch equal to each prompt alone."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,22 @@ def test_checkpoint_directory_and_cli_generate(pair, tmp_path, capsys):
             "--max-new-tokens", "4", "--dtype", "fp32", "--max-out-tokens", "64"]
     assert cli.main(args) == 0
     assert capsys.readouterr().out.startswith("[0] hello deep speed")
+
+
+def test_left_padded_logits_match_hf(pair):
+    """engine(ids, attention_mask) with left padding: positions count real tokens only, as HF
+    computes them for generation (passed to HF where its forward takes position_ids)."""
+    _, model, engine = pair
+    prompts = [prompt(8, 6, V), prompt(9, 15, V)]
+    T = max(map(len, prompts))
+    ids, mask = np.zeros((2, T), np.int64), np.zeros((2, T), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):], mask[b, T - len(p):] = p, 1
+    kwargs = {"attention_mask": torch.tensor(mask)}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = torch.tensor(np.maximum(mask.cumsum(1) - 1, 0))
+    with torch.no_grad():
+        ref = model(torch.tensor(ids), **kwargs).logits.numpy()
+    ours = np.asarray(engine(ids, attention_mask=mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=1e-4)
