@@ -216,7 +216,7 @@ class TextBatch:
     mask: np.ndarray  # [rows, tokens] int32
 
 
-def _rows(x, what: str) -> list[np.ndarray]:
+def token_rows(x, what: str) -> list[np.ndarray]:
     """A token list, a list of token lists, or a [B, T] / [T] array -> list of 1-D int rows."""
     if isinstance(x, (list, tuple)) and x and isinstance(x[0], (int, np.integer)):
         x = [x]
@@ -249,7 +249,7 @@ def pack_text(cfg: ModelConfig, input_ids, attention_mask=None, token_type_ids=N
     """Checks and pads an encoder's text inputs; see InferenceEngine.embed for the forms."""
     from dsjax.generate import bucket
 
-    rows = _rows(input_ids, "input_ids")
+    rows = token_rows(input_ids, "input_ids")
     B, T = len(rows), max(r.size for r in rows)
     if attention_mask is None:
         mask = np.zeros((B, T), np.int32)
@@ -282,7 +282,7 @@ def _token_types(cfg: ModelConfig, token_type_ids, rows, shape) -> np.ndarray | 
         return None
     if not cfg.type_vocab_size:
         raise ValueError(f"this {cfg.family} model has no token types; drop token_type_ids")
-    types = _rows(token_type_ids, "token_type_ids")
+    types = token_rows(token_type_ids, "token_type_ids")
     if [t.size for t in types] != [r.size for r in rows]:
         raise ValueError("token_type_ids must have the shape of input_ids")
     flat = np.concatenate(types)

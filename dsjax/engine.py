@@ -367,24 +367,22 @@ class InferenceEngine:
 
 
 def _prompt_rows(input_ids, attention_mask) -> list[np.ndarray]:
-    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (int, np.integer)):
-        input_ids = [input_ids]
-    if isinstance(input_ids, (list, tuple)) and attention_mask is None:
-        return [np.asarray(r, np.int64).reshape(-1) for r in input_ids]
-    ids = np.asarray(input_ids)
-    ids = ids[None] if ids.ndim == 1 else ids
+    """Token rows of a generate() call; an HF-style mask (either side) cuts each row's padding."""
+    rows = encoders.token_rows(input_ids, "input_ids")
     if attention_mask is None:
-        return list(ids)
+        return rows
     mask = np.asarray(attention_mask).astype(bool)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-    rows = []
-    for r, m in zip(ids, mask):
+    mask = mask[None] if mask.ndim == 1 else mask
+    if len({r.size for r in rows}) != 1 or mask.shape != (len(rows), rows[0].size):
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape "
+                         f"({len(rows)} rows of lengths {sorted({r.size for r in rows})})")
+    out = []
+    for r, m in zip(rows, mask):
         idx = np.flatnonzero(m)
         if idx.size and idx[-1] - idx[0] + 1 != idx.size:
             raise ValueError("attention_mask rows must be one contiguous run of 1s (left or right padding)")
-        rows.append(r[idx])
-    return rows
+        out.append(r[idx])
+    return out
 
 
 def _pack(rows: list[np.ndarray], budget: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
