@@ -42,6 +42,15 @@ def median_time(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def decode_timing(run, new_tokens: int, reps: int) -> dict:
+    """run(n) generates n tokens (and blocks). Decode ms/token = (T(n) - T(1)) / (n - 1): the
+    prompt phase and the per-call overhead cancel out."""
+    t_full, _ = median_time(lambda: run(new_tokens), reps)
+    t_one, _ = median_time(lambda: run(1), reps)
+    return {"t_generate_s": t_full, "t_prefill_s": t_one,
+            "decode_ms_per_token": (t_full - t_one) / (new_tokens - 1) * 1e3}
+
+
 def gemv_bandwidth(k: int = 8192, n: int = 28672, copies: int = 3, calls: int = 20, reps: int = 7) -> dict:
     """Bytes/s that XLA's bf16 GEMV [1, k] @ [k, n] reads: the weight-read ceiling the floors use.
     Rotates over `copies` weight matrices so that L2 never holds the next one."""

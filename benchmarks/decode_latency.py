@@ -52,10 +52,7 @@ def time_dsjax(engine, prompts, new_tokens: int, reps: int) -> dict:
     t0 = time.perf_counter()
     run(new_tokens)
     compile_s = time.perf_counter() - t0
-    t_full, _ = common.median_time(lambda: run(new_tokens), reps)
-    t_one, _ = common.median_time(lambda: run(1), reps)
-    return {"compile_s": compile_s, "t_generate_s": t_full, "t_prefill_s": t_one,
-            "decode_ms_per_token": (t_full - t_one) / (new_tokens - 1) * 1e3,
+    return {"compile_s": compile_s, **common.decode_timing(run, new_tokens, reps),
             "tokens": run(new_tokens).tokens}
 
 
@@ -72,10 +69,7 @@ def time_hf(model, prompts, new_tokens: int, reps: int) -> dict:
             torch.cuda.synchronize()
         return out
 
-    t_full, _ = common.median_time(lambda: run(new_tokens), reps)
-    t_one, _ = common.median_time(lambda: run(1), reps)
-    return {"t_generate_s": t_full, "t_prefill_s": t_one,
-            "decode_ms_per_token": (t_full - t_one) / (new_tokens - 1) * 1e3,
+    return {**common.decode_timing(run, new_tokens, reps),
             "tokens": run(new_tokens)[:, ids.shape[1]:].cpu().numpy()}
 
 

@@ -68,9 +68,7 @@ def main() -> None:
                                                 (args.batch, args.prompt_len)).tolist()
     run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[])  # noqa: E731
     run(args.new_tokens)
-    t_full, _ = common.median_time(lambda: run(args.new_tokens), 5)
-    t_one, _ = common.median_time(lambda: run(1), 5)
-    decode_ms = (t_full - t_one) / (args.new_tokens - 1) * 1e3
+    decode_ms = common.decode_timing(run, args.new_tokens, 5)["decode_ms_per_token"]
     bw = common.gemv_bandwidth()["bytes_per_s"]
     floor_ms = weight_bytes_per_step(engine) / bw * 1e3
     print(f"{args.arch} bs {args.batch}: decode {decode_ms:.3f} ms/token, floor {floor_ms:.3f} ms "
