@@ -6,9 +6,11 @@
 
 from dsjax.config import EncoderConfig, ImageConfig, InferenceConfig, ModelConfig, RopeScaling
 from dsjax.encoders import CLIPOutput, EmbeddingOutput
-from dsjax.engine import GenerationOutput, InferenceEngine, init_inference
+from dsjax.engine import GenerationOutput, InferenceEngine, convert_checkpoint, init_inference
+from dsjax.quant import QuantSpec
 
 __version__ = "0.1.0"
 
 __all__ = ["CLIPOutput", "EmbeddingOutput", "EncoderConfig", "GenerationOutput", "ImageConfig",
-           "InferenceConfig", "InferenceEngine", "ModelConfig", "RopeScaling", "init_inference"]
+           "InferenceConfig", "InferenceEngine", "ModelConfig", "QuantSpec", "RopeScaling",
+           "convert_checkpoint", "init_inference"]

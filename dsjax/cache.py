@@ -3,6 +3,8 @@
 Each layer's K and V are arrays of their own, [batch, kv_heads, capacity, head_dim], so that
 per-layer writes update in place. `lengths[b]` counts the tokens of sequence b already written;
 sequence b's next token goes to slot `lengths[b]` (slot index == token position).
+An int8 cache (an option beyond DeepSpeed) holds K and V as int8 with a float32 scale per
+token and head (`k_scale`, `v_scale` [batch, kv_heads, capacity]): half the bytes to read.
 """
 
 from __future__ import annotations
@@ -21,13 +23,30 @@ class KVCache:
     k: tuple[jax.Array, ...]  # per layer [B, KVH, S, Dh]
     v: tuple[jax.Array, ...]  # per layer [B, KVH, S, Dh]
     lengths: jax.Array  # [B] int32
+    k_scale: tuple[jax.Array, ...] | None = None  # per layer [B, KVH, S] float32 (int8 cache)
+    v_scale: tuple[jax.Array, ...] | None = None
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, capacity: int, dtype) -> KVCache:
+    def create(cls, cfg: ModelConfig, batch: int, capacity: int, dtype, *,
+               quantized: bool = False) -> KVCache:
         shape = (batch, cfg.kv_heads, capacity, cfg.dim_head)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+        L = cfg.num_layers
+        zeros = lambda shape, dtype: tuple(jnp.zeros(shape, dtype) for _ in range(L))  # noqa: E731
+        if not quantized:
+            return cls(zeros(shape, dtype), zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        return cls(zeros(shape, jnp.int8), zeros(shape, jnp.int8), jnp.zeros((batch,), jnp.int32),
+                   zeros(shape[:3], jnp.float32), zeros(shape[:3], jnp.float32))
+
+    def layer(self, i: int) -> tuple[jax.Array, ...]:
+        """Layer i's (k, v), or (k, v, k_scale, v_scale) for an int8 cache."""
+        if self.k_scale is None:
+            return self.k[i], self.v[i]
+        return self.k[i], self.v[i], self.k_scale[i], self.v_scale[i]
+
+    def with_layers(self, layers: list[tuple[jax.Array, ...]]) -> KVCache:
+        parts = list(zip(*layers))
+        scales = {} if self.k_scale is None else {"k_scale": parts[2], "v_scale": parts[3]}
+        return self.replace(k=parts[0], v=parts[1], **scales)
 
     @property
     def capacity(self) -> int:

@@ -2,7 +2,7 @@
 
     dsjax demo                                  # built-in GPT-2 (random weights) vs HF transformers
     dsjax convert HF_DIR OUT_DIR --dtype bf16   # HF checkpoint -> dsjax (orbax) checkpoint
-    dsjax generate --model DIR --prompt "Hello" --max-new-tokens 32
+    dsjax generate --model DIR --prompt "Hello" --max-new-tokens 32 [--quant int8] [--kernels pallas]
     dsjax embed --model DIR --text "Hello" [--text ...] [--image PIXELS.npy ...]   # encoders
 """
 
@@ -26,6 +26,22 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0,
                    help="sample within the smallest set of tokens whose probability reaches p (1: off)")
     g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling and random weights")
+
+
+def _quant_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weight-only quantization of the GEMM weights")
+    g.add_argument("--quant", choices=("int8", "int4"), help="quantize the GEMM weights (compute stays in --dtype)")
+    g.add_argument("--group-size", type=int, help="rows of K per scale (default: one scale per output channel)")
+    g.add_argument("--asymmetric", action="store_true", help="zero points as well as scales")
+
+
+def _quant(args) -> dict | None:
+    if args.quant is None:
+        if args.group_size or args.asymmetric:
+            raise SystemExit("--group-size / --asymmetric need --quant int8|int4")
+        return None
+    return {"bits": int(args.quant[3:]), "group_size": args.group_size,
+            "symmetric": not args.asymmetric}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-out-tokens", type=int, default=1024,
                    help="token budget per sequence: prompt + new tokens (default 1024)")
     p.add_argument("--logprobs", action="store_true", help="print each new token's log-probability")
+    p.add_argument("--kernels", choices=("xla", "pallas"), default="xla",
+                   help="pallas: run matmuls and attention through the Pallas kernels "
+                   "(replace_with_kernel_inject=True); default xla")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                   help="int8: K/V cached as int8 with per-token scales (default auto: --dtype)")
+    _quant_flags(p)
     _sampling_flags(p)
 
     _embed_parser(sub)
@@ -66,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="HF checkpoint directory (config.json + *.safetensors)")
     p.add_argument("out_dir", help="output directory (must not exist or be empty)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="stored dtype (default bf16)")
+    _quant_flags(p)
     return parser
 
 
@@ -100,7 +123,7 @@ def _embed_parser(sub) -> None:
 def convert(args) -> int:
     from dsjax.engine import convert_checkpoint
 
-    out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype)
+    out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, quant=_quant(args))
     print(f"wrote dsjax checkpoint {out}")
     return 0
 
@@ -111,7 +134,9 @@ def generate(args) -> int:
     import dsjax
 
     engine = dsjax.init_inference(args.model, dtype=args.dtype, max_out_tokens=args.max_out_tokens,
-                                  seed=args.seed)
+                                  seed=args.seed, quant=_quant(args),
+                                  replace_with_kernel_inject=args.kernels == "pallas",
+                                  kv_cache_dtype=args.kv_cache_dtype)
     tok = engine.tokenizer
     prompts = [tok.encode(p) for p in args.prompt]
     out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,

@@ -14,6 +14,8 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.quant.weights import QuantSpec
+
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
 POSITIONS = ("learned", "rotary", "alibi", "none")
@@ -239,23 +241,26 @@ DTYPES = {
     "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
     "float16": jnp.float16, "fp16": jnp.float16, "half": jnp.float16,
 }
-QUANTIZED_DTYPES = ("int8", "int4", "qint8")
+QUANTIZED_DTYPES = {"int8": 8, "qint8": 8, "int4": 4}  # DeepSpeed's dtype=int8: weight-only
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
     """Accepts 'bf16'/'fp16'/'fp32' spellings, numpy/JAX dtypes and torch dtypes."""
-    name = str(dtype).removeprefix("torch.").lower() if dtype is not None else "bfloat16"
+    name = dtype_name(dtype)
     if name in QUANTIZED_DTYPES:
-        raise NotImplementedError(
-            f"dtype={dtype!r}: weight-only INT8/INT4 inference is the GEMM-kernel issue's feature "
-            "(Pallas INT8 dequant GEMM + dsjax.quant) and is not implemented yet; use bf16 or fp16"
-        )
+        raise ValueError(f"dtype={dtype!r} is a weight format, not a compute dtype: pass it to "
+                         "init_inference(dtype=...) or quant=..., which compute in bf16")
     try:
         return jnp.dtype(DTYPES[name])
     except KeyError:
         raise ValueError(
-            f"unsupported dtype {dtype!r}; choose one of bf16, fp16, fp32 (or their long names)"
+            f"unsupported dtype {dtype!r}; choose one of bf16, fp16, fp32 (or their long names), "
+            "or int8 / int4 for weight-only quantization"
         ) from None
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.").lower() if dtype is not None else "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +270,9 @@ class InferenceConfig:
     dtype: str = "bfloat16"
     max_out_tokens: int = 1024  # prompt + new tokens per sequence; the KV cache capacity
     tp_size: int = 1
-    kernels: Literal["xla", "pallas"] = "xla"
+    kernels: Literal["xla", "pallas"] = "xla"  # "pallas": replace_with_kernel_inject=True
+    quant: QuantSpec | None = None  # weight-only quantization of the GEMM weights
+    kv_cache_dtype: Literal["auto", "int8"] = "auto"  # auto: the compute dtype
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(resolve_dtype(self.dtype)).name)
@@ -274,10 +281,16 @@ class InferenceConfig:
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         _check_choice("kernels", self.kernels, ("xla", "pallas"))
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "int8"))
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
+
+    @property
+    def impl(self) -> tuple[str, ...]:
+        """The ops preference: Pallas kernels first (logged fallback to XLA), or XLA alone."""
+        return ("pallas", "xla") if self.kernels == "pallas" else ("xla",)
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dsjax.config import ImageConfig, ModelConfig
-from dsjax.model import _ACTIVATIONS, Linear, Norm, Transformer, _normal
+from dsjax.model import Linear, Norm, Transformer, _normal
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature (HF logit_scale_init_value)
 
@@ -81,7 +81,7 @@ class MLMHead(nnx.Module):
         self.act = cfg.activation
 
     def __call__(self, hidden, body: Transformer):
-        h = self.norm(_ACTIVATIONS[self.act](self.dense(hidden)))  # [B, T, D]
+        h = self.norm(self.dense(hidden, activation=self.act))  # [B, T, D]
         return body.logits(h) + self.bias[...].astype(jnp.float32)  # [B, T, V] float32
 
 

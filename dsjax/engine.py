@@ -17,18 +17,20 @@ import numpy as np
 from dsjax import checkpoint, encoders, presets
 from dsjax import generate as gen
 from dsjax.cache import check_budget
-from dsjax.config import InferenceConfig, ModelConfig
+from dsjax.config import QUANTIZED_DTYPES, InferenceConfig, ModelConfig, dtype_name
 from dsjax.model import Transformer, abstract_model, flatten, random_params, unflatten
+from dsjax.quant import QuantSpec, abstract_quantized, quantize_flat
 
 log = logging.getLogger("dsjax")
 
 _OPTIONS = ("dtype", "tensor_parallel", "mp_size", "pipeline_parallel", "max_out_tokens",
-            "replace_with_kernel_inject", "quant")
+            "replace_with_kernel_inject", "quant", "kv_cache_dtype")
 
 
 def init_inference(model, config: dict | None = None, *, dtype=None, tensor_parallel=None,
                    mp_size: int | None = None, pipeline_parallel=None, max_out_tokens: int | None = None,
-                   replace_with_kernel_inject: bool = False, quant=None, seed: int = 0,
+                   replace_with_kernel_inject: bool = False, quant=None,
+                   kv_cache_dtype: str = "auto", seed: int = 0,
                    progress: bool = True) -> InferenceEngine:
     """Builds an inference engine.
 
@@ -36,14 +38,22 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
       in-memory transformers model, a built-in architecture name (random weights, see
       dsjax.presets), or a ModelConfig (random weights).
     config: a DeepSpeed-style dict with the same keys as the keyword arguments.
-    dtype: bf16 (default) / fp16 / fp32, as strings, JAX or torch dtypes.
+    dtype: bf16 (default) / fp16 / fp32, as strings, JAX or torch dtypes; int8 / int4 (DeepSpeed's
+      spelling) computes in bf16 with weight-only quantized GEMM weights.
+    quant: weight quantization, {"bits": 8|4, "group_size": None|64|128.., "symmetric": bool,
+      "lm_head": bool} or DeepSpeed's {"enabled": True, "weight": {"num_bits": 8, "q_type": ..}}.
+    replace_with_kernel_inject: run the matmuls and attention through the Pallas kernels (with a
+      logged fallback to XLA for any call a kernel cannot take).
+    kv_cache_dtype: "auto" (the compute dtype) or "int8" (K/V quantized per token and head:
+      half the cache bytes to read per decode step, twice the tokens in the same memory).
     tensor_parallel: {"tp_size": N} (or mp_size=N). max_out_tokens: prompt + new tokens per
       sequence, the KV cache capacity (default 1024, or the model's learned positions if fewer).
       seed: for random weights.
     """
     opts = dict(dtype=dtype, tensor_parallel=tensor_parallel, mp_size=mp_size,
                 pipeline_parallel=pipeline_parallel, max_out_tokens=max_out_tokens,
-                replace_with_kernel_inject=replace_with_kernel_inject, quant=quant)
+                replace_with_kernel_inject=replace_with_kernel_inject, quant=quant,
+                kv_cache_dtype=kv_cache_dtype)
     for key, value in (config or {}).items():
         if key not in _OPTIONS:
             raise ValueError(f"unknown init_inference config key {key!r}; known: {', '.join(_OPTIONS)}")
@@ -53,34 +63,55 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
     if opts["max_out_tokens"] is None:
         opts["max_out_tokens"] = (min(1024, cfg.max_position_embeddings)
                                   if cfg.positions == "learned" else 1024)
-    icfg = _inference_config(opts)
+    icfg = _inference_config(opts, stored_quant=source.quant)
     _check_parallel(cfg, icfg, opts)
+    _check_quant(cfg, icfg.quant)
     if cfg.positions == "learned" and icfg.max_out_tokens > cfg.max_position_embeddings:
         raise ValueError(
             f"max_out_tokens={icfg.max_out_tokens} exceeds the {cfg.max_position_embeddings} "
             f"learned positions of this {cfg.family} model; pass max_out_tokens <= "
             f"{cfg.max_position_embeddings}")
-    graphdef, expected = _abstract_model(cfg, icfg.jnp_dtype)
-    params = source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress)
-    log.info("dsjax: %s, %d layers, %s, budget %d tokens, kernels %s", cfg.family,
-             cfg.num_layers, icfg.dtype, icfg.max_out_tokens, icfg.kernels)
+    graphdef, expected = _abstract_model(cfg, icfg.jnp_dtype, icfg.impl)
+    params = _load(source, expected, icfg, seed=seed, progress=progress)
+    log.info("dsjax: %s, %d layers, %s%s, budget %d tokens, kernels %s", cfg.family,
+             cfg.num_layers, icfg.dtype, f", weights {_quant_name(icfg.quant)}" if icfg.quant else "",
+             icfg.max_out_tokens, icfg.kernels)
     return InferenceEngine(cfg, icfg, graphdef, params, generation=source.generation,
                            tokenizer_dir=source.tokenizer_dir, random_weights=source.random_weights)
 
 
-def convert_checkpoint(src, out_dir, *, dtype="bf16", progress: bool = True) -> Path:
-    """HF checkpoint directory (or in-memory HF model) -> dsjax checkpoint at out_dir."""
-    jdtype = InferenceConfig(dtype=dtype).jnp_dtype
+def convert_checkpoint(src, out_dir, *, dtype="bf16", quant=None, progress: bool = True) -> Path:
+    """HF checkpoint directory (or in-memory HF model) -> dsjax checkpoint at out_dir; with
+    quant (or dtype int8/int4) the GEMM weights are stored quantized."""
+    icfg = _inference_config(dict(_DEFAULTS, dtype=dtype, quant=quant), stored_quant=None)
     source = _open(src)
-    _, expected = _abstract_model(source.config, jdtype)
-    params = source.load(expected, jdtype, seed=0, progress=progress)
+    _check_quant(source.config, icfg.quant)
+    _, expected = _abstract_model(source.config, icfg.jnp_dtype)
+    params = _load(source, expected, icfg, seed=0, progress=progress)
     return checkpoint.save(out_dir, source.config, params, generation=source.generation,
-                           tokenizer_dir=source.tokenizer_dir)
+                           tokenizer_dir=source.tokenizer_dir, quant=icfg.quant)
 
 
-def _abstract_model(cfg: ModelConfig, dtype):
+def _load(source: _Source, expected: dict, icfg: InferenceConfig, *, seed, progress) -> dict:
+    """Reads the weights; quantizes the GEMM weights unless the source stores them quantized."""
+    if source.quant is not None:
+        return source.load(abstract_quantized(expected, icfg.quant), icfg.jnp_dtype,
+                           seed=seed, progress=progress)
+    params = source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress)
+    if icfg.quant is None:
+        return params
+    log.info("dsjax: quantizing the GEMM weights to %s", _quant_name(icfg.quant))
+    return unflatten(quantize_flat(flatten(params), icfg.quant))
+
+
+def _quant_name(spec: QuantSpec) -> str:
+    group = f"groups of {spec.group_size}" if spec.group_size else "per channel"
+    return f"int{spec.bits} ({'symmetric' if spec.symmetric else 'asymmetric'}, {group})"
+
+
+def _abstract_model(cfg: ModelConfig, dtype, impl=("xla",)):
     """The module a config describes: the generic Transformer, or an Encoder around it."""
-    return abstract_model(cfg, dtype, module=_module(cfg))
+    return abstract_model(cfg, dtype, impl, module=_module(cfg))
 
 
 def _random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
@@ -92,16 +123,40 @@ def _module(cfg: ModelConfig):
     return encoders.Encoder if cfg.encoder else Transformer
 
 
-def _inference_config(opts: dict) -> InferenceConfig:
-    if opts["replace_with_kernel_inject"]:
-        raise NotImplementedError(
-            "replace_with_kernel_inject=True routes the model through Pallas kernels, which arrive "
-            "with the GEMM- and attention-kernel issues; use the XLA path (the default) for now")
-    if opts["quant"] is not None:
-        raise NotImplementedError("quant=...: weight quantization is the GEMM-kernel issue's "
-                                  "feature (dsjax.quant) and is not implemented yet")
-    return InferenceConfig(dtype=opts["dtype"] or "bfloat16", max_out_tokens=opts["max_out_tokens"],
-                           tp_size=_tp_size(opts))
+_DEFAULTS = dict(dtype=None, tensor_parallel=None, mp_size=None, pipeline_parallel=None,
+                 max_out_tokens=1024, replace_with_kernel_inject=False, quant=None,
+                 kv_cache_dtype="auto")
+
+
+def _inference_config(opts: dict, stored_quant) -> InferenceConfig:
+    """dtype int8/int4 (DeepSpeed's spelling) means bf16 compute with quantized weights; a
+    checkpoint stored quantized keeps its format (asking for another one is an error)."""
+    dtype, spec = opts["dtype"], QuantSpec.parse(opts["quant"])
+    bits = QUANTIZED_DTYPES.get(dtype_name(dtype)) if dtype is not None else None
+    if bits is not None:
+        if spec is not None and spec.bits != bits:
+            raise ValueError(f"dtype={dtype!r} contradicts quant bits={spec.bits}")
+        spec, dtype = spec or QuantSpec(bits=bits), "bfloat16"
+    if stored_quant is not None:
+        if spec is not None and spec != stored_quant:
+            raise ValueError(f"this checkpoint stores {_quant_name(stored_quant)} weights; it "
+                             f"cannot be re-quantized to {_quant_name(spec)}: convert the "
+                             "original checkpoint again with the format you want")
+        spec = stored_quant
+    return InferenceConfig(dtype=dtype or "bfloat16", max_out_tokens=opts["max_out_tokens"],
+                           tp_size=_tp_size(opts), quant=spec, kv_cache_dtype=opts["kv_cache_dtype"],
+                           kernels="pallas" if opts["replace_with_kernel_inject"] else "xla")
+
+
+def _check_quant(cfg: ModelConfig, spec: QuantSpec | None) -> None:
+    """Group sizes must divide every quantized weight's K: checked before any weight is read."""
+    if spec is None:
+        return
+    ks = {cfg.hidden_size, cfg.num_heads * cfg.dim_head, cfg.intermediate_size}
+    if spec.lm_head and not cfg.tie_word_embeddings:
+        ks.add(cfg.embed_proj_dim or cfg.hidden_size)
+    for K in sorted(ks):
+        spec.groups(K)
 
 
 def _tp_size(opts: dict) -> int:
@@ -144,6 +199,7 @@ class _Source:
     generation: dict
     tokenizer_dir: Path | None = None
     random_weights: bool = False
+    quant: QuantSpec | None = None  # the checkpoint's stored weight format
 
 
 def _open(model) -> _Source:
@@ -155,7 +211,7 @@ def _open(model) -> _Source:
         if checkpoint.is_checkpoint(path):
             cfg, meta = checkpoint.load_meta(path)
             return _Source(cfg, lambda exp, dt, seed, progress: checkpoint.restore(path, exp, dt),
-                           meta["generation"], path)
+                           meta["generation"], path, quant=checkpoint.stored_quant(meta))
         if not path.exists() and str(model) in presets.PRESETS:
             return _open_hf_config(presets.hf_config(str(model)))
         if not path.exists():
@@ -349,7 +405,8 @@ class InferenceEngine:
             self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(lengths),
             prng_key if prng_key is not None else jax.random.key(0), jnp.int32(max_new_tokens),
             jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad), sampling, capacity=budget,
-            do_sample=do_sample, return_logprobs=return_logprobs)
+            do_sample=do_sample, return_logprobs=return_logprobs,
+            int8_cache=self.inference_config.kv_cache_dtype == "int8")
         B = len(rows)
         out, count = np.asarray(out)[:B, :max_new_tokens], np.asarray(count)[:B]
         return GenerationOutput(out, count, np.asarray(lps)[:B, :max_new_tokens]
@@ -359,10 +416,16 @@ class InferenceEngine:
         """Writes a dsjax checkpoint that init_inference(path) restores."""
         gen_meta = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
         return checkpoint.save(path, self.config, self.params, generation=gen_meta,
-                               tokenizer_dir=tokenizer_dir or self.tokenizer_dir)
+                               tokenizer_dir=tokenizer_dir or self.tokenizer_dir,
+                               quant=self.inference_config.quant)
 
     def num_params(self) -> int:
+        """Logical parameter count (a quantized [K, N] weight counts K * N)."""
         return sum(int(np.prod(x.shape)) for x in flatten(self.params).values())
+
+    def weight_bytes(self) -> int:
+        """Bytes the parameters occupy on the device (quantized values, scales and zeros)."""
+        return sum(x.nbytes for x in jax.tree.leaves(self.params))
 
 
 

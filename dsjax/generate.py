@@ -79,19 +79,23 @@ def decode_step(model, tokens, cache: KVCache):
     return model.logits(hidden[:, 0]), cache.replace(lengths=cache.lengths + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "do_sample", "return_logprobs"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "do_sample", "return_logprobs",
+                                             "int8_cache"))
 def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
-             sampling: Sampling, *, capacity: int, do_sample: bool, return_logprobs: bool):
+             sampling: Sampling, *, capacity: int, do_sample: bool, return_logprobs: bool,
+             int8_cache: bool = False):
     """Prefill + `lax.while_loop` decode.
 
     tokens [B, T] right-padded prompts, lengths [B]; max_new_tokens, pad_id: [] int32;
-    stop_ids [E] int32 (-1 entries never match). Returns (new tokens [B, capacity] padded with
+    stop_ids [E] int32 (-1 entries never match); int8_cache: K/V stored as int8 with per-token
+    scales. Returns (new tokens [B, capacity] padded with
     pad_id, count [B] of tokens generated including the stop token, logprobs [B, capacity]).
     """
     TRACES["generate"] += 1
     model = nnx.merge(graphdef, params)
     B = tokens.shape[0]
-    cache = KVCache.create(model.cfg, B, capacity, model.embed.embedding.dtype)
+    cache = KVCache.create(model.cfg, B, capacity, model.embed.embedding.dtype,
+                           quantized=int8_cache)
     logits, cache = prefill(model, tokens, lengths, cache)
 
     def pick(logits, key, done):

@@ -28,14 +28,20 @@ def _normal(rngs: nnx.Rngs, shape, dtype):
 
 
 class Linear(nnx.Module):
+    """x @ kernel + bias, with the fusions ops.linear offers (a norm in front; activation,
+    gating and residual behind). The kernel is an array or, once quantized, a QuantizedWeight:
+    ops decides how to multiply, this code does not branch on precision."""
+
     def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs, impl):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))  # [in, out]
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
         self.impl = impl
 
-    def __call__(self, x):
+    def __call__(self, x, *, norm: ops.NormSpec | None = None, activation: str | None = None,
+                 gated: bool = False, residual=None):
         bias = None if self.bias is None else self.bias[...]
-        return ops.linear(x, self.kernel[...], bias, impl=self.impl)
+        return ops.linear(x, self.kernel.get_value(), bias, residual, norm=norm,
+                          activation=activation, gated=gated, impl=self.impl)
 
 
 class Norm(nnx.Module):
@@ -44,10 +50,12 @@ class Norm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), dtype)) if cfg.norm == "layernorm" else None
         self.kind, self.eps, self.plus_one, self.impl = cfg.norm, cfg.norm_eps, cfg.norm_plus_one, impl
 
-    def __call__(self, x):
+    def spec(self) -> ops.NormSpec:
         bias = None if self.bias is None else self.bias[...]
-        return ops.norm(x, self.scale[...], bias, kind=self.kind, eps=self.eps,
-                        plus_one=self.plus_one, impl=self.impl)
+        return ops.NormSpec(self.scale[...], bias, self.kind, self.eps, self.plus_one)
+
+    def __call__(self, x):
+        return ops.norm(x, self.spec(), impl=self.impl)
 
 
 class Embed(nnx.Module):
@@ -82,19 +90,10 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(is_mid, mid, scaled).astype(np.float32)
 
 
-def apply_rotary(x, positions, cfg: ModelConfig):
-    """Rotates the first rot_dim features of x [B, T, N, Dh] by position [B, T]."""
-    rd = cfg.rot_dim
-    ang = positions[..., None].astype(jnp.float32) * rope_inv_freq(cfg)  # [B, T, rd/2]
-    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
-    xr = x[..., :rd].astype(jnp.float32)
-    if cfg.rotary_layout == "half":
-        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    else:  # interleaved pairs (x0, x1), (x2, x3), ... as in GPT-J
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(xr.shape)
-    return jnp.concatenate([out.astype(x.dtype), x[..., rd:]], axis=-1)
+def rotary(cfg: ModelConfig) -> ops.Rotary | None:
+    if cfg.positions != "rotary":
+        return None
+    return ops.Rotary(rope_inv_freq(cfg), cfg.rot_dim, cfg.rotary_layout)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -108,15 +107,6 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     return np.asarray(slopes, np.float32)
 
 
-_ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
-
-
 # ----------------------------------------------------------------------------- blocks
 
 class Attention(nnx.Module):
@@ -128,27 +118,23 @@ class Attention(nnx.Module):
         self.out = Linear(H * Dh, cfg.hidden_size, bias=cfg.out_bias, dtype=dtype, rngs=rngs,
                           impl=impl)
 
-    def __call__(self, x, positions, kv, write_at, key_mask):
+    def __call__(self, x, positions, kv, write_at, key_mask, *, norm=None, residual=None):
+        """x [B, T, D] (normed first when `norm` is given) -> out(attention) + residual, and
+        the layer's kv: its updated cache (KVCache.layer), or this block's own keys without one."""
         cfg = self.cfg
-        B, T, _ = x.shape
-        H, K, Dh = cfg.num_heads, cfg.kv_heads, cfg.dim_head
-        qkv = self.qkv(x)  # [B, T, (H + 2K) Dh]
-        q = qkv[..., : H * Dh].reshape(B, T, H, Dh)
-        k = qkv[..., H * Dh: (H + K) * Dh].reshape(B, T, K, Dh)
-        v = qkv[..., (H + K) * Dh:].reshape(B, T, K, Dh)
-        if cfg.positions == "rotary":
-            q, k = apply_rotary(q, positions, cfg), apply_rotary(k, positions, cfg)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
+        heads = (cfg.num_heads, cfg.kv_heads, cfg.dim_head)
+        attn = dict(scale=cfg.scale, window=self.window, impl=self.impl,
+                    alibi_slopes=alibi_slopes(cfg.num_heads) if cfg.positions == "alibi" else None)
+        qkv = self.qkv(x, norm=norm)  # [B, T, (H + 2K) Dh]
         if kv is None:  # attend within this block
-            k_pos, k_valid = positions, key_mask
-        else:  # write into the cache, attend over all of it (slot index == position)
-            k, v = kv_cache.write(kv[0], k, write_at), kv_cache.write(kv[1], v, write_at)
-            k_pos = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), (B, k.shape[2]))
-            k_valid = jnp.ones(k_pos.shape, bool)
-        slopes = alibi_slopes(H) if cfg.positions == "alibi" else None
-        o = ops.attention(q, k, v, positions, k_pos, k_valid, scale=cfg.scale, causal=cfg.causal,
-                          window=self.window, alibi_slopes=slopes, impl=self.impl)
-        return self.out(o), (k, v)
+            q, k, v = ops.split_heads(qkv, positions, heads=heads, rotary=rotary(cfg))
+            o = ops.attention(q, k, v, positions, positions, key_mask, causal=cfg.causal, **attn)
+            kv = (k, v)
+        else:  # write into the cache (slot index == position), attend over all of it
+            q, kv = ops.write_kv(qkv, kv, positions, write_at, heads=heads, rotary=rotary(cfg),
+                                 impl=self.impl)
+            o = ops.cache_attention(q, kv, positions, **attn)
+        return self.out(o, residual=residual), kv
 
 
 class MLP(nnx.Module):
@@ -159,17 +145,15 @@ class MLP(nnx.Module):
                            rngs=rngs, impl=impl)
         self.act, self.gated = cfg.activation, cfg.gated_mlp
 
-    def __call__(self, x):
-        h = self.up(x)
-        if self.gated:
-            gate, up = jnp.split(h, 2, axis=-1)
-            h = _ACTIVATIONS[self.act](gate) * up
-        else:
-            h = _ACTIVATIONS[self.act](h)
-        return self.down(h)
+    def __call__(self, x, *, norm=None, residual=None):
+        h = self.up(x, norm=norm, activation=self.act, gated=self.gated)
+        return self.down(h, residual=residual)
 
 
 class Block(nnx.Module):
+    """Pre-norm blocks hand their norms to the next matmul (ops may fuse them) and their
+    residuals to the projection that ends each branch."""
+
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, impl):
         self.cfg = cfg
         self.attn_norm = Norm(cfg, cfg.hidden_size, dtype=dtype, impl=impl)
@@ -180,16 +164,15 @@ class Block(nnx.Module):
     def __call__(self, x, positions, kv, write_at, key_mask):
         cfg = self.cfg
         if cfg.norm_position == "post":
-            a, kv = self.attn(x, positions, kv, write_at, key_mask)
-            x = self.attn_norm(x + a)
-            return self.mlp_norm(x + self.mlp(x)), kv
-        h = self.attn_norm(x)
-        a, kv = self.attn(h, positions, kv, write_at, key_mask)
-        if cfg.parallel_residual:
-            m = self.mlp(h if cfg.shared_norm else self.mlp_norm(x))
-            return x + a + m, kv
-        x = x + a
-        return x + self.mlp(self.mlp_norm(x)), kv
+            x, kv = self.attn(x, positions, kv, write_at, key_mask, residual=x)
+            x = self.attn_norm(x)
+            return self.mlp_norm(self.mlp(x, residual=x)), kv
+        attn_norm = self.attn_norm.spec()
+        mlp_norm = attn_norm if cfg.shared_norm else self.mlp_norm.spec()
+        a, kv = self.attn(x, positions, kv, write_at, key_mask, norm=attn_norm, residual=x)
+        if cfg.parallel_residual:  # x + attn(norm1(x)) + mlp(norm2(x))
+            return self.mlp(x, norm=mlp_norm, residual=a), kv
+        return self.mlp(a, norm=mlp_norm, residual=a), kv
 
 
 class Transformer(nnx.Module):
@@ -245,18 +228,17 @@ class Transformer(nnx.Module):
             x = self.embed_norm(x)
         if cache is None and key_mask is None:
             key_mask = jnp.ones(tokens.shape, bool)
-        new_k, new_v = [], []
+        new_kv = []
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = layer(x, positions, kv, None if cache is None else cache.lengths, key_mask)
-            new_k.append(k)
-            new_v.append(v)
+            kv = None if cache is None else cache.layer(i)
+            x, kv = layer(x, positions, kv, None if cache is None else cache.lengths, key_mask)
+            new_kv.append(kv)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
         if cache is not None:
-            cache = cache.replace(k=tuple(new_k), v=tuple(new_v))
+            cache = cache.with_layers(new_kv)
         return x, cache
 
     def logits(self, hidden):

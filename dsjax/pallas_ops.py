@@ -1,0 +1,107 @@
+"""The "pallas" implementations of dsjax.ops: adapters from the ops signatures to the kernels in
+pallas_kernels/. Imported by ops when a preference names "pallas".
+
+On a CPU backend the kernels run in Pallas's interpret mode (slow, for tests); that is logged.
+A call a kernel cannot take raises ops.Unsupported with the reason, and ops logs the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+
+from dsjax import ops
+from dsjax.quant import QuantizedWeight
+
+log = logging.getLogger("dsjax.ops")
+_INTERPRET_LOGGED = []
+
+
+def _interpret() -> bool:
+    cpu = jax.default_backend() == "cpu"
+    if cpu and not _INTERPRET_LOGGED:
+        _INTERPRET_LOGGED.append(True)
+        log.warning("Pallas kernels run in interpret mode on the CPU backend (correct but slow; "
+                    "for tests)")
+    return cpu
+
+
+def _kernel(op: str, what: str) -> None:
+    ops._announce(op, "pallas", logging.INFO, f"ops.{op}: Pallas {what}")
+
+
+def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=None,
+                  gated=False, kernel_nk=False):
+    from pallas_kernels import matmul, quant_matmul
+
+    if isinstance(kernel, QuantizedWeight):
+        if kernel_nk:
+            raise ops.Unsupported("a quantized weight stored [N, K]")
+        try:
+            out = quant_matmul.quant_matmul(
+                x, kernel.values, kernel.scales, kernel.zeros, bits=kernel.bits,
+                group_size=kernel.group_size, bias=bias, residual=residual, activation=activation,
+                gated=gated, norm=None if norm is None else tuple(norm), interpret=_interpret())
+        except ValueError as why:  # a group size the kernel's K blocks cannot tile
+            raise ops.Unsupported(str(why)) from None
+        _kernel("linear", f"quant_matmul kernel (int{kernel.bits}, group {kernel.group_size}"
+                f"{'' if norm is None else ', norm fused'})")
+        return out
+    if norm is not None:
+        if residual is not None or kernel_nk:
+            raise ops.Unsupported("norm_matmul takes no residual and no [N, K] weight")
+        _kernel("linear", "norm_matmul kernel (norm fused into the GEMM)")
+        return matmul.norm_matmul(x, norm.scale, norm.bias, kernel, bias, norm_kind=norm.kind,
+                                  eps=norm.eps, plus_one=norm.plus_one, activation=activation,
+                                  gated=gated, interpret=_interpret())
+    _kernel("linear", "matmul kernel (bias/activation/residual epilogue)")
+    return matmul.matmul(x, kernel, bias, residual, activation=activation, gated=gated,
+                         transpose_w=kernel_nk, interpret=_interpret())
+
+
+def attention_pallas(q, k, v, q_pos, k_pos, k_valid, *, scale, causal, window, alibi_slopes):
+    from pallas_kernels.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, q_pos, k_pos, k_valid, scale=scale, causal=causal,
+                           window=window, alibi_slopes=alibi_slopes, interpret=_interpret())
+
+
+def cache_attention_pallas(q, kv, q_pos, *, scale, window, alibi_slopes):
+    """One query per sequence: flash-decoding over the cache (bf16/fp16/fp32 or int8); more:
+    causal flash attention that skips the cache's unreached blocks."""
+    from pallas_kernels.decode_attention import decode_attention
+    from pallas_kernels.flash_attention import flash_attention
+
+    B, T, H, Dh = q.shape
+    k, v, *scales = kv
+    if T == 1:
+        _kernel("cache_attention", f"decode_attention kernel (flash-decoding, {k.dtype} cache)")
+        out = decode_attention(q[:, 0], k, v, q_pos[:, 0], scale=scale, window=window,
+                               alibi_slopes=alibi_slopes, k_scale=scales[0] if scales else None,
+                               v_scale=scales[1] if scales else None, interpret=_interpret())
+        return out.reshape(B, 1, H * Dh)
+    if scales:
+        raise ops.Unsupported("flash attention over an int8 cache (prompt phase)")
+    _kernel("cache_attention", "flash_attention kernel (causal over the cache)")
+    return flash_attention(q, k, v, q_pos, None, None, scale=scale, causal=True, window=window,
+                           alibi_slopes=alibi_slopes, interpret=_interpret())
+
+
+def write_kv_pallas(qkv, kv, positions, write_at, *, heads, rotary):
+    from pallas_kernels.rotary_cache import rotary_cache_write
+
+    H, K, Dh = heads
+    k, v, *scales = kv
+    q, *kv = rotary_cache_write(
+        qkv, k, v, positions, write_at, num_heads=H, kv_heads=K, head_dim=Dh,
+        rot_dim=rotary.rot_dim if rotary else 0, layout=rotary.layout if rotary else "half",
+        inv_freq=rotary.inv_freq if rotary else None, k_scale=scales[0] if scales else None,
+        v_scale=scales[1] if scales else None, interpret=_interpret())
+    return q, tuple(kv)
+
+
+ops.register("linear", "pallas", linear_pallas)
+ops.register("attention", "pallas", attention_pallas)
+ops.register("cache_attention", "pallas", cache_attention_pallas)
+ops.register("write_kv", "pallas", write_kv_pallas)

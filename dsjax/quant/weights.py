@@ -1,0 +1,179 @@
+"""Weight-only quantization: quantized-weight pytrees, quantize / dequantize, and the walk that
+quantizes a converted model's GEMM weights.
+
+Layout (the Pallas `quant_matmul` kernel reads exactly this): a logical weight W [K, N] is cut
+along K into groups of G rows (G = K: one scale per output channel).
+  8 bits: values int8 [K, N] (symmetric: W = q * s) or uint8 [K, N] (asymmetric: W = (q - z) * s)
+  4 bits: values uint8 [K/2, N]; byte r holds row r in its low nibble and row r + K/2 in its high
+          nibble, u in [0, 15]; symmetric: W = (u - 8) * s, asymmetric: W = (u - z) * s
+  scales, zeros: float32 [K/G, N] (zeros only when asymmetric; integer-valued)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    values: jax.Array  # int8/uint8 [K, N], or uint8 [K/2, N] packed 4-bit
+    scales: jax.Array  # float32 [K/G, N]
+    zeros: jax.Array | None  # float32 [K/G, N], or None when symmetric
+    bits: int = dataclasses.field(metadata=dict(static=True))
+    group_size: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical [K, N] of the weight this stands for."""
+        rows, cols = self.values.shape
+        return (rows * 2 if self.bits == 4 else rows), cols
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """bits: 8 or 4; group_size: rows of K per scale (None: one scale per output channel);
+    symmetric: zero points or not; lm_head: also quantize an untied LM head."""
+
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
+    lm_head: bool = False
+
+    def __post_init__(self):
+        if self.bits not in (8, 4):
+            raise ValueError(f"quant bits must be 8 or 4, got {self.bits!r}")
+        if self.group_size is not None and (not isinstance(self.group_size, int)
+                                            or self.group_size < 2 or self.group_size % 2):
+            raise ValueError(f"quant group_size must be an even integer >= 2 (or None for one "
+                             f"scale per output channel), got {self.group_size!r}")
+
+    def groups(self, K: int) -> int:
+        """Group size for a weight with K input rows; errors say how to fix a bad one."""
+        G = self.group_size or K
+        rows = K // 2 if self.bits == 4 else K
+        if self.bits == 4 and K % 2:
+            raise ValueError(f"4-bit packing needs an even K, got K={K}")
+        if G != K and rows % G:  # per channel (G = K) always fits; 4-bit groups sit in one half
+            raise ValueError(f"group_size={G} does not divide {'K/2' if self.bits == 4 else 'K'}="
+                             f"{rows} of a [{K}, N] weight; choose a divisor such as 64 or 128")
+        return G
+
+    @classmethod
+    def parse(cls, quant) -> QuantSpec | None:
+        """init_inference's quant=: None/False, a QuantSpec, dsjax's dict
+        {"bits", "group_size", "symmetric", "lm_head"}, or DeepSpeed's
+        {"enabled": True, "weight": {"num_bits": 8, "q_type": "symmetric", "q_groups": 1}}
+        (q_groups > 1 needs group_size instead: DeepSpeed groups the flattened tensor)."""
+        if quant is None or quant is False:
+            return None
+        if isinstance(quant, QuantSpec):
+            return quant
+        if not isinstance(quant, dict):
+            raise TypeError(f"quant must be a dict or QuantSpec, got {type(quant).__name__}")
+        if "weight" in quant or "enabled" in quant:
+            return cls._parse_deepspeed(quant)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(quant) - known
+        if unknown:
+            raise ValueError(f"unknown quant keys {sorted(unknown)}; known: {sorted(known)} "
+                             "(or DeepSpeed's {'enabled': True, 'weight': {'num_bits': 8}})")
+        return cls(**quant)
+
+    @classmethod
+    def _parse_deepspeed(cls, quant: dict) -> QuantSpec | None:
+        unknown = set(quant) - {"enabled", "weight", "activation", "qkv"}
+        if unknown:
+            raise ValueError(f"unknown DeepSpeed quant keys {sorted(unknown)}")
+        if not quant.get("enabled", True):
+            return None
+        if quant.get("activation", {}).get("enabled"):
+            raise NotImplementedError("activation quantization is not supported: dsjax "
+                                      "quantizes weights only (activations stay bf16/fp16)")
+        weight = dict(quant.get("weight", {}))
+        weight.pop("enabled", None)
+        bits = weight.pop("num_bits", 8)
+        q_type = weight.pop("q_type", "symmetric")
+        if q_type not in ("symmetric", "asymmetric"):
+            raise ValueError(f"q_type must be 'symmetric' or 'asymmetric', got {q_type!r}")
+        if weight.pop("q_groups", 1) != 1:
+            raise ValueError("DeepSpeed's q_groups > 1 splits the flattened weight; dsjax groups "
+                             "along K: pass quant={'bits': 8, 'group_size': 128} instead")
+        if weight:
+            raise ValueError(f"unsupported DeepSpeed weight-quant keys {sorted(weight)}")
+        return cls(bits=bits, symmetric=q_type == "symmetric")
+
+
+def quantize(w, spec: QuantSpec) -> QuantizedWeight:
+    """w [K, N] (any float dtype) -> QuantizedWeight, rounding to nearest."""
+    K, N = w.shape
+    G = spec.groups(K)
+    qmax = 2 ** spec.bits - 1
+    wg = w.astype(jnp.float32).reshape(K // G, G, N)
+    if spec.symmetric:
+        half = 127 if spec.bits == 8 else 7
+        amax = jnp.max(jnp.abs(wg), axis=1)  # [K/G, N]
+        scales = jnp.where(amax > 0, amax / half, 1.0)
+        q = jnp.clip(jnp.round(wg / scales[:, None]), -half, half)
+        zeros = None
+        q = q.astype(jnp.int8) if spec.bits == 8 else (q + 8).astype(jnp.uint8)
+    else:
+        lo, hi = jnp.minimum(jnp.min(wg, axis=1), 0.0), jnp.maximum(jnp.max(wg, axis=1), 0.0)
+        scales = jnp.where(hi > lo, (hi - lo) / qmax, 1.0)
+        zeros = jnp.clip(jnp.round(-lo / scales), 0, qmax)
+        q = jnp.clip(jnp.round(wg / scales[:, None]) + zeros[:, None], 0, qmax).astype(jnp.uint8)
+    q = q.reshape(K, N)
+    if spec.bits == 4:
+        q = q[: K // 2] | (q[K // 2:] << 4)
+    return QuantizedWeight(q, scales, zeros, spec.bits, G)
+
+
+def dequantize(qw: QuantizedWeight, dtype=jnp.float32):
+    """QuantizedWeight -> W [K, N] in dtype (a reference; the kernels never materialize it)."""
+    q = qw.values
+    if qw.bits == 4:
+        q = jnp.concatenate([q & 0xF, q >> 4], axis=0)
+    K, N = qw.shape
+    zero = (8.0 if qw.bits == 4 else 0.0) if qw.zeros is None else qw.zeros[:, None]
+    wg = (q.astype(jnp.float32).reshape(K // qw.group_size, qw.group_size, N) - zero)
+    return (wg * qw.scales[:, None]).reshape(K, N).astype(dtype)
+
+
+# Block GEMM weights (and optionally an untied LM head) by flat parameter path.
+_LAYER_KERNEL = re.compile(r"(^|\.)layers\.\d+\.(attn\.(qkv|out)|mlp\.(up|down))\.kernel$")
+_LM_HEAD = re.compile(r"(^|\.)lm_head\.kernel$")
+
+
+def quantizable(path: str, spec: QuantSpec) -> bool:
+    return bool(_LAYER_KERNEL.search(path) or (spec.lm_head and _LM_HEAD.search(path)))
+
+
+_quantize_jit = jax.jit(quantize, static_argnums=1)
+
+
+def quantize_flat(flat: dict, spec: QuantSpec) -> dict:
+    """{path: array} -> the same with every quantizable kernel a QuantizedWeight; the
+    full-precision kernel is freed as soon as its quantized form exists."""
+    out = {}
+    for path in list(flat):
+        w = flat.pop(path)
+        out[path] = _quantize_jit(w, spec) if quantizable(path, spec) else w
+    return out
+
+
+def abstract_quantized(flat: dict, spec: QuantSpec) -> dict:
+    """{path: ShapeDtypeStruct} -> the same with QuantizedWeight-of-ShapeDtypeStruct leaves."""
+    return {path: (jax.eval_shape(lambda w: quantize(w, spec), s) if quantizable(path, spec) else s)
+            for path, s in flat.items()}

@@ -1,0 +1,144 @@
+"""quant_matmul (interpret mode on the CPU) against its dequantize-then-matmul reference, and
+the reference against dsjax.quant (quantize / dequantize) and the unfused XLA path.
+
+Weights are random integers in the documented format (every code value occurs), with ragged
+M and N, small blocks, and split-K, over int8/int4, symmetric/asymmetric and group sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsjax import ops
+from dsjax.quant import QuantizedWeight, QuantSpec, dequantize, quantize
+from pallas_kernels.quant_matmul import (BlockSizes, dequantize_reference, quant_matmul,
+                                         quant_matmul_reference)
+
+SMALL = BlockSizes(block_m=16, block_n=32, block_k=32, split_k=1, num_warps=4, num_stages=2)
+SPLIT = dataclasses.replace(SMALL, split_k=3)
+FMA1 = dataclasses.replace(SMALL, block_m=1)  # block_m < 16: the FMA GEMV form
+FMA4 = dataclasses.replace(SMALL, block_m=4, split_k=3, unroll=2)
+TOL = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 2e-2}
+
+
+def assert_close(got, want, tol):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape
+    assert np.isfinite(got).all()
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, atol=tol * scale, rtol=tol)
+
+
+def _weight(K, N, bits, sym, G, rng):
+    """Random (values, scales, zeros) in the kernel's format."""
+    if bits == 8:
+        values = (rng.integers(-127, 128, (K, N), dtype=np.int8) if sym
+                  else rng.integers(0, 256, (K, N), dtype=np.uint8))
+    else:
+        values = rng.integers(0, 256, (K // 2, N), dtype=np.uint8)
+    scales = rng.uniform(0.5, 1.5, (K // G, N)).astype(np.float32) / (K ** 0.5 * 2 ** bits)
+    zeros = None if sym else rng.integers(0, 2 ** bits, (K // G, N)).astype(np.float32)
+    return jnp.asarray(values), jnp.asarray(scales), None if zeros is None else jnp.asarray(zeros)
+
+
+CASES = [
+    # M, K, N, dtype, bits, sym, G (None: per channel), options, blocks
+    (1, 128, 96, jnp.bfloat16, 8, True, None, {}, FMA1),
+    (3, 128, 144, jnp.bfloat16, 8, True, 32, dict(bias=True, activation="gelu"), SMALL),
+    (3, 128, 144, jnp.float16, 8, True, 32, dict(bias=True, activation="gelu"), FMA4),
+    (16, 192, 80, jnp.float16, 8, False, 64, dict(residual=True), SMALL),
+    (70, 128, 48, jnp.float32, 8, False, 128, dict(bias=True, activation="silu"),
+     dataclasses.replace(SMALL, block_m=32)),
+    (2, 96, 2 * 40, jnp.bfloat16, 8, True, 32, dict(gated=True, activation="silu"), SMALL),
+    (1, 100, 72, jnp.float32, 8, False, None, dict(bias=True, residual=True), SPLIT),
+    (1, 100, 72, jnp.float32, 8, False, None, dict(bias=True, residual=True),
+     dataclasses.replace(FMA1, split_k=2)),
+    (1, 256, 96, jnp.bfloat16, 4, True, 128, {}, dataclasses.replace(FMA1, unroll=4)),
+    (16, 256, 96, jnp.bfloat16, 4, True, 128, {}, SMALL),
+    (3, 128, 144, jnp.float16, 4, True, 32, dict(bias=True, activation="gelu_tanh"), SPLIT),
+    (16, 256, 80, jnp.bfloat16, 4, False, 64, dict(residual=True, activation="relu"), SMALL),
+    (5, 128, 48, jnp.float32, 4, False, 32, dict(gated=True, activation="quick_gelu",
+                                                bias=True), SPLIT),
+    (1, 100, 64, jnp.float32, 4, True, None, dict(activation="silu"), SPLIT),
+    (4, 96, 2 * 24, jnp.bfloat16, 4, False, None, dict(gated=True, activation="gelu",
+                                                      residual=True), FMA4),
+    (2, 128, 96, jnp.bfloat16, 8, True, 64, dict(norm="rmsnorm"), FMA4),
+    (2, 128, 96, jnp.bfloat16, 8, False, 64, dict(norm="layernorm"), SMALL),
+    (3, 128, 2 * 40, jnp.float32, 4, False, 32, dict(norm="layernorm", gated=True,
+                                                     activation="silu"), SPLIT),
+]
+
+
+@pytest.mark.parametrize("M,K,N,dtype,bits,sym,G,opts,blocks", CASES)
+def test_quant_matmul(M, K, N, dtype, bits, sym, G, opts, blocks):
+    rng = np.random.default_rng(M * 1000 + K + N)
+    G = G or K
+    values, scales, zeros = _weight(K, N, bits, sym, G, rng)
+    gated = opts.get("gated", False)
+    n_out = N // 2 if gated else N
+    x = jnp.asarray(rng.standard_normal((M, K), np.float32), dtype)
+    bias = jnp.asarray(rng.standard_normal(N, np.float32), dtype) if opts.get("bias") else None
+    res = (jnp.asarray(rng.standard_normal((M, n_out), np.float32), dtype)
+           if opts.get("residual") else None)
+    norm = None
+    if opts.get("norm"):
+        nscale = jnp.asarray(1 + 0.3 * rng.standard_normal(K, np.float32), dtype)
+        nbias = jnp.asarray(0.3 * rng.standard_normal(K, np.float32), dtype)
+        norm = (nscale, nbias if opts["norm"] == "layernorm" else None, opts["norm"], 1e-5,
+                opts["norm"] == "rmsnorm")
+    kw = dict(bits=bits, group_size=G, bias=bias, residual=res, gated=gated,
+              activation=opts.get("activation"), norm=norm)
+
+    @jax.jit  # one compile for both
+    def run(x, values, scales, zeros):
+        return (quant_matmul(x, values, scales, zeros, block_sizes=blocks, interpret=True, **kw),
+                quant_matmul_reference(x, values, scales, zeros, **kw))
+    y, want = run(x, values, scales, zeros)
+    assert y.shape == (M, n_out) and y.dtype == dtype
+    assert_close(y, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("bits,sym,G", [(8, True, None), (8, False, 32), (4, True, 64),
+                                        (4, False, None)])
+def test_reference_matches_dsjax_quant(bits, sym, G):
+    """The reference's dequantization is dsjax.quant's, and quant_matmul_reference equals the
+    unfused XLA path (norm, dequantize, einsum, epilogue) on a quantize()d weight."""
+    rng = np.random.default_rng(bits + G if G else bits)
+    K, N = 128, 96
+    w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.05)
+    qw = quantize(w, QuantSpec(bits=bits, group_size=G, symmetric=sym))
+    assert isinstance(qw, QuantizedWeight)
+    args = (qw.values, qw.scales, qw.zeros)
+    kw = dict(bits=bits, group_size=qw.group_size)
+    np.testing.assert_array_equal(dequantize_reference(*args, **kw), dequantize(qw))
+    assert float(jnp.abs(dequantize(qw) - w).max()) < 0.05 * 4 / (2 ** bits - 2) * 4
+    x = jnp.asarray(rng.standard_normal((3, K), np.float32))
+    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(K, np.float32))
+    norm = ops.NormSpec(scale, None, "rmsnorm", 1e-6, False)
+    bias = jnp.asarray(rng.standard_normal(N, np.float32))
+    want = ops.linear_xla(x, qw, bias, norm=norm, activation="silu", gated=True)
+    got = quant_matmul_reference(x, *args, **kw, bias=bias, activation="silu", gated=True,
+                                 norm=tuple(norm))
+    assert_close(got, want, 2e-5)
+
+
+def test_bad_arguments():
+    rng = np.random.default_rng(0)
+    values, scales, _ = _weight(128, 64, 8, True, 32, rng)
+    x = jnp.zeros((2, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="does not match"):
+        quant_matmul(x[:, :64], values, scales, bits=8, group_size=32)
+    with pytest.raises(ValueError, match="must be uint8"):
+        quant_matmul(x, values, scales, scales, bits=8, group_size=32)
+    with pytest.raises(ValueError, match="group_size"):
+        quant_matmul(x, values, scales, bits=8, group_size=48)
+    with pytest.raises(ValueError, match="scales must be"):
+        quant_matmul(x, values, scales[:2], bits=8, group_size=32)
+    values, scales, _ = _weight(160, 64, 8, True, 40, rng)
+    with pytest.raises(ValueError, match="power-of-two"):
+        quant_matmul(jnp.zeros((2, 160), jnp.bfloat16), values, scales, bits=8, group_size=40)

@@ -1,0 +1,71 @@
+"""Quantized models end to end: closeness to the full-precision model, orbax round trip."""
+
+import numpy as np
+import pytest
+
+import dsjax
+from dsjax.quant import QuantizedWeight
+from tests.conftest import gpt2_model, llama_model, torch
+
+
+def _metrics(hf, quant, ids):
+    """(relative RMS logit error, teacher-forced top-1 agreement, generated-token agreement) of
+    the quantized model against the fp32 one, both computing in fp32."""
+    base = dsjax.init_inference(hf, dtype="fp32", progress=False)
+    q = dsjax.init_inference(hf, dtype="fp32", quant=quant, progress=False)
+    lf, lq = np.asarray(base(ids)), np.asarray(q(ids))
+    rel = float(np.sqrt(((lq - lf) ** 2).mean()) / lf.std())
+    top1 = float((lq.argmax(-1) == lf.argmax(-1)).mean())
+    rows = ids.tolist()
+    gen = float((q.generate(rows, max_new_tokens=8).tokens
+                 == base.generate(rows, max_new_tokens=8).tokens).mean())
+    return rel, top1, gen
+
+
+@pytest.mark.parametrize("make", [gpt2_model, llama_model], ids=["gpt2", "llama"])
+def test_int8_stays_close_and_int4_further(make, capsys):
+    hf, ids = make(), np.random.default_rng(0).integers(0, 96, (4, 24))
+    int8 = _metrics(hf, {"bits": 8}, ids)
+    int4 = _metrics(hf, {"bits": 4, "group_size": 16}, ids)
+    with capsys.disabled():
+        print(f"\n{make.__name__}: int8 rel logit err {int8[0]:.4f}, top-1 {int8[1]:.3f}, "
+              f"greedy {int8[2]:.3f}; int4/g16 {int4[0]:.4f}, {int4[1]:.3f}, {int4[2]:.3f}")
+    assert int8[0] < 0.05 and int8[1] >= 0.9 and int8[2] >= 0.6
+    assert int8[0] < int4[0] < 0.5
+
+
+def test_dtype_int8_is_bf16_compute_with_int8_weights():
+    engine = dsjax.init_inference(llama_model(), dtype=torch.int8, progress=False)
+    assert engine.inference_config.dtype == "bfloat16"
+    assert engine.inference_config.quant.bits == 8
+    qkv = engine.params["layers"][0]["attn"]["qkv"]["kernel"]
+    assert isinstance(qkv, QuantizedWeight) and qkv.values.dtype == np.int8
+    assert engine.params["embed"]["embedding"].dtype == np.dtype("bfloat16")
+    full = dsjax.init_inference(llama_model(), dtype="bf16", progress=False)
+    assert engine.weight_bytes() < 0.7 * full.weight_bytes()
+
+
+def test_quantized_checkpoint_round_trip(tmp_path):
+    hf = llama_model()
+    quant = {"bits": 4, "group_size": 16, "symmetric": False}
+    engine = dsjax.init_inference(hf, dtype="fp32", quant=quant, progress=False)
+    engine.save(tmp_path / "q")
+    back = dsjax.init_inference(tmp_path / "q", dtype="fp32", progress=False)
+    assert back.inference_config.quant == engine.inference_config.quant
+    kernel = back.params["layers"][1]["mlp"]["down"]["kernel"]
+    assert kernel.values.dtype == np.uint8 and kernel.zeros is not None
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    np.testing.assert_array_equal(back.generate(prompts, max_new_tokens=6).tokens,
+                                  engine.generate(prompts, max_new_tokens=6).tokens)
+    with pytest.raises(ValueError, match="cannot be re-quantized"):
+        dsjax.init_inference(tmp_path / "q", quant={"bits": 8}, progress=False)
+
+
+def test_convert_stores_quantized_weights(tmp_path):
+    hf = gpt2_model()
+    dsjax.convert_checkpoint(hf, tmp_path / "c", dtype="int8", progress=False)
+    restored = dsjax.init_inference(tmp_path / "c", progress=False)
+    direct = dsjax.init_inference(hf, dtype="int8", progress=False)
+    prompts = [[1, 2, 3, 4]]
+    np.testing.assert_array_equal(restored.generate(prompts, max_new_tokens=6).tokens,
+                                  direct.generate(prompts, max_new_tokens=6).tokens)
