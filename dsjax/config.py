@@ -273,6 +273,7 @@ class InferenceConfig:
     kernels: Literal["xla", "pallas"] = "xla"  # "pallas": replace_with_kernel_inject=True
     quant: QuantSpec | None = None  # weight-only quantization of the GEMM weights
     kv_cache_dtype: Literal["auto", "int8"] = "auto"  # auto: the compute dtype
+    op_kernels: tuple[tuple[str, str], ...] = ()  # per-op overrides of `kernels`, e.g. linear=xla
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(resolve_dtype(self.dtype)).name)
@@ -282,15 +283,24 @@ class InferenceConfig:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         _check_choice("kernels", self.kernels, ("xla", "pallas"))
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "int8"))
+        from dsjax.ops import OPS
+
+        for op, kernels in self.op_kernels:
+            _check_choice("kernels op", op, OPS)
+            _check_choice(f"kernels[{op!r}]", kernels, ("xla", "pallas"))
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
     @property
-    def impl(self) -> tuple[str, ...]:
-        """The ops preference: Pallas kernels first (logged fallback to XLA), or XLA alone."""
-        return ("pallas", "xla") if self.kernels == "pallas" else ("xla",)
+    def impl(self) -> tuple:
+        """The ops preference: Pallas kernels first (logged fallback to XLA), or XLA alone; with
+        per-op overrides, ((op, names), ...) pairs (see dsjax.ops.preference_for)."""
+        names = lambda k: ("pallas", "xla") if k == "pallas" else ("xla",)  # noqa: E731
+        if not self.op_kernels:
+            return names(self.kernels)
+        return (("*", names(self.kernels)),) + tuple((op, names(k)) for op, k in self.op_kernels)
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -24,13 +24,13 @@ from dsjax.quant import QuantSpec, abstract_quantized, quantize_flat
 log = logging.getLogger("dsjax")
 
 _OPTIONS = ("dtype", "tensor_parallel", "mp_size", "pipeline_parallel", "max_out_tokens",
-            "replace_with_kernel_inject", "quant", "kv_cache_dtype")
+            "replace_with_kernel_inject", "kernels", "quant", "kv_cache_dtype")
 
 
 def init_inference(model, config: dict | None = None, *, dtype=None, tensor_parallel=None,
                    mp_size: int | None = None, pipeline_parallel=None, max_out_tokens: int | None = None,
-                   replace_with_kernel_inject: bool = False, quant=None,
-                   kv_cache_dtype: str = "auto", seed: int = 0,
+                   replace_with_kernel_inject: bool = False, kernels: dict | None = None,
+                   quant=None, kv_cache_dtype: str = "auto", seed: int = 0,
                    progress: bool = True) -> InferenceEngine:
     """Builds an inference engine.
 
@@ -44,6 +44,8 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
       "lm_head": bool} or DeepSpeed's {"enabled": True, "weight": {"num_bits": 8, "q_type": ..}}.
     replace_with_kernel_inject: run the matmuls and attention through the Pallas kernels (with a
       logged fallback to XLA for any call a kernel cannot take).
+    kernels: per-op overrides, {op: "pallas" | "xla"} for op in dsjax.ops.OPS, e.g.
+      {"linear": "xla"} with replace_with_kernel_inject=True: Pallas attention, XLA GEMMs.
     kv_cache_dtype: "auto" (the compute dtype) or "int8" (K/V quantized per token and head:
       half the cache bytes to read per decode step, twice the tokens in the same memory).
     tensor_parallel: {"tp_size": N} (or mp_size=N). max_out_tokens: prompt + new tokens per
@@ -52,8 +54,8 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
     """
     opts = dict(dtype=dtype, tensor_parallel=tensor_parallel, mp_size=mp_size,
                 pipeline_parallel=pipeline_parallel, max_out_tokens=max_out_tokens,
-                replace_with_kernel_inject=replace_with_kernel_inject, quant=quant,
-                kv_cache_dtype=kv_cache_dtype)
+                replace_with_kernel_inject=replace_with_kernel_inject, kernels=kernels,
+                quant=quant, kv_cache_dtype=kv_cache_dtype)
     for key, value in (config or {}).items():
         if key not in _OPTIONS:
             raise ValueError(f"unknown init_inference config key {key!r}; known: {', '.join(_OPTIONS)}")
@@ -124,8 +126,8 @@ def _module(cfg: ModelConfig):
 
 
 _DEFAULTS = dict(dtype=None, tensor_parallel=None, mp_size=None, pipeline_parallel=None,
-                 max_out_tokens=1024, replace_with_kernel_inject=False, quant=None,
-                 kv_cache_dtype="auto")
+                 max_out_tokens=1024, replace_with_kernel_inject=False, kernels=None,
+                 quant=None, kv_cache_dtype="auto")
 
 
 def _inference_config(opts: dict, stored_quant) -> InferenceConfig:
@@ -145,7 +147,8 @@ def _inference_config(opts: dict, stored_quant) -> InferenceConfig:
         spec = stored_quant
     return InferenceConfig(dtype=dtype or "bfloat16", max_out_tokens=opts["max_out_tokens"],
                            tp_size=_tp_size(opts), quant=spec, kv_cache_dtype=opts["kv_cache_dtype"],
-                           kernels="pallas" if opts["replace_with_kernel_inject"] else "xla")
+                           kernels="pallas" if opts["replace_with_kernel_inject"] else "xla",
+                           op_kernels=tuple(sorted((opts["kernels"] or {}).items())))
 
 
 def _check_quant(cfg: ModelConfig, spec: QuantSpec | None) -> None:

@@ -179,8 +179,8 @@ class Transformer(nnx.Module):
     """Embeddings -> blocks -> final norm; `logits()` applies the (tied or own) LM head."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                 impl: Sequence[str] = ("xla",)):
-        impl = tuple(impl)
+                 impl: Sequence = ("xla",)):
+        impl = tuple(impl)  # names, or ((op, names), ...): see ops.preference_for
         self.cfg = cfg
         D = cfg.hidden_size
         E = cfg.embed_proj_dim or D

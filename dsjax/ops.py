@@ -53,8 +53,22 @@ def _announce(op: str, name: str, level: int, message: str) -> None:
         log.log(level, message)
 
 
-def run(op: str, preference: Sequence[str], *args, **kwargs):
-    """Calls the first implementation of `op` in `preference` that exists and accepts the call."""
+OPS = ("norm", "linear", "attention", "cache_attention", "write_kv")
+
+
+def preference_for(impl, op: str) -> tuple[str, ...]:
+    """impl: implementation names in order (for every op), or ((op, names), ...) pairs where
+    op "*" gives the default."""
+    if impl and isinstance(impl[0], tuple):
+        table = dict(impl)
+        return tuple(table.get(op, table.get("*", ("xla",))))
+    return tuple(impl)
+
+
+def run(op: str, preference, *args, **kwargs):
+    """Calls the first implementation of `op` in `preference` (see preference_for) that exists
+    and accepts the call."""
+    preference = preference_for(preference, op)
     if "pallas" in preference:
         from dsjax import pallas_ops  # noqa: F401
 

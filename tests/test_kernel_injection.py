@@ -113,6 +113,23 @@ def test_the_log_names_each_kernel_and_every_fallback(caplog):
     assert "ops.norm: 'pallas' has no norm kernel: falling back to 'xla'" in text
 
 
+def test_per_op_choice(caplog):
+    """Pallas attention with XLA GEMMs: each op logs the implementation it runs."""
+    from dsjax import ops
+
+    ops._ANNOUNCED.clear()
+    hf = llama_model()
+    xla = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=48, progress=False)
+    mixed = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=48, progress=False,
+                                 replace_with_kernel_inject=True, kernels={"linear": "xla"})
+    assert mixed.inference_config.impl == (("*", ("pallas", "xla")), ("linear", ("xla",)))
+    with caplog.at_level(logging.INFO, logger="dsjax.ops"):
+        _same_generation(xla, mixed, 96)
+    assert "ops.linear runs the 'xla' implementation" in caplog.text
+    assert "ops.cache_attention runs the 'pallas' implementation" in caplog.text
+    assert "ops.linear: Pallas" not in caplog.text
+
+
 def test_unsupported_call_falls_back_with_a_warning(caplog):
     from dsjax import ops
 
