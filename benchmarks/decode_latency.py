@@ -24,23 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-
-
-def weight_bytes_per_step(engine) -> int:
-    """Bytes one decode step must read: every weight but the input embedding and position tables
-    (only a row of those is read); a tied LM head reads the embedding once."""
-    from dsjax.model import flatten
-
-    flat = flatten(engine.params)
-    skip = {"pos_embed.embedding", "type_embed.embedding"}
-    if not engine.config.tie_word_embeddings:
-        skip.add("embed.embedding")
-    return sum(x.nbytes for k, x in flat.items() if k not in skip)
-
-
-def kv_bytes_per_step(cfg, batch: int, capacity: int, itemsize: int = 2) -> int:
-    """K and V of every layer over the whole cache capacity, which the XLA attention reads."""
-    return 2 * cfg.num_layers * batch * cfg.kv_heads * capacity * cfg.dim_head * itemsize
+from dsjax.bench import kv_bytes_per_step, weight_bytes_per_step  # noqa: E402, F401
 
 
 def time_dsjax(engine, prompts, new_tokens: int, reps: int) -> dict:

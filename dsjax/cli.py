@@ -1,9 +1,10 @@
-"""`dsjax demo | generate | embed | convert`: the command line.
+"""`dsjax demo | generate | embed | convert | bench`: the command line.
 
     dsjax demo                                  # built-in GPT-2 (random weights) vs HF transformers
     dsjax convert HF_DIR OUT_DIR --dtype bf16   # HF checkpoint -> dsjax (orbax) checkpoint
     dsjax generate --model DIR --prompt "Hello" --max-new-tokens 32 [--quant int8] [--kernels pallas]
     dsjax embed --model DIR --text "Hello" [--text ...] [--image PIXELS.npy ...]   # encoders
+    dsjax bench --model llama3-8b --batch-sizes 1,8 [--quant int8] [--kernels on]  # latency report
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import statistics
 import sys
 import time
+from pathlib import Path
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(p)
 
     _embed_parser(sub)
+    _bench_parser(sub)
 
     p = sub.add_parser("convert", help="convert an HF checkpoint into a dsjax checkpoint",
                        description="Reads an HF checkpoint directory (safetensors, no torch needed) "
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(name)s: %(message)s")
-    commands = {"demo": demo, "generate": generate, "embed": embed, "convert": convert}
+    commands = {"demo": demo, "generate": generate, "embed": embed, "convert": convert,
+                "bench": bench}
     return commands[args.command](args)
 
 
@@ -118,6 +122,90 @@ def _embed_parser(sub) -> None:
     p.add_argument("--show", type=int, default=8, help="values printed per vector (0: all; default 8)")
     p.add_argument("--save", help="write the vectors (and CLIP logits) to this .npz file")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (default fp32)")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers")
+    return sizes
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {low}")
+        return int(text)
+    return parse
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="latency report of generate per batch size, against the roofline",
+                       description="Times full greedy generate calls on random prompts (no early "
+                       "stop) per batch size: P50/P95/mean latency, ms/token, decode ms/token, "
+                       "tokens/s, time to first token, compile time, peak device memory, and the "
+                       "weight + KV read floor of a decode step at the measured bf16 GEMV bandwidth. "
+                       "Writes OUT/NAME.json and OUT/NAME.md.")
+    p.add_argument("--model", required=True, help="HF directory, dsjax checkpoint or built-in name "
+                   "(random weights: gpt2-1.3b, gptj-6b, llama3-8b, bloom-7b1, ...)")
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=[1], help="comma-separated (default 1)")
+    p.add_argument("--prompt-len", type=_at_least(1), default=128, help="prompt tokens (default 128)")
+    p.add_argument("--new-tokens", type=_at_least(2), default=128, help="tokens generated (default 128)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16)")
+    p.add_argument("--kernels", choices=("on", "off"), default="off",
+                   help="on: Pallas kernels (replace_with_kernel_inject=True); default off (XLA)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                   help="int8: K/V cached as int8 with per-token scales (default auto: --dtype)")
+    p.add_argument("--tp", type=_at_least(1), default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--pp", type=_at_least(1), default=1, help="pipeline-parallel degree (default 1)")
+    p.add_argument("--reps", type=_at_least(1), default=10, help="timed runs per batch size (default 10)")
+    p.add_argument("--warmup", type=_at_least(1), default=2,
+                   help="untimed runs per batch size, the compiling one included (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and random weights")
+    p.add_argument("--out", default="bench_results", help="output directory (default bench_results/)")
+    _quant_flags(p)
+
+
+def bench(args) -> int:
+    import jax
+
+    import dsjax
+    from dsjax import bench as harness
+
+    try:
+        engine = dsjax.init_inference(
+            args.model, dtype=args.dtype, max_out_tokens=args.prompt_len + args.new_tokens,
+            seed=args.seed, quant=_quant(args), replace_with_kernel_inject=args.kernels == "on",
+            kv_cache_dtype=args.kv_cache_dtype, tensor_parallel={"tp_size": args.tp},
+            pipeline_parallel=args.pp if args.pp > 1 else None, progress=not args.quiet)
+    except (NotImplementedError, ValueError) as e:  # parallel degrees, quant groups, budget
+        print(f"dsjax bench: {e}", file=sys.stderr)
+        return 2
+    env = {**harness.environment(), "gemv_bandwidth": harness.gemv_bandwidth()}
+    rows = harness.run(engine, args.batch_sizes, args.prompt_len, args.new_tokens, reps=args.reps,
+                       warmup=args.warmup, progress=not args.quiet, seed=args.seed,
+                       bandwidth=env["gemv_bandwidth"])
+    settings = {**vars(args), "quant_spec": _quant(args), "command": _bench_command(args),
+                "num_params": engine.num_params(), "platform": jax.default_backend()}
+    md = harness.report_markdown(rows, env, settings)
+    name = "-".join(["bench", Path(args.model).name, args.dtype] + [args.quant] * bool(args.quant)
+                    + ["kernels"] * (args.kernels == "on"))
+    paths = harness.write(args.out, name, {"env": env, "args": settings, "rows": rows}, md)
+    print(md + f"\nwrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+def _bench_command(args) -> str:
+    """The command line that repeats this run."""
+    words = ["dsjax bench --model", args.model, "--batch-sizes", ",".join(map(str, args.batch_sizes))]
+    for flag in ("prompt_len", "new_tokens", "dtype", "kernels", "kv_cache_dtype", "tp", "pp",
+                 "reps", "warmup", "seed", "quant", "group_size"):
+        if getattr(args, flag) is not None:
+            words += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    return " ".join(words + ["--asymmetric"] * args.asymmetric)
 
 
 def convert(args) -> int:

@@ -23,6 +23,16 @@ PRESETS: dict[str, dict] = {
                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
                       hidden_act="silu", tie_word_embeddings=False, bos_token_id=128000,
                       eos_token_id=128001),
+    # EleutherAI/gpt-j-6b's config.json (DeepSpeed's inference tutorials use it)
+    "gptj-6b": dict(model_type="gptj", architectures=["GPTJForCausalLM"], vocab_size=50400,
+                    n_positions=2048, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
+                    n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                    tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256),
+    # bigscience/bloom-7b1's config.json
+    "bloom-7b1": dict(model_type="bloom", architectures=["BloomForCausalLM"], vocab_size=250880,
+                      hidden_size=4096, n_layer=30, n_head=32, layer_norm_epsilon=1e-5,
+                      apply_residual_connection_post_layernorm=False, pretraining_tp=1,
+                      slow_but_exact=False, bos_token_id=1, eos_token_id=2, pad_token_id=3),
     # tiny ones for tests and quick looks
     "tiny-gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=512,
                       n_positions=256, n_embd=64, n_layer=2, n_head=4, eos_token_id=511,

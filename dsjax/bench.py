@@ -1,0 +1,254 @@
+"""`dsjax bench`: end-to-end generate latency per batch size, against the weight-read roofline.
+
+Each batch size runs greedy `generate` on random prompts (a fixed seed) with no stop token, so
+every run makes exactly `new_tokens` tokens. The first call compiles (its wall time is
+`compile_s`, one run included); `warmup` untimed calls in all (the first one included), then
+`reps` timed calls of the full generate give P50/P95/mean latency. Time to first token is the
+median of `reps` calls that generate one token; decode ms/token = (P50 T(n) - P50 T(1)) / (n - 1),
+which removes the prompt phase. The floor of one decode step is the bytes it must read (the
+weights, and K/V over the mean context) / the bandwidth of a bf16 GEMV measured in the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import math
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.model import flatten
+
+# the H200 ceiling shape of DESIGN.md; the CPU measures a small one so that it stays quick
+GEMV_SHAPE = {"gpu": (8192, 28672), "cpu": (1024, 4096)}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0 <= q <= 100) by linear interpolation between closest ranks: the
+    sorted values x[0..n-1] sit at ranks 0..n-1, q maps to rank q/100 * (n-1), and a rank between
+    two values interpolates linearly. This is numpy's default (method="linear", Hyndman and Fan's
+    type 7): P50 of [1, 2, 3, 4] is 2.5, P95 of [1..10] is 9.55."""
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q={q} is outside [0, 100]")
+    rank = q / 100 * (len(xs) - 1)
+    lo = math.floor(rank)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
+
+
+def latency_stats(times) -> dict:
+    """{p50, p95, mean, min, max, n} of a list of times, in the times' own unit."""
+    xs = [float(t) for t in times]
+    return {"p50": percentile(xs, 50), "p95": percentile(xs, 95), "mean": statistics.fmean(xs),
+            "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def median_time(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time (s) of fn() (which must block until its result is ready), and all times."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+# ----------------------------------------------------------------------------- roofline
+
+def weight_bytes_per_step(engine) -> int:
+    """Bytes one decode step must read: every weight but the input embedding and position tables
+    (only a row of those is read); a tied LM head reads the embedding once. Quantized weights
+    count their stored bytes (values, scales and zero points)."""
+    skip = {"pos_embed.embedding", "type_embed.embedding"}
+    if not engine.config.tie_word_embeddings:
+        skip.add("embed.embedding")
+    return sum(int(x.nbytes) for k, x in flatten(engine.params).items() if k not in skip)
+
+
+def kv_bytes_per_step(cfg, batch: int, context: float, itemsize: float = 2) -> int:
+    """K and V of every layer for `batch` sequences of `context` cached tokens."""
+    return int(2 * cfg.num_layers * batch * cfg.kv_heads * context * cfg.dim_head * itemsize)
+
+
+def kv_itemsize(engine) -> float:
+    """Bytes per cached K or V element: the compute dtype's, or for an int8 cache 1 byte plus
+    its float32 scale per token and head shared by dim_head elements."""
+    icfg = engine.inference_config
+    if icfg.kv_cache_dtype == "int8":
+        return 1 + 4 / engine.config.dim_head
+    return jnp.dtype(icfg.jnp_dtype).itemsize
+
+
+def roofline(weight_bytes: int, kv_bytes: int, bytes_per_s: float) -> dict:
+    """The floor of one decode step: the bytes it must read at the measured bandwidth."""
+    return {"weight_bytes": int(weight_bytes), "kv_bytes": int(kv_bytes),
+            "floor_ms": (weight_bytes + kv_bytes) / bytes_per_s * 1e3}
+
+
+def gemv_bandwidth(k: int | None = None, n: int | None = None, copies: int = 3, calls: int = 20,
+                   reps: int = 7) -> dict:
+    """Bytes/s that XLA's bf16 GEMV [1, k] @ [k, n] reads: the weight-read ceiling the floors use.
+    Rotates over `copies` weight matrices so that the cache never holds the next one. The shape
+    defaults to GEMV_SHAPE of the default backend (any accelerator counts as "gpu")."""
+    default = GEMV_SHAPE["cpu" if jax.default_backend() == "cpu" else "gpu"]
+    k, n = k or default[0], n or default[1]
+    keys = jax.random.split(jax.random.key(0), copies + 1)
+    ws = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in keys[1:]]
+    x = jax.random.normal(keys[0], (1, k), jnp.bfloat16)
+    f = jax.jit(lambda x, w: x @ w)
+
+    def run():
+        jax.block_until_ready([f(x, ws[i % copies]) for i in range(calls)])
+
+    t, _ = median_time(run, reps, warmup=2)
+    per_call = t / calls
+    return {"shape": [1, k, n], "us_per_gemv": per_call * 1e6, "bytes_per_s": k * n * 2 / per_call}
+
+
+# ----------------------------------------------------------------------------- the harness
+
+def peak_memory_bytes() -> int | None:
+    """The process's peak device memory so far (device 0), or None where the backend keeps no
+    statistics (the CPU). JAX cannot reset it: later batch sizes report the running maximum."""
+    stats = jax.devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="dsjax bench", unit="run", disable=not enabled, leave=False)
+
+
+def run(engine, batch_sizes, prompt_len: int, new_tokens: int, reps: int = 10, warmup: int = 2,
+        progress: bool = True, seed: int = 0, bandwidth: dict | None = None) -> list[dict]:
+    """One row per batch size (see the module docstring for what each figure means).
+    bandwidth: a gemv_bandwidth() result; measured here when not given."""
+    if new_tokens < 2 or reps < 1 or prompt_len < 1:
+        raise ValueError("dsjax bench needs new_tokens >= 2, reps >= 1 and prompt_len >= 1")
+    bandwidth = bandwidth or gemv_bandwidth()
+    wbytes, cfg = weight_bytes_per_step(engine), engine.config
+    bar = _progress(len(batch_sizes) * (max(warmup, 1) + 2 * reps + 1), progress)
+    rows = []
+    for bs in batch_sizes:
+        prompts = np.random.default_rng([seed, bs]).integers(0, cfg.vocab_size, (bs, prompt_len))
+        bar.set_postfix(batch=bs)
+        call = functools.partial(_timed_generate, engine, prompts, bar=bar)  # call(n) -> seconds
+        compile_s = call(new_tokens)
+        for _ in range(max(warmup, 1) - 1):
+            call(new_tokens)
+        full = [call(new_tokens) * 1e3 for _ in range(reps)]
+        call(1)  # the one-token call's own warm-up (max_new_tokens is traced: no recompile)
+        first = [call(1) * 1e3 for _ in range(reps)]
+        rows.append(_row(bs, prompt_len, new_tokens, full, first, compile_s, wbytes,
+                         kv_bytes_per_step(cfg, bs, prompt_len + new_tokens // 2, kv_itemsize(engine)),
+                         bandwidth["bytes_per_s"]))
+    bar.close()
+    return rows
+
+
+def _timed_generate(engine, prompts, n: int, bar) -> float:
+    """Seconds of one generate of exactly n tokens (it returns host arrays: no async tail)."""
+    t0 = time.perf_counter()
+    engine.generate(prompts, max_new_tokens=n, eos_token_id=[])
+    elapsed = time.perf_counter() - t0
+    bar.update()
+    return elapsed
+
+
+def _row(bs, prompt_len, new_tokens, full_ms, first_ms, compile_s, wbytes, kv, bytes_per_s) -> dict:
+    stats, ttft = latency_stats(full_ms), statistics.median(first_ms)
+    decode = (stats["p50"] - ttft) / (new_tokens - 1)
+    floor = roofline(wbytes, kv, bytes_per_s)
+    return {"batch": bs, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "latency_ms": stats, "ms_per_token": stats["p50"] / new_tokens,
+            "decode_ms_per_token": decode, "tokens_per_s": bs * new_tokens / (stats["mean"] / 1e3),
+            "ttft_ms": ttft, "compile_s": compile_s, "peak_memory_bytes": peak_memory_bytes(),
+            **floor, "over_floor": decode / floor["floor_ms"]}
+
+
+# ----------------------------------------------------------------------------- reports
+
+COLUMNS = ("batch", "P50 ms", "P95 ms", "mean ms", "ms/token", "decode ms/token", "tokens/s",
+           "TTFT ms", "compile s", "peak memory GiB", "floor ms/token", "decode / floor")
+
+
+def _cells(r: dict) -> list[str]:
+    lat, mem = r["latency_ms"], r["peak_memory_bytes"]
+    return [str(r["batch"]), f"{lat['p50']:.2f}", f"{lat['p95']:.2f}", f"{lat['mean']:.2f}",
+            f"{r['ms_per_token']:.3f}", f"{r['decode_ms_per_token']:.3f}", f"{r['tokens_per_s']:.1f}",
+            f"{r['ttft_ms']:.2f}", f"{r['compile_s']:.1f}", "n/a" if mem is None else f"{mem / 2**30:.2f}",
+            f"{r['floor_ms']:.3f}", f"{r['over_floor']:.2f}x"]
+
+
+def report_markdown(rows: list[dict], env: dict, args: dict) -> str:
+    """A markdown report: what ran, on what, and one table row per batch size. env: environment()
+    plus "gemv_bandwidth"; args: the run's settings (model, dtype, quant, kernels, prompt_len,
+    new_tokens, reps, warmup, optional command)."""
+    lines = [f"# dsjax bench: {args['model']}", "", _setting(env, args), "", _definitions(env, args), ""]
+    if args.get("command"):
+        lines += [f"Command: `{args['command']}`", ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _setting(env: dict, args: dict) -> str:
+    return (f"{env['device']} x{env['device_count']}, JAX {env['jax']}, commit {env['git_commit']}, "
+            f"{env['date']}. {args['dtype']}, weights {args.get('quant') or 'unquantized'}, kernels "
+            f"{args['kernels']}; random prompts of {args['prompt_len']} tokens, {args['new_tokens']} new "
+            f"tokens, greedy, no early stop; {args['warmup']} warm-up and {args['reps']} timed runs "
+            "per batch size.")
+
+
+def _definitions(env: dict, args: dict) -> str:
+    bw = env.get("gemv_bandwidth")
+    ceiling = (f"{bw['bytes_per_s'] / 1e12:.3f} TB/s (bf16 GEMV {bw['shape']} measured in this run)"
+               if bw else "the measured bandwidth")
+    return ("Latency: a full `generate`. ms/token = P50 / new tokens. Decode ms/token = (P50 - TTFT) / "
+            f"{args['new_tokens'] - 1}, TTFT = median time of a one-token generate. tokens/s = batch x "
+            "new tokens / mean. Compile s: the first call (one run included; small when an earlier "
+            "batch size compiled the same power-of-two batch bucket). Peak memory: the process's "
+            "running peak on device 0 (n/a: the backend keeps no statistics). Floor = bytes one "
+            f"decode step reads (weights, K/V over the mean context) / {ceiling}.")
+
+
+def environment() -> dict:
+    """Date, git commit (or $DSJAX_COMMIT), JAX version, device kind and count."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, text=True,
+                                capture_output=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git_commit": os.environ.get("DSJAX_COMMIT") or commit or "unknown",
+        "jax": jax.__version__,
+        "device": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+    }
+
+
+def write(out_dir, name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+    """Writes out_dir/name.json and out_dir/name.md; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / f"{name}.json", out / f"{name}.md"
+    paths[0].write_text(json.dumps(payload, indent=2))
+    paths[1].write_text(markdown)
+    return paths
