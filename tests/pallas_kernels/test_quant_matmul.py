@@ -16,23 +16,8 @@ import pytest
 
 from dsjax import ops
 from dsjax.quant import QuantizedWeight, QuantSpec, dequantize, quantize
-from pallas_kernels.quant_matmul import (BlockSizes, dequantize_reference, quant_matmul,
-                                         quant_matmul_reference)
-
-SMALL = BlockSizes(block_m=16, block_n=32, block_k=32, split_k=1, num_warps=4, num_stages=2)
-SPLIT = dataclasses.replace(SMALL, split_k=3)
-FMA1 = dataclasses.replace(SMALL, block_m=1)  # block_m < 16: the FMA GEMV form
-FMA4 = dataclasses.replace(SMALL, block_m=4, split_k=3, unroll=2)
-TOL = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 2e-2}
-
-
-def assert_close(got, want, tol):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert got.shape == want.shape
-    assert np.isfinite(got).all()
-    scale = max(1.0, float(np.abs(want).max()))
-    np.testing.assert_allclose(got, want, atol=tol * scale, rtol=tol)
-
+from pallas_kernels.quant_matmul import dequantize_reference, quant_matmul, quant_matmul_reference
+from tests.pallas_kernels.test_matmul import FMA1, FMA4, SMALL, SPLIT, TOL, assert_close
 
 def _weight(K, N, bits, sym, G, rng):
     """Random (values, scales, zeros) in the kernel's format."""
