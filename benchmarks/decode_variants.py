@@ -60,8 +60,7 @@ def bench_variant(arch, name, batch_sizes, prompt_len, new_tokens, reps, bandwid
                                                      (bs, prompt_len)).tolist()
 
         def run(n):
-            out = engine.generate(prompts, max_new_tokens=n, eos_token_id=[])
-            return out
+            return engine.generate(prompts, max_new_tokens=n, eos_token_id=[])
 
         t0 = time.perf_counter()
         tokens = run(new_tokens).tokens

@@ -169,7 +169,7 @@ def correctness(ms) -> dict:
             quant = ((8, True, K), (8, False, K), (4, True, K), (4, False, K)) if K == 1000 \
                 else ((8, True, K), (8, False, 128), (4, True, 128), (4, False, 64))
             for bits, sym, G in quant:
-                vals, sc, zs = _quant_arrays(rng, K, N, bits, sym, G)
+                vals, sc, zs = qm.random_weight(rng, K, N, bits=bits, symmetric=sym, group_size=G)
                 kw = dict(bits=bits, group_size=G, bias=b, activation="silu", gated=True,
                           norm=(g, None, "rmsnorm", 1e-5, True))
                 cases[f"int{bits}_{'sym' if sym else 'asym'}_g{G}"] = (
@@ -189,17 +189,6 @@ def correctness(ms) -> dict:
     print(f"[{elapsed():.0f}s] correctness: {len(out) - len(bad)}/{len(out)} within 2e-2; "
           f"bad: {bad}", flush=True)
     return out
-
-
-def _quant_arrays(rng, K, N, bits, sym, G):
-    if bits == 8:
-        v = (rng.integers(-127, 128, (K, N), dtype=np.int8) if sym
-             else rng.integers(0, 256, (K, N), dtype=np.uint8))
-    else:
-        v = rng.integers(0, 256, (K // 2, N), dtype=np.uint8)
-    s = rng.uniform(0.5, 1.5, (K // G, N)).astype(np.float32) / (K ** 0.5 * 2 ** bits)
-    z = None if sym else jnp.asarray(rng.integers(0, 2 ** bits, (K // G, N)).astype(np.float32))
-    return jnp.asarray(v), jnp.asarray(s), z
 
 
 # ----------------------------------------------------------------------------- sweep

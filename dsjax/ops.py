@@ -41,12 +41,6 @@ def register(op: str, implementation: str, fn: Callable) -> None:
     _REGISTRY.setdefault(op, {})[implementation] = fn
 
 
-def available(op: str) -> tuple[str, ...]:
-    from dsjax import pallas_ops  # noqa: F401  (registers the "pallas" implementations)
-
-    return tuple(_REGISTRY.get(op, {}))
-
-
 def _announce(op: str, name: str, level: int, message: str) -> None:
     if (op, name, message) not in _ANNOUNCED:
         _ANNOUNCED.add((op, name, message))
@@ -136,12 +130,15 @@ def norm_xla(x, spec: NormSpec):
 
 
 def matmul_xla(x, kernel, bias=None, residual=None, *, activation=None, gated=False,
-               kernel_nk=False, y=None):
+               kernel_nk=False):
     """act(x [..., K] @ kernel [K, N] + bias) + residual; gated: kernel is [gate | up] and the
-    result act(gate) * up [..., N/2]; kernel_nk: kernel stored [N, K] (a tied embedding).
-    y: the product already computed (only the epilogue runs)."""
-    if y is None:
-        y = jnp.einsum("...k,nk->...n" if kernel_nk else "...k,kn->...n", x, kernel)
+    result act(gate) * up [..., N/2]; kernel_nk: kernel stored [N, K] (a tied embedding)."""
+    y = jnp.einsum("...k,nk->...n" if kernel_nk else "...k,kn->...n", x, kernel)
+    return epilogue_xla(y, bias, residual, activation=activation, gated=gated)
+
+
+def epilogue_xla(y, bias=None, residual=None, *, activation=None, gated=False):
+    """act(y + bias) + residual, gated: act(gate) * up of y = [gate | up]."""
     if bias is not None:
         y = y + bias
     if gated:
@@ -161,8 +158,8 @@ def linear_xla(x, kernel, bias=None, residual=None, *, norm=None, activation=Non
         if kernel_nk:
             kernel = dequantize(kernel, x.dtype)
         else:
-            y = qmatmul_xla(x, kernel)
-            return matmul_xla(None, None, bias, residual, activation=activation, gated=gated, y=y)
+            return epilogue_xla(qmatmul_xla(x, kernel), bias, residual, activation=activation,
+                                gated=gated)
     return matmul_xla(x, kernel, bias, residual, activation=activation, gated=gated,
                       kernel_nk=kernel_nk)
 

@@ -27,6 +27,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -251,6 +252,20 @@ def dequantize_reference(values, scales, zeros=None, *, bits, group_size):
     K, N = q.shape
     zero = (8.0 if bits == 4 else 0.0) if zeros is None else jnp.repeat(zeros, group_size, 0)
     return (q.astype(jnp.float32) - zero) * jnp.repeat(scales, group_size, 0)
+
+
+def random_weight(rng, K: int, N: int, *, bits: int, symmetric: bool, group_size: int):
+    """Random (values, scales, zeros) in this kernel's format, scaled so that x @ W stays O(1)
+    for unit x (for tests and benchmarks; real weights come from dsjax.quant.quantize)."""
+    G = group_size
+    if bits == 8:
+        values = (rng.integers(-127, 128, (K, N), dtype=np.int8) if symmetric
+                  else rng.integers(0, 256, (K, N), dtype=np.uint8))
+    else:
+        values = rng.integers(0, 256, (K // 2, N), dtype=np.uint8)
+    scales = rng.uniform(0.5, 1.5, (K // G, N)).astype(np.float32) / (K ** 0.5 * 2 ** bits)
+    zeros = None if symmetric else jnp.asarray(rng.integers(0, 2 ** bits, (K // G, N)).astype(np.float32))
+    return jnp.asarray(values), jnp.asarray(scales), zeros
 
 
 def quant_matmul_reference(x, values, scales, zeros=None, *, bits, group_size, bias=None,

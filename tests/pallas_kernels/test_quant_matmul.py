@@ -16,19 +16,13 @@ import pytest
 
 from dsjax import ops
 from dsjax.quant import QuantizedWeight, QuantSpec, dequantize, quantize
-from pallas_kernels.quant_matmul import dequantize_reference, quant_matmul, quant_matmul_reference
+from pallas_kernels.quant_matmul import (dequantize_reference, quant_matmul,
+                                         quant_matmul_reference, random_weight)
 from tests.pallas_kernels.test_matmul import FMA1, FMA4, SMALL, SPLIT, TOL, assert_close
 
+
 def _weight(K, N, bits, sym, G, rng):
-    """Random (values, scales, zeros) in the kernel's format."""
-    if bits == 8:
-        values = (rng.integers(-127, 128, (K, N), dtype=np.int8) if sym
-                  else rng.integers(0, 256, (K, N), dtype=np.uint8))
-    else:
-        values = rng.integers(0, 256, (K // 2, N), dtype=np.uint8)
-    scales = rng.uniform(0.5, 1.5, (K // G, N)).astype(np.float32) / (K ** 0.5 * 2 ** bits)
-    zeros = None if sym else rng.integers(0, 2 ** bits, (K // G, N)).astype(np.float32)
-    return jnp.asarray(values), jnp.asarray(scales), None if zeros is None else jnp.asarray(zeros)
+    return random_weight(rng, K, N, bits=bits, symmetric=sym, group_size=G)
 
 
 CASES = [
