@@ -37,6 +37,22 @@ def _quant_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--asymmetric", action="store_true", help="zero points as well as scales")
 
 
+def _parallel_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-device (a dp x pp x tp mesh over jax.devices())")
+    g.add_argument("--tp", type=_at_least(1), default=1, help="tensor-parallel degree (default 1)")
+    g.add_argument("--pp", type=_at_least(1), default=1, help="pipeline stages (default 1)")
+    g.add_argument("--micro-batches", type=_at_least(1),
+                   help="pipeline micro-batches the batch is cut into (default: --pp)")
+
+
+def _parallel(args) -> dict:
+    """init_inference's keyword arguments for the parallel flags."""
+    pipe = {"pp_size": args.pp}
+    if args.micro_batches is not None:
+        pipe["micro_batches"] = args.micro_batches
+    return dict(tensor_parallel={"tp_size": args.tp}, pipeline_parallel=pipe)
+
+
 def _quant(args) -> dict | None:
     if args.quant is None:
         if args.group_size or args.asymmetric:
@@ -80,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                    help="int8: K/V cached as int8 with per-token scales (default auto: --dtype)")
     _quant_flags(p)
+    _parallel_flags(p)
     _sampling_flags(p)
 
     _embed_parser(sub)
@@ -159,14 +176,13 @@ def _bench_parser(sub) -> None:
                    help="on: Pallas kernels (replace_with_kernel_inject=True); default off (XLA)")
     p.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                    help="int8: K/V cached as int8 with per-token scales (default auto: --dtype)")
-    p.add_argument("--tp", type=_at_least(1), default=1, help="tensor-parallel degree (default 1)")
-    p.add_argument("--pp", type=_at_least(1), default=1, help="pipeline-parallel degree (default 1)")
     p.add_argument("--reps", type=_at_least(1), default=10, help="timed runs per batch size (default 10)")
     p.add_argument("--warmup", type=_at_least(1), default=2,
                    help="untimed runs per batch size, the compiling one included (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and random weights")
     p.add_argument("--out", default="bench_results", help="output directory (default bench_results/)")
     _quant_flags(p)
+    _parallel_flags(p)
 
 
 def bench(args) -> int:
@@ -179,8 +195,7 @@ def bench(args) -> int:
         engine = dsjax.init_inference(
             args.model, dtype=args.dtype, max_out_tokens=args.prompt_len + args.new_tokens,
             seed=args.seed, quant=_quant(args), replace_with_kernel_inject=args.kernels == "on",
-            kv_cache_dtype=args.kv_cache_dtype, tensor_parallel={"tp_size": args.tp},
-            pipeline_parallel=args.pp if args.pp > 1 else None, progress=not args.quiet)
+            kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet, **_parallel(args))
     except (NotImplementedError, ValueError) as e:  # parallel degrees, quant groups, budget
         print(f"dsjax bench: {e}", file=sys.stderr)
         return 2
@@ -192,7 +207,8 @@ def bench(args) -> int:
                 "num_params": engine.num_params(), "platform": jax.default_backend()}
     md = harness.report_markdown(rows, env, settings)
     name = "-".join(["bench", Path(args.model).name, args.dtype] + [args.quant] * bool(args.quant)
-                    + ["kernels"] * (args.kernels == "on"))
+                    + ["kernels"] * (args.kernels == "on") + [f"tp{args.tp}"] * (args.tp > 1)
+                    + [f"pp{args.pp}"] * (args.pp > 1))
     paths = harness.write(args.out, name, {"env": env, "args": settings, "rows": rows}, md)
     print(md + f"\nwrote {paths[0]} and {paths[1]}")
     return 0
@@ -202,7 +218,7 @@ def _bench_command(args) -> str:
     """The command line that repeats this run."""
     words = ["dsjax bench --model", args.model, "--batch-sizes", ",".join(map(str, args.batch_sizes))]
     for flag in ("prompt_len", "new_tokens", "dtype", "kernels", "kv_cache_dtype", "tp", "pp",
-                 "reps", "warmup", "seed", "quant", "group_size"):
+                 "micro_batches", "reps", "warmup", "seed", "quant", "group_size"):
         if getattr(args, flag) is not None:
             words += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     return " ".join(words + ["--asymmetric"] * args.asymmetric)
@@ -224,7 +240,7 @@ def generate(args) -> int:
     engine = dsjax.init_inference(args.model, dtype=args.dtype, max_out_tokens=args.max_out_tokens,
                                   seed=args.seed, quant=_quant(args),
                                   replace_with_kernel_inject=args.kernels == "pallas",
-                                  kv_cache_dtype=args.kv_cache_dtype)
+                                  kv_cache_dtype=args.kv_cache_dtype, **_parallel(args))
     tok = engine.tokenizer
     prompts = [tok.encode(p) for p in args.prompt]
     out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,

@@ -265,11 +265,11 @@ def dtype_name(dtype) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig:
-    """How a model is served: compute dtype, token budget, parallelism, kernels."""
+    """How a model is served: compute dtype, token budget, kernels, weight and cache formats
+    (parallelism: dsjax.parallel.mesh.Parallel)."""
 
     dtype: str = "bfloat16"
     max_out_tokens: int = 1024  # prompt + new tokens per sequence; the KV cache capacity
-    tp_size: int = 1
     kernels: Literal["xla", "pallas"] = "xla"  # "pallas": replace_with_kernel_inject=True
     quant: QuantSpec | None = None  # weight-only quantization of the GEMM weights
     kv_cache_dtype: Literal["auto", "int8"] = "auto"  # auto: the compute dtype
@@ -279,8 +279,6 @@ class InferenceConfig:
         object.__setattr__(self, "dtype", jnp.dtype(resolve_dtype(self.dtype)).name)
         if self.max_out_tokens < 2:
             raise ValueError(f"max_out_tokens must be >= 2, got {self.max_out_tokens}")
-        if self.tp_size < 1:
-            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         _check_choice("kernels", self.kernels, ("xla", "pallas"))
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "int8"))
         from dsjax.ops import OPS

@@ -19,19 +19,21 @@ from dsjax import generate as gen
 from dsjax.cache import check_budget
 from dsjax.config import QUANTIZED_DTYPES, InferenceConfig, ModelConfig, dtype_name
 from dsjax.model import Transformer, abstract_model, flatten, random_params, unflatten
+from dsjax.parallel import pipeline, tensor
+from dsjax.parallel.mesh import Parallel
 from dsjax.quant import QuantSpec, abstract_quantized, quantize_flat
 
 log = logging.getLogger("dsjax")
 
-_OPTIONS = ("dtype", "tensor_parallel", "mp_size", "pipeline_parallel", "max_out_tokens",
-            "replace_with_kernel_inject", "kernels", "quant", "kv_cache_dtype")
+_OPTIONS = ("dtype", "tensor_parallel", "mp_size", "pipeline_parallel", "data_parallel",
+            "max_out_tokens", "replace_with_kernel_inject", "kernels", "quant", "kv_cache_dtype")
 
 
 def init_inference(model, config: dict | None = None, *, dtype=None, tensor_parallel=None,
-                   mp_size: int | None = None, pipeline_parallel=None, max_out_tokens: int | None = None,
-                   replace_with_kernel_inject: bool = False, kernels: dict | None = None,
-                   quant=None, kv_cache_dtype: str = "auto", seed: int = 0,
-                   progress: bool = True) -> InferenceEngine:
+                   mp_size: int | None = None, pipeline_parallel=None, data_parallel=None,
+                   max_out_tokens: int | None = None, replace_with_kernel_inject: bool = False,
+                   kernels: dict | None = None, quant=None, kv_cache_dtype: str = "auto",
+                   seed: int = 0, devices=None, progress: bool = True) -> InferenceEngine:
     """Builds an inference engine.
 
     model: an HF checkpoint directory, a dsjax checkpoint directory (`dsjax convert`), an
@@ -48,12 +50,17 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
       {"linear": "xla"} with replace_with_kernel_inject=True: Pallas attention, XLA GEMMs.
     kv_cache_dtype: "auto" (the compute dtype) or "int8" (K/V quantized per token and head:
       half the cache bytes to read per decode step, twice the tokens in the same memory).
-    tensor_parallel: {"tp_size": N} (or mp_size=N). max_out_tokens: prompt + new tokens per
-      sequence, the KV cache capacity (default 1024, or the model's learned positions if fewer).
-      seed: for random weights.
+    tensor_parallel: {"tp_size": T} (or mp_size=T): Megatron slicing of every layer over T
+      devices. pipeline_parallel: {"pp_size": P, "micro_batches": M (default P)}: the layers in
+      P stages, the batch in M micro-batches that keep every stage busy while decoding.
+      data_parallel: {"dp_size": R}: R replicas, each serving a slice of the batch. The mesh
+      (dp x pp x tp) is built on `devices` (default jax.devices()); see dsjax.parallel.
+    max_out_tokens: prompt + new tokens per sequence, the KV cache capacity (default 1024, or
+      the model's learned positions if fewer). seed: for random weights.
     """
     opts = dict(dtype=dtype, tensor_parallel=tensor_parallel, mp_size=mp_size,
-                pipeline_parallel=pipeline_parallel, max_out_tokens=max_out_tokens,
+                pipeline_parallel=pipeline_parallel, data_parallel=data_parallel,
+                max_out_tokens=max_out_tokens,
                 replace_with_kernel_inject=replace_with_kernel_inject, kernels=kernels,
                 quant=quant, kv_cache_dtype=kv_cache_dtype)
     for key, value in (config or {}).items():
@@ -66,20 +73,37 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
         opts["max_out_tokens"] = (min(1024, cfg.max_position_embeddings)
                                   if cfg.positions == "learned" else 1024)
     icfg = _inference_config(opts, stored_quant=source.quant)
-    _check_parallel(cfg, icfg, opts)
-    _check_quant(cfg, icfg.quant)
+    par = Parallel.parse(opts["tensor_parallel"], opts["mp_size"], opts["pipeline_parallel"],
+                         opts["data_parallel"])
+    par.check(cfg)
+    mesh = par.mesh(devices) if par.is_parallel else None
+    if mesh is not None and source.quant is not None:
+        raise ValueError("this dsjax checkpoint stores quantized weights, which are sliced for "
+                         "one device; for tensor/pipeline parallelism load the full-precision "
+                         "checkpoint and pass quant= to init_inference (each slice is quantized)")
+    _check_quant(cfg, icfg.quant, par.tp)
     if cfg.positions == "learned" and icfg.max_out_tokens > cfg.max_position_embeddings:
         raise ValueError(
             f"max_out_tokens={icfg.max_out_tokens} exceeds the {cfg.max_position_embeddings} "
             f"learned positions of this {cfg.family} model; pass max_out_tokens <= "
             f"{cfg.max_position_embeddings}")
     graphdef, expected = _abstract_model(cfg, icfg.jnp_dtype, icfg.impl)
-    params = _load(source, expected, icfg, seed=seed, progress=progress)
-    log.info("dsjax: %s, %d layers, %s%s, budget %d tokens, kernels %s", cfg.family,
+    plan = None
+    if mesh is None:
+        params = _load(source, expected, icfg, seed=seed, progress=progress)
+    else:
+        plan = pipeline.Plan(cfg, par, mesh)
+        graphdef, _ = abstract_model(pipeline.stage_config(cfg, par), icfg.jnp_dtype, icfg.impl,
+                                     shard=tensor.shard_for(cfg, par.tp))
+        flat = flatten(source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress,
+                                   host=True))
+        params = pipeline.place(flat, plan, icfg.quant)
+    log.info("dsjax: %s, %d layers, %s%s, budget %d tokens, kernels %s%s", cfg.family,
              cfg.num_layers, icfg.dtype, f", weights {_quant_name(icfg.quant)}" if icfg.quant else "",
-             icfg.max_out_tokens, icfg.kernels)
+             icfg.max_out_tokens, icfg.kernels, f", {par}" if plan else "")
     return InferenceEngine(cfg, icfg, graphdef, params, generation=source.generation,
-                           tokenizer_dir=source.tokenizer_dir, random_weights=source.random_weights)
+                           tokenizer_dir=source.tokenizer_dir, random_weights=source.random_weights,
+                           plan=plan)
 
 
 def convert_checkpoint(src, out_dir, *, dtype="bf16", quant=None, progress: bool = True) -> Path:
@@ -126,7 +150,7 @@ def _module(cfg: ModelConfig):
 
 
 _DEFAULTS = dict(dtype=None, tensor_parallel=None, mp_size=None, pipeline_parallel=None,
-                 max_out_tokens=1024, replace_with_kernel_inject=False, kernels=None,
+                 data_parallel=None, max_out_tokens=1024, replace_with_kernel_inject=False, kernels=None,
                  quant=None, kv_cache_dtype="auto")
 
 
@@ -146,51 +170,21 @@ def _inference_config(opts: dict, stored_quant) -> InferenceConfig:
                              "original checkpoint again with the format you want")
         spec = stored_quant
     return InferenceConfig(dtype=dtype or "bfloat16", max_out_tokens=opts["max_out_tokens"],
-                           tp_size=_tp_size(opts), quant=spec, kv_cache_dtype=opts["kv_cache_dtype"],
+                           quant=spec, kv_cache_dtype=opts["kv_cache_dtype"],
                            kernels="pallas" if opts["replace_with_kernel_inject"] else "xla",
                            op_kernels=tuple(sorted((opts["kernels"] or {}).items())))
 
 
-def _check_quant(cfg: ModelConfig, spec: QuantSpec | None) -> None:
-    """Group sizes must divide every quantized weight's K: checked before any weight is read."""
+def _check_quant(cfg: ModelConfig, spec: QuantSpec | None, tp: int = 1) -> None:
+    """Group sizes must divide every quantized weight's K (of each device's slice): checked
+    before any weight is read."""
     if spec is None:
         return
-    ks = {cfg.hidden_size, cfg.num_heads * cfg.dim_head, cfg.intermediate_size}
+    ks = {cfg.hidden_size, cfg.num_heads * cfg.dim_head // tp, cfg.intermediate_size // tp}
     if spec.lm_head and not cfg.tie_word_embeddings:
         ks.add(cfg.embed_proj_dim or cfg.hidden_size)
     for K in sorted(ks):
         spec.groups(K)
-
-
-def _tp_size(opts: dict) -> int:
-    tp = opts["tensor_parallel"]
-    if isinstance(tp, dict):
-        unknown = set(tp) - {"tp_size", "enabled"}
-        if unknown:
-            raise ValueError(f"unknown tensor_parallel keys {sorted(unknown)}; known: tp_size, enabled")
-        size = tp.get("tp_size", 1) if tp.get("enabled", True) else 1
-    else:
-        size = tp if tp is not None else 1
-    if opts["mp_size"] not in (None, 1, size) and size != 1:
-        raise ValueError(f"mp_size={opts['mp_size']} contradicts tensor_parallel tp_size={size}")
-    size = opts["mp_size"] if size == 1 and opts["mp_size"] else size
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"tp_size must be a positive integer, got {size!r}")
-    return size
-
-
-def _check_parallel(cfg: ModelConfig, icfg: InferenceConfig, opts: dict) -> None:
-    tp = icfg.tp_size
-    if cfg.num_heads % tp:
-        raise ValueError(f"tp_size={tp} does not divide the {cfg.num_heads} attention heads; "
-                         f"choose a divisor of {cfg.num_heads}")
-    if cfg.kv_heads % tp and tp % cfg.kv_heads:
-        raise ValueError(f"tp_size={tp} and the {cfg.kv_heads} KV heads do not divide each other")
-    pp = opts["pipeline_parallel"]
-    if tp > 1 or pp:
-        raise NotImplementedError(
-            "tensor/pipeline parallelism (Megatron slicing and pipeline stages over a device mesh) "
-            "is the multi-GPU issue's feature and is not implemented yet; use tp_size=1")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -198,7 +192,7 @@ def _check_parallel(cfg: ModelConfig, icfg: InferenceConfig, opts: dict) -> None
 @dataclasses.dataclass
 class _Source:
     config: ModelConfig
-    load: callable  # (expected, dtype, seed=, progress=) -> nested params
+    load: callable  # (expected, dtype, seed=, progress=, host=) -> nested params
     generation: dict
     tokenizer_dir: Path | None = None
     random_weights: bool = False
@@ -207,13 +201,14 @@ class _Source:
 
 def _open(model) -> _Source:
     if isinstance(model, ModelConfig):
-        return _Source(model, lambda exp, dt, seed, progress: _random_params(model, dt, seed), {},
-                       random_weights=True)
+        return _Source(model, lambda exp, dt, seed, progress, host=False:
+                       _random_params(model, dt, seed), {}, random_weights=True)
     if isinstance(model, (str, Path)):
         path = Path(model)
         if checkpoint.is_checkpoint(path):
             cfg, meta = checkpoint.load_meta(path)
-            return _Source(cfg, lambda exp, dt, seed, progress: checkpoint.restore(path, exp, dt),
+            return _Source(cfg, lambda exp, dt, seed, progress, host=False:
+                           checkpoint.restore(path, exp, dt),
                            meta["generation"], path, quant=checkpoint.stored_quant(meta))
         if not path.exists() and str(model) in presets.PRESETS:
             return _open_hf_config(presets.hf_config(str(model)))
@@ -224,8 +219,9 @@ def _open(model) -> _Source:
 
     hf = converters.open_hf(model)
 
-    def load(expected, dtype, seed, progress):
-        flat = converters.convert(hf.policy, hf.config, hf.tensors, expected, dtype, progress)
+    def load(expected, dtype, seed, progress, host=False):  # host: numpy arrays, for slicing
+        flat = converters.convert(hf.policy, hf.config, hf.tensors, expected, dtype, progress,
+                                  put=(lambda path, x: x) if host else None)
         return unflatten(flat)
 
     return _Source(hf.config, load, _generation(hf.hf_config, hf.directory), hf.directory)
@@ -235,7 +231,7 @@ def _open_hf_config(hf_config: dict) -> _Source:
     import converters
 
     cfg = converters.policy_for(hf_config).make_config(hf_config)
-    return _Source(cfg, lambda exp, dt, seed, progress: _random_params(cfg, dt, seed),
+    return _Source(cfg, lambda exp, dt, seed, progress, host=False: _random_params(cfg, dt, seed),
                    _generation(hf_config, None), random_weights=True)
 
 
@@ -267,9 +263,11 @@ class InferenceEngine:
 
     def __init__(self, cfg: ModelConfig, icfg: InferenceConfig, graphdef, params, *,
                  generation: dict | None = None, tokenizer_dir: Path | None = None,
-                 random_weights: bool = False):
+                 random_weights: bool = False, plan: pipeline.Plan | None = None):
         self.config, self.inference_config = cfg, icfg
         self.graphdef, self.params = graphdef, params
+        self.plan = plan  # multi-device: the mesh and degrees; params are then stage-stacked slices
+        self._specs = None if plan is None else pipeline.hashable_specs(params)
         generation = generation or {}
         eos = generation.get("eos_token_id")
         self.eos_token_id = [eos] if isinstance(eos, int) else list(eos or [])
@@ -308,7 +306,15 @@ class InferenceEngine:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
         self.config.check_ids(ids)
         self.config.check_length(ids.shape[1])
-        return gen.forward(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask))
+        if self.plan is None:
+            return gen.forward(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask))
+        B, dp = ids.shape[0], self.plan.par.dp
+        rows = -(-B // dp) * dp
+        ids, mask = (np.concatenate([a, np.repeat(a[-1:], rows - B, 0)]).reshape(dp, rows // dp, -1)
+                     for a in (ids, mask))
+        logits = pipeline.forward(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask),
+                                  plan=self.plan, specs=self._specs)
+        return logits.reshape(rows, *logits.shape[2:])[:B]
 
     forward = __call__
 
@@ -403,13 +409,21 @@ class InferenceEngine:
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
         self.config.check_ids([pad], "pad_token_id")
-        tokens, lengths = _pack(rows, budget, pad)
-        out, count, lps = gen.generate(
-            self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(lengths),
-            prng_key if prng_key is not None else jax.random.key(0), jnp.int32(max_new_tokens),
-            jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad), sampling, capacity=budget,
-            do_sample=do_sample, return_logprobs=return_logprobs,
-            int8_cache=self.inference_config.kv_cache_dtype == "int8")
+        par = self.plan.par if self.plan else None
+        tokens, lengths = _pack(rows, budget, pad, groups=par.dp * par.micro_batches if par else 1)
+        args = (jnp.asarray(tokens), jnp.asarray(lengths),
+                prng_key if prng_key is not None else jax.random.key(0), jnp.int32(max_new_tokens),
+                jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad), sampling)
+        kw = dict(capacity=budget, do_sample=do_sample, return_logprobs=return_logprobs,
+                  int8_cache=self.inference_config.kv_cache_dtype == "int8")
+        if par is None:
+            out, count, lps = gen.generate(self.graphdef, self.params, *args, **kw)
+        else:
+            cut = lambda a: a.reshape(par.dp, par.micro_batches, -1, *a.shape[1:])  # noqa: E731
+            out, count, lps = pipeline.generate(
+                self.graphdef, self.params, cut(args[0]), cut(args[1]), *args[2:], plan=self.plan,
+                specs=self._specs, **kw)
+            out, count, lps = (x.reshape(-1, *x.shape[3:]) for x in (out, count, lps))
         B = len(rows)
         out, count = np.asarray(out)[:B, :max_new_tokens], np.asarray(count)[:B]
         return GenerationOutput(out, count, np.asarray(lps)[:B, :max_new_tokens]
@@ -417,6 +431,10 @@ class InferenceEngine:
 
     def save(self, path, tokenizer_dir: Path | None = None) -> Path:
         """Writes a dsjax checkpoint that init_inference(path) restores."""
+        if self.plan is not None:
+            raise ValueError("save() writes single-device checkpoints; this engine's weights are "
+                             "sliced over a mesh: save from an engine built without "
+                             "tensor/pipeline parallelism (or use `dsjax convert`)")
         gen_meta = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
         return checkpoint.save(path, self.config, self.params, generation=gen_meta,
                                tokenizer_dir=tokenizer_dir or self.tokenizer_dir,
@@ -451,14 +469,17 @@ def _prompt_rows(input_ids, attention_mask) -> list[np.ndarray]:
     return out
 
 
-def _pack(rows: list[np.ndarray], budget: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pads to a bucketed [B', T'] (B' and T' powers of two); dummy rows have length 1.
+def _pack(rows: list[np.ndarray], budget: int, pad: int,
+          groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads to a bucketed [B', T'] (B' / groups and T' powers of two, `groups` = the
+    replicas x micro-batches the batch is cut into); dummy rows have length 1.
 
     B' >= 2: with one row, XLA's GPU DotStrengthReduction turns every decode GEMV whose matrix
     has under 10M elements into a materialized multiply + reduce (13 us instead of ~3 for
     GPT-2 1.3B's attention-out projection on the H200); a second row keeps them GEMMs at the
     same weight-read cost."""
-    B, T = gen.bucket(len(rows), minimum=2), min(gen.bucket(max(len(r) for r in rows)), budget)
+    B = groups * gen.bucket(-(-len(rows) // groups), minimum=2)
+    T = min(gen.bucket(max(len(r) for r in rows)), budget)
     tokens = np.full((B, T), pad, np.int32)
     lengths = np.ones((B,), np.int32)
     for b, r in enumerate(rows):

@@ -65,6 +65,21 @@ def sample(logits, key, sampling: Sampling, do_sample: bool):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def pick_token(logits, key, done, sampling: Sampling, pad_id, do_sample: bool,
+               return_logprobs: bool):
+    """logits [B, V] -> (token [B], its log-probability [B]); finished rows get pad_id and 0."""
+    tok = jnp.where(done, pad_id, sample(logits, key, sampling, do_sample))
+    lp = jnp.zeros(tok.shape, jnp.float32)
+    if return_logprobs:
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
+    return tok, jnp.where(done, 0.0, lp)
+
+
+def is_stop_token(tok, stop_ids):
+    """tok [B], stop_ids [E] (-1 never matches) -> [B] bool."""
+    return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+
+
 def prefill(model, tokens, lengths, cache: KVCache):
     """Runs the prompts [B, T] into an empty cache; returns last-token logits [B, V]."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -99,15 +114,10 @@ def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, p
     logits, cache = prefill(model, tokens, lengths, cache)
 
     def pick(logits, key, done):
-        tok = sample(logits, key, sampling, do_sample)
-        tok = jnp.where(done, pad_id, tok)
-        lp = jnp.zeros((B,), jnp.float32)
-        if return_logprobs:
-            lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
-        return tok, jnp.where(done, 0.0, lp)
+        return pick_token(logits, key, done, sampling, pad_id, do_sample, return_logprobs)
 
     def is_stop(tok):
-        return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        return is_stop_token(tok, stop_ids)
 
     key, sub = jax.random.split(key)
     not_done = jnp.zeros((B,), bool)

@@ -19,6 +19,7 @@ from flax import nnx
 from dsjax import cache as kv_cache
 from dsjax import ops
 from dsjax.config import ModelConfig
+from dsjax.parallel.tensor import Shard
 
 _INIT_STD = 0.02
 
@@ -30,18 +31,31 @@ def _normal(rngs: nnx.Rngs, shape, dtype):
 class Linear(nnx.Module):
     """x @ kernel + bias, with the fusions ops.linear offers (a norm in front; activation,
     gating and residual behind). The kernel is an array or, once quantized, a QuantizedWeight:
-    ops decides how to multiply, this code does not branch on precision."""
+    ops decides how to multiply, this code does not branch on precision.
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs, impl):
+    A row-parallel Linear (`reduce`, tensor parallelism) holds a slice of the input rows: its
+    partial products are summed over the devices, then the bias and residual are added once.
+    partial=True returns the partial product alone (the caller sums it, see Block)."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs, impl,
+                 reduce: Shard | None = None):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))  # [in, out]
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
-        self.impl = impl
+        self.impl, self.reduce = impl, reduce
 
     def __call__(self, x, *, norm: ops.NormSpec | None = None, activation: str | None = None,
-                 gated: bool = False, residual=None):
+                 gated: bool = False, residual=None, partial: bool = False):
         bias = None if self.bias is None else self.bias[...]
-        return ops.linear(x, self.kernel.get_value(), bias, residual, norm=norm,
-                          activation=activation, gated=gated, impl=self.impl)
+        if self.reduce is None:
+            return ops.linear(x, self.kernel.get_value(), bias, residual, norm=norm,
+                              activation=activation, gated=gated, impl=self.impl)
+        y = ops.linear(x, self.kernel.get_value(), norm=norm, activation=activation, gated=gated,
+                       impl=self.impl)
+        return y if partial else self.add_bias(self.reduce.psum(y), residual)
+
+    def add_bias(self, y, residual=None):
+        y = y if self.bias is None else y + self.bias[...]
+        return y if residual is None else y + residual
 
 
 class Norm(nnx.Module):
@@ -59,10 +73,15 @@ class Norm(nnx.Module):
 
 
 class Embed(nnx.Module):
-    def __init__(self, num: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    """A lookup table; with `shard` it holds a slice of the vocabulary (tensor parallelism)."""
+
+    def __init__(self, num: int, dim: int, *, dtype, rngs: nnx.Rngs, shard: Shard | None = None):
         self.embedding = nnx.Param(_normal(rngs, (num, dim), dtype))  # [num, D]
+        self.shard = shard
 
     def __call__(self, ids):
+        if self.shard is not None:
+            return self.shard.embed(self.embedding[...], ids)
         return jnp.take(self.embedding[...], ids, axis=0)
 
 
@@ -110,21 +129,30 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- blocks
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, impl):
-        self.cfg, self.window, self.impl = cfg, cfg.layer_window(layer), impl
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, impl,
+                 shard: Shard | None = None):
+        self.cfg, self.window, self.impl, self.shard = cfg, cfg.layer_window(layer), impl, shard
         H, K, Dh = cfg.num_heads, cfg.kv_heads, cfg.dim_head
         self.qkv = Linear(cfg.hidden_size, (H + 2 * K) * Dh, bias=cfg.qkv_bias, dtype=dtype,
                           rngs=rngs, impl=impl)  # columns [q heads | k heads | v heads]
         self.out = Linear(H * Dh, cfg.hidden_size, bias=cfg.out_bias, dtype=dtype, rngs=rngs,
-                          impl=impl)
+                          impl=impl, reduce=shard)
 
-    def __call__(self, x, positions, kv, write_at, key_mask, *, norm=None, residual=None):
+    def alibi_slopes(self):
+        if self.cfg.positions != "alibi":
+            return None
+        if self.shard is None:
+            return alibi_slopes(self.cfg.num_heads)
+        return self.shard.local_heads(alibi_slopes(self.shard.num_heads))
+
+    def __call__(self, x, positions, kv, write_at, key_mask, *, norm=None, residual=None,
+                 partial=False):
         """x [B, T, D] (normed first when `norm` is given) -> out(attention) + residual, and
         the layer's kv: its updated cache (KVCache.layer), or this block's own keys without one."""
         cfg = self.cfg
         heads = (cfg.num_heads, cfg.kv_heads, cfg.dim_head)
         attn = dict(scale=cfg.scale, window=self.window, impl=self.impl,
-                    alibi_slopes=alibi_slopes(cfg.num_heads) if cfg.positions == "alibi" else None)
+                    alibi_slopes=self.alibi_slopes())
         qkv = self.qkv(x, norm=norm)  # [B, T, (H + 2K) Dh]
         if kv is None:  # attend within this block
             q, k, v = ops.split_heads(qkv, positions, heads=heads, rotary=rotary(cfg))
@@ -134,32 +162,33 @@ class Attention(nnx.Module):
             q, kv = ops.write_kv(qkv, kv, positions, write_at, heads=heads, rotary=rotary(cfg),
                                  impl=self.impl)
             o = ops.cache_attention(q, kv, positions, **attn)
-        return self.out(o, residual=residual), kv
+        return self.out(o, residual=residual, partial=partial), kv
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, impl):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, impl, shard: Shard | None = None):
         width = cfg.intermediate_size * (2 if cfg.gated_mlp else 1)  # gated: [gate | up]
         self.up = Linear(cfg.hidden_size, width, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, impl=impl)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype,
-                           rngs=rngs, impl=impl)
+                           rngs=rngs, impl=impl, reduce=shard)
         self.act, self.gated = cfg.activation, cfg.gated_mlp
 
-    def __call__(self, x, *, norm=None, residual=None):
+    def __call__(self, x, *, norm=None, residual=None, partial=False):
         h = self.up(x, norm=norm, activation=self.act, gated=self.gated)
-        return self.down(h, residual=residual)
+        return self.down(h, residual=residual, partial=partial)
 
 
 class Block(nnx.Module):
     """Pre-norm blocks hand their norms to the next matmul (ops may fuse them) and their
     residuals to the projection that ends each branch."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, impl):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, impl,
+                 shard: Shard | None = None):
+        self.cfg, self.shard = cfg, shard
         self.attn_norm = Norm(cfg, cfg.hidden_size, dtype=dtype, impl=impl)
-        self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs, impl=impl)
+        self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs, impl=impl, shard=shard)
         self.mlp_norm = None if cfg.shared_norm else Norm(cfg, cfg.hidden_size, dtype=dtype, impl=impl)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, impl=impl)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, impl=impl, shard=shard)
 
     def __call__(self, x, positions, kv, write_at, key_mask):
         cfg = self.cfg
@@ -169,6 +198,10 @@ class Block(nnx.Module):
             return self.mlp_norm(self.mlp(x, residual=x)), kv
         attn_norm = self.attn_norm.spec()
         mlp_norm = attn_norm if cfg.shared_norm else self.mlp_norm.spec()
+        if cfg.parallel_residual and self.shard is not None:  # one psum for both branches
+            a, kv = self.attn(x, positions, kv, write_at, key_mask, norm=attn_norm, partial=True)
+            m = self.mlp(x, norm=mlp_norm, partial=True)
+            return self.mlp.down.add_bias(self.attn.out.add_bias(self.shard.psum(a + m), x)), kv
         a, kv = self.attn(x, positions, kv, write_at, key_mask, norm=attn_norm, residual=x)
         if cfg.parallel_residual:  # x + attn(norm1(x)) + mlp(norm2(x))
             return self.mlp(x, norm=mlp_norm, residual=a), kv
@@ -176,16 +209,20 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Embeddings -> blocks -> final norm; `logits()` applies the (tied or own) LM head."""
+    """Embeddings -> blocks -> final norm; `logits()` applies the (tied or own) LM head.
+
+    With `shard` (tensor parallelism inside shard_map) cfg is one device's slice
+    (dsjax.parallel.tensor.local_config): its heads, MLP width and vocabulary rows."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                 impl: Sequence = ("xla",)):
+                 impl: Sequence = ("xla",), shard: Shard | None = None):
         impl = tuple(impl)  # names, or ((op, names), ...): see ops.preference_for
-        self.cfg = cfg
+        self.cfg, self.shard = cfg, shard
         D = cfg.hidden_size
         E = cfg.embed_proj_dim or D
         # vocab_size 0: an image tower, fed only through inputs_embeds
-        self.embed = Embed(cfg.vocab_size, E, dtype=dtype, rngs=rngs) if cfg.vocab_size else None
+        self.embed = (Embed(cfg.vocab_size, E, dtype=dtype, rngs=rngs, shard=shard)
+                      if cfg.vocab_size else None)
         self.project_in = (Linear(E, D, bias=False, dtype=dtype, rngs=rngs, impl=impl)
                            if cfg.embed_proj_dim else None)
         self.project_out = (Linear(D, E, bias=False, dtype=dtype, rngs=rngs, impl=impl)
@@ -195,7 +232,7 @@ class Transformer(nnx.Module):
         self.type_embed = (Embed(cfg.type_vocab_size, D, dtype=dtype, rngs=rngs)
                            if cfg.type_vocab_size else None)
         self.embed_norm = Norm(cfg, D, dtype=dtype, impl=impl) if cfg.embedding_norm else None
-        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs, impl=impl)
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs, impl=impl, shard=shard)
                                 for i in range(cfg.num_layers)])
         self.final_norm = Norm(cfg, D, dtype=dtype, impl=impl) if cfg.final_norm else None
         self.lm_head = (None if cfg.tie_word_embeddings else
@@ -212,6 +249,14 @@ class Transformer(nnx.Module):
         attend among themselves; key_mask [B, T] marks real tokens. inputs_embeds [B, T, D]
         replaces the token embedding (image patches, say); tokens then only give the shape.
         """
+        x = self.embed_inputs(tokens, positions, token_types, inputs_embeds)
+        if cache is None and key_mask is None:
+            key_mask = jnp.ones(tokens.shape, bool)
+        x, cache = self.blocks(x, positions, cache, key_mask)
+        return self.finish(x), cache
+
+    def embed_inputs(self, tokens, positions, token_types=None, inputs_embeds=None):
+        """tokens, positions [B, T] -> the first block's input [B, T, D]."""
         cfg = self.cfg
         if inputs_embeds is None and self.embed is None:
             raise ValueError("this body has no token embedding (vocab_size=0): pass inputs_embeds")
@@ -226,20 +271,24 @@ class Transformer(nnx.Module):
             x = x + self.type_embed(jnp.zeros_like(tokens) if token_types is None else token_types)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        if cache is None and key_mask is None:
-            key_mask = jnp.ones(tokens.shape, bool)
+        return x
+
+    def blocks(self, x, positions, cache: kv_cache.KVCache | None, key_mask):
+        """x [B, T, D] through every layer (see __call__ for the cache)."""
         new_kv = []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layer(i)
             x, kv = layer(x, positions, kv, None if cache is None else cache.lengths, key_mask)
             new_kv.append(kv)
+        return x, None if cache is None else cache.with_layers(new_kv)
+
+    def finish(self, x):
+        """The last block's output -> the hidden state the LM head reads."""
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
-        if cache is not None:
-            cache = cache.with_layers(new_kv)
-        return x, cache
+        return x
 
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""
@@ -247,6 +296,8 @@ class Transformer(nnx.Module):
             out = ops.linear(hidden, self.embed.embedding[...], kernel_nk=True, impl=self.impl)
         else:
             out = self.lm_head(hidden)
+        if self.shard is not None:
+            out = self.shard.gather_vocab(out)
         return out.astype(jnp.float32)
 
 
@@ -277,10 +328,10 @@ def unflatten(flat: dict[str, jax.Array]) -> dict:
 
 
 def abstract_model(cfg: ModelConfig, dtype=jnp.float32, impl: Sequence[str] = ("xla",),
-                   module: type[nnx.Module] = Transformer):
+                   module: type[nnx.Module] = Transformer, **kwargs):
     """(graphdef, {path: ShapeDtypeStruct}) of `module` (the Transformer, or a family wrapper
     around it such as dsjax.encoders.Encoder) without allocating any weights."""
-    model = nnx.eval_shape(lambda: module(cfg, dtype=dtype, rngs=nnx.Rngs(0), impl=impl))
+    model = nnx.eval_shape(lambda: module(cfg, dtype=dtype, rngs=nnx.Rngs(0), impl=impl, **kwargs))
     graphdef, state = nnx.split(model)
     return graphdef, flatten(nnx.to_pure_dict(state))
 

@@ -123,11 +123,11 @@ def test_cli_bench_end_to_end(tmp_path, capsys):
     assert header == list(bench.COLUMNS) and [t[0] for t in table] == ["1", "2"]
 
 
-def test_cli_bench_parallel_is_a_clean_error(tmp_path, capsys):
-    args = ["-q", "bench", "--model", "tiny-gpt2", "--tp", "2", "--out", str(tmp_path)]
+def test_cli_bench_bad_parallel_degree_is_a_clean_error(tmp_path, capsys):
+    args = ["-q", "bench", "--model", "tiny-gpt2", "--tp", "3", "--out", str(tmp_path)]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dsjax bench: tensor/pipeline parallelism") and "Traceback" not in err
+    assert err.startswith("dsjax bench: tp_size=3 does not divide") and "Traceback" not in err
     assert not any(tmp_path.iterdir())
 
 

@@ -49,11 +49,14 @@ def build(name, seed=0):
     wrongly mapped tensor cannot hide behind HF's zero/one initialisation."""
     cls, config_cls, cfg = CASES[name]
     torch.manual_seed(seed)
-    model = cls(config_cls(**cfg)).eval()
+    return perturb(cls(config_cls(**cfg)))
+
+
+def perturb(model, scale=0.5):
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    return model
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
 
 
 @pytest.fixture(scope="module", params=list(CASES))

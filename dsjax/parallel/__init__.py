@@ -1,0 +1,1 @@
+"""Multi-device inference: the mesh, Megatron tensor slicing and pipeline stages."""

@@ -1,0 +1,114 @@
+"""The device mesh: axes ("dp", "pp", "tp") from DeepSpeed-style options, checked against the
+model and the devices before any weight is read.
+
+tp: Megatron tensor slicing (dsjax.parallel.tensor); pp: pipeline stages with micro-batched
+decode (dsjax.parallel.pipeline); dp: replicas, each serving its own slice of the batch. tp is the
+innermost axis, so a tensor-parallel group sits on neighbouring devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from dsjax.config import ModelConfig
+from dsjax.parallel import tensor
+
+AXES = ("dp", "pp", "tp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """tp, pp, dp: degrees; micro_batches: how many pieces the batch is cut into for the
+    pipeline (default pp; with fewer than pp stages some idle each step, so it must divide pp);
+    offload_kv: keep the KV caches of micro-batches not computing in pinned host memory."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    micro_batches: int = 1
+    offload_kv: bool = False
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "dp", "micro_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        M, P = self.micro_batches, self.pp
+        if M < P and P % M:
+            raise ValueError(f"micro_batches={M} must divide pp_size={P} or be at least pp_size "
+                             f"(e.g. {P}): the decode schedule cycles micro-batches through the "
+                             "stages")
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.devices > 1 or self.micro_batches > 1 or self.offload_kv
+
+    @classmethod
+    def parse(cls, tensor_parallel=None, mp_size=None, pipeline_parallel=None,
+              data_parallel=None) -> Parallel:
+        """DeepSpeed's spellings: tensor_parallel={"tp_size": N} or an int (mp_size=N, its old
+        name); pipeline_parallel={"pp_size": P, "micro_batches": M, "offload_kv": bool} or an
+        int; data_parallel={"dp_size": R} or an int."""
+        tp = _degree("tensor_parallel", tensor_parallel, "tp_size")
+        if mp_size not in (None, 1) and tp not in (1, mp_size):
+            raise ValueError(f"mp_size={mp_size} contradicts tensor_parallel tp_size={tp}")
+        tp = mp_size if tp == 1 and mp_size else tp
+        pp_opts, micro, offload = pipeline_parallel, None, False
+        if isinstance(pipeline_parallel, dict):
+            pp_opts = dict(pipeline_parallel)
+            micro = pp_opts.pop("micro_batches", None)
+            offload = bool(pp_opts.pop("offload_kv", False))
+        pp = _degree("pipeline_parallel", pp_opts, "pp_size")
+        return cls(tp=tp, pp=pp, dp=_degree("data_parallel", data_parallel, "dp_size"),
+                   micro_batches=pp if micro is None else micro, offload_kv=offload)
+
+    def check(self, cfg: ModelConfig) -> None:
+        """Model-side errors: heads, MLP width or layers that the degrees do not divide."""
+        if not self.is_parallel:
+            return
+        if cfg.encoder is not None:
+            raise ValueError(f"tensor/pipeline parallelism serves decoders (generate); this "
+                             f"{cfg.family} encoder fits one device: drop tensor_parallel / "
+                             "pipeline_parallel")
+        tensor.check(cfg, self.tp)
+        L, P = cfg.num_layers, self.pp
+        if L % P:
+            raise ValueError(f"pp_size={P} does not divide the {L} layers; choose one of "
+                             f"{[d for d in range(1, L + 1) if L % d == 0]}")
+        Lp = L // P
+        for j in range(Lp):
+            windows = {cfg.layer_window(s * Lp + j) for s in range(P)}
+            if len(windows) > 1:
+                raise ValueError(f"pp_size={P} gives stages with different local-attention "
+                                 f"layer patterns (layer {j} of a stage: windows {windows}); "
+                                 "choose a pp_size that keeps the pattern per stage")
+
+    def mesh(self, devices=None) -> Mesh:
+        devices = list(jax.devices() if devices is None else devices)
+        if len(devices) < self.devices:
+            raise ValueError(f"dp x pp x tp = {self.dp} x {self.pp} x {self.tp} needs "
+                             f"{self.devices} devices; {len(devices)} available "
+                             f"({devices[0].platform}). On a CPU, simulate more with "
+                             "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+        grid = np.array(devices[: self.devices]).reshape(self.dp, self.pp, self.tp)
+        return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _degree(name: str, value, key: str) -> int:
+    if value is None or value is False:
+        return 1
+    if isinstance(value, dict):
+        unknown = set(value) - {key, "enabled"}
+        if unknown:
+            raise ValueError(f"unknown {name} keys {sorted(unknown)}; known: {key}, enabled"
+                             + (", micro_batches, offload_kv" if key == "pp_size" else ""))
+        return value.get(key, 1) if value.get("enabled", True) else 1
+    return value

@@ -1,0 +1,299 @@
+"""Pipeline stages with micro-batched decode, tensor slicing inside each stage, over one
+`shard_map` on the ("dp", "pp", "tp") mesh.
+
+The L layers are cut into P contiguous stages of L/P. Stage-local layer j of every stage is one
+array [P, ...] sharded over "pp" (each device holds its own stage's [1, ...] block, squeezed
+to a per-layer array inside shard_map: no per-step slicing copies, DESIGN.md); embeddings,
+final norm and LM head are replicated over "pp". Hidden states go from stage s to s + 1 with one
+`ppermute` per tick (the ring's edge P-1 -> 0 carries the sampled token back to the first
+stage); each stage keeps the KV cache of its own layers. With P = 1 this is plain tensor
+parallelism (one tick per token).
+
+Schedule (P = 3 stages, M = 3 micro-batches a b c; a digit is the pass: 0 = prompt):
+
+    tick      0   1   2   3   4   5   6   7   8 ...
+    stage 0   a0  b0  c0 | a1  b1  c1  a2  b2  c2
+    stage 1       a0  b0 | c0  a1  b1  c1  a2  b2
+    stage 2           a0 | b0  c0  a1  b1  c1  a2
+              prompt phase| token phase (ring): every stage busy on every tick
+
+Prompt phase: a GPipe pass over the M prompt micro-batches (M + P - 1 ticks, then the token
+phase starts; its own program, since prompts are [b, T] and tokens [b, 1]). Token phase: stage s
+works at tick u on micro-batch (u - s) mod R, R = max(M, P); the token that the last stage
+samples for a micro-batch reaches stage 0 by the tick that micro-batch is due there again. With
+M >= P no stage idles after the fill; with M < P (M must divide P) each stage idles P - M ticks
+in every P; M = 1 is the un-micro-batched pipeline. Every stage runs the same program: work
+outside a stage's turn is computed and discarded (its cache writes land where a valid write
+will overwrite them first, and its lengths do not move), which costs no wall time because the
+stages run in lockstep. A stage stores micro-batch m's cache in slot (m + s) mod M, so the slot
+a tick uses is the same on every stage and known when tracing: no cache is ever copied.
+Sampling streams (do_sample) differ from the single-device generate; greedy tokens are equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as PS
+
+from dsjax import generate as gen
+from dsjax.cache import KVCache
+from dsjax.config import ModelConfig
+from dsjax.parallel import tensor
+from dsjax.parallel.mesh import Parallel
+from dsjax.quant import QuantSpec, quantizable, quantize
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
+
+
+def stage_config(cfg: ModelConfig, par: Parallel) -> ModelConfig:
+    """One device's model: its stage's L/P layers, its tensor slice."""
+    local = tensor.local_config(cfg, par.tp)
+    Lp = cfg.num_layers // par.pp
+    windowed = None if cfg.local_layers is None else tuple(
+        j for j in range(Lp) if cfg.layer_window(j) is not None)
+    return dataclasses.replace(local, num_layers=Lp, local_layers=windowed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static description of a parallel engine (hashable: a jit static argument)."""
+
+    cfg: ModelConfig  # the whole model
+    par: Parallel
+    mesh: Mesh
+
+    @property
+    def ring(self):
+        P = self.par.pp
+        return [(s, (s + 1) % P) for s in range(P)]
+
+
+# ----------------------------------------------------------------------------- weights
+
+def place(flat: dict, plan: Plan, quant: QuantSpec | None = None) -> dict:
+    """Full single-device parameters {path: host array} -> the stage-stacked, tensor-sliced
+    arrays, each device receiving only its slice. Quantizable weights are quantized per slice
+    (so a row-parallel per-channel weight gets one scale row per slice)."""
+    cfg, par = plan.cfg, plan.par
+    Lp = cfg.num_layers // par.pp
+    out, stacks = {}, {}
+    for path in list(flat):
+        x = np.asarray(flat.pop(path))
+        how = tensor.slicing(path, cfg)
+        parts = tensor.pieces(x, how, par.tp)
+        if quant is not None and quantizable(path, quant):
+            parts = [jax.tree.map(np.asarray, quantize(jnp.asarray(p), quant)) for p in parts]
+        joined = parts[0] if how.axis is None else jax.tree.map(
+            lambda *xs: np.concatenate(xs, axis=how.axis % xs[0].ndim), *parts)
+        layer = _LAYER.match(path)
+        if layer is None:
+            out[path] = _put(joined, plan.mesh, how, layer=False)
+        else:
+            stage, j = divmod(int(layer[1]), Lp)
+            stacks.setdefault(f"layers.{j}.{layer[2]}", [None] * par.pp)[stage] = (joined, how)
+    for path, per_stage in stacks.items():
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *[p for p, _ in per_stage])
+        out[path] = _put(stacked, plan.mesh, per_stage[0][1], layer=True)
+    from dsjax.model import unflatten
+
+    return unflatten(out)
+
+
+def _put(x, mesh: Mesh, how: tensor.Slicing, *, layer: bool):
+    """Host arrays -> global arrays whose devices each receive only their slice."""
+    def put(a):
+        axes = [None] * (a.ndim - layer)
+        if how.axis is not None:
+            axes[how.axis % len(axes)] = tensor.AXIS
+        spec = PS("pp", *axes) if layer else PS(*axes)
+        return jax.device_put(a, NamedSharding(mesh, spec))
+    return jax.tree.map(put, x)
+
+
+def param_specs(params: dict) -> dict:
+    """The in_specs of placed parameters (their shardings' specs)."""
+    return jax.tree.map(lambda a: a.sharding.spec, params)
+
+
+def _local(params: dict) -> dict:
+    """Inside shard_map: each layer leaf's [1, ...] stage block -> the layer's own array."""
+    layers = jax.tree.map(lambda a: a.reshape(a.shape[1:]), params["layers"])
+    return {**params, "layers": layers}
+
+
+# ----------------------------------------------------------------------------- generate
+
+def _select(valid, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(valid, n, o), new, old)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "specs", "capacity", "do_sample",
+                                             "return_logprobs", "int8_cache"))
+def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
+             sampling: gen.Sampling, *, plan: Plan, specs, capacity: int, do_sample: bool,
+             return_logprobs: bool, int8_cache: bool = False):
+    """gen.generate over the mesh. tokens [dp, M, b, T] right-padded prompts cut into
+    micro-batches, lengths [dp, M, b]; specs: the params' in_specs as a hashable
+    (treedef, leaves) pair (see `hashable_specs`). Returns (tokens, count, logprobs) shaped
+    [dp, M, b, capacity], [dp, M, b], [dp, M, b, capacity]."""
+    gen.TRACES["parallel_generate"] += 1
+    body = functools.partial(_generate_local, graphdef, plan=plan, capacity=capacity,
+                             do_sample=do_sample, return_logprobs=return_logprobs,
+                             int8_cache=int8_cache)
+    batch = PS("dp")
+    fn = jax.shard_map(body, mesh=plan.mesh, in_specs=(
+        jax.tree.unflatten(*specs), batch, batch, PS(), PS(), PS(), PS(), PS()),
+        out_specs=(batch, batch, batch), check_vma=False)
+    return fn(params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id, sampling)
+
+
+def hashable_specs(params: dict):
+    leaves, treedef = jax.tree.flatten(param_specs(params))
+    return treedef, tuple(leaves)
+
+
+class _Stage:
+    """One device's view: its model, its stage index and the ring hand-off."""
+
+    def __init__(self, graphdef, params, plan: Plan):
+        self.model = nnx.merge(graphdef, _local(params))
+        self.P, self.M = plan.par.pp, plan.par.micro_batches
+        self.R = max(self.M, self.P)
+        self.s = jax.lax.axis_index("pp")
+        self.first, self.last = self.s == 0, self.s == self.P - 1
+        self.plan = plan
+
+    def run(self, recv, tokens, positions, cache, key_mask=None):
+        """The stage's layers on the previous stage's output (the embedded tokens on stage 0)."""
+        x = self.model.embed_inputs(tokens, positions)
+        if self.P > 1:
+            x = jnp.where(self.first, x, recv)
+        return self.model.blocks(x, positions, cache, key_mask)
+
+    def head(self, hidden):
+        return self.model.logits(self.model.finish(hidden))
+
+    def pass_on(self, tree):
+        return tree if self.P == 1 else jax.lax.ppermute(tree, "pp", self.plan.ring)
+
+    def from_last(self, x):
+        """A value the last stage computed, on every stage (a masked sum over "pp")."""
+        if self.P == 1:
+            return x
+        return jax.lax.psum(jnp.where(self.last, x, jnp.zeros((), x.dtype)), "pp")
+
+
+def _generate_local(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
+                    sampling, *, plan: Plan, capacity, do_sample, return_logprobs, int8_cache):
+    st = _Stage(graphdef, params, plan)
+    P, M, R, model = st.P, st.M, st.R, st.model
+    tokens, lengths = tokens[0], lengths[0]  # [M, b, T], [M, b]
+    b, T = tokens.shape[1:]
+    dtype = model.embed.embedding.dtype
+    caches = [KVCache.create(model.cfg, b, capacity, dtype, quantized=int8_cache)
+              for _ in range(M)]
+    pick = functools.partial(gen.pick_token, sampling=sampling, pad_id=pad_id,
+                             do_sample=do_sample, return_logprobs=return_logprobs)
+    n_pass = max_new_tokens - 1  # decode passes after the prompt's token
+    mb = lambda: [jnp.zeros((b,), jnp.int32) for _ in range(M)]  # noqa: E731
+    buf, count, done = mb(), mb(), [jnp.zeros((b,), bool) for _ in range(M)]
+    out = [jnp.full((b, capacity), pad_id, jnp.int32) for _ in range(M)]
+    out_lp = [jnp.zeros((b, capacity), jnp.float32) for _ in range(M)]
+
+    # prompt phase: micro-batch j = tau - s on stage s
+    recv = jnp.zeros((b, T, model.cfg.hidden_size), dtype)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
+    for tau in range(M + P - 1):
+        j = tau - st.s
+        slot, old = tau % M, caches[tau % M]
+        h, new = st.run(recv, tokens[min(tau, M - 1)], positions, old)
+        new = new.replace(lengths=lengths[jnp.clip(j, 0, M - 1)])
+        caches[slot] = new if P - 1 <= tau < M else _select((j >= 0) & (j < M), new, old)
+        tok = jnp.zeros((b,), jnp.int32)
+        jl = tau - (P - 1)  # the last stage's micro-batch
+        if 0 <= jl < M:
+            last = jnp.take_along_axis(h, (lengths[jl] - 1)[:, None, None], axis=1)[:, 0]
+            tok, lp = pick(st.head(last), jax.random.fold_in(key, jl), done[jl])
+            out[jl], out_lp[jl] = out[jl].at[:, 0].set(tok), out_lp[jl].at[:, 0].set(lp)
+            count[jl] = jnp.ones((b,), jnp.int32)
+            done[jl] = gen.is_stop_token(tok, stop_ids)
+        recv, tok = st.pass_on((h, tok))
+        if 0 <= jl < M:
+            buf[jl] = tok
+
+    # token phase: rounds of R ticks; micro-batch (t - s) mod R on stage s at round tick t
+    last_tick = (M - 1) + (P - 1) + (n_pass - 1) * R
+    rounds = jnp.where(n_pass > 0, last_tick // R + 1, 0)
+
+    def round_(state):
+        r, recv, caches, buf, out, out_lp, count, done, _ = state
+        caches, buf, out, out_lp, count, done = map(list, (caches, buf, out, out_lp, count, done))
+        for t in range(R):
+            j, k = (t - st.s) % R, r - (t < st.s).astype(jnp.int32)
+            valid = (j < M) & (k >= 0) & (k < n_pass)
+            slot, cache = t % M, caches[t % M]
+            pos = cache.lengths[:, None]
+            h, new = st.run(recv, buf[t % R if t % R < M else 0][:, None], pos, cache)
+            caches[slot] = new.replace(lengths=cache.lengths + valid.astype(jnp.int32))
+            tok = jnp.zeros((b,), jnp.int32)
+            jl = (t - (P - 1)) % R
+            if jl < M:
+                kl = r - int(t < P - 1)
+                ok = (kl >= 0) & (kl < n_pass)
+                tok, lp = pick(st.head(h[:, 0]), jax.random.fold_in(key, (r * R + t) * M + jl + M),
+                               done[jl])
+                live = ok & ~done[jl]
+                step = jnp.clip(kl + 1, 0, capacity - 1)
+                out[jl] = jnp.where(ok, jax.lax.dynamic_update_slice(out[jl], tok[:, None], (0, step)),
+                                    out[jl])
+                out_lp[jl] = jnp.where(ok, jax.lax.dynamic_update_slice(
+                    out_lp[jl], lp[:, None], (0, step)), out_lp[jl])
+                count[jl] = count[jl] + live.astype(jnp.int32)
+                done[jl] = done[jl] | (ok & gen.is_stop_token(tok, stop_ids))
+            recv, tok = st.pass_on((h, tok))
+            if jl < M:  # stage 0 keeps it until micro-batch jl is due there again
+                buf[jl] = jnp.where(ok, tok, buf[jl])
+        all_done = st.from_last(jnp.all(jnp.stack(done)).astype(jnp.int32)) > 0
+        return r + 1, recv, caches, buf, out, out_lp, count, done, all_done
+
+    def cond(state):
+        return (state[0] < rounds) & ~state[-1]
+
+    recv = jnp.zeros((b, 1, model.cfg.hidden_size), dtype)
+    state = (jnp.int32(0), recv, caches, buf, out, out_lp, count, done, jnp.bool_(False))
+    _, _, _, _, out, out_lp, count, _, _ = jax.lax.while_loop(cond, round_, state)
+    result = (jnp.stack(out), jnp.stack(count), jnp.stack(out_lp))
+    return tuple(st.from_last(x)[None] for x in result)
+
+
+# ----------------------------------------------------------------------------- forward
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "specs"))
+def forward(graphdef, params, tokens, attention_mask, *, plan: Plan, specs):
+    """gen.forward over the mesh: tokens, attention_mask [dp, B, T] -> logits [dp, B, T, V]."""
+    gen.TRACES["parallel_forward"] += 1
+    batch = PS("dp")
+    fn = jax.shard_map(functools.partial(_forward_local, graphdef, plan=plan), mesh=plan.mesh,
+                       in_specs=(jax.tree.unflatten(*specs), batch, batch), out_specs=batch,
+                       check_vma=False)
+    return fn(params, tokens, attention_mask)
+
+
+def _forward_local(graphdef, params, tokens, attention_mask, *, plan: Plan):
+    st = _Stage(graphdef, params, plan)
+    tokens, mask = tokens[0], attention_mask[0].astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    h = jnp.zeros(tokens.shape + (st.model.cfg.hidden_size,), st.model.embed.embedding.dtype)
+    for tick in range(st.P):  # one micro-batch through the stages
+        h, _ = st.run(h, tokens, positions, None, mask)
+        if tick < st.P - 1:
+            h = st.pass_on(h)
+    return st.from_last(st.head(h))[None]

@@ -1,0 +1,223 @@
+"""Tensor and pipeline parallelism on 8 simulated CPU devices (tests/conftest.py sets them up):
+greedy tokens equal HF transformers' own (and the one-device engine's) for TP 2/4/8, PP 2/4,
+TP2xPP2, TP4xPP2 and data parallelism, on padded batches, for a GQA family (KV heads
+replicated when fewer than tp), a parallel-residual family and every decoder family; weights
+really sliced; bad degrees are clear errors before any weight is read."""
+
+import jax
+import numpy as np
+import pytest
+import transformers as tf
+
+import dsjax
+from dsjax.parallel.mesh import Parallel
+from tests.conftest import hf_greedy, hf_logits, llama_model, prompt
+from tests.converters import test_decoder_families as families
+
+if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX starts",
+                allow_module_level=True)
+
+V = 96
+ROWS = [prompt(1, 9, V), prompt(2, 3, V), prompt(3, 14, V)]  # a padded batch of three lengths
+N = 10
+
+
+def gqa_llama():  # 8 query heads, 2 KV heads: replicated on 2 (tp 4) or 4 (tp 8) devices
+    return llama_model(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                       num_hidden_layers=4, intermediate_size=96)
+
+
+def neox_parallel_residual():
+    cls, config_cls, cfg = families.CASES["gpt_neox_parallel_rotary_quarter"]
+    model = cls(config_cls(**dict(cfg, hidden_size=64, num_attention_heads=8, num_hidden_layers=4)))
+    return families.perturb(model)
+
+
+DEGREES = [(2, 1), (4, 1), (8, 1), (1, 2), (1, 4), (2, 2), (4, 2)]  # (tp, pp)
+CASES = [("llama_gqa", tp, pp) for tp, pp in DEGREES] + [
+    ("neox_parallel_residual", tp, pp) for tp, pp in ((4, 1), (1, 2), (4, 2))]
+MODELS = {"llama_gqa": gqa_llama, "neox_parallel_residual": neox_parallel_residual}
+_REFERENCES = {}
+
+
+def reference(name):
+    """The HF model, its one-device engine and HF's greedy tokens for ROWS (built once)."""
+    if name not in _REFERENCES:
+        hf = MODELS[name]()
+        single = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=32, progress=False)
+        _REFERENCES[name] = hf, single, [hf_greedy(hf, r, N) for r in ROWS]
+    return _REFERENCES[name]
+
+
+def _engine(hf, tp=1, pp=1, **kw):
+    return dsjax.init_inference(hf, dtype="fp32", max_out_tokens=32, progress=False,
+                                tensor_parallel={"tp_size": tp},
+                                pipeline_parallel={"pp_size": pp, **kw.pop("pipe", {})}, **kw)
+
+
+@pytest.mark.parametrize("name,tp,pp", CASES, ids=[f"{n}-tp{t}xpp{p}" for n, t, p in CASES])
+def test_greedy_tokens_equal_hf_and_one_device(name, tp, pp):
+    hf, single, expected = reference(name)
+    out = _engine(hf, tp, pp).generate(ROWS, max_new_tokens=N, eos_token_id=[],
+                                       return_logprobs=True)
+    assert out.sequences == expected
+    ref = single.generate(ROWS, max_new_tokens=N, eos_token_id=[], return_logprobs=True)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,tp,pp", [("llama_gqa", 2, 2), ("neox_parallel_residual", 4, 1)])
+def test_forward_logits_equal_hf(name, tp, pp):
+    hf, single, _ = reference(name)
+    ids = np.stack([prompt(4, 12, V), prompt(5, 12, V)])
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    got = np.asarray(_engine(hf, tp, pp)(ids, mask))
+    np.testing.assert_allclose(got[0], hf_logits(hf, ids[:1])[0], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, np.asarray(single(ids, mask)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pipe", [{"micro_batches": 1}, {"micro_batches": 2}, {"micro_batches": 6}],
+                         ids=["m1_unbatched", "m2_divides_pp4", "m6_more_than_pp"])
+def test_micro_batch_counts(pipe):
+    """M < P (idle ticks), M = P (the default, tested above) and M > P give the same tokens."""
+    hf = gqa_llama()
+    rows = ROWS + [prompt(6, 5, V), prompt(7, 1, V)]
+    out = _engine(hf, 1, 4, pipe=pipe).generate(rows, max_new_tokens=N, eos_token_id=[])
+    assert out.sequences == [hf_greedy(hf, r, N) for r in rows]
+
+
+def test_data_parallel_replicas_and_eos():
+    hf = gqa_llama()
+    expected = [hf_greedy(hf, r, N) for r in ROWS]
+    stop = expected[0][3]  # each row stops at its own first occurrence of this token
+    engine = _engine(hf, 2, 2, data_parallel={"dp_size": 2})
+    out = engine.generate(ROWS, max_new_tokens=N, eos_token_id=stop)
+    cut = [e[: e.index(stop) + 1] if stop in e else e for e in expected]
+    assert out.sequences == cut
+
+
+# every decoder family at TP2 x PP2 (its 2-layer test config: one layer a stage); families whose
+# stages would get different local-attention patterns run at TP2 alone (and error at PP2, below)
+PATTERNED = ("gpt_neo_local_window_3", "qwen2_sliding_top_layer")
+
+
+@pytest.mark.parametrize("name", list(families.CASES))
+def test_every_family(name):
+    hf = families.build(name)
+    pp = 1 if name in PATTERNED else 2
+    out = _engine(hf, 2, pp).generate(ROWS[:2], max_new_tokens=8, eos_token_id=[])
+    assert out.sequences == [hf_greedy(hf, r, 8) for r in ROWS[:2]]
+
+
+def test_gpt2_tied_vocab_padded_to_tp():
+    """97 tokens over tp 4: the vocabulary slices are padded and the padding never sampled."""
+    from tests.conftest import gpt2_model
+
+    hf = gpt2_model(vocab_size=97, n_layer=4)
+    out = _engine(hf, 4, 2).generate(ROWS, max_new_tokens=N, eos_token_id=[])
+    assert out.sequences == [hf_greedy(hf, r, N) for r in ROWS]
+
+
+@pytest.mark.parametrize("quant", [{"bits": 8, "group_size": 16}, {"bits": 4, "group_size": 8}],
+                         ids=["int8_g16", "int4_g8"])
+def test_quantized_slices_equal_one_device(quant):
+    """Groups that sit inside each device's rows quantize identically on one device and on TP."""
+    hf = gqa_llama()
+    single = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=32, progress=False, quant=quant)
+    out = _engine(hf, 2, 1, quant=quant).generate(ROWS, max_new_tokens=N, eos_token_id=[])
+    assert out.sequences == single.generate(ROWS, max_new_tokens=N, eos_token_id=[]).sequences
+
+
+def test_int8_kv_cache_and_kernel_injection():
+    hf = gqa_llama()
+    kw = dict(kv_cache_dtype="int8", replace_with_kernel_inject=True, kernels={"linear": "xla"})
+    single = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=32, progress=False, **kw)
+    out = _engine(hf, 2, 2, **kw).generate(ROWS[:2], max_new_tokens=3, eos_token_id=[])
+    assert out.sequences == single.generate(ROWS[:2], max_new_tokens=3, eos_token_id=[]).sequences
+
+
+# ----------------------------------------------------------------------------- layout
+
+def _layer_kernels(engine):
+    return {k: v for k, v in dsjax.model.flatten(engine.params).items()
+            if k.startswith("layers.") and k.endswith("kernel")}
+
+
+def test_each_device_holds_its_slice_of_the_weights():
+    """MHA at tp 4: every layer kernel's shard is 1/4 of it, on 4 different devices; at pp 2
+    each stage's layers live only on that stage's devices."""
+    hf = neox_parallel_residual()
+    single = dsjax.init_inference(hf, dtype="fp32", progress=False)
+    engine = _engine(hf, 4, 2)
+    full = {k: v for k, v in dsjax.model.flatten(single.params).items()
+            if k.startswith("layers.") and k.endswith("kernel")}
+    per_device = {}
+    for path, arr in _layer_kernels(engine).items():
+        assert arr.shape[0] == 2  # [stages, ...]
+        for shard in arr.addressable_shards:
+            assert shard.data.shape[0] == 1
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    total = sum(v.nbytes for v in full.values())
+    assert len(per_device) == 8
+    assert all(b * 8 == total for b in per_device.values())  # 1/(tp * pp) of the layer kernels
+    qkv = engine.params["layers"][0]["attn"]["qkv"]["kernel"]
+    stage_devices = [{s.device for s in qkv.addressable_shards if s.index[0].start == st}
+                     for st in (0, 1)]
+    assert not stage_devices[0] & stage_devices[1]
+
+
+def test_stage_stacked_arrays_keep_per_layer_weights():
+    """Stage-local layer j is one [P, ...] array per weight (never [layers, ...])."""
+    engine = _engine(gqa_llama(), 1, 4)
+    assert set(engine.params["layers"]) == {0}
+    assert engine.params["layers"][0]["mlp"]["up"]["kernel"].shape == (4, 64, 192)
+
+
+# ----------------------------------------------------------------------------- errors
+
+ERRORS = [
+    (dict(tensor_parallel={"tp_size": 3}), "does not divide the 8 attention heads"),
+    (dict(tensor_parallel={"tp_size": 16}), "does not divide the 8 attention heads"),
+    (dict(pipeline_parallel={"pp_size": 3}), "does not divide the 4 layers"),
+    (dict(pipeline_parallel={"pp_size": 4, "micro_batches": 3}), "must divide pp_size=4"),
+    (dict(tensor_parallel={"tp_size": 4}, pipeline_parallel={"pp_size": 4}), "needs 16 devices"),
+    (dict(pipeline_parallel={"pp_size": 2, "stages": 2}), "unknown pipeline_parallel keys"),
+    (dict(tensor_parallel=0), "tp must be a positive integer"),
+    (dict(mp_size=2, tensor_parallel={"tp_size": 4}), "contradicts"),
+]
+
+
+@pytest.mark.parametrize("kw,message", ERRORS, ids=[m for _, m in ERRORS])
+def test_bad_degrees_are_clear_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
+        dsjax.init_inference(_cfg(), **kw)
+
+
+def _cfg():
+    from dsjax.config import ModelConfig
+
+    return ModelConfig(family="llama", vocab_size=V, hidden_size=64, num_layers=4, num_heads=8,
+                       num_kv_heads=2, intermediate_size=96, norm="rmsnorm", activation="silu",
+                       gated_mlp=True, positions="rotary")
+
+
+def test_kv_heads_that_do_not_divide_and_layer_patterns():
+    hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=V, hidden_size=48, intermediate_size=96,
+                                            num_hidden_layers=2, num_attention_heads=12,
+                                            num_key_value_heads=4))
+    with pytest.raises(ValueError, match="6 and the 4 KV heads do not divide"):
+        _engine(hf, 6, 1)
+    with pytest.raises(ValueError, match="different local-attention layer patterns"):
+        _engine(families.build("gpt_neo_local_window_3"), 1, 2)
+    bert = tf.BertModel(tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(ValueError, match="encoder fits one device"):
+        _engine(bert, 2, 1)
+
+
+def test_parse_spellings():
+    assert Parallel.parse(2, None, 2) == Parallel(tp=2, pp=2, micro_batches=2)
+    assert Parallel.parse(None, 4, {"pp_size": 2, "micro_batches": 8}) == Parallel(
+        tp=4, pp=2, micro_batches=8)
+    assert Parallel.parse({"tp_size": 8, "enabled": False}) == Parallel()
