@@ -1,0 +1,226 @@
+"""Tensor and pipeline parallelism of one architecture on 1..4 GPUs, in one run.
+
+    python benchmarks/parallel.py [--arch llama3-8b] [--part latency,throughput,copies]
+        [--prompt-len 128] [--new-tokens 32] [--micro-batch 8]
+
+latency: bs-1 decode ms/token at TP 1/2/4 (and the all-reduce overhead per layer it implies).
+throughput: decode tokens/s at PP 2/4 with M = P micro-batches of `micro-batch` sequences,
+  against the same pipeline with one micro-batch (of the same size, and of the same total
+  batch) and against TP at the same GPU count and total batch.
+copies: whether the stage-stacked [P, ...] layer arrays bring back per-step weight copies
+  (DESIGN.md): weight-sized copies in the compiled decode program, and the ms/token of a
+  one-micro-batch pipeline (which reads the same weights per token as one GPU) against TP1.
+Random weights (the built-in architecture, bf16) made once on the host and sliced for every
+layout. Decode ms/token = (T(n) - T(1)) / (n - 1), medians. Floors: the bytes one device reads
+per tick (its weight slices) x ticks per token / the bf16 GEMV bandwidth measured here.
+Writes results/parallel.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from dsjax import engine as eng  # noqa: E402
+from dsjax import generate as gen  # noqa: E402
+from dsjax.config import InferenceConfig  # noqa: E402
+from dsjax.model import abstract_model, flatten  # noqa: E402
+from dsjax.parallel import pipeline, tensor  # noqa: E402
+from dsjax.parallel.mesh import Parallel  # noqa: E402
+
+
+def build(cfg, flat, par: Parallel, budget: int):
+    """An engine of the given layout on the shared host weights (flat is not consumed)."""
+    icfg = InferenceConfig(dtype="bfloat16", max_out_tokens=budget)
+    if not par.is_parallel:
+        params = eng.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+        graphdef, _ = abstract_model(cfg, jnp.bfloat16)
+        return eng.InferenceEngine(cfg, icfg, graphdef, params, random_weights=True)
+    plan = pipeline.Plan(cfg, par, par.mesh())
+    graphdef, _ = abstract_model(pipeline.stage_config(cfg, par), jnp.bfloat16,
+                                 shard=tensor.shard_for(cfg, par.tp))
+    return eng.InferenceEngine(cfg, icfg, graphdef, pipeline.place(dict(flat), plan),
+                               random_weights=True, plan=plan)
+
+
+def device_bytes(engine) -> int:
+    """Bytes of parameters on the first device (its slices), i.e. read per tick."""
+    dev = jax.devices()[0]
+    return sum(s.data.nbytes for a in jax.tree.leaves(engine.params)
+               for s in getattr(a, "addressable_shards", []) if s.device == dev)
+
+
+def timing(engine, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict:
+    prompts = np.random.default_rng(batch).integers(0, engine.config.vocab_size, (batch, prompt_len))
+    run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[])  # noqa: E731
+    t0 = time.perf_counter()
+    run(new_tokens)
+    compile_s = time.perf_counter() - t0
+    run(1)
+    out = common.decode_timing(run, new_tokens, reps)
+    out.update(batch=batch, compile_s=compile_s,
+               tokens_per_s=batch / out["decode_ms_per_token"] * 1e3)
+    return out
+
+
+_COPY = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* copy\(")
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "s8": 1, "u8": 1, "pred": 1}
+
+
+def large_copies(engine, min_bytes: int, prompt_len: int) -> list[int]:
+    """Sizes of the copies of at least min_bytes in the compiled generate program."""
+    rows = [np.zeros(prompt_len, np.int32)] * 2
+    budget = engine.inference_config.max_out_tokens
+    par = engine.plan.par if engine.plan else None
+    tokens, lengths = eng._pack(rows, budget, 0, groups=par.dp * par.micro_batches if par else 1)
+    args = (jax.random.key(0), jnp.int32(8), jnp.asarray([-1], jnp.int32), jnp.int32(0),
+            gen.Sampling.make())
+    kw = dict(capacity=budget, do_sample=False, return_logprobs=False, int8_cache=False)
+    if par is None:
+        lowered = gen.generate.lower(engine.graphdef, engine.params, jnp.asarray(tokens),
+                                     jnp.asarray(lengths), *args, **kw)
+    else:
+        cut = lambda a: jnp.asarray(a.reshape(par.dp, par.micro_batches, -1, *a.shape[1:]))  # noqa: E731
+        lowered = pipeline.generate.lower(engine.graphdef, engine.params, cut(tokens),
+                                          cut(lengths), *args, plan=engine.plan,
+                                          specs=engine._specs, **kw)
+    sizes = []
+    for dtype, dims in _COPY.findall(lowered.compile().as_text()):
+        n = int(np.prod([int(d) for d in dims.split(",") if d])) * _BYTES.get(dtype, 4)
+        if n >= min_bytes:
+            sizes.append(n)
+    return sorted(sizes, reverse=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="llama3-8b")
+    p.add_argument("--part", default="latency,throughput,copies")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--suffix", default="")
+    p.add_argument("--out", type=Path, default=common.RESULTS)
+    a = p.parse_args()
+    parts = a.part.split(",")
+    budget = a.prompt_len + a.new_tokens
+    n_gpu = jax.device_count()
+    env = {**common.environment(), "gemv_bandwidth": common.gemv_bandwidth(), "devices": n_gpu}
+    bw = env["gemv_bandwidth"]["bytes_per_s"]
+    cfg = eng._open(a.arch).config
+    t0 = time.perf_counter()
+    flat = {k: np.asarray(v) for k, v in flatten(eng._random_params(cfg, jnp.bfloat16, 0)).items()}
+    print(f"host weights {sum(v.nbytes for v in flat.values()) / 1e9:.1f} GB in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+
+    def measure(name, par, batches, ticks_per_token):
+        try:
+            par.check(cfg)
+            par.mesh()
+        except ValueError as e:
+            print(f"skip {name}: {e}", flush=True)
+            return None
+        t = time.perf_counter()
+        engine = build(cfg, flat, par, budget)
+        wb = device_bytes(engine)
+        print(f"{name}: built in {time.perf_counter() - t:.0f} s, {wb / 1e9:.2f} GB per device",
+              flush=True)
+        out = []
+        for B in batches:
+            r = timing(engine, B, a.prompt_len, a.new_tokens, a.reps)
+            floor_ms = wb * ticks_per_token / bw * 1e3
+            r.update(name=name, tp=par.tp, pp=par.pp, micro_batches=par.micro_batches,
+                     gpus=par.devices, bytes_per_device=wb, floor_ms=floor_ms,
+                     floor_ratio=r["decode_ms_per_token"] / floor_ms)
+            print(f"  {name} B={B}: {r['decode_ms_per_token']:.2f} ms/token "
+                  f"({r['floor_ratio']:.2f}x floor), {r['tokens_per_s']:.0f} tok/s, "
+                  f"compile {r['compile_s']:.0f} s", flush=True)
+            out.append(r)
+            rows.append(r)
+        return engine, out
+
+    def save():  # after every layout, so that a run cut short keeps what it measured
+        md = report(rows, env, a, cfg.num_layers)
+        common.write(f"parallel{a.suffix}", {"env": env, "args": {**vars(a), "out": str(a.out)},
+                                              "rows": rows}, md,
+                     [a.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []))
+        return md
+
+    b = a.micro_batch
+    layouts = []  # (name, layout, batch sizes, ticks per token, check copies)
+    if "latency" in parts:
+        layouts += [(f"TP{tp}", Parallel(tp=tp), [1] + [tp * b] * (tp > 1 and "throughput" in parts),
+                     1, tp == 1 and "copies" in parts) for tp in (1, 2, 4)]
+    for P in (2, 4):
+        if "throughput" in parts or "copies" in parts:
+            layouts.append((f"PP{P} M=1", Parallel(pp=P, micro_batches=1),
+                            [b] + [P * b] * ("throughput" in parts), P, "copies" in parts))
+        if "throughput" in parts:
+            layouts.append((f"PP{P} M={P}", Parallel(pp=P, micro_batches=P), [P * b], 1, False))
+    for name, par, batches, ticks, copies in layouts:
+        got = measure(name, par, batches, ticks)
+        if got and copies:
+            env[f"copies {name}"] = large_copies(got[0], 8 << 20, a.prompt_len)
+        del got
+        gc.collect()
+        save()
+    print(save())
+
+
+def report(rows, env, a, layers: int) -> str:
+    lines = [f"# Tensor and pipeline parallelism, {a.arch} (bf16, random weights)", "",
+             f"{env.get('gpu', '')} x {env['devices']}, JAX {env.get('jax')}, commit "
+             f"{env.get('commit')}; prompt {a.prompt_len}, {a.new_tokens} new tokens, medians of "
+             f"{a.reps}; bf16 GEMV ceiling {env['gemv_bandwidth']['bytes_per_s'] / 1e12:.2f} TB/s.",
+             "", "| layout | GPUs | batch | decode ms/token | tokens/s | floor ms | x floor | "
+             "GB/device | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['gpus']} | {r['batch']} | {r['decode_ms_per_token']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['floor_ms']:.2f} | {r['floor_ratio']:.2f} | "
+                     f"{r['bytes_per_device'] / 1e9:.2f} | {r['compile_s']:.0f} |")
+    by = {(r["name"], r["batch"]): r for r in rows}
+    lines += ["", "## Ratios", ""]
+    tp1 = by.get(("TP1", 1))
+    for tp in (2, 4):
+        r = by.get((f"TP{tp}", 1))
+        if tp1 and r:
+            lines.append(f"- TP{tp} bs-1 latency / TP1: {r['decode_ms_per_token'] / tp1['decode_ms_per_token']:.2f}"
+                         f" (goal {'0.6' if tp == 2 else '0.4'}); time beyond TP1/{tp}, per "
+                         f"collective ({2 * layers + 2} per token: 2 a layer, embedding, logits): "
+                         f"{(r['decode_ms_per_token'] - tp1['decode_ms_per_token'] / tp) / (2 * layers + 2) * 1e3:.1f} us")
+    b = a.micro_batch
+    for P in (2, 4):
+        mb, m1, m1big, tpP = (by.get((f"PP{P} M={P}", P * b)), by.get((f"PP{P} M=1", b)),
+                              by.get((f"PP{P} M=1", P * b)), by.get((f"TP{P}", P * b)))
+        if mb and m1:
+            lines.append(f"- PP{P}, M={P} x {b} vs one micro-batch of {b}: "
+                         f"{mb['tokens_per_s'] / m1['tokens_per_s']:.2f}x tokens/s (goal at PP4: 3x)")
+        if mb and m1big:
+            lines.append(f"- PP{P}, M={P} x {b} vs one micro-batch of {P * b} (same batch): "
+                         f"{mb['tokens_per_s'] / m1big['tokens_per_s']:.2f}x tokens/s")
+        if mb and tpP:
+            lines.append(f"- PP{P} micro-batched vs TP{P}, batch {P * b}: "
+                         f"{mb['tokens_per_s'] / tpP['tokens_per_s']:.2f}x tokens/s")
+    for key in sorted(k for k in env if k.startswith("copies")):
+        lines.append(f"- weight-sized copies (>= 8 MiB) in the compiled generate program, "
+                     f"{key[7:]}: {len(env[key])} {[round(x / 2**20) for x in env[key][:6]]} MiB")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
