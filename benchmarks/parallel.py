@@ -19,6 +19,7 @@ Writes results/parallel.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import re
@@ -56,11 +57,24 @@ def build(cfg, flat, par: Parallel, budget: int):
                                random_weights=True, plan=plan)
 
 
-def device_bytes(engine) -> int:
-    """Bytes of parameters on the first device (its slices), i.e. read per tick."""
+def device_bytes(engine) -> tuple[int, int, int]:
+    """Bytes of parameters on the first device (its slices); of those, an untied embedding
+    table's (looked up, not read, per step) and the LM head's."""
     dev = jax.devices()[0]
-    return sum(s.data.nbytes for a in jax.tree.leaves(engine.params)
-               for s in getattr(a, "addressable_shards", []) if s.device == dev)
+    on_dev = lambda tree: sum(s.data.nbytes for a in jax.tree.leaves(tree)  # noqa: E731
+                              for s in getattr(a, "addressable_shards", []) if s.device == dev)
+    tied = engine.config.tie_word_embeddings
+    table = 0 if tied else on_dev(engine.params["embed"])
+    return on_dev(engine.params), table, on_dev(engine.params["embed" if tied else "lm_head"])
+
+
+def floor_ms(row: dict, bytes_per_s: float) -> float:
+    """Each device reads its layer slices once per tick and the LM head on ticks where the last
+    stage finishes a micro-batch (every tick with M >= P, M of every P ticks otherwise); a token
+    step of the batch takes pp ticks. An untied embedding table is looked up, not read."""
+    P, M = row["pp"], row["micro_batches"]
+    layers = row["bytes_per_device"] - row["embedding_bytes"] - row["head_bytes"]
+    return (P * layers + min(M, P) * row["head_bytes"]) / bytes_per_s * 1e3
 
 
 def timing(engine, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict:
@@ -113,22 +127,28 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--tp-sizes", default="1,2,4", help="tensor-parallel degrees (latency part)")
+    p.add_argument("--pp-sizes", default="2,4", help="pipeline degrees (throughput part)")
+    p.add_argument("--layers", type=int, help="override the architecture's layer count")
     p.add_argument("--suffix", default="")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     a = p.parse_args()
     parts = a.part.split(",")
     budget = a.prompt_len + a.new_tokens
     n_gpu = jax.device_count()
-    env = {**common.environment(), "gemv_bandwidth": common.gemv_bandwidth(), "devices": n_gpu}
+    env = {**common.environment(), "gemv_bandwidth": common.gemv_bandwidth(), "devices": n_gpu,
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "nccl_proto": os.environ.get("NCCL_PROTO", "")}
     bw = env["gemv_bandwidth"]["bytes_per_s"]
     cfg = eng._open(a.arch).config
+    if a.layers:  # the same layers, fewer of them: a quicker look at per-layer costs
+        cfg = dataclasses.replace(cfg, num_layers=a.layers)
     t0 = time.perf_counter()
     flat = {k: np.asarray(v) for k, v in flatten(eng._random_params(cfg, jnp.bfloat16, 0)).items()}
     print(f"host weights {sum(v.nbytes for v in flat.values()) / 1e9:.1f} GB in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
 
-    def measure(name, par, batches, ticks_per_token):
+    def measure(name, par, batches):
         try:
             par.check(cfg)
             par.mesh()
@@ -137,16 +157,16 @@ def main() -> None:
             return None
         t = time.perf_counter()
         engine = build(cfg, flat, par, budget)
-        wb = device_bytes(engine)
+        wb, table, head = device_bytes(engine)
         print(f"{name}: built in {time.perf_counter() - t:.0f} s, {wb / 1e9:.2f} GB per device",
               flush=True)
         out = []
         for B in batches:
             r = timing(engine, B, a.prompt_len, a.new_tokens, a.reps)
-            floor_ms = wb * ticks_per_token / bw * 1e3
             r.update(name=name, tp=par.tp, pp=par.pp, micro_batches=par.micro_batches,
-                     gpus=par.devices, bytes_per_device=wb, floor_ms=floor_ms,
-                     floor_ratio=r["decode_ms_per_token"] / floor_ms)
+                     gpus=par.devices, bytes_per_device=wb, embedding_bytes=table, head_bytes=head)
+            r["floor_ms"] = floor_ms(r, bw)
+            r["floor_ratio"] = r["decode_ms_per_token"] / r["floor_ms"]
             print(f"  {name} B={B}: {r['decode_ms_per_token']:.2f} ms/token "
                   f"({r['floor_ratio']:.2f}x floor), {r['tokens_per_s']:.0f} tok/s, "
                   f"compile {r['compile_s']:.0f} s", flush=True)
@@ -162,18 +182,18 @@ def main() -> None:
         return md
 
     b = a.micro_batch
-    layouts = []  # (name, layout, batch sizes, ticks per token, check copies)
+    layouts = []  # (name, layout, batch sizes, check copies)
     if "latency" in parts:
         layouts += [(f"TP{tp}", Parallel(tp=tp), [1] + [tp * b] * (tp > 1 and "throughput" in parts),
-                     1, tp == 1 and "copies" in parts) for tp in (1, 2, 4)]
-    for P in (2, 4):
+                     tp == 1 and "copies" in parts) for tp in map(int, a.tp_sizes.split(","))]
+    for P in map(int, a.pp_sizes.split(",")):
         if "throughput" in parts or "copies" in parts:
             layouts.append((f"PP{P} M=1", Parallel(pp=P, micro_batches=1),
-                            [b] + [P * b] * ("throughput" in parts), P, "copies" in parts))
+                            [b] + [P * b] * ("throughput" in parts), "copies" in parts))
         if "throughput" in parts:
-            layouts.append((f"PP{P} M={P}", Parallel(pp=P, micro_batches=P), [P * b], 1, False))
-    for name, par, batches, ticks, copies in layouts:
-        got = measure(name, par, batches, ticks)
+            layouts.append((f"PP{P} M={P}", Parallel(pp=P, micro_batches=P), [P * b], False))
+    for name, par, batches, copies in layouts:
+        got = measure(name, par, batches)
         if got and copies:
             env[f"copies {name}"] = large_copies(got[0], 8 << 20, a.prompt_len)
         del got
@@ -184,8 +204,9 @@ def main() -> None:
 
 def report(rows, env, a, layers: int) -> str:
     lines = [f"# Tensor and pipeline parallelism, {a.arch} (bf16, random weights)", "",
-             f"{env.get('gpu', '')} x {env['devices']}, JAX {env.get('jax')}, commit "
-             f"{env.get('commit')}; prompt {a.prompt_len}, {a.new_tokens} new tokens, medians of "
+             f"{env.get('device', '')} x {env['devices']}, JAX {env.get('jax')}, commit "
+             f"{env.get('git_commit')}, XLA_FLAGS={env.get('xla_flags') or '-'}, NCCL_PROTO="
+             f"{env.get('nccl_proto') or '-'}; prompt {a.prompt_len}, {a.new_tokens} new tokens, medians of "
              f"{a.reps}; bf16 GEMV ceiling {env['gemv_bandwidth']['bytes_per_s'] / 1e12:.2f} TB/s.",
              "", "| layout | GPUs | batch | decode ms/token | tokens/s | floor ms | x floor | "
              "GB/device | compile s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -201,7 +222,7 @@ def report(rows, env, a, layers: int) -> str:
         if tp1 and r:
             lines.append(f"- TP{tp} bs-1 latency / TP1: {r['decode_ms_per_token'] / tp1['decode_ms_per_token']:.2f}"
                          f" (goal {'0.6' if tp == 2 else '0.4'}); time beyond TP1/{tp}, per "
-                         f"collective ({2 * layers + 2} per token: 2 a layer, embedding, logits): "
+                         f"collective ({2 * layers + 2} a token: 2 a layer, embedding, logits): "
                          f"{(r['decode_ms_per_token'] - tp1['decode_ms_per_token'] / tp) / (2 * layers + 2) * 1e3:.1f} us")
     b = a.micro_batch
     for P in (2, 4):
