@@ -1,0 +1,645 @@
+"""The same workload, in the same run, through every system that serves an HF decoder:
+
+    python benchmarks/compare.py --model gpt2-1.3b --batch-sizes 1,8 [--systems hf-eager,dsjax-xla,...]
+        [--prompt-len 128 --new-tokens 128 --reps 10 --warmup 2] [--device auto|cpu|cuda]
+        [--deepspeed-site DIR] [--deadline UNIX_TIME] [--out benchmarks/results]
+
+One HF torch model of a built-in architecture (dsjax.presets) with seeded random weights is the
+source of every system's weights: HF transformers runs it as it is (eager, and with a static
+cache, whose decode step HF compiles with torch.compile on CUDA); dsjax converts it in memory
+(init_inference(hf_model, ...)); DeepSpeed-Inference (kernel injection) loads it from a
+safetensors directory saved from it, in a subprocess with its own PYTHONPATH (--deepspeed-site:
+DeepSpeed 0.19.x needs transformers 4.46.x; this process keeps transformers 5). Every system
+gets the same random prompts (fixed seed) and generates greedily with no stop token, so every
+call makes exactly --new-tokens tokens; each system's tokens are compared with HF eager's.
+
+Per system and batch size: after the compiling call, `warmup` untimed calls, `reps` timed calls
+of the full generate (P50/P95/mean), then `reps` one-token calls (TTFT: their median). ms/token
+= P50 / new tokens; decode ms/token = (P50 - TTFT) / (new tokens - 1), against the floor of a
+decode step (dsjax.bench.roofline: the bf16 weights and K/V over the mean context / the bf16
+GEMV bandwidth measured in this run). A system that fails is a row with the exception's type
+and first line; one the deadline leaves no time for is a row that says so. DeepSpeed's op
+JIT-compiles (nvcc, minutes) in the background while the other systems build and compile;
+nothing is timed until it has finished. Writes OUT/compare-MODEL.{json,md,png} after every
+system (the PNG needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+SYSTEMS = {  # name -> (label, options); HF eager always runs first: its tokens are the reference
+    "hf-eager": ("HF transformers eager", {}),
+    "hf-compile": ("HF static cache + torch.compile", {"cache_implementation": "static"}),
+    "deepspeed": ("DeepSpeed-Inference kernel inject", {"dtype": None}),  # None: --dtype
+    "deepspeed-fp16": ("DeepSpeed-Inference kernel inject, fp16", {"dtype": "fp16"}),
+    "dsjax-xla": ("dsjax XLA", {}),
+    "dsjax-kernels": ("dsjax Pallas attention + XLA GEMMs",
+                      {"replace_with_kernel_inject": True, "kernels": {"linear": "xla"}}),
+    "dsjax-pallas": ("dsjax all Pallas", {"replace_with_kernel_inject": True}),
+    "dsjax-int8": ("dsjax INT8 weights (XLA)", {"quant": {"bits": 8}}),
+}
+DEFAULT_SYSTEMS = "hf-eager,hf-compile,deepspeed,dsjax-xla,dsjax-kernels,dsjax-pallas,dsjax-int8"
+NEEDS_S = {"hf-compile": 90, "deepspeed": 60, "deepspeed-fp16": 60}  # least time left to start one
+NEEDS_DEFAULT_S = 30
+MEASURE_S = 20  # least time left to time a prepared system
+LOAD_S_PER_GB = 10  # DeepSpeed's process loads the saved weights again
+RESERVE_S = 20  # kept at the deadline for writing the results
+
+
+def log(msg: str) -> None:
+    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def error_line(e: BaseException) -> str:
+    """The exception's type and the first line of its message (runs of spaces made one)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {' '.join(text[0].split())}" if text else type(e).__name__
+
+
+def make_prompts(vocab: int, batch: int, prompt_len: int, seed: int) -> np.ndarray:
+    """Random token ids [batch, prompt_len], the same for every system (as dsjax bench makes them)."""
+    return np.random.default_rng([seed, batch]).integers(0, vocab, (batch, prompt_len))
+
+
+def measure(generate, prompts: np.ndarray, new_tokens: int, warmup: int, reps: int) -> dict:
+    """generate(prompts, n) -> host tokens [B, n] (so it has blocked). The times (ms) of `reps`
+    full and `reps` one-token calls, and the tokens of the last full call."""
+    def timed(n):
+        t0 = time.perf_counter()
+        out = generate(prompts, n)
+        return (time.perf_counter() - t0) * 1e3, out
+
+    for _ in range(warmup):
+        generate(prompts, new_tokens)
+    full = [timed(new_tokens) for _ in range(reps)]
+    generate(prompts, 1)  # the one-token call's own warm-up
+    first = [timed(1)[0] for _ in range(reps)]
+    return {"full_ms": [t for t, _ in full], "first_ms": first, "tokens": np.asarray(full[-1][1]).tolist()}
+
+
+def first_differences(tokens, reference) -> list[int]:
+    """Per row, the index of the first token that differs (the row's length where none does)."""
+    a, b = np.asarray(tokens), np.asarray(reference)
+    if a.shape != b.shape:
+        raise ValueError(f"token shapes differ: {a.shape} vs {b.shape}")
+    return [int(np.argmin(r)) if not r.all() else len(r) for r in a == b]
+
+
+def timing_row(measured: dict, new_tokens: int, reference=None) -> dict:
+    """A result row's figures from measure()'s times; reference: HF eager's tokens for the same
+    prompts (None: not compared)."""
+    from dsjax.bench import latency_stats
+
+    lat, ttft = latency_stats(measured["full_ms"]), statistics.median(measured["first_ms"])
+    decode = (lat["p50"] - ttft) / (new_tokens - 1)
+    row = {"status": "ok", "latency_ms": lat, "ms_per_token": lat["p50"] / new_tokens, "ttft_ms": ttft,
+           "decode_ms_per_token": decode,
+           "tokens_per_s": len(measured["tokens"]) * new_tokens / (lat["mean"] / 1e3)}
+    row["tokens_equal_hf"] = None
+    if reference is not None:
+        row["first_difference"] = first_differences(measured["tokens"], reference)
+        row["tokens_equal_hf"] = all(d == new_tokens for d in row["first_difference"])
+    return row
+
+
+def add_floor(row: dict, floor: dict) -> None:
+    """floor: a dsjax.bench.roofline(); the row's decode ms/token over it."""
+    row.update(floor, over_floor=row["decode_ms_per_token"] / floor["floor_ms"])
+
+
+# ----------------------------------------------------------------------------- systems
+
+class System:
+    """prepare(batch_sizes) builds and compiles (untimed); generate(prompts, n) -> host tokens."""
+
+    def __init__(self, name: str, ctx: dict):
+        self.name, self.ctx = name, ctx
+        self.label, self.options = SYSTEMS[name]
+        self.notes: list[str] = []
+
+    def prepare(self, batch_sizes) -> None:
+        c = self.ctx
+        for bs in batch_sizes:  # the compiling call of each batch size
+            self.generate(make_prompts(c["vocab"], bs, c["prompt_len"], c["seed"]), c["new_tokens"])
+
+    def close(self) -> None:
+        pass
+
+
+class HFSystem(System):
+    def generate(self, prompts, n):
+        import torch
+
+        model = self.ctx["hf_model"]
+        ids = torch.as_tensor(prompts, device=model.device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 do_sample=False, pad_token_id=0, **self.options)
+        return out[:, ids.shape[1]:].cpu().numpy()
+
+    def prepare(self, batch_sizes) -> None:
+        super().prepare(batch_sizes)
+        if self.options.get("cache_implementation") == "static":
+            compiled = getattr(self.ctx["hf_model"], "_compiled_call", None) is not None
+            self.notes.append("decode step compiled by HF (torch.compile)" if compiled else
+                              "static cache, not compiled (HF compiles it only on CUDA)")
+
+
+class DsjaxSystem(System):
+    def prepare(self, batch_sizes) -> None:
+        import dsjax
+
+        c = self.ctx
+        self.engine = dsjax.init_inference(c["hf_model"], dtype=c["dtype"], progress=False,
+                                           max_out_tokens=c["prompt_len"] + c["new_tokens"], **self.options)
+        if "floor" not in c and not self.options.get("quant"):  # the floor counts these weights
+            from dsjax.bench import kv_itemsize, weight_bytes_per_step
+
+            c["floor"] = (self.engine.config, weight_bytes_per_step(self.engine), kv_itemsize(self.engine))
+        super().prepare(batch_sizes)
+
+    def generate(self, prompts, n):
+        return self.engine.generate(prompts, max_new_tokens=n, eos_token_id=[]).tokens
+
+    def close(self) -> None:
+        self.engine = None
+
+
+class DeepSpeedSystem(System):
+    """Runs in a subprocess (deepspeed_worker); prepare() saves the weights for it."""
+
+    def prepare(self, batch_sizes) -> None:
+        c = self.ctx
+        if "model_dir" not in c:
+            c["model_dir"] = str(Path(c["work_dir"]) / "hf_model")
+            c["hf_model"].save_pretrained(c["model_dir"])
+
+    def run_worker(self, batch_sizes, timeout: float) -> dict:
+        """{"versions", "rows": {batch: measure() or {"error"}}} or {"error"}."""
+        c = self.ctx
+        spec = {k: c[k] for k in ("model_dir", "hf_config", "prompt_len", "new_tokens", "warmup",
+                                  "reps", "seed", "vocab", "device")}
+        spec.update(batch_sizes=list(batch_sizes), dtype=self.options["dtype"] or c["dtype"])
+        path = Path(c["work_dir"]) / f"{self.name}.json"
+        path.write_text(json.dumps(spec))
+        try:
+            proc = subprocess.run(worker_command("measure", path), env=worker_env(c), timeout=timeout,
+                                  capture_output=True, text=True)
+        except subprocess.TimeoutExpired as e:
+            sys.stdout.write(str(e.stdout or "") + str(e.stderr or ""))
+            raise
+        sys.stdout.write(proc.stdout + proc.stderr)
+        out = path.with_suffix(".out.json")
+        if not out.exists():
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"DeepSpeed's process exited with {proc.returncode}: {tail}")
+        return json.loads(out.read_text())
+
+
+def make_system(name: str, ctx: dict) -> System:
+    if name.startswith("deepspeed"):
+        return DeepSpeedSystem(name, ctx)
+    return (HFSystem if name.startswith("hf-") else DsjaxSystem)(name, ctx)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed's process
+
+def worker_command(mode: str, spec: Path | None = None) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--deepspeed-worker", mode] + (
+        [str(spec)] if spec else [])
+
+
+def worker_env(ctx: dict) -> dict:
+    """Its own site directory first (transformers 4.46.x for DeepSpeed 0.19.x), a one-process
+    'distributed' setup, the GPU's arch for the JIT build."""
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    env.setdefault("MASTER_PORT", "29517")
+    paths = [p for p in (ctx.get("deepspeed_site"), str(ROOT), env.get("PYTHONPATH")) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if ctx.get("cuda_arch"):
+        env.setdefault("TORCH_CUDA_ARCH_LIST", ctx["cuda_arch"])
+        env.setdefault("DS_ACCELERATOR", "cuda")
+    return env
+
+
+def deepspeed_worker(mode: str, spec_path: str | None) -> int:
+    """`build`: JIT-builds (or loads) DeepSpeed's transformer_inference op. `measure SPEC`: loads
+    the saved weights into transformers 4.46 (the preset's config, not the saved config.json,
+    which transformers 5 writes in its own format), injects DeepSpeed's kernels, times generate
+    per batch size; writes SPEC.out.json after each step, errors included."""
+    import torch
+
+    if mode == "build":
+        t0 = time.perf_counter()
+        from deepspeed.ops.op_builder import InferenceBuilder
+
+        InferenceBuilder().load()
+        seconds = time.perf_counter() - t0
+        log(f"deepspeed: transformer_inference op ready in {seconds:.0f} s")
+        print(json.dumps({"deepspeed_build_s": seconds}), flush=True)  # read by DeepSpeedBuild.finish
+        return 0
+    spec = json.loads(Path(spec_path).read_text())
+    out, result = Path(spec_path).with_suffix(".out.json"), {"rows": {}, "versions": {}}
+    try:
+        engine = _deepspeed_engine(spec, result["versions"])
+    except Exception as e:  # noqa: BLE001  the row records it
+        out.write_text(json.dumps(dict(result, error=error_line(e))))
+        raise
+    device = torch.device(spec["device"])
+
+    def generate(prompts, n):
+        ids = torch.as_tensor(prompts, device=device)
+        with torch.no_grad():
+            o = engine.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                do_sample=False, pad_token_id=0)
+        return o[:, ids.shape[1]:].cpu().numpy()
+
+    for bs in spec["batch_sizes"]:
+        prompts = make_prompts(spec["vocab"], bs, spec["prompt_len"], spec["seed"])
+        try:
+            generate(prompts, spec["new_tokens"])  # the first call, as the other systems' compile
+            result["rows"][str(bs)] = measure(generate, prompts, spec["new_tokens"], spec["warmup"],
+                                              spec["reps"])
+        except Exception as e:  # noqa: BLE001
+            result["rows"][str(bs)] = {"error": error_line(e)}
+            log(f"deepspeed bs {bs}: {error_line(e)}")
+        out.write_text(json.dumps(result))
+    return 0
+
+
+def _deepspeed_engine(spec: dict, versions: dict):
+    import torch
+    import transformers
+
+    versions.update(torch=torch.__version__, transformers=transformers.__version__)
+    import deepspeed
+
+    versions["deepspeed"] = deepspeed.__version__
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
+    config = transformers.AutoConfig.for_model(**spec["hf_config"])
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        spec["model_dir"], config=config, torch_dtype=dtype, output_loading_info=True)
+    wrong = {k: v for k, v in info.items() if v}
+    if wrong:
+        raise RuntimeError(f"transformers {transformers.__version__} loaded the weights with {wrong}")
+    model.generation_config.eos_token_id = None  # exactly new_tokens tokens, as everywhere
+    return deepspeed.init_inference(model.to(spec["device"]), dtype=dtype, replace_with_kernel_inject=True,
+                                    tensor_parallel={"tp_size": 1})
+
+
+class DeepSpeedBuild:
+    """The op's JIT build in the background: it runs while the other systems prepare."""
+
+    def __init__(self, ctx: dict):
+        self.log = Path(ctx["work_dir"]) / "deepspeed-build.log"
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(worker_command("build"), env=worker_env(ctx), stdout=f,
+                                         stderr=subprocess.STDOUT)
+        self.started, self.error, self.seconds = time.time(), None, None  # seconds: once finished
+        log(f"deepspeed: building its op in the background (pid {self.proc.pid})")
+
+    def running(self) -> bool:
+        return self.seconds is None and self.proc.poll() is None
+
+    def finish(self, timeout: float) -> str | None:
+        """Waits (at most timeout s, then stops it); None once built, else what went wrong."""
+        if self.seconds is not None:
+            return self.error
+        try:
+            rc = self.proc.wait(timeout=None if math.isinf(timeout) else max(timeout, 0.1))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+            self.error = f"op build stopped after {time.time() - self.started:.0f} s (deadline)"
+        text = self.log.read_text()
+        sys.stdout.write(text)
+        lines = [ln for ln in text.splitlines() if ln.strip()] or [f"op build exited with {rc}"]
+        if rc != 0 and self.error is None:
+            self.error = lines[-1]
+        reported = [json.loads(ln) for ln in lines if ln.startswith('{"deepspeed_build_s"')]
+        self.seconds = reported[-1]["deepspeed_build_s"] if reported else time.time() - self.started
+        return self.error
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Run:
+    """One model: its systems in order, their rows, the report written after every system."""
+
+    def __init__(self, args, env: dict):
+        self.args, self.env = args, env
+        self.rows: list[dict] = []
+        self.reference: dict[int, list] = {}  # batch -> HF eager's tokens
+        self.notes: dict[str, list[str]] = {}
+        self.build: DeepSpeedBuild | None = None
+
+    def left(self) -> float:
+        return float("inf") if self.args.deadline is None else self.args.deadline - time.time()
+
+    def need(self, system: System) -> float:
+        """Seconds a system needs at least (its compile or build, loading the weights again)."""
+        extra = 0
+        if isinstance(system, DeepSpeedSystem):
+            params = self.ctx["hf_model"].parameters()
+            extra = LOAD_S_PER_GB * sum(p.numel() * p.element_size() for p in params) / 1e9
+        return NEEDS_S.get(system.name, NEEDS_DEFAULT_S) + extra + RESERVE_S
+
+    def record(self, system: System, batch: int, **fields) -> dict:
+        row = {"system": system.name, "label": system.label, "batch": batch,
+               "prompt_len": self.args.prompt_len, "new_tokens": self.args.new_tokens, **fields}
+        self.rows.append(row)
+        return row
+
+    def fail_all(self, system: System, status: str, error: str) -> None:
+        log(f"{system.name}: {status}: {error}")
+        for bs in self.args.batch_sizes:
+            self.record(system, bs, status=status, error=error)
+
+    def add_floors(self) -> None:
+        """The floor of each measured row, once a dsjax engine of the run's dtype has counted the
+        weights (its config, weight bytes per step, K/V bytes per element)."""
+        from dsjax.bench import kv_bytes_per_step, roofline
+
+        if "floor" not in self.ctx:
+            return
+        cfg, wbytes, itemsize = self.ctx["floor"]
+        a = self.args
+        for r in self.rows:
+            if r["status"] == "ok" and "floor_ms" not in r:
+                kv = kv_bytes_per_step(cfg, r["batch"], a.prompt_len + a.new_tokens // 2, itemsize)
+                add_floor(r, roofline(wbytes, kv, self.env["gemv_bandwidth"]["bytes_per_s"]))
+
+    def add(self, system: System, bs: int, measured: dict) -> None:
+        if system.name == "hf-eager":
+            self.reference[bs] = measured["tokens"]
+        row = self.record(system, bs, **timing_row(measured, self.args.new_tokens, self.reference.get(bs)))
+        log(f"{system.name} bs {bs}: P50 {row['latency_ms']['p50']:.1f} ms, {row['ms_per_token']:.3f} "
+            f"ms/token, decode {row['decode_ms_per_token']:.3f}, tokens = HF eager: {row['tokens_equal_hf']}")
+
+    def measure(self, system: System) -> None:
+        a = self.args
+        if isinstance(system, DeepSpeedSystem):
+            return self.measure_deepspeed(system)
+        for bs in a.batch_sizes:
+            prompts = make_prompts(self.ctx["vocab"], bs, a.prompt_len, a.seed)
+            try:
+                self.add(system, bs, measure(system.generate, prompts, a.new_tokens, a.warmup, a.reps))
+            except Exception as e:  # noqa: BLE001  the row records it
+                self.record(system, bs, status="failed", error=error_line(e))
+                log(f"{system.name} bs {bs}: failed: {error_line(e)}")
+
+    def measure_deepspeed(self, system: DeepSpeedSystem) -> None:
+        error = self.build.finish(self.left() - self.need(system)) if self.build else "op never built"
+        if error:
+            return self.fail_all(system, "failed", error)
+        self.env["deepspeed_build_s"] = self.build.seconds
+        if self.left() < self.need(system):
+            return self.fail_all(system, "skipped", f"{self.left():.0f} s left before the deadline")
+        try:
+            timeout = None if self.args.deadline is None else max(self.left() - RESERVE_S, 1)
+            result = system.run_worker(self.args.batch_sizes, timeout)
+        except Exception as e:  # noqa: BLE001
+            return self.fail_all(system, "failed", error_line(e))
+        if result.get("versions", {}).get("deepspeed"):
+            self.env["deepspeed_process"] = result["versions"]
+        if "error" in result:
+            return self.fail_all(system, "failed", result["error"])
+        for bs in self.args.batch_sizes:
+            got = result["rows"].get(str(bs), {"error": "no result (its process stopped)"})
+            if "error" in got:
+                self.record(system, bs, status="failed", error=got["error"])
+            else:
+                self.add(system, bs, got)
+
+    def run(self) -> dict:
+        import torch
+
+        from dsjax import presets
+
+        a = self.args
+        device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.ctx = {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "warmup": a.warmup,
+                    "reps": a.reps, "seed": a.seed, "device": device, "dtype": a.dtype,
+                    "deepspeed_site": a.deepspeed_site, "hf_config": presets.hf_config(a.model),
+                    "work_dir": tempfile.mkdtemp(prefix="compare-"),
+                    "cuda_arch": "%d.%d" % torch.cuda.get_device_capability() if device == "cuda" else None}
+        try:
+            if any(n.startswith("deepspeed") for n in a.systems):
+                self.build = DeepSpeedBuild(self.ctx)
+            self.run_systems(device)
+        finally:
+            if self.build is not None and self.build.running():
+                self.build.finish(0)  # stops it
+            shutil.rmtree(self.ctx["work_dir"], ignore_errors=True)
+            self.write()
+        return self.payload()
+
+    def run_systems(self, device: str) -> None:
+        import torch
+
+        from dsjax import presets
+
+        a, c = self.args, self.ctx
+        log(f"{a.model}: building the HF torch model (seed {a.seed}, {a.dtype}, {device})")
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+        c["hf_model"] = presets.hf_torch_model(a.model, seed=a.seed, dtype=dtype, device=device)
+        c["hf_model"].generation_config.eos_token_id = None  # no early stop anywhere
+        c["vocab"] = c["hf_model"].config.vocab_size
+        pending = []  # prepared, measured once the DeepSpeed build (if any) no longer runs
+        for system in [make_system(n, c) for n in a.systems]:
+            if self.left() < self.need(system):
+                self.fail_all(system, "skipped", f"{self.left():.0f} s left before the deadline")
+                continue
+            log(f"{system.name}: preparing ({system.label})")
+            try:
+                system.prepare(a.batch_sizes)
+                pending.append(system)
+            except Exception as e:  # noqa: BLE001
+                self.fail_all(system, "failed", error_line(e))
+            if self.build is None or not self.build.running():
+                pending = self.measure_all(pending)
+        if self.build is not None and self.build.running():  # nothing is timed while it builds
+            self.build.finish(self.left() - RESERVE_S - MEASURE_S * len(pending))
+        self.measure_all(pending)
+
+    def measure_all(self, systems) -> list:
+        for system in systems:
+            if self.left() < RESERVE_S + MEASURE_S:
+                self.fail_all(system, "skipped", f"{self.left():.0f} s left before the deadline")
+            else:
+                self.measure(system)
+            if system.notes:
+                self.notes[system.name] = system.notes
+            system.close()
+            gc.collect()
+            self.write()
+        return []
+
+    def payload(self) -> dict:
+        self.add_floors()
+        settings = {k: v for k, v in vars(self.args).items() if k != "deepspeed_worker"}
+        return {"env": self.env, "args": dict(settings, command=command_line(self.args)),
+                "notes": self.notes, "rows": self.rows}
+
+    def write(self) -> None:
+        from dsjax.bench import write
+
+        payload, name = self.payload(), f"compare-{self.args.model}"
+        write(self.args.out, name, payload, report_markdown(payload))
+        try:
+            from benchmarks import plot_compare
+
+            plot_compare.plot_model(payload, Path(self.args.out) / f"{name}.png")
+        except ImportError as e:
+            log(f"no plot: {error_line(e)}")
+
+
+def environment(device: str) -> dict:
+    """dsjax.bench.environment() (date, commit, JAX, device) + torch, transformers, the GEMV ceiling."""
+    import torch
+    import transformers
+
+    from dsjax import bench
+
+    env = dict(bench.environment(), torch=torch.__version__, transformers=transformers.__version__,
+               python=sys.version.split()[0], gemv_bandwidth=bench.gemv_bandwidth())
+    if device != "cpu" and torch.cuda.is_available():
+        env["torch_device"] = torch.cuda.get_device_name()
+    return env
+
+
+# ----------------------------------------------------------------------------- reports
+
+COLUMNS = ("system", "batch", "P50 ms", "P95 ms", "mean ms", "ms/token", "decode ms/token", "TTFT ms",
+           "floor ms/token", "decode / floor", "P50 vs HF eager", "tokens = HF eager")
+
+
+def _equal_cell(r: dict) -> str:
+    if r.get("tokens_equal_hf") is None:
+        return "n/a"
+    if r["tokens_equal_hf"]:
+        return "yes"
+    diffs = r["first_difference"]
+    same = sum(d == r["new_tokens"] for d in diffs)
+    return f"no: from token {min(diffs) + 1}; {same}/{len(diffs)} rows equal"
+
+
+def _cells(r: dict, hf_p50: float | None) -> list[str]:
+    if r["status"] != "ok":
+        error = " ".join(r["error"].split())
+        return [r["label"], str(r["batch"]), f"{r['status']}: {error}"] + ["-"] * (len(COLUMNS) - 3)
+    lat, floor = r["latency_ms"], r.get("floor_ms")
+    return [r["label"], str(r["batch"]), f"{lat['p50']:.2f}", f"{lat['p95']:.2f}", f"{lat['mean']:.2f}",
+            f"{r['ms_per_token']:.3f}", f"{r['decode_ms_per_token']:.3f}", f"{r['ttft_ms']:.2f}",
+            "n/a" if floor is None else f"{floor:.3f}", "n/a" if floor is None else f"{r['over_floor']:.2f}x",
+            f"{hf_p50 / lat['p50']:.2f}x" if hf_p50 else "n/a", _equal_cell(r)]
+
+
+def report_markdown(payload: dict) -> str:
+    env, a, rows = payload["env"], payload["args"], payload["rows"]
+    hf = {r["batch"]: r["latency_ms"]["p50"] for r in rows
+          if r["system"] == "hf-eager" and r["status"] == "ok"}
+    bw, ds = env["gemv_bandwidth"], env.get("deepspeed_process")
+    versions = f"JAX {env['jax']}, torch {env.get('torch')}, transformers {env.get('transformers')}"
+    if ds:
+        versions += f"; DeepSpeed {ds['deepspeed']} with transformers {ds['transformers']} in its own process"
+    ceiling = f"{bw['bytes_per_s'] / 1e12:.3f} TB/s (bf16 GEMV {bw['shape']} measured in this run)"
+    order = {name: i for i, name in enumerate(a["systems"])}
+    rows = sorted(rows, key=lambda r: (order.get(r["system"], len(order)), r["batch"]))
+    lines = [
+        f"# {a['model']}: HF transformers, DeepSpeed-Inference and dsjax on the same workload", "",
+        f"{env.get('torch_device') or env['device']}, commit {env['git_commit']}, {env['date']}. "
+        f"{versions}.", "",
+        f"{a['dtype']}, the same random weights in every system (seed {a['seed']}), random prompts of "
+        f"{a['prompt_len']} tokens, {a['new_tokens']} new tokens, greedy, no early stop; after the "
+        f"compiling call, {a['warmup']} warm-up and {a['reps']} timed runs of the full generate per "
+        "batch size.", "",
+        f"ms/token = P50 / new tokens. Decode ms/token = (P50 - TTFT) / {a['new_tokens'] - 1}, TTFT = "
+        f"median of {a['reps']} one-token generates. Floor = bytes one decode step reads (the bf16 "
+        f"weights, K/V over the mean context) / {ceiling}. Tokens = HF eager: every row of the batch "
+        "equal to HF eager's greedy tokens, or the first token that differs (with random weights the "
+        "top logits are nearly tied, so bf16 rounding in another kernel order flips some of them).", "",
+        f"Command: `{a['command']}`", "",
+        "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r, hf.get(r["batch"]))) + " |" for r in rows]
+    notes = [f"- {SYSTEMS[k][0]}: {'; '.join(v)}" for k, v in payload.get("notes", {}).items()]
+    if env.get("deepspeed_build_s"):
+        notes.append(f"- DeepSpeed's op JIT build (or its load from the cache) took "
+                     f"{env['deepspeed_build_s']:.0f} s, in the background while the other systems "
+                     "compiled; nothing was timed during it")
+    notes += [f"- Correction: {c}" for c in payload.get("corrections", [])]
+    return "\n".join(lines + [""] * bool(notes) + notes) + "\n"
+
+
+def command_line(a) -> str:
+    words = ["--model", a.model, "--batch-sizes", ",".join(map(str, a.batch_sizes)), "--systems",
+             ",".join(a.systems), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens),
+             "--reps", str(a.reps), "--warmup", str(a.warmup), "--dtype", a.dtype]
+    return "python benchmarks/compare.py " + " ".join(map(shlex.quote, words))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2-1.3b", help="built-in architecture (dsjax.presets)")
+    p.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
+    p.add_argument("--systems", type=lambda s: s.split(","), default=DEFAULT_SYSTEMS.split(","),
+                   help=f"comma-separated, from: {', '.join(SYSTEMS)} (default {DEFAULT_SYSTEMS})")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="torch's device")
+    p.add_argument("--deepspeed-site", default=os.environ.get("DSJAX_DEEPSPEED_SITE"),
+                   help="a pip --target directory with deepspeed and transformers 4.46.x, first on "
+                   "the DeepSpeed process's PYTHONPATH (default $DSJAX_DEEPSPEED_SITE)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="UNIX time to finish by: systems it leaves no time for are 'skipped' rows")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--deepspeed-worker", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = [s for s in args.systems if s not in SYSTEMS]
+    if unknown:
+        p.error(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
+    if args.new_tokens < 2 or args.reps < 1 or args.prompt_len < 1 or min(args.batch_sizes) < 1:
+        p.error("needs --new-tokens >= 2, --reps >= 1, --prompt-len >= 1 and batch sizes >= 1")
+    if "hf-eager" in args.systems:  # its tokens are the reference
+        args.systems = ["hf-eager"] + [s for s in args.systems if s != "hf-eager"]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.deepspeed_worker:
+        return deepspeed_worker(args.deepspeed_worker[0], (args.deepspeed_worker[1:] or [None])[0])
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    env = environment(args.device)
+    log(str(env))
+    payload = Run(args, env).run()
+    print(report_markdown(payload), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
