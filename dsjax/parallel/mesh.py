@@ -38,6 +38,9 @@ class Parallel:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         M, P = self.micro_batches, self.pp
+        if self.offload_kv and M < 2:
+            raise ValueError("offload_kv keeps the caches of micro-batches not computing in host "
+                             "memory: it needs micro_batches >= 2")
         if M < P and P % M:
             raise ValueError(f"micro_batches={M} must divide pp_size={P} or be at least pp_size "
                              f"(e.g. {P}): the decode schedule cycles micro-batches through the "

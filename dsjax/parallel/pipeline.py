@@ -28,6 +28,11 @@ will overwrite them first, and its lengths do not move), which costs no wall tim
 stages run in lockstep. A stage stores micro-batch m's cache in slot (m + s) mod M, so the slot
 a tick uses is the same on every stage and known when tracing: no cache is ever copied.
 Sampling streams (do_sample) differ from the single-device generate; greedy tokens are equal.
+
+KV offload (offload_kv, beyond open-source DeepSpeed): every slot's cache lives in pinned host
+memory (JAX memory kinds) and is brought to the device for its tick and sent back after it;
+XLA's scheduler issues the transfers asynchronously, so the next slot's copy-in can overlap
+this tick's compute. The device then holds about one slot's cache instead of M.
 """
 
 from __future__ import annotations
@@ -131,6 +136,10 @@ def _local(params: dict) -> dict:
 
 # ----------------------------------------------------------------------------- generate
 
+def _to(space, tree):
+    return jax.tree.map(lambda a: jax.device_put(a, space), tree)
+
+
 def _select(valid, new, old):
     return jax.tree.map(lambda n, o: jnp.where(valid, n, o), new, old)
 
@@ -171,6 +180,14 @@ class _Stage:
         self.first, self.last = self.s == 0, self.s == self.P - 1
         self.plan = plan
 
+    def fetch(self, cache):
+        """A slot's cache, on the device (from pinned host memory when caches are offloaded)."""
+        return _to(jax.memory.Space.Device, cache) if self.plan.par.offload_kv else cache
+
+    def stash(self, cache):
+        """A slot's cache after its tick: back to host memory when offloading."""
+        return _to(jax.memory.Space.Host, cache) if self.plan.par.offload_kv else cache
+
     def run(self, recv, tokens, positions, cache, key_mask=None):
         """The stage's layers on the previous stage's output (the embedded tokens on stage 0)."""
         x = self.model.embed_inputs(tokens, positions)
@@ -198,7 +215,7 @@ def _generate_local(graphdef, params, tokens, lengths, key, max_new_tokens, stop
     tokens, lengths = tokens[0], lengths[0]  # [M, b, T], [M, b]
     b, T = tokens.shape[1:]
     dtype = model.embed.embedding.dtype
-    caches = [KVCache.create(model.cfg, b, capacity, dtype, quantized=int8_cache)
+    caches = [st.stash(KVCache.create(model.cfg, b, capacity, dtype, quantized=int8_cache))
               for _ in range(M)]
     pick = functools.partial(gen.pick_token, sampling=sampling, pad_id=pad_id,
                              do_sample=do_sample, return_logprobs=return_logprobs)
@@ -213,10 +230,11 @@ def _generate_local(graphdef, params, tokens, lengths, key, max_new_tokens, stop
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
     for tau in range(M + P - 1):
         j = tau - st.s
-        slot, old = tau % M, caches[tau % M]
+        slot, old = tau % M, st.fetch(caches[tau % M])
         h, new = st.run(recv, tokens[min(tau, M - 1)], positions, old)
         new = new.replace(lengths=lengths[jnp.clip(j, 0, M - 1)])
-        caches[slot] = new if P - 1 <= tau < M else _select((j >= 0) & (j < M), new, old)
+        caches[slot] = st.stash(new if P - 1 <= tau < M else
+                                _select((j >= 0) & (j < M), new, old))
         tok = jnp.zeros((b,), jnp.int32)
         jl = tau - (P - 1)  # the last stage's micro-batch
         if 0 <= jl < M:
@@ -239,10 +257,10 @@ def _generate_local(graphdef, params, tokens, lengths, key, max_new_tokens, stop
         for t in range(R):
             j, k = (t - st.s) % R, r - (t < st.s).astype(jnp.int32)
             valid = (j < M) & (k >= 0) & (k < n_pass)
-            slot, cache = t % M, caches[t % M]
+            slot, cache = t % M, st.fetch(caches[t % M])
             pos = cache.lengths[:, None]
             h, new = st.run(recv, buf[t % R if t % R < M else 0][:, None], pos, cache)
-            caches[slot] = new.replace(lengths=cache.lengths + valid.astype(jnp.int32))
+            caches[slot] = st.stash(new.replace(lengths=cache.lengths + valid.astype(jnp.int32)))
             tok = jnp.zeros((b,), jnp.int32)
             jl = (t - (P - 1)) % R
             if jl < M:

@@ -185,6 +185,8 @@ ERRORS = [
     (dict(pipeline_parallel={"pp_size": 2, "stages": 2}), "unknown pipeline_parallel keys"),
     (dict(tensor_parallel=0), "tp must be a positive integer"),
     (dict(mp_size=2, tensor_parallel={"tp_size": 4}), "contradicts"),
+    (dict(pipeline_parallel={"pp_size": 2, "micro_batches": 1, "offload_kv": True}),
+     "needs micro_batches >= 2"),
 ]
 
 
@@ -221,3 +223,13 @@ def test_parse_spellings():
     assert Parallel.parse(None, 4, {"pp_size": 2, "micro_batches": 8}) == Parallel(
         tp=4, pp=2, micro_batches=8)
     assert Parallel.parse({"tp_size": 8, "enabled": False}) == Parallel()
+
+
+def test_kv_offload_gives_the_same_tokens():
+    """Caches of micro-batches not computing in pinned host memory (on the CPU the memory kinds
+    exist but share one memory: this checks the schedule, the GPU benchmark the memory)."""
+    hf = gqa_llama()
+    rows = ROWS + [prompt(8, 6, V)]
+    out = _engine(hf, 2, 2, pipe={"micro_batches": 4, "offload_kv": True}).generate(
+        rows, max_new_tokens=N, eos_token_id=[])
+    assert out.sequences == [hf_greedy(hf, r, N) for r in rows]

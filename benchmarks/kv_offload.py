@@ -1,0 +1,103 @@
+"""KV-cache offload: the caches of micro-batches not computing kept in pinned host memory.
+
+    python benchmarks/kv_offload.py [--arch llama3-8b] [--batch 64] [--prompt-len 2048]
+        [--new-tokens 8] [--micro-batches 4]
+
+Runs the same greedy generate (random weights, bf16, Pallas flash attention for the prompt so
+that its scores are never materialized) with the M micro-batches' caches on the device and
+with them offloaded, each in its own process (JAX cannot reset its peak-memory counter), and
+reports the peak device memory, the cache size, the time of a full generate and whether the
+tokens agree. Writes results/kv_offload.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def one(a) -> dict:
+    import numpy as np
+
+    import dsjax
+    from dsjax import bench
+
+    engine = dsjax.init_inference(
+        a.arch, max_out_tokens=a.prompt_len + a.new_tokens, progress=False,
+        replace_with_kernel_inject=True, kernels={"linear": "xla"},
+        pipeline_parallel={"pp_size": 1, "micro_batches": a.micro_batches,
+                           "offload_kv": a.offload})
+    cfg = engine.config
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (a.batch, a.prompt_len))
+    run = lambda: engine.generate(prompts, max_new_tokens=a.new_tokens, eos_token_id=[])  # noqa: E731
+    t0 = time.perf_counter()
+    first = run()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(a.reps):
+        t0 = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t0)
+    kv = 2 * cfg.num_layers * a.batch * cfg.kv_heads * (a.prompt_len + a.new_tokens) * cfg.dim_head * 2
+    return {"offload": a.offload, "peak_bytes": bench.peak_memory_bytes(),
+            "weight_bytes": engine.weight_bytes(), "kv_bytes": kv, "compile_s": compile_s,
+            "generate_s": sorted(times)[len(times) // 2],
+            "tokens": [row[:8] for row in out.sequences[:4]],
+            "deterministic": first.sequences == out.sequences}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="llama3-8b")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        print("RESULT " + json.dumps(one(a)), flush=True)
+        return
+    from benchmarks import common
+
+    rows = []
+    for offload in (False, True):
+        cmd = [sys.executable, __file__, "--one", *sys.argv[1:]] + ["--offload"] * offload
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            rows.append({"offload": offload, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
+        else:
+            rows.append(json.loads(lines[0][7:]))
+        print(rows[-1], flush=True)
+    env = common.environment()
+    gb = lambda x: f"{x / 1e9:.1f}" if x else "-"  # noqa: E731
+    md = [f"# KV-cache offload, {a.arch}, batch {a.batch} in {a.micro_batches} micro-batches, "
+          f"prompt {a.prompt_len} + {a.new_tokens} new tokens", "",
+          f"{env['device']}, JAX {env['jax']}, commit {env['git_commit']}, {env['date']}.", "",
+          "| KV caches | peak device GB | weights GB | all caches GB | generate s | error |",
+          "|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {'pinned host (offload_kv)' if r['offload'] else 'device'} | "
+                  f"{gb(r.get('peak_bytes'))} | {gb(r.get('weight_bytes'))} | {gb(r.get('kv_bytes'))} | "
+                  f"{r.get('generate_s', float('nan')):.2f} | {r.get('error', '')} |")
+    if all("tokens" in r for r in rows):
+        md.append(f"\nSame greedy tokens with and without offload: {rows[0]['tokens'] == rows[1]['tokens']}.")
+    md = "\n".join(md) + "\n"
+    common.write("kv_offload", {"env": env, "args": vars(a), "rows": rows}, md,
+                 [common.RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
