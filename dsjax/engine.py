@@ -137,14 +137,14 @@ def _quant_name(spec: QuantSpec) -> str:
 
 def _abstract_model(cfg: ModelConfig, dtype, impl=("xla",)):
     """The module a config describes: the generic Transformer, or an Encoder around it."""
-    return abstract_model(cfg, dtype, impl, module=_module(cfg))
+    return abstract_model(cfg, dtype, impl, module=module_for(cfg))
 
 
 def _random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
-    return random_params(cfg, dtype, seed, module=_module(cfg))
+    return random_params(cfg, dtype, seed, module=module_for(cfg))
 
 
-def _module(cfg: ModelConfig):
+def module_for(cfg: ModelConfig):
     """Encoders (BERT, DistilBERT, CLIP) wrap the Transformer body with their own heads."""
     return encoders.Encoder if cfg.encoder else Transformer
 

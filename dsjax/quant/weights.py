@@ -135,9 +135,14 @@ def quantize(w, spec: QuantSpec) -> QuantizedWeight:
         zeros = jnp.clip(jnp.round(-lo / scales), 0, qmax)
         q = jnp.clip(jnp.round(wg / scales[:, None]) + zeros[:, None], 0, qmax).astype(jnp.uint8)
     q = q.reshape(K, N)
-    if spec.bits == 4:
-        q = q[: K // 2] | (q[K // 2:] << 4)
-    return QuantizedWeight(q, scales, zeros, spec.bits, G)
+    return QuantizedWeight(pack_int4(q) if spec.bits == 4 else q, scales, zeros, spec.bits, G)
+
+
+def pack_int4(codes):
+    """uint8 codes [K, N] in [0, 15] -> [K/2, N]: byte r holds row r in its low nibble and row
+    r + K/2 in its high one."""
+    half = codes.shape[0] // 2
+    return codes[:half] | (codes[half:] << 4)
 
 
 def dequantize(qw: QuantizedWeight, dtype=jnp.float32):
