@@ -73,11 +73,13 @@ def median_time(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
 def weight_bytes_per_step(engine) -> int:
     """Bytes one decode step must read: every weight but the input embedding and position tables
     (only a row of those is read); a tied LM head reads the embedding once. Quantized weights
-    count their stored bytes (values, scales and zero points)."""
+    count their stored bytes (values, scales and zero points). Over a mesh, the bytes each
+    device reads: a tensor-parallel slice of them (a pipeline's stages read theirs in turn)."""
     skip = {"pos_embed.embedding", "type_embed.embedding"}
     if not engine.config.tie_word_embeddings:
         skip.add("embed.embedding")
-    return sum(int(x.nbytes) for k, x in flatten(engine.params).items() if k not in skip)
+    total = sum(int(x.nbytes) for k, x in flatten(engine.params).items() if k not in skip)
+    return total // engine.plan.par.tp if engine.plan else total
 
 
 def kv_bytes_per_step(cfg, batch: int, context: float, itemsize: float = 2) -> int:
