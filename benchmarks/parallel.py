@@ -203,7 +203,8 @@ def main() -> None:
 
 
 def report(rows, env, a, layers: int) -> str:
-    lines = [f"# Tensor and pipeline parallelism, {a.arch} (bf16, random weights)", "",
+    arch = a.arch + (f", {a.layers} of its layers" if getattr(a, "layers", None) else "")
+    lines = [f"# Tensor and pipeline parallelism, {arch} (bf16, random weights)", "",
              f"{env.get('device', '')} x {env['devices']}, JAX {env.get('jax')}, commit "
              f"{env.get('git_commit')}, XLA_FLAGS={env.get('xla_flags') or '-'}, NCCL_PROTO="
              f"{env.get('nccl_proto') or '-'}; prompt {a.prompt_len}, {a.new_tokens} new tokens, medians of "
