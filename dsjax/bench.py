@@ -78,8 +78,11 @@ def weight_bytes_per_step(engine) -> int:
     skip = {"pos_embed.embedding", "type_embed.embedding"}
     if not engine.config.tie_word_embeddings:
         skip.add("embed.embedding")
-    total = sum(int(x.nbytes) for k, x in flatten(engine.params).items() if k not in skip)
-    return total // engine.plan.par.tp if engine.plan else total
+    def read(x):  # a tensor-sliced array: each device reads its 1/tp of it
+        sliced = engine.plan is not None and "tp" in tuple(x.sharding.spec)
+        return int(x.nbytes) // (engine.plan.par.tp if sliced else 1)
+    return sum(read(x) for k, v in flatten(engine.params).items() if k not in skip
+               for x in jax.tree.leaves(v))
 
 
 def kv_bytes_per_step(cfg, batch: int, context: float, itemsize: float = 2) -> int:

@@ -86,11 +86,11 @@ def _join(parts: dict, expected: dict) -> dict:
     return out
 
 
-def restore(path, expected: dict, dtype, shardings=None) -> dict:
+def restore(path, expected: dict, dtype, shardings=None, device=None) -> dict:
     """Parameters restored directly as `dtype` arrays (quantized parts keep their own dtypes)
-    with the given shardings ({path: Sharding}, default: the first device). expected:
-    {path: ShapeDtypeStruct or QuantizedWeight of them}."""
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with the given shardings ({path: Sharding}, default: `device`, or the first device).
+    expected: {path: ShapeDtypeStruct or QuantizedWeight of them}."""
+    device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     kinds = {k: v.dtype for k, v in _parts({k: v for k, v in expected.items()
                                             if isinstance(v, QuantizedWeight)}).items()}
     target = {k: jax.ShapeDtypeStruct(v.shape, kinds.get(k, dtype),

@@ -50,6 +50,8 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
       {"linear": "xla"} with replace_with_kernel_inject=True: Pallas attention, XLA GEMMs.
     kv_cache_dtype: "auto" (the compute dtype) or "int8" (K/V quantized per token and head:
       half the cache bytes to read per decode step, twice the tokens in the same memory).
+      pipeline_parallel's "offload_kv": True keeps the caches of micro-batches not computing
+      in pinned host memory (see dsjax.parallel.pipeline).
     tensor_parallel: {"tp_size": T} (or mp_size=T): Megatron slicing of every layer over T
       devices. pipeline_parallel: {"pp_size": P, "micro_batches": M (default P)}: the layers in
       P stages, the batch in M micro-batches that keep every stage busy while decoding.
@@ -140,8 +142,17 @@ def _abstract_model(cfg: ModelConfig, dtype, impl=("xla",)):
     return abstract_model(cfg, dtype, impl, module=module_for(cfg))
 
 
-def _random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
-    return random_params(cfg, dtype, seed, module=module_for(cfg))
+def _random_params(cfg: ModelConfig, dtype, seed: int, host: bool = False) -> dict:
+    """On the default device, or with host=True in host memory (to be sliced over a mesh: a
+    model larger than one device is never made on one)."""
+    if not host:
+        return random_params(cfg, dtype, seed, module=module_for(cfg))
+    with jax.default_device(_host()):
+        return random_params(cfg, dtype, seed, module=module_for(cfg))
+
+
+def _host():
+    return jax.devices("cpu")[0]
 
 
 def module_for(cfg: ModelConfig):
@@ -202,13 +213,13 @@ class _Source:
 def _open(model) -> _Source:
     if isinstance(model, ModelConfig):
         return _Source(model, lambda exp, dt, seed, progress, host=False:
-                       _random_params(model, dt, seed), {}, random_weights=True)
+                       _random_params(model, dt, seed, host), {}, random_weights=True)
     if isinstance(model, (str, Path)):
         path = Path(model)
         if checkpoint.is_checkpoint(path):
             cfg, meta = checkpoint.load_meta(path)
             return _Source(cfg, lambda exp, dt, seed, progress, host=False:
-                           checkpoint.restore(path, exp, dt),
+                           checkpoint.restore(path, exp, dt, device=_host() if host else None),
                            meta["generation"], path, quant=checkpoint.stored_quant(meta))
         if not path.exists() and str(model) in presets.PRESETS:
             return _open_hf_config(presets.hf_config(str(model)))
@@ -231,7 +242,8 @@ def _open_hf_config(hf_config: dict) -> _Source:
     import converters
 
     cfg = converters.policy_for(hf_config).make_config(hf_config)
-    return _Source(cfg, lambda exp, dt, seed, progress, host=False: _random_params(cfg, dt, seed),
+    return _Source(cfg, lambda exp, dt, seed, progress, host=False:
+                   _random_params(cfg, dt, seed, host),
                    _generation(hf_config, None), random_weights=True)
 
 
@@ -441,7 +453,11 @@ class InferenceEngine:
                                quant=self.inference_config.quant)
 
     def num_params(self) -> int:
-        """Logical parameter count (a quantized [K, N] weight counts K * N)."""
+        """Logical parameter count of the model (a quantized [K, N] weight counts K * N; over a
+        mesh, the one-device model's, without vocabulary padding or replicated KV heads)."""
+        if self.plan is not None:
+            _, expected = _abstract_model(self.config, self.inference_config.jnp_dtype)
+            return sum(int(np.prod(x.shape)) for x in expected.values())
         return sum(int(np.prod(x.shape)) for x in flatten(self.params).values())
 
     def weight_bytes(self) -> int:

@@ -138,7 +138,8 @@ class Attention(nnx.Module):
         self.out = Linear(H * Dh, cfg.hidden_size, bias=cfg.out_bias, dtype=dtype, rngs=rngs,
                           impl=impl, reduce=shard)
 
-    def alibi_slopes(self):
+    def slopes(self):
+        """This layer's ALiBi slopes (its tensor slice of them), or None."""
         if self.cfg.positions != "alibi":
             return None
         if self.shard is None:
@@ -152,7 +153,7 @@ class Attention(nnx.Module):
         cfg = self.cfg
         heads = (cfg.num_heads, cfg.kv_heads, cfg.dim_head)
         attn = dict(scale=cfg.scale, window=self.window, impl=self.impl,
-                    alibi_slopes=self.alibi_slopes())
+                    alibi_slopes=self.slopes())
         qkv = self.qkv(x, norm=norm)  # [B, T, (H + 2K) Dh]
         if kv is None:  # attend within this block
             q, k, v = ops.split_heads(qkv, positions, heads=heads, rotary=rotary(cfg))

@@ -23,7 +23,8 @@ AXES = ("dp", "pp", "tp")
 @dataclasses.dataclass(frozen=True)
 class Parallel:
     """tp, pp, dp: degrees; micro_batches: how many pieces the batch is cut into for the
-    pipeline (default pp; with fewer than pp stages some idle each step, so it must divide pp);
+    pipeline (default pp; with fewer micro-batches than stages some stages idle on each tick,
+    and the count must divide pp);
     offload_kv: keep the KV caches of micro-batches not computing in pinned host memory."""
 
     tp: int = 1
@@ -68,7 +69,11 @@ class Parallel:
         if isinstance(pipeline_parallel, dict):
             pp_opts = dict(pipeline_parallel)
             micro = pp_opts.pop("micro_batches", None)
-            offload = bool(pp_opts.pop("offload_kv", False))
+            offload = pp_opts.pop("offload_kv", False)
+            if not isinstance(offload, bool):
+                raise ValueError(f"pipeline_parallel offload_kv must be True or False, got {offload!r}")
+            if not pp_opts.get("enabled", True):
+                micro, offload = None, False
         pp = _degree("pipeline_parallel", pp_opts, "pp_size")
         return cls(tp=tp, pp=pp, dp=_degree("data_parallel", data_parallel, "dp_size"),
                    micro_batches=pp if micro is None else micro, offload_kv=offload)

@@ -208,25 +208,17 @@ class _Stage:
         return jax.lax.psum(jnp.where(self.last, x, jnp.zeros((), x.dtype)), "pp")
 
 
-def _generate_local(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
-                    sampling, *, plan: Plan, capacity, do_sample, return_logprobs, int8_cache):
-    st = _Stage(graphdef, params, plan)
-    P, M, R, model = st.P, st.M, st.R, st.model
-    tokens, lengths = tokens[0], lengths[0]  # [M, b, T], [M, b]
-    b, T = tokens.shape[1:]
-    dtype = model.embed.embedding.dtype
-    caches = [st.stash(KVCache.create(model.cfg, b, capacity, dtype, quantized=int8_cache))
-              for _ in range(M)]
-    pick = functools.partial(gen.pick_token, sampling=sampling, pad_id=pad_id,
-                             do_sample=do_sample, return_logprobs=return_logprobs)
-    n_pass = max_new_tokens - 1  # decode passes after the prompt's token
-    mb = lambda: [jnp.zeros((b,), jnp.int32) for _ in range(M)]  # noqa: E731
-    buf, count, done = mb(), mb(), [jnp.zeros((b,), bool) for _ in range(M)]
-    out = [jnp.full((b, capacity), pad_id, jnp.int32) for _ in range(M)]
-    out_lp = [jnp.zeros((b, capacity), jnp.float32) for _ in range(M)]
+def _record(row, value, step, ok):
+    """row [b, capacity] with value [b] written at column `step` where ok."""
+    return jnp.where(ok, jax.lax.dynamic_update_slice(row, value[:, None], (0, step)), row)
 
-    # prompt phase: micro-batch j = tau - s on stage s
-    recv = jnp.zeros((b, T, model.cfg.hidden_size), dtype)
+
+def _prompt_phase(st: _Stage, tokens, lengths, caches, mbs: dict, pick, key, stop_ids):
+    """GPipe over the M prompt micro-batches (micro-batch tau - s on stage s at tick tau): fills
+    each stage's cache slots and, on the last stage, samples each micro-batch's first token."""
+    P, M, model = st.P, st.M, st.model
+    b, T = tokens.shape[1:]
+    recv = jnp.zeros((b, T, model.cfg.hidden_size), model.embed.embedding.dtype)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
     for tau in range(M + P - 1):
         j = tau - st.s
@@ -239,56 +231,71 @@ def _generate_local(graphdef, params, tokens, lengths, key, max_new_tokens, stop
         jl = tau - (P - 1)  # the last stage's micro-batch
         if 0 <= jl < M:
             last = jnp.take_along_axis(h, (lengths[jl] - 1)[:, None, None], axis=1)[:, 0]
-            tok, lp = pick(st.head(last), jax.random.fold_in(key, jl), done[jl])
-            out[jl], out_lp[jl] = out[jl].at[:, 0].set(tok), out_lp[jl].at[:, 0].set(lp)
-            count[jl] = jnp.ones((b,), jnp.int32)
-            done[jl] = gen.is_stop_token(tok, stop_ids)
+            tok, lp = pick(st.head(last), jax.random.fold_in(key, jl), mbs["done"][jl])
+            mbs["out"][jl] = _record(mbs["out"][jl], tok, 0, True)
+            mbs["out_lp"][jl] = _record(mbs["out_lp"][jl], lp, 0, True)
+            mbs["count"][jl] = jnp.ones((b,), jnp.int32)
+            mbs["done"][jl] = gen.is_stop_token(tok, stop_ids)
         recv, tok = st.pass_on((h, tok))
         if 0 <= jl < M:
-            buf[jl] = tok
+            mbs["buf"][jl] = tok
+    return caches, mbs
+
+
+def _generate_local(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
+                    sampling, *, plan: Plan, capacity, do_sample, return_logprobs, int8_cache):
+    st = _Stage(graphdef, params, plan)
+    P, M, R, model = st.P, st.M, st.R, st.model
+    tokens, lengths = tokens[0], lengths[0]  # [M, b, T], [M, b]
+    b = tokens.shape[1]
+    key = jax.random.fold_in(key, jax.lax.axis_index("dp"))  # replicas sample their own rows
+    caches = [st.stash(KVCache.create(model.cfg, b, capacity, model.embed.embedding.dtype,
+                                      quantized=int8_cache)) for _ in range(M)]
+    pick = functools.partial(gen.pick_token, sampling=sampling, pad_id=pad_id,
+                             do_sample=do_sample, return_logprobs=return_logprobs)
+    per_mb = lambda make: [make() for _ in range(M)]  # noqa: E731
+    mbs = dict(buf=per_mb(lambda: jnp.zeros((b,), jnp.int32)),
+               count=per_mb(lambda: jnp.zeros((b,), jnp.int32)),
+               done=per_mb(lambda: jnp.zeros((b,), bool)),
+               out=per_mb(lambda: jnp.full((b, capacity), pad_id, jnp.int32)),
+               out_lp=per_mb(lambda: jnp.zeros((b, capacity), jnp.float32)))
+    caches, mbs = _prompt_phase(st, tokens, lengths, caches, mbs, pick, key, stop_ids)
 
     # token phase: rounds of R ticks; micro-batch (t - s) mod R on stage s at round tick t
-    last_tick = (M - 1) + (P - 1) + (n_pass - 1) * R
-    rounds = jnp.where(n_pass > 0, last_tick // R + 1, 0)
+    n_pass = max_new_tokens - 1  # decode passes after the prompt's token
+    rounds = jnp.where(n_pass > 0, ((M - 1) + (P - 1) + (n_pass - 1) * R) // R + 1, 0)
 
     def round_(state):
-        r, recv, caches, buf, out, out_lp, count, done, _ = state
-        caches, buf, out, out_lp, count, done = map(list, (caches, buf, out, out_lp, count, done))
+        r, recv, caches, mbs, _ = state
+        caches, mbs = list(caches), {k: list(v) for k, v in mbs.items()}
         for t in range(R):
             j, k = (t - st.s) % R, r - (t < st.s).astype(jnp.int32)
             valid = (j < M) & (k >= 0) & (k < n_pass)
-            slot, cache = t % M, st.fetch(caches[t % M])
+            cache = st.fetch(caches[t % M])
             pos = cache.lengths[:, None]
-            h, new = st.run(recv, buf[t % R if t % R < M else 0][:, None], pos, cache)
-            caches[slot] = st.stash(new.replace(lengths=cache.lengths + valid.astype(jnp.int32)))
-            tok = jnp.zeros((b,), jnp.int32)
-            jl = (t - (P - 1)) % R
+            h, new = st.run(recv, mbs["buf"][min(t, M - 1)][:, None], pos, cache)
+            caches[t % M] = st.stash(new.replace(lengths=cache.lengths + valid.astype(jnp.int32)))
+            tok, jl = jnp.zeros((b,), jnp.int32), (t - (P - 1)) % R  # the last stage's
             if jl < M:
                 kl = r - int(t < P - 1)
-                ok = (kl >= 0) & (kl < n_pass)
-                tok, lp = pick(st.head(h[:, 0]), jax.random.fold_in(key, (r * R + t) * M + jl + M),
-                               done[jl])
-                live = ok & ~done[jl]
+                ok, done = (kl >= 0) & (kl < n_pass), mbs["done"][jl]
+                tok, lp = pick(st.head(h[:, 0]),
+                               jax.random.fold_in(key, (r * R + t) * M + jl + M), done)
                 step = jnp.clip(kl + 1, 0, capacity - 1)
-                out[jl] = jnp.where(ok, jax.lax.dynamic_update_slice(out[jl], tok[:, None], (0, step)),
-                                    out[jl])
-                out_lp[jl] = jnp.where(ok, jax.lax.dynamic_update_slice(
-                    out_lp[jl], lp[:, None], (0, step)), out_lp[jl])
-                count[jl] = count[jl] + live.astype(jnp.int32)
-                done[jl] = done[jl] | (ok & gen.is_stop_token(tok, stop_ids))
+                mbs["out"][jl] = _record(mbs["out"][jl], tok, step, ok)
+                mbs["out_lp"][jl] = _record(mbs["out_lp"][jl], lp, step, ok)
+                mbs["count"][jl] = mbs["count"][jl] + (ok & ~done).astype(jnp.int32)
+                mbs["done"][jl] = done | (ok & gen.is_stop_token(tok, stop_ids))
             recv, tok = st.pass_on((h, tok))
             if jl < M:  # stage 0 keeps it until micro-batch jl is due there again
-                buf[jl] = jnp.where(ok, tok, buf[jl])
-        all_done = st.from_last(jnp.all(jnp.stack(done)).astype(jnp.int32)) > 0
-        return r + 1, recv, caches, buf, out, out_lp, count, done, all_done
+                mbs["buf"][jl] = jnp.where(ok, tok, mbs["buf"][jl])
+        all_done = st.from_last(jnp.all(jnp.stack(mbs["done"])).astype(jnp.int32)) > 0
+        return r + 1, recv, caches, mbs, all_done
 
-    def cond(state):
-        return (state[0] < rounds) & ~state[-1]
-
-    recv = jnp.zeros((b, 1, model.cfg.hidden_size), dtype)
-    state = (jnp.int32(0), recv, caches, buf, out, out_lp, count, done, jnp.bool_(False))
-    _, _, _, _, out, out_lp, count, _, _ = jax.lax.while_loop(cond, round_, state)
-    result = (jnp.stack(out), jnp.stack(count), jnp.stack(out_lp))
+    recv = jnp.zeros((b, 1, model.cfg.hidden_size), model.embed.embedding.dtype)
+    state = (jnp.int32(0), recv, caches, mbs, jnp.bool_(False))
+    _, _, _, mbs, _ = jax.lax.while_loop(lambda s: (s[0] < rounds) & ~s[-1], round_, state)
+    result = (jnp.stack(mbs["out"]), jnp.stack(mbs["count"]), jnp.stack(mbs["out_lp"]))
     return tuple(st.from_last(x)[None] for x in result)
 
 

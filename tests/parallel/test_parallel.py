@@ -88,13 +88,20 @@ def test_micro_batch_counts(pipe):
 
 
 def test_data_parallel_replicas_and_eos():
+    """Five rows over dp 2 x M 2 (rows 4.. on the second replica), each stopping at its own
+    first occurrence of a token; sampling draws different tokens for the same prompt on either
+    replica."""
     hf = gqa_llama()
-    expected = [hf_greedy(hf, r, N) for r in ROWS]
-    stop = expected[0][3]  # each row stops at its own first occurrence of this token
+    rows = ROWS + [prompt(9, 4, V), prompt(10, 7, V)]
+    expected = [hf_greedy(hf, r, N) for r in rows]
+    stop = expected[4][3]
     engine = _engine(hf, 2, 2, data_parallel={"dp_size": 2})
-    out = engine.generate(ROWS, max_new_tokens=N, eos_token_id=stop)
-    cut = [e[: e.index(stop) + 1] if stop in e else e for e in expected]
-    assert out.sequences == cut
+    out = engine.generate(rows, max_new_tokens=N, eos_token_id=stop)
+    assert out.sequences == [e[: e.index(stop) + 1] if stop in e else e for e in expected]
+    same = [ROWS[0]] * 8  # rows 0-3 on replica 0, rows 4-7 on replica 1
+    sampled = engine.generate(same, max_new_tokens=N, eos_token_id=[], do_sample=True,
+                              prng_key=jax.random.key(1)).sequences
+    assert sampled[0] != sampled[4] and sampled[1] != sampled[5]
 
 
 # every decoder family at TP2 x PP2 (its 2-layer test config: one layer a stage); families whose
@@ -128,8 +135,10 @@ def test_quantized_slices_equal_one_device(quant):
     """Groups that sit inside each device's rows quantize identically on one device and on TP."""
     hf = gqa_llama()
     single = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=32, progress=False, quant=quant)
-    out = _engine(hf, 2, 1, quant=quant).generate(ROWS, max_new_tokens=N, eos_token_id=[])
+    engine = _engine(hf, 2, 1, quant=quant)
+    out = engine.generate(ROWS, max_new_tokens=N, eos_token_id=[])
     assert out.sequences == single.generate(ROWS, max_new_tokens=N, eos_token_id=[]).sequences
+    assert engine.num_params() == single.num_params()
 
 
 def test_int8_kv_cache_and_kernel_injection():
@@ -226,6 +235,10 @@ def test_parse_spellings():
     assert Parallel.parse(None, 4, {"pp_size": 2, "micro_batches": 8}) == Parallel(
         tp=4, pp=2, micro_batches=8)
     assert Parallel.parse({"tp_size": 8, "enabled": False}) == Parallel()
+    assert Parallel.parse(None, None, {"pp_size": 4, "micro_batches": 4, "offload_kv": True,
+                                       "enabled": False}) == Parallel()
+    with pytest.raises(ValueError, match="offload_kv must be True or False"):
+        Parallel.parse(None, None, {"pp_size": 2, "offload_kv": "false"})
 
 
 def test_kv_offload_gives_the_same_tokens():
@@ -239,18 +252,18 @@ def test_kv_offload_gives_the_same_tokens():
 
 
 def test_cli_bench_over_a_mesh(tmp_path):
-    """`dsjax bench --tp --pp` runs and its floor counts one device's tensor slice."""
+    """`dsjax bench --tp --pp` runs; at TP2 its floor counts the bytes device 0 holds."""
     import json
 
     from dsjax import cli
 
-    args = ["-q", "bench", "--model", "tiny-llama", "--tp", "2", "--pp", "2", "--batch-sizes", "2",
+    args = ["-q", "bench", "--model", "tiny-llama", "--tp", "2", "--batch-sizes", "2",
             "--prompt-len", "4", "--new-tokens", "2", "--reps", "1", "--warmup", "1",
             "--out", str(tmp_path)]
     assert cli.main(args) == 0
-    report = json.loads((tmp_path / "bench-tiny-llama-bf16-tp2-pp2.json").read_text())
-    single = dsjax.init_inference("tiny-llama", progress=False)
-    from dsjax import bench
-
-    row = report["rows"][0]
-    assert row["weight_bytes"] * 2 == bench.weight_bytes_per_step(single)
+    report = json.loads((tmp_path / "bench-tiny-llama-bf16-tp2.json").read_text())
+    engine = dsjax.init_inference("tiny-llama", tensor_parallel=2, progress=False)
+    dev = jax.devices()[0]
+    on_dev = sum(s.data.nbytes for k, a in dsjax.model.flatten(engine.params).items()
+                 if k != "embed.embedding" for s in a.addressable_shards if s.device == dev)
+    assert report["rows"][0]["weight_bytes"] == on_dev
