@@ -39,7 +39,7 @@ from dsjax import engine as eng  # noqa: E402
 from dsjax import generate as gen  # noqa: E402
 from dsjax.config import InferenceConfig  # noqa: E402
 from dsjax.model import abstract_model, flatten  # noqa: E402
-from dsjax.parallel import pipeline, tensor  # noqa: E402
+from dsjax.parallel import pipeline  # noqa: E402
 from dsjax.parallel.mesh import Parallel  # noqa: E402
 
 
@@ -50,11 +50,8 @@ def build(cfg, flat, par: Parallel, budget: int):
         params = eng.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
         graphdef, _ = abstract_model(cfg, jnp.bfloat16)
         return eng.InferenceEngine(cfg, icfg, graphdef, params, random_weights=True)
-    plan = pipeline.Plan(cfg, par, par.mesh())
-    graphdef, _ = abstract_model(pipeline.stage_config(cfg, par), jnp.bfloat16,
-                                 shard=tensor.shard_for(cfg, par.tp))
-    return eng.InferenceEngine(cfg, icfg, graphdef, pipeline.place(dict(flat), plan),
-                               random_weights=True, plan=plan)
+    plan, graphdef, params = pipeline.build(cfg, par, par.mesh(), dict(flat), jnp.bfloat16)
+    return eng.InferenceEngine(cfg, icfg, graphdef, params, random_weights=True, plan=plan)
 
 
 def device_bytes(engine) -> tuple[int, int, int]:
@@ -98,19 +95,12 @@ def large_copies(engine, min_bytes: int, prompt_len: int) -> list[int]:
     """Sizes of the copies of at least min_bytes in the compiled generate program."""
     rows = [np.zeros(prompt_len, np.int32)] * 2
     budget = engine.inference_config.max_out_tokens
-    par = engine.plan.par if engine.plan else None
-    tokens, lengths = eng._pack(rows, budget, 0, groups=par.dp * par.micro_batches if par else 1)
-    args = (jax.random.key(0), jnp.int32(8), jnp.asarray([-1], jnp.int32), jnp.int32(0),
-            gen.Sampling.make())
-    kw = dict(capacity=budget, do_sample=False, return_logprobs=False, int8_cache=False)
-    if par is None:
-        lowered = gen.generate.lower(engine.graphdef, engine.params, jnp.asarray(tokens),
-                                     jnp.asarray(lengths), *args, **kw)
-    else:
-        cut = lambda a: jnp.asarray(a.reshape(par.dp, par.micro_batches, -1, *a.shape[1:]))  # noqa: E731
-        lowered = pipeline.generate.lower(engine.graphdef, engine.params, cut(tokens),
-                                          cut(lengths), *args, plan=engine.plan,
-                                          specs=engine._specs, **kw)
+    tokens, lengths = eng._pack(rows, budget, 0, groups=engine.batch_groups)
+    fn, args, kw = engine.generate_program(
+        jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(8),
+        jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(), capacity=budget,
+        do_sample=False, return_logprobs=False, int8_cache=False)
+    lowered = fn.lower(*args, **kw)
     sizes = []
     for dtype, dims in _COPY.findall(lowered.compile().as_text()):
         n = int(np.prod([int(d) for d in dims.split(",") if d])) * _BYTES.get(dtype, 4)

@@ -19,7 +19,7 @@ from dsjax import generate as gen
 from dsjax.cache import check_budget
 from dsjax.config import QUANTIZED_DTYPES, InferenceConfig, ModelConfig, dtype_name
 from dsjax.model import Transformer, abstract_model, flatten, random_params, unflatten
-from dsjax.parallel import pipeline, tensor
+from dsjax.parallel import pipeline
 from dsjax.parallel.mesh import Parallel
 from dsjax.quant import QuantSpec, abstract_quantized, quantize_flat
 
@@ -94,12 +94,10 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
     if mesh is None:
         params = _load(source, expected, icfg, seed=seed, progress=progress)
     else:
-        plan = pipeline.Plan(cfg, par, mesh)
-        graphdef, _ = abstract_model(pipeline.stage_config(cfg, par), icfg.jnp_dtype, icfg.impl,
-                                     shard=tensor.shard_for(cfg, par.tp))
         flat = flatten(source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress,
                                    host=True))
-        params = pipeline.place(flat, plan, icfg.quant)
+        plan, graphdef, params = pipeline.build(cfg, par, mesh, flat, icfg.jnp_dtype, icfg.impl,
+                                                icfg.quant)
     log.info("dsjax: %s, %d layers, %s%s, budget %d tokens, kernels %s%s", cfg.family,
              cfg.num_layers, icfg.dtype, f", weights {_quant_name(icfg.quant)}" if icfg.quant else "",
              icfg.max_out_tokens, icfg.kernels, f", {par}" if plan else "")
@@ -421,25 +419,37 @@ class InferenceEngine:
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
         self.config.check_ids([pad], "pad_token_id")
-        par = self.plan.par if self.plan else None
-        tokens, lengths = _pack(rows, budget, pad, groups=par.dp * par.micro_batches if par else 1)
-        args = (jnp.asarray(tokens), jnp.asarray(lengths),
-                prng_key if prng_key is not None else jax.random.key(0), jnp.int32(max_new_tokens),
-                jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad), sampling)
-        kw = dict(capacity=budget, do_sample=do_sample, return_logprobs=return_logprobs,
-                  int8_cache=self.inference_config.kv_cache_dtype == "int8")
-        if par is None:
-            out, count, lps = gen.generate(self.graphdef, self.params, *args, **kw)
-        else:
-            cut = lambda a: a.reshape(par.dp, par.micro_batches, -1, *a.shape[1:])  # noqa: E731
-            out, count, lps = pipeline.generate(
-                self.graphdef, self.params, cut(args[0]), cut(args[1]), *args[2:], plan=self.plan,
-                specs=self._specs, **kw)
+        tokens, lengths = _pack(rows, budget, pad, groups=self.batch_groups)
+        fn, args, kw = self.generate_program(
+            jnp.asarray(tokens), jnp.asarray(lengths),
+            prng_key if prng_key is not None else jax.random.key(0), jnp.int32(max_new_tokens),
+            jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad), sampling, capacity=budget,
+            do_sample=do_sample, return_logprobs=return_logprobs,
+            int8_cache=self.inference_config.kv_cache_dtype == "int8")
+        out, count, lps = fn(*args, **kw)
+        if self.plan is not None:  # [dp, M, b, ...] -> [B', ...]
             out, count, lps = (x.reshape(-1, *x.shape[3:]) for x in (out, count, lps))
         B = len(rows)
         out, count = np.asarray(out)[:B, :max_new_tokens], np.asarray(count)[:B]
         return GenerationOutput(out, count, np.asarray(lps)[:B, :max_new_tokens]
                                 if return_logprobs else None)
+
+    @property
+    def batch_groups(self) -> int:
+        """The packed batch is cut into this many equal groups (replicas x micro-batches)."""
+        return self.plan.par.dp * self.plan.par.micro_batches if self.plan else 1
+
+    def generate_program(self, tokens, lengths, *args, **kw):
+        """(jitted function, its arguments, its keyword arguments) of one generate call on
+        packed prompts tokens [B', T], lengths [B'] (see gen.generate for the rest): the
+        one-device program, or the mesh's with the batch cut [dp, M, b]. `fn(*args, **kw)`
+        runs it; `fn.lower(*args, **kw)` shows its program."""
+        if self.plan is None:
+            return gen.generate, (self.graphdef, self.params, tokens, lengths, *args), kw
+        par = self.plan.par
+        cut = lambda a: a.reshape(par.dp, par.micro_batches, -1, *a.shape[1:])  # noqa: E731
+        return (pipeline.generate, (self.graphdef, self.params, cut(tokens), cut(lengths), *args),
+                dict(kw, plan=self.plan, specs=self._specs))
 
     def save(self, path, tokenizer_dir: Path | None = None) -> Path:
         """Writes a dsjax checkpoint that init_inference(path) restores."""

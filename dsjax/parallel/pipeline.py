@@ -51,6 +51,7 @@ from jax.sharding import PartitionSpec as PS
 from dsjax import generate as gen
 from dsjax.cache import KVCache
 from dsjax.config import ModelConfig
+from dsjax.model import abstract_model, unflatten
 from dsjax.parallel import tensor
 from dsjax.parallel.mesh import Parallel
 from dsjax.quant import QuantSpec, quantizable, quantize
@@ -83,6 +84,16 @@ class Plan:
 
 # ----------------------------------------------------------------------------- weights
 
+def build(cfg: ModelConfig, par: Parallel, mesh: Mesh, flat: dict, dtype, impl=("xla",),
+          quant: QuantSpec | None = None):
+    """(plan, graphdef, params) of a model served over `mesh`, from its full single-device
+    parameters {path: host array} (consumed): each device's module and its slices."""
+    plan = Plan(cfg, par, mesh)
+    graphdef, _ = abstract_model(stage_config(cfg, par), dtype, impl,
+                                 shard=tensor.shard_for(cfg, par.tp))
+    return plan, graphdef, place(flat, plan, quant)
+
+
 def place(flat: dict, plan: Plan, quant: QuantSpec | None = None) -> dict:
     """Full single-device parameters {path: host array} -> the stage-stacked, tensor-sliced
     arrays, each device receiving only its slice. Quantizable weights are quantized per slice
@@ -107,8 +118,6 @@ def place(flat: dict, plan: Plan, quant: QuantSpec | None = None) -> dict:
     for path, per_stage in stacks.items():
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *[p for p, _ in per_stage])
         out[path] = _put(stacked, plan.mesh, per_stage[0][1], layer=True)
-    from dsjax.model import unflatten
-
     return unflatten(out)
 
 
@@ -121,11 +130,6 @@ def _put(x, mesh: Mesh, how: tensor.Slicing, *, layer: bool):
         spec = PS("pp", *axes) if layer else PS(*axes)
         return jax.device_put(a, NamedSharding(mesh, spec))
     return jax.tree.map(put, x)
-
-
-def param_specs(params: dict) -> dict:
-    """The in_specs of placed parameters (their shardings' specs)."""
-    return jax.tree.map(lambda a: a.sharding.spec, params)
 
 
 def _local(params: dict) -> dict:
@@ -165,7 +169,8 @@ def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, p
 
 
 def hashable_specs(params: dict):
-    leaves, treedef = jax.tree.flatten(param_specs(params))
+    """The in_specs of placed parameters (their shardings' specs), as (treedef, leaves)."""
+    leaves, treedef = jax.tree.flatten(jax.tree.map(lambda a: a.sharding.spec, params))
     return treedef, tuple(leaves)
 
 
