@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -27,25 +29,50 @@ from benchmarks import common  # noqa: E402
 from benchmarks.decode_latency import weight_bytes_per_step  # noqa: E402
 
 
+_COLLECTIVE = re.compile(r"nccl|psum|all.?reduce|all.?gather|collective|one.?shot", re.I)
+
+
 def kernel_summary(trace_dir: Path) -> dict:
-    """Per-kernel totals from the perfetto trace that jax.profiler writes."""
+    """Per-kernel totals of the first GPU from the perfetto trace that jax.profiler writes."""
     path = next(trace_dir.rglob("*.trace.json.gz"))
     events = json.loads(gzip.open(path).read())["traceEvents"]
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and "GPU" in str(e.get("args", {}).get("name", ""))}
+    gpus = sorted((str(e.get("args", {}).get("name", "")), e["pid"]) for e in events
+                  if e.get("ph") == "M" and e.get("name") == "process_name"
+                  and "GPU" in str(e.get("args", {}).get("name", "")))
+    gpu_pids = {pid for _, pid in gpus[:1]}  # the first GPU (over a mesh they run in lockstep)
     kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
     if not kernels:
         return {"error": f"no GPU events found in {path.name}"}
-    start = min(e["ts"] for e in kernels)
-    end = max(e["ts"] + e["dur"] for e in kernels)
     by_name = collections.defaultdict(lambda: [0, 0.0])
     for e in kernels:
         by_name[e["name"]][0] += 1
         by_name[e["name"]][1] += e["dur"]
-    busy = sum(e["dur"] for e in kernels)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
-    return {"gpu_span_us": end - start, "kernel_time_us": busy, "kernel_launches": len(kernels),
-            "top": [{"name": n[:120], "count": c, "total_us": t} for n, (c, t) in top]}
+    return {"gpu": gpus[0][0], "span_us": max(e["ts"] + e["dur"] for e in kernels)
+            - min(e["ts"] for e in kernels), "by_name": dict(by_name)}
+
+
+def kind(name: str) -> str:
+    return ("collective" if _COLLECTIVE.search(name) else
+            "gemm" if re.search(r"gemm|nvjet|dot|cublas|matmul", name, re.I) else "other")
+
+
+def per_step(long: dict, short: dict, steps: int) -> dict:
+    """What the extra steps of the long run cost on the GPU: (long - short) / steps."""
+    names = set(long["by_name"]) | set(short["by_name"])
+    diff = {n: [(long["by_name"].get(n, [0, 0])[i] - short["by_name"].get(n, [0, 0])[i]) / steps
+                for i in (0, 1)] for n in names}
+    out = {"span_us": (long["span_us"] - short["span_us"]) / steps, "kernels": 0.0,
+           "busy_us": 0.0, **{f"{k}_us": 0.0 for k in ("gemm", "collective", "other")},
+           **{f"{k}_kernels": 0.0 for k in ("gemm", "collective", "other")}}
+    for n, (count, us) in diff.items():
+        out["kernels"] += count
+        out["busy_us"] += us
+        out[f"{kind(n)}_us"] += us
+        out[f"{kind(n)}_kernels"] += count
+    out["idle_us"] = out["span_us"] - out["busy_us"]
+    out["top"] = [{"name": n[:120], "per_step": c, "us": t}
+                  for n, (c, t) in sorted(diff.items(), key=lambda kv: -kv[1][1])[:20]]
+    return out
 
 
 def main() -> None:
@@ -54,6 +81,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (profiles GPU 0)")
+    p.add_argument("--layers", type=int, help="override the architecture's layer count")
+    p.add_argument("--json", default=None, help="write the per-step summary here")
     p.add_argument("--hlo", default=None, help="write the optimized HLO of generate here")
     args = p.parse_args()
 
@@ -63,31 +93,45 @@ def main() -> None:
     import dsjax
     from dsjax import generate as gen
 
-    engine = dsjax.init_inference(args.arch, dtype="bf16", max_out_tokens=args.prompt_len + args.new_tokens)
+    model = args.arch
+    if args.layers:  # the same layers, fewer of them
+        model = dataclasses.replace(dsjax.engine._open(args.arch).config, num_layers=args.layers)
+    engine = dsjax.init_inference(model, dtype="bf16", max_out_tokens=args.prompt_len + args.new_tokens,
+                                  tensor_parallel={"tp_size": args.tp}, progress=False)
     prompts = np.random.default_rng(0).integers(0, engine.config.vocab_size,
                                                 (args.batch, args.prompt_len)).tolist()
     run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[])  # noqa: E731
     run(args.new_tokens)
     decode_ms = common.decode_timing(run, args.new_tokens, 5)["decode_ms_per_token"]
     bw = common.gemv_bandwidth()["bytes_per_s"]
-    floor_ms = weight_bytes_per_step(engine) / bw * 1e3
+    floor_ms = weight_bytes_per_step(engine) / bw * 1e3  # bytes on one device
     print(f"{args.arch} bs {args.batch}: decode {decode_ms:.3f} ms/token, floor {floor_ms:.3f} ms "
           f"({decode_ms / floor_ms:.2f}x); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d, create_perfetto_trace=True)
-        run(args.new_tokens)
-        jax.profiler.stop_trace()
-        summary = kernel_summary(Path(d))
-    steps = args.new_tokens
-    if "error" in summary:
-        print(summary["error"])
+    traces = {}
+    for n in (1, args.new_tokens):  # the difference is the decode steps alone
+        with tempfile.TemporaryDirectory() as d:
+            jax.profiler.start_trace(d, create_perfetto_trace=True)
+            jax.block_until_ready(run(n).tokens)
+            jax.profiler.stop_trace()
+            traces[n] = kernel_summary(Path(d))
+    if "error" in traces[1] or "error" in traces[args.new_tokens]:
+        print(traces[1].get("error") or traces[args.new_tokens]["error"])
     else:
-        print(f"GPU span {summary['gpu_span_us'] / 1e3:.2f} ms, kernel time {summary['kernel_time_us'] / 1e3:.2f} ms "
-              f"({summary['kernel_time_us'] / summary['gpu_span_us']:.0%} busy), "
-              f"{summary['kernel_launches'] / steps:.1f} kernels per step")
-        for k in summary["top"]:
-            print(f"  {k['total_us'] / steps:8.1f} us/step  {k['count'] / steps:6.1f}/step  {k['name']}")
+        d = per_step(traces[args.new_tokens], traces[1], args.new_tokens - 1)
+        print(f"per decode step on {traces[1]['gpu']}: GPU span {d['span_us']:.0f} us, kernels "
+              f"{d['busy_us']:.0f} us ({d['busy_us'] / d['span_us']:.0%} busy, idle {d['idle_us']:.0f} us), "
+              f"{d['kernels']:.0f} kernels: GEMM {d['gemm_us']:.0f} us in {d['gemm_kernels']:.0f}, "
+              f"collectives {d['collective_us']:.0f} us in {d['collective_kernels']:.0f}, "
+              f"other {d['other_us']:.0f} us in {d['other_kernels']:.0f}")
+        for k in d["top"]:
+            print(f"  {k['us']:8.1f} us/step  {k['per_step']:6.1f}/step  {k['name']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"arch": args.arch, "layers": engine.config.num_layers, "tp": args.tp,
+                 "batch": args.batch, "decode_ms_per_token": decode_ms, "floor_ms": floor_ms,
+                 "xla_flags": os.environ.get("XLA_FLAGS", ""), **common.environment(),
+                 "per_step": d}, indent=1))
     if args.hlo:
         tokens, lengths = (jnp.asarray(a) for a in
                            __import__("dsjax.engine", fromlist=["_pack"])._pack(

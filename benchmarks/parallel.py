@@ -137,6 +137,8 @@ def main() -> None:
     print(f"host weights {sum(v.nbytes for v in flat.values()) / 1e9:.1f} GB in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
+    probe = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, 64))
+    reference = {}  # TP1's logits on the probe prompt: every layout's must agree with them
 
     def measure(name, par, batches):
         try:
@@ -150,10 +152,16 @@ def main() -> None:
         wb, table, head = device_bytes(engine)
         print(f"{name}: built in {time.perf_counter() - t:.0f} s, {wb / 1e9:.2f} GB per device",
               flush=True)
+        logits = np.asarray(engine(probe), np.float32)
+        reference.setdefault("logits", logits)
+        ref = reference["logits"]
+        err = float(np.linalg.norm(logits - ref) / np.linalg.norm(ref))
+        print(f"  {name}: logits vs {rows[0]['name'] if rows else name}'s, rel. L2 {err:.4f}",
+              flush=True)
         out = []
         for B in batches:
             r = timing(engine, B, a.prompt_len, a.new_tokens, a.reps)
-            r.update(name=name, tp=par.tp, pp=par.pp, micro_batches=par.micro_batches,
+            r.update(name=name, tp=par.tp, pp=par.pp, micro_batches=par.micro_batches, logits_rel_l2=err,
                      gpus=par.devices, bytes_per_device=wb, embedding_bytes=table, head_bytes=head)
             r["floor_ms"] = floor_ms(r, bw)
             r["floor_ratio"] = r["decode_ms_per_token"] / r["floor_ms"]
@@ -199,24 +207,28 @@ def report(rows, env, a, layers: int) -> str:
              f"{env.get('git_commit')}, XLA_FLAGS={env.get('xla_flags') or '-'}, NCCL_PROTO="
              f"{env.get('nccl_proto') or '-'}; prompt {a.prompt_len}, {a.new_tokens} new tokens, medians of "
              f"{a.reps}; bf16 GEMV ceiling {env['gemv_bandwidth']['bytes_per_s'] / 1e12:.2f} TB/s.",
+             "", "logits rel. L2: a 64-token prompt's bf16 logits against the first layout's "
+             "(dtype rounding differs with the reduction order; a broken layout gives ~1).",
              "", "| layout | GPUs | batch | decode ms/token | tokens/s | floor ms | x floor | "
-             "GB/device | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+             "GB/device | compile s | logits rel. L2 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['gpus']} | {r['batch']} | {r['decode_ms_per_token']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['floor_ms']:.2f} | {r['floor_ratio']:.2f} | "
-                     f"{r['bytes_per_device'] / 1e9:.2f} | {r['compile_s']:.0f} |")
+                     f"{r['bytes_per_device'] / 1e9:.2f} | {r['compile_s']:.0f} | "
+                     f"{r.get('logits_rel_l2', float('nan')):.4f} |")
     by = {(r["name"], r["batch"]): r for r in rows}
     lines += ["", "## Ratios", ""]
     tp1 = by.get(("TP1", 1))
-    for tp in (2, 4):
+    goals = {2: "0.6", 4: "0.4"}  # the issue's latency goals
+    for tp in sorted({r["tp"] for r in rows if r["pp"] == 1 and r["tp"] > 1}):
         r = by.get((f"TP{tp}", 1))
         if tp1 and r:
             lines.append(f"- TP{tp} bs-1 latency / TP1: {r['decode_ms_per_token'] / tp1['decode_ms_per_token']:.2f}"
-                         f" (goal {'0.6' if tp == 2 else '0.4'}); time beyond TP1/{tp}, per "
+                         f" (goal {goals.get(tp, '-')}); time beyond TP1/{tp}, per "
                          f"collective ({2 * layers + 2} a token: 2 a layer, embedding, logits): "
                          f"{(r['decode_ms_per_token'] - tp1['decode_ms_per_token'] / tp) / (2 * layers + 2) * 1e3:.1f} us")
     b = a.micro_batch
-    for P in (2, 4):
+    for P in sorted({r["pp"] for r in rows if r["pp"] > 1}):
         mb, m1, m1big, tpP = (by.get((f"PP{P} M={P}", P * b)), by.get((f"PP{P} M=1", b)),
                               by.get((f"PP{P} M=1", P * b)), by.get((f"TP{P}", P * b)))
         if mb and m1:
