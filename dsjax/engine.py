@@ -498,7 +498,8 @@ def _prompt_rows(input_ids, attention_mask) -> list[np.ndarray]:
 def _pack(rows: list[np.ndarray], budget: int, pad: int,
           groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Right-pads to a bucketed [B', T'] (B' / groups and T' powers of two, `groups` = the
-    replicas x micro-batches the batch is cut into); dummy rows have length 1.
+    replicas x micro-batches the batch is cut into); filler rows have length 0 (generate treats
+    them as finished from the start, so they never hold up an early stop).
 
     B' >= 2: with one row, XLA's GPU DotStrengthReduction turns every decode GEMV whose matrix
     has under 10M elements into a materialized multiply + reduce (13 us instead of ~3 for
@@ -507,7 +508,7 @@ def _pack(rows: list[np.ndarray], budget: int, pad: int,
     B = groups * gen.bucket(-(-len(rows) // groups), minimum=2)
     T = min(gen.bucket(max(len(r) for r in rows)), budget)
     tokens = np.full((B, T), pad, np.int32)
-    lengths = np.ones((B,), np.int32)
+    lengths = np.zeros((B,), np.int32)
     for b, r in enumerate(rows):
         tokens[b, : len(r)] = r
         lengths[b] = len(r)

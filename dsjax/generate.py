@@ -101,7 +101,8 @@ def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, p
              int8_cache: bool = False):
     """Prefill + `lax.while_loop` decode.
 
-    tokens [B, T] right-padded prompts, lengths [B]; max_new_tokens, pad_id: [] int32;
+    tokens [B, T] right-padded prompts, lengths [B] (0: a filler row that only pads the batch
+    to its bucket: finished from the start, so it never holds up an early stop); max_new_tokens, pad_id: [] int32;
     stop_ids [E] int32 (-1 entries never match); int8_cache: K/V stored as int8 with per-token
     scales. Returns (new tokens [B, capacity] padded with
     pad_id, count [B] of tokens generated including the stop token, logprobs [B, capacity]).
@@ -111,7 +112,8 @@ def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, p
     B = tokens.shape[0]
     cache = KVCache.create(model.cfg, B, capacity, model.embed.embedding.dtype,
                            quantized=int8_cache)
-    logits, cache = prefill(model, tokens, lengths, cache)
+    filler = lengths == 0
+    logits, cache = prefill(model, tokens, jnp.maximum(lengths, 1), cache)
 
     def pick(logits, key, done):
         return pick_token(logits, key, done, sampling, pad_id, do_sample, return_logprobs)
@@ -120,11 +122,11 @@ def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, p
         return is_stop_token(tok, stop_ids)
 
     key, sub = jax.random.split(key)
-    not_done = jnp.zeros((B,), bool)
-    tok, lp = pick(logits, sub, not_done)
+    tok, lp = pick(logits, sub, filler)
     out = jnp.full((B, capacity), pad_id, jnp.int32).at[:, 0].set(tok)
     out_lp = jnp.zeros((B, capacity), jnp.float32).at[:, 0].set(lp)
-    state = (jnp.int32(1), tok, is_stop(tok), jnp.ones((B,), jnp.int32), out, out_lp, cache, key)
+    state = (jnp.int32(1), tok, filler | is_stop(tok), (~filler).astype(jnp.int32), out, out_lp,
+             cache, key)
 
     def cond(state):
         step, _, done, *_ = state

@@ -41,6 +41,39 @@ def test_stop_token_ends_each_sequence(gpt2_pair):
     assert out.sequences[0] == hf_greedy(model, p, 16, eos_token_id=stop)
 
 
+def filler_rows_finished(engine, prompts, **kw):
+    """generate()'s packed program on `prompts` with a stop token that ends every row early:
+    (number of real rows, counts, tokens) of all packed rows, filler rows included."""
+    from dsjax import engine as eng
+
+    budget = engine.inference_config.max_out_tokens
+    tokens, lengths = eng._pack([np.asarray(p) for p in prompts], budget, 0,
+                                groups=engine.batch_groups)
+    fn, args, kwargs = engine.generate_program(
+        jax.numpy.asarray(tokens), jax.numpy.asarray(lengths), jax.random.key(0),
+        jax.numpy.int32(16), jax.numpy.asarray(kw["stop"], jax.numpy.int32), jax.numpy.int32(0),
+        gen.Sampling.make(), capacity=budget, do_sample=False, return_logprobs=False,
+        int8_cache=False)
+    out, count, _ = fn(*args, **kwargs)
+    out, count = np.asarray(out), np.asarray(count)
+    return len(tokens), count.reshape(-1), out.reshape(-1, out.shape[-1])
+
+
+def test_filler_rows_do_not_hold_up_an_early_stop(gpt2_pair):
+    """3 prompts fill a bucket of 4: the filler row must be finished from the start (no tokens),
+    or the loop would run to max_new_tokens after every real row has stopped."""
+    _, engine = gpt2_pair
+    prompts = [prompt(40, 5), prompt(41, 7), prompt(42, 3)]
+    free = engine.generate(prompts, max_new_tokens=16, eos_token_id=[]).sequences
+    stops = sorted({row[2] for row in free})  # every row stops by its third token
+    B, count, out = filler_rows_finished(engine, prompts, stop=stops)
+    assert B == 4
+    assert count[3] == 0 and (out[3] == 0).all()
+    for b, row in enumerate(free):
+        n = min(i for i, t in enumerate(row) if t in stops) + 1
+        assert count[b] == n and out[b, :n].tolist() == row[:n]
+
+
 def test_sampling_reproducible_and_key_dependent(llama_pair):
     _, engine = llama_pair
     p = [prompt(17, 5)]
