@@ -443,12 +443,14 @@ class InferenceEngine:
         """(jitted function, its arguments, its keyword arguments) of one generate call on
         packed prompts tokens [B', T], lengths [B'] (see gen.generate for the rest): the
         one-device program, or the mesh's with the batch cut [dp, M, b]. `fn(*args, **kw)`
-        runs it; `fn.lower(*args, **kw)` shows its program."""
+        runs it; `fn.lower(*args, **kw)` shows its program (not with offload_kv, whose `fn` is
+        a Python loop over per-tick programs)."""
         if self.plan is None:
             return gen.generate, (self.graphdef, self.params, tokens, lengths, *args), kw
         par = self.plan.par
         cut = lambda a: a.reshape(par.dp, par.micro_batches, -1, *a.shape[1:])  # noqa: E731
-        return (pipeline.generate, (self.graphdef, self.params, cut(tokens), cut(lengths), *args),
+        fn = pipeline.generate_offloaded if par.offload_kv else pipeline.generate
+        return (fn, (self.graphdef, self.params, cut(tokens), cut(lengths), *args),
                 dict(kw, plan=self.plan, specs=self._specs))
 
     def save(self, path, tokenizer_dir: Path | None = None) -> Path:

@@ -29,12 +29,14 @@ stages run in lockstep. A stage stores micro-batch m's cache in slot (m + s) mod
 a tick uses is the same on every stage and known when tracing: no cache is ever copied.
 Sampling streams (do_sample) differ from the single-device generate; greedy tokens are equal.
 
-KV offload (offload_kv, beyond open-source DeepSpeed): every slot's cache lives in pinned host
-memory (JAX memory kinds) and is brought to the device for its tick and sent back after it;
-XLA's scheduler issues the transfers asynchronously. The aim is a device holding about one
-slot's cache instead of M; measured on the H200 it does not yet (XLA keeps device copies alive:
-62.7 -> 61.0 GB peak with 34.5 GB of caches, benchmarks/results/kv_offload.md), and generate is
-2.3x slower.
+KV offload (offload_kv, beyond open-source DeepSpeed): the M cache slots live in pinned host
+memory (JAX memory kinds) between their ticks, and the device holds two: the slot a tick works
+on and a spare buffer into which the same tick copies the next tick's slot while it computes.
+One program over all ticks does not do this (XLA kept device copies of the offloaded slots in
+the loop: 62.7 -> 61.0 GB peak with 34.5 GB of caches on the H200), so `generate_offloaded`
+runs the same ticks (`_prompt_tick`, `_token_tick`) as one program each from a Python loop; a
+tick's program sends its slot back to host memory and the two device buffers swap roles
+(donated, updated in place). The default path is untouched: one program, caches on device.
 """
 
 from __future__ import annotations
@@ -142,10 +144,6 @@ def _local(params: dict) -> dict:
 
 # ----------------------------------------------------------------------------- generate
 
-def _to(space, tree):
-    return jax.tree.map(lambda a: jax.device_put(a, space), tree)
-
-
 def _select(valid, new, old):
     return jax.tree.map(lambda n, o: jnp.where(valid, n, o), new, old)
 
@@ -187,14 +185,6 @@ class _Stage:
         self.first, self.last = self.s == 0, self.s == self.P - 1
         self.plan = plan
 
-    def fetch(self, cache):
-        """A slot's cache, on the device (from pinned host memory when caches are offloaded)."""
-        return _to(jax.memory.Space.Device, cache) if self.plan.par.offload_kv else cache
-
-    def stash(self, cache):
-        """A slot's cache after its tick: back to host memory when offloading."""
-        return _to(jax.memory.Space.Host, cache) if self.plan.par.offload_kv else cache
-
     def run(self, recv, tokens, positions, cache, key_mask=None):
         """The stage's layers on the previous stage's output (the embedded tokens on stage 0)."""
         x = self.model.embed_inputs(tokens, positions)
@@ -223,30 +213,61 @@ def _record(row, value, step, ok):
 def _prompt_phase(st: _Stage, tokens, lengths, caches, mbs: dict, pick, key, stop_ids):
     """GPipe over the M prompt micro-batches (micro-batch tau - s on stage s at tick tau): fills
     each stage's cache slots and, on the last stage, samples each micro-batch's first token."""
-    P, M, model = st.P, st.M, st.model
-    b, T = tokens.shape[1:]
-    recv = jnp.zeros((b, T, model.cfg.hidden_size), model.embed.embedding.dtype)
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
-    for tau in range(M + P - 1):
-        j = tau - st.s
-        slot, old = tau % M, st.fetch(caches[tau % M])
-        h, new = st.run(recv, tokens[min(tau, M - 1)], positions, old)
-        new = new.replace(lengths=lengths[jnp.clip(j, 0, M - 1)])
-        caches[slot] = st.stash(new if P - 1 <= tau < M else
-                                _select((j >= 0) & (j < M), new, old))
-        tok = jnp.zeros((b,), jnp.int32)
-        jl = tau - (P - 1)  # the last stage's micro-batch
-        if 0 <= jl < M:
-            last = jnp.take_along_axis(h, (lengths[jl] - 1)[:, None, None], axis=1)[:, 0]
-            tok, lp = pick(st.head(last), jax.random.fold_in(key, jl), mbs["done"][jl])
-            mbs["out"][jl] = _record(mbs["out"][jl], tok, 0, True)
-            mbs["out_lp"][jl] = _record(mbs["out_lp"][jl], lp, 0, True)
-            mbs["count"][jl] = jnp.ones((b,), jnp.int32)
-            mbs["done"][jl] = gen.is_stop_token(tok, stop_ids)
-        recv, tok = st.pass_on((h, tok))
-        if 0 <= jl < M:
-            mbs["buf"][jl] = tok
+    recv = jnp.zeros(tokens.shape[1:] + (st.model.cfg.hidden_size,), st.model.embed.embedding.dtype)
+    for tau in range(st.M + st.P - 1):
+        recv, caches[tau % st.M] = _prompt_tick(st, tau, recv, tokens, lengths,
+                                                caches[tau % st.M], mbs, pick, key, stop_ids)
     return caches, mbs
+
+
+def _prompt_tick(st: _Stage, tau: int, recv, tokens, lengths, old, mbs: dict, pick, key, stop_ids):
+    """Prompt tick tau on slot tau mod M (its cache `old`): (what the next stage receives, the
+    slot's new cache); the last stage records its micro-batch's first token in mbs."""
+    P, M = st.P, st.M
+    b, T = tokens.shape[1:]
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
+    j = tau - st.s
+    h, new = st.run(recv, tokens[min(tau, M - 1)], positions, old)
+    new = new.replace(lengths=lengths[jnp.clip(j, 0, M - 1)])
+    new = new if P - 1 <= tau < M else _select((j >= 0) & (j < M), new, old)
+    tok = jnp.zeros((b,), jnp.int32)
+    jl = tau - (P - 1)  # the last stage's micro-batch
+    if 0 <= jl < M:
+        last = jnp.take_along_axis(h, (lengths[jl] - 1)[:, None, None], axis=1)[:, 0]
+        tok, lp = pick(st.head(last), jax.random.fold_in(key, jl), mbs["done"][jl])
+        mbs["out"][jl] = _record(mbs["out"][jl], tok, 0, True)
+        mbs["out_lp"][jl] = _record(mbs["out_lp"][jl], lp, 0, True)
+        mbs["count"][jl] = jnp.ones((b,), jnp.int32)
+        mbs["done"][jl] = gen.is_stop_token(tok, stop_ids)
+    recv, tok = st.pass_on((h, tok))
+    if 0 <= jl < M:
+        mbs["buf"][jl] = tok
+    return recv, new
+
+
+def _start(st: _Stage, b: int, key, sampling, pad_id, *, capacity, do_sample, return_logprobs):
+    """This replica's sampling key, the token picker and the M micro-batches' fresh state."""
+    key = jax.random.fold_in(key, jax.lax.axis_index("dp"))  # replicas sample their own rows
+    pick = functools.partial(gen.pick_token, sampling=sampling, pad_id=pad_id,
+                             do_sample=do_sample, return_logprobs=return_logprobs)
+    per_mb = lambda make: [make() for _ in range(st.M)]  # noqa: E731
+    mbs = dict(buf=per_mb(lambda: jnp.zeros((b,), jnp.int32)),
+               count=per_mb(lambda: jnp.zeros((b,), jnp.int32)),
+               done=per_mb(lambda: jnp.zeros((b,), bool)),
+               out=per_mb(lambda: jnp.full((b, capacity), pad_id, jnp.int32)),
+               out_lp=per_mb(lambda: jnp.zeros((b, capacity), jnp.float32)))
+    return key, pick, mbs
+
+
+def _new_cache(st: _Stage, b: int, capacity: int, int8_cache: bool) -> KVCache:
+    return KVCache.create(st.model.cfg, b, capacity, st.model.embed.embedding.dtype,
+                          quantized=int8_cache)
+
+
+def _rounds(n_pass, M: int, P: int, R: int):
+    """Rounds of R ticks for n_pass >= 1 decode passes (the last micro-batch's last pass leaves
+    the last stage in the last round)."""
+    return ((M - 1) + (P - 1) + (n_pass - 1) * R) // R + 1
 
 
 def _generate_local(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
@@ -255,55 +276,168 @@ def _generate_local(graphdef, params, tokens, lengths, key, max_new_tokens, stop
     P, M, R, model = st.P, st.M, st.R, st.model
     tokens, lengths = tokens[0], lengths[0]  # [M, b, T], [M, b]
     b = tokens.shape[1]
-    key = jax.random.fold_in(key, jax.lax.axis_index("dp"))  # replicas sample their own rows
-    caches = [st.stash(KVCache.create(model.cfg, b, capacity, model.embed.embedding.dtype,
-                                      quantized=int8_cache)) for _ in range(M)]
-    pick = functools.partial(gen.pick_token, sampling=sampling, pad_id=pad_id,
-                             do_sample=do_sample, return_logprobs=return_logprobs)
-    per_mb = lambda make: [make() for _ in range(M)]  # noqa: E731
-    mbs = dict(buf=per_mb(lambda: jnp.zeros((b,), jnp.int32)),
-               count=per_mb(lambda: jnp.zeros((b,), jnp.int32)),
-               done=per_mb(lambda: jnp.zeros((b,), bool)),
-               out=per_mb(lambda: jnp.full((b, capacity), pad_id, jnp.int32)),
-               out_lp=per_mb(lambda: jnp.zeros((b, capacity), jnp.float32)))
+    key, pick, mbs = _start(st, b, key, sampling, pad_id, capacity=capacity, do_sample=do_sample,
+                            return_logprobs=return_logprobs)
+    caches = [_new_cache(st, b, capacity, int8_cache) for _ in range(M)]
     caches, mbs = _prompt_phase(st, tokens, lengths, caches, mbs, pick, key, stop_ids)
 
     # token phase: rounds of R ticks; micro-batch (t - s) mod R on stage s at round tick t
     n_pass = max_new_tokens - 1  # decode passes after the prompt's token
-    rounds = jnp.where(n_pass > 0, ((M - 1) + (P - 1) + (n_pass - 1) * R) // R + 1, 0)
+    rounds = jnp.where(n_pass > 0, _rounds(n_pass, M, P, R), 0)
 
     def round_(state):
         r, recv, caches, mbs, _ = state
         caches, mbs = list(caches), {k: list(v) for k, v in mbs.items()}
         for t in range(R):
-            j, k = (t - st.s) % R, r - (t < st.s).astype(jnp.int32)
-            valid = (j < M) & (k >= 0) & (k < n_pass)
-            cache = st.fetch(caches[t % M])
-            pos = cache.lengths[:, None]
-            h, new = st.run(recv, mbs["buf"][min(t, M - 1)][:, None], pos, cache)
-            caches[t % M] = st.stash(new.replace(lengths=cache.lengths + valid.astype(jnp.int32)))
-            tok, jl = jnp.zeros((b,), jnp.int32), (t - (P - 1)) % R  # the last stage's
-            if jl < M:
-                kl = r - int(t < P - 1)
-                ok, done = (kl >= 0) & (kl < n_pass), mbs["done"][jl]
-                tok, lp = pick(st.head(h[:, 0]),
-                               jax.random.fold_in(key, (r * R + t) * M + jl + M), done)
-                step = jnp.clip(kl + 1, 0, capacity - 1)
-                mbs["out"][jl] = _record(mbs["out"][jl], tok, step, ok)
-                mbs["out_lp"][jl] = _record(mbs["out_lp"][jl], lp, step, ok)
-                mbs["count"][jl] = mbs["count"][jl] + (ok & ~done).astype(jnp.int32)
-                mbs["done"][jl] = done | (ok & gen.is_stop_token(tok, stop_ids))
-            recv, tok = st.pass_on((h, tok))
-            if jl < M:  # stage 0 keeps it until micro-batch jl is due there again
-                mbs["buf"][jl] = jnp.where(ok, tok, mbs["buf"][jl])
-        all_done = st.from_last(jnp.all(jnp.stack(mbs["done"])).astype(jnp.int32)) > 0
-        return r + 1, recv, caches, mbs, all_done
+            recv, caches[t % M] = _token_tick(st, t, r, recv, caches[t % M], mbs, pick, key,
+                                              stop_ids, n_pass)
+        return r + 1, recv, caches, mbs, _all_done(st, mbs)
 
     recv = jnp.zeros((b, 1, model.cfg.hidden_size), model.embed.embedding.dtype)
     state = (jnp.int32(0), recv, caches, mbs, jnp.bool_(False))
     _, _, _, mbs, _ = jax.lax.while_loop(lambda s: (s[0] < rounds) & ~s[-1], round_, state)
     result = (jnp.stack(mbs["out"]), jnp.stack(mbs["count"]), jnp.stack(mbs["out_lp"]))
     return tuple(st.from_last(x)[None] for x in result)
+
+
+def _token_tick(st: _Stage, t: int, r, recv, cache: KVCache, mbs: dict, pick, key, stop_ids,
+                n_pass):
+    """Tick t of round r on slot t mod M (its cache `cache`): (what the next stage receives, the
+    slot's new cache); the last stage records its micro-batch's token in mbs."""
+    P, M, R = st.P, st.M, st.R
+    b = cache.lengths.shape[0]
+    j, k = (t - st.s) % R, r - (t < st.s).astype(jnp.int32)
+    valid = (j < M) & (k >= 0) & (k < n_pass)
+    pos = cache.lengths[:, None]
+    h, new = st.run(recv, mbs["buf"][min(t, M - 1)][:, None], pos, cache)
+    new = new.replace(lengths=cache.lengths + valid.astype(jnp.int32))
+    tok, jl = jnp.zeros((b,), jnp.int32), (t - (P - 1)) % R  # the last stage's
+    if jl < M:
+        kl = r - int(t < P - 1)
+        ok, done = (kl >= 0) & (kl < n_pass), mbs["done"][jl]
+        tok, lp = pick(st.head(h[:, 0]), jax.random.fold_in(key, (r * R + t) * M + jl + M), done)
+        step = jnp.clip(kl + 1, 0, cache.capacity - 1)
+        mbs["out"][jl] = _record(mbs["out"][jl], tok, step, ok)
+        mbs["out_lp"][jl] = _record(mbs["out_lp"][jl], lp, step, ok)
+        mbs["count"][jl] = mbs["count"][jl] + (ok & ~done).astype(jnp.int32)
+        mbs["done"][jl] = done | (ok & gen.is_stop_token(tok, stop_ids))
+    recv, tok = st.pass_on((h, tok))
+    if jl < M:  # stage 0 keeps it until micro-batch jl is due there again
+        mbs["buf"][jl] = jnp.where(ok, tok, mbs["buf"][jl])
+    return recv, new
+
+
+def _all_done(st: _Stage, mbs: dict):
+    """Whether every row of every micro-batch has stopped (the last stage's word, everywhere)."""
+    return st.from_last(jnp.all(jnp.stack(mbs["done"])).astype(jnp.int32)) > 0
+
+
+# ----------------------------------------------------------------------------- KV offload
+
+_ROWS = PS(("dp", "pp", "tp"))  # a value each device keeps between programs: its own rows
+
+
+def generate_offloaded(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
+                       sampling: gen.Sampling, *, plan: Plan, specs, capacity: int,
+                       do_sample: bool, return_logprobs: bool, int8_cache: bool = False):
+    """`generate` with the cache slots in pinned host memory: the same ticks, each its own
+    program, run from this Python loop. Two slot buffers stay on the device: the one a tick
+    works on, and a spare that the tick fills with the next tick's slot from the host while it
+    computes; it then sends its own slot to the host and the two buffers swap roles. The
+    arguments and the result are `generate`'s."""
+    par = plan.par
+    P, M = par.pp, par.micro_batches
+    R, n_pass = max(M, P), int(max_new_tokens) - 1
+    ticks = [("prompt", tau, 0) for tau in range(M + P - 1)] + [
+        ("token", t, r) for r in range(_rounds(n_pass, M, P, R) if n_pass > 0 else 0)
+        for t in range(R)]
+    inputs = (tokens, lengths, key, max_new_tokens, stop_ids, pad_id, sampling)
+    static = dict(plan=plan, specs=specs, capacity=capacity, do_sample=do_sample,
+                  return_logprobs=return_logprobs, int8_cache=int8_cache)
+    host, work, spare, carry = [None] * M, None, None, None
+    for phase, t, r in ticks:
+        slot, nxt, keep = _slots(phase, t, M, P)
+        if work is None:  # a fresh slot: it takes the idle buffer
+            work, spare = spare, None
+        incoming = None if nxt is None else host[nxt]
+        if nxt is not None:
+            host[nxt] = None  # a slot lives in one place: freed once the tick has read it
+        work, spare, carry, done, out = _offload_tick(
+            graphdef, params, work, spare, incoming, carry, jnp.int32(r), *inputs, phase=phase,
+            t=t, **static)
+        del incoming
+        if not keep:
+            host[slot], work, spare = out, spare, work
+        if phase == "prompt" and t == M + P - 2:  # the token phase starts from nothing received
+            recv = carry["recv"]
+            carry["recv"] = jnp.zeros((recv.shape[0], 1, recv.shape[2]), recv.dtype,
+                                      device=recv.sharding)
+        if phase == "token" and t == R - 1 and np.all(np.asarray(done)):
+            break
+    last = lambda x: np.asarray(x).reshape(par.dp, P, par.tp, -1, *x.shape[1:])[:, -1, 0]  # noqa: E731
+    return tuple(np.stack([last(x) for x in carry["mbs"][name]], axis=1)
+                 for name in ("out", "count", "out_lp"))
+
+
+def _slots(phase: str, t: int, M: int, P: int):
+    """(the slot that tick t of `phase` works on, the slot the next tick needs from host memory
+    or None, whether the next tick works on this same slot, which then stays on the device)."""
+    if phase == "token":
+        return t % M, (t + 1) % M, False
+    if t + 1 < M:  # the next prompt tick starts a fresh slot
+        return t, None, False
+    nxt = (t + 1) % M if t + 1 < M + P - 1 else 0  # token tick 0 works on slot 0
+    return t % M, (None if nxt == t % M else nxt), nxt == t % M
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "specs", "phase", "t", "capacity",
+                                             "do_sample", "return_logprobs", "int8_cache"),
+                   donate_argnames=("work", "spare", "carry"), keep_unused=True)
+def _offload_tick(graphdef, params, work, spare, incoming, carry, r, tokens, lengths, key,
+                  max_new_tokens, stop_ids, pad_id, sampling, *, plan: Plan, specs, phase: str,
+                  t: int, capacity: int, do_sample: bool, return_logprobs: bool,
+                  int8_cache: bool):
+    """One tick of generate_offloaded: (work, spare, carry, done, out) = the tick's slot on the
+    device, the spare buffer (now holding `incoming`'s slot, if any), the per-device state
+    (hidden state received, micro-batches' tokens), whether every row has stopped, and the
+    tick's slot in pinned host memory. work, spare, carry and done hold each device's rows."""
+    gen.TRACES["parallel_offload_tick"] += 1
+    body = functools.partial(_offload_tick_local, graphdef, plan=plan, phase=phase, t=t,
+                             capacity=capacity, do_sample=do_sample,
+                             return_logprobs=return_logprobs, int8_cache=int8_cache)
+    batch = PS("dp")
+    fn = jax.shard_map(body, mesh=plan.mesh, in_specs=(
+        jax.tree.unflatten(*specs), _ROWS, _ROWS, PS(), batch, batch, PS(), PS(), PS(), PS(),
+        PS()), out_specs=_ROWS, check_vma=False)
+    rows = NamedSharding(plan.mesh, _ROWS)
+    if incoming is not None:  # issued first: the copy overlaps the tick's compute
+        spare = jax.device_put(incoming, rows)
+    work, carry, done = fn(params, work, carry, r, tokens, lengths, key, max_new_tokens, stop_ids,
+                           pad_id, sampling)
+    keep = _slots(phase, t, plan.par.micro_batches, plan.par.pp)[2]
+    out = None if keep else jax.device_put(work, rows.with_memory_kind("pinned_host"))
+    return work, spare, carry, done, out
+
+
+def _offload_tick_local(graphdef, params, work, carry, r, tokens, lengths, key, max_new_tokens,
+                        stop_ids, pad_id, sampling, *, plan: Plan, phase, t, capacity, do_sample,
+                        return_logprobs, int8_cache):
+    st = _Stage(graphdef, params, plan)
+    tokens, lengths = tokens[0], lengths[0]  # [M, b, T], [M, b]
+    b, T = tokens.shape[1:]
+    key, pick, mbs = _start(st, b, key, sampling, pad_id, capacity=capacity, do_sample=do_sample,
+                            return_logprobs=return_logprobs)
+    if carry is None:  # the first tick
+        carry = dict(recv=jnp.zeros((b, T, st.model.cfg.hidden_size),
+                                    st.model.embed.embedding.dtype), mbs=mbs)
+    recv, mbs = carry["recv"], {k: list(v) for k, v in carry["mbs"].items()}
+    if phase == "prompt":
+        old = _new_cache(st, b, capacity, int8_cache) if t < st.M else work
+        recv, work = _prompt_tick(st, t, recv, tokens, lengths, old, mbs, pick, key, stop_ids)
+    else:
+        recv, work = _token_tick(st, t, r, recv, work, mbs, pick, key, stop_ids,
+                                 max_new_tokens - 1)
+    return work, dict(recv=recv, mbs=mbs), _all_done(st, mbs)[None]
 
 
 # ----------------------------------------------------------------------------- forward

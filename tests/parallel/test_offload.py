@@ -1,0 +1,126 @@
+"""KV-cache offload (pipeline_parallel offload_kv) on 8 simulated CPU devices: the same greedy
+tokens and log-probabilities as the engine without offload (PP1 and PP2, M = 2 and 4, M < P,
+data parallel, a padded batch, an EOS stop), and the slots really live in pinned host memory
+between their ticks, with at most two slots on the device (on the CPU the memory kinds are
+distinct arrays and program layouts but one memory: the GPU benchmark measures the bytes)."""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from dsjax.parallel import pipeline
+from tests.conftest import hf_greedy, prompt
+from tests.parallel.test_parallel import ROWS, V, _engine, gqa_llama
+
+if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX starts",
+                allow_module_level=True)
+
+N = 10
+PADDED = ROWS + [prompt(8, 6, V), prompt(9, 1, V), prompt(10, 11, V)]  # lengths 9 3 14 6 1 11
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return gqa_llama()
+
+
+def _pair(hf, tp, pp, M, **kw):
+    """(engine without offload, engine with offload) of the same layout."""
+    return [_engine(hf, tp, pp, pipe={"micro_batches": M, "offload_kv": off}, **kw)
+            for off in (False, True)]
+
+
+class _Ticks:
+    """Spies on the offload tick programs: their count, and after each the cache-slot arrays
+    alive on the device and in pinned host memory (counted in slots)."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.on_device, self.on_host, self.args = [], [], [], None
+        self._tick = pipeline._offload_tick
+        monkeypatch.setattr(pipeline, "_offload_tick", self)
+
+    def __call__(self, *args, **kw):
+        out = self._tick(*args, **kw)
+        work = out[0]
+        leaves = jax.tree.leaves(work)
+        shape = leaves[0].shape  # a layer's K: [devices x b, kv heads, capacity, head dim]
+        live = [a for a in jax.live_arrays() if a.shape == shape and a.dtype == leaves[0].dtype]
+        per_slot = sum(leaf.shape == shape for leaf in leaves)
+        kinds = [a.sharding.memory_kind for a in live]
+        self.calls.append((kw["phase"], kw["t"]))
+        self.on_device.append(kinds.count("device") / per_slot)
+        self.on_host.append(kinds.count("pinned_host") / per_slot)
+        if kw["phase"] == "token" and self.args is None:
+            self.args = args, kw
+        return out
+
+    def compiled_token_tick(self):
+        args, kw = self.args
+        return self._tick.lower(*args, **kw).compile()
+
+
+CASES = [(1, 1, 2, {}), (2, 1, 4, {}), (1, 2, 2, {}), (2, 2, 4, {}), (1, 4, 2, {}),
+         (1, 2, 2, {"data_parallel": {"dp_size": 2}})]
+
+
+@pytest.mark.parametrize("tp,pp,M,kw", CASES,
+                         ids=["pp1-m2", "tp2-pp1-m4", "pp2-m2", "tp2-pp2-m4", "pp4-m2-idle-ticks",
+                              "dp2-pp2-m2"])
+def test_offload_gives_the_same_tokens_and_logprobs(hf, monkeypatch, tp, pp, M, kw):
+    plain, offloaded = _pair(hf, tp, pp, M, **kw)
+    ref = plain.generate(PADDED, max_new_tokens=N, eos_token_id=[], return_logprobs=True)
+    ticks = _Ticks(monkeypatch)
+    out = offloaded.generate(PADDED, max_new_tokens=N, eos_token_id=[], return_logprobs=True)
+    assert ref.sequences == [hf_greedy(hf, r, N) for r in PADDED]
+    assert out.sequences == ref.sequences
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+    _check_idle_slots_in_pinned_host_memory(ticks, M)
+
+
+def _check_idle_slots_in_pinned_host_memory(ticks: _Ticks, M: int):
+    """After every tick at most two slots are on the device (the one worked on and the next,
+    prefetched) and the others in pinned host memory; a token tick's compiled program takes the
+    next slot from host memory (S(5) layouts), gives its own slot back to host memory and works
+    in place on the two donated device buffers."""
+    token = [i for i, (phase, _) in enumerate(ticks.calls) if phase == "token"]
+    assert max(ticks.on_device) <= 2
+    # after a token tick: the two device buffers, the M - 1 idle slots and the tick's own slot
+    # just sent to host memory (the slot it prefetched is freed there once the tick has run)
+    assert [ticks.on_device[i] for i in token] == [2] * len(token)
+    assert all(ticks.on_host[i] >= M for i in token)
+    text = ticks.compiled_token_tick().as_text()
+    layout = re.search(r"entry_computation_layout=(.*)", text).group(1)
+    params, results = layout.split(")->")
+    per_slot = len(jax.tree.leaves(ticks.args[0][2]))  # the work buffers' leaves
+    assert params.count("S(5)") == per_slot  # the incoming slot
+    assert results.count("S(5)") == per_slot  # the tick's own slot, sent back
+    aliased = re.search(r"input_output_alias=\{(.*?)\}, entry", text).group(1)
+    assert aliased.count("may-alias") >= 2 * per_slot  # work and spare updated in place
+
+
+def test_offload_stops_at_eos_like_the_plain_engine(hf, monkeypatch):
+    """Every row stops at its first stop token (each meets one by its second token); the
+    offloaded loop ends with the round in which the last row stopped (eight rows: no dummy
+    rows, which would not stop)."""
+    plain, offloaded = _pair(hf, 1, 2, 2)
+    rows = PADDED + [prompt(11, 4, V), prompt(12, 8, V)]
+    expected = [hf_greedy(hf, r, N) for r in rows]
+    stops = sorted({e[1] for e in expected})
+    ref = plain.generate(rows, max_new_tokens=N, eos_token_id=stops, return_logprobs=True)
+    ticks = _Ticks(monkeypatch)
+    out = offloaded.generate(rows, max_new_tokens=N, eos_token_id=stops, return_logprobs=True)
+    cut = [min(e.index(s) for s in stops if s in e) + 1 for e in expected]
+    assert out.sequences == ref.sequences == [e[:n] for e, n in zip(expected, cut)]
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+    all_rounds = pipeline._rounds(N - 1, 2, 2, 2)
+    assert len(ticks.calls) < (2 + 2 - 1) + all_rounds * 2
+
+
+def test_offload_sampling_draws_the_same_tokens(hf):
+    plain, offloaded = _pair(hf, 1, 2, 2)
+    kw = dict(max_new_tokens=N, eos_token_id=[], do_sample=True, top_k=20,
+              prng_key=jax.random.key(3))
+    assert offloaded.generate(PADDED, **kw).sequences == plain.generate(PADDED, **kw).sequences
