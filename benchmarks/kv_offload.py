@@ -40,6 +40,7 @@ def one(a) -> dict:
                            "offload_kv": a.offload})
     cfg = engine.config
     built_peak = bench.peak_memory_bytes()  # loading random weights has its own peak
+    token_tick = _spy_on_a_token_tick() if a.offload else None
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (a.batch, a.prompt_len))
     run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[])  # noqa: E731
     t0 = time.perf_counter()
@@ -59,7 +60,29 @@ def one(a) -> dict:
             "generate_s": sorted(times)[len(times) // 2], "prompt_only_s": prompt_s,
             "tokens": [row[:8] for row in out.sequences[:4]],
             "tokens_sha1": hashlib.sha1(json.dumps(out.sequences).encode()).hexdigest(),
-            "deterministic": first.sequences == out.sequences}
+            "deterministic": first.sequences == out.sequences,
+            "token_tick_memory": token_tick and token_tick()}
+
+
+def _spy_on_a_token_tick():
+    """The offloaded engine's per-tick program: returns a function giving the compiled memory
+    statistics of a token tick (device and host arguments, outputs, aliases, temporaries)."""
+    from dsjax.parallel import pipeline
+
+    tick, seen = pipeline._offload_tick, []
+
+    def spy(*args, **kw):
+        if kw["phase"] == "token" and not seen:
+            seen.append((args, kw))
+        return tick(*args, **kw)
+
+    def stats():
+        args, kw = seen[0]
+        m = tick.lower(*args, **kw).compile().memory_analysis()
+        return {k: getattr(m, k) for k in dir(m) if k.endswith("_in_bytes")}
+
+    pipeline._offload_tick = spy
+    return stats
 
 
 def main() -> None:
