@@ -42,7 +42,8 @@ def one(a) -> dict:
     built_peak = bench.peak_memory_bytes()  # loading random weights has its own peak
     token_tick = _spy_on_a_token_tick() if a.offload else None
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (a.batch, a.prompt_len))
-    run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[])  # noqa: E731
+    run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[],  # noqa: E731
+                                    return_logprobs=True)
     t0 = time.perf_counter()
     first = run(a.new_tokens)
     compile_s = time.perf_counter() - t0
@@ -60,6 +61,7 @@ def one(a) -> dict:
             "generate_s": sorted(times)[len(times) // 2], "prompt_only_s": prompt_s,
             "tokens": [row[:8] for row in out.sequences[:4]],
             "tokens_sha1": hashlib.sha1(json.dumps(out.sequences).encode()).hexdigest(),
+            "sequences": out.sequences, "logprobs": np.round(out.logprobs, 4).tolist(),
             "deterministic": first.sequences == out.sequences,
             "token_tick_memory": token_tick and token_tick()}
 
@@ -131,6 +133,7 @@ def main() -> None:
                   f"{rows[1]['generate_s'] / rows[0]['generate_s']:.2f}x slower with offload; "
                   f"without the prompt phase (generate - prompt only) "
                   f"{_decode(rows[1]) / _decode(rows[0]):.1f}x.")
+        md.append(_agreement(rows[0], rows[1]))
         if rows[0]["peak_bytes"] and rows[1]["peak_bytes"]:
             slot = rows[0]["kv_bytes"] / a.micro_batches
             saved = rows[0]["peak_bytes"] - rows[1]["peak_bytes"]
@@ -141,6 +144,23 @@ def main() -> None:
     common.write("kv_offload", {"env": env, "args": vars(a), "rows": rows}, md,
                  [common.RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []))
     print(md)
+
+
+def _agreement(a: dict, b: dict) -> str:
+    """How far the two variants' tokens agree: a differing row whose two chosen tokens had
+    nearly the same log-probability there is a near-tie that rounding decided."""
+    same, at_split, before = 0, [], [0.0]
+    for sa, sb, la, lb in zip(a["sequences"], b["sequences"], a["logprobs"], b["logprobs"]):
+        k = next((i for i, (x, y) in enumerate(zip(sa, sb)) if x != y), None)
+        same += k is None
+        before += [abs(x - y) for x, y in zip(la[:k], lb[:k])]
+        if k is not None:
+            at_split.append(abs(la[k] - lb[k]))
+    split = (f"; where a row first differs, the two chosen tokens' log-probabilities differ by "
+             f"at most {max(at_split):.4f} (median {sorted(at_split)[len(at_split) // 2]:.4f})"
+             if at_split else "")
+    return (f"Rows with identical tokens: {same} of {len(a['sequences'])}; before their first "
+            f"difference, log-probabilities agree within {max(before):.4f}{split}.")
 
 
 def _decode(row: dict) -> float:
