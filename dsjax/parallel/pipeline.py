@@ -234,17 +234,19 @@ def _prompt_tick(st: _Stage, tau: int, recv, tokens, lengths, old, mbs: dict, pi
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
     j = tau - st.s
     h, new = st.run(recv, tokens[min(tau, M - 1)], positions, old)
-    new = new.replace(lengths=lengths[jnp.clip(j, 0, M - 1)])
+    new = new.replace(lengths=jnp.maximum(lengths[jnp.clip(j, 0, M - 1)], 1))
     new = new if P - 1 <= tau < M else _select((j >= 0) & (j < M), new, old)
     tok = jnp.zeros((b,), jnp.int32)
     jl = tau - (P - 1)  # the last stage's micro-batch
     if 0 <= jl < M:
-        last = jnp.take_along_axis(h, (lengths[jl] - 1)[:, None, None], axis=1)[:, 0]
-        tok, lp = pick(st.head(last), jax.random.fold_in(key, jl), mbs["done"][jl])
+        filler = lengths[jl] == 0  # rows that only pad the batch: finished from the start
+        last = jnp.take_along_axis(h, (jnp.maximum(lengths[jl], 1) - 1)[:, None, None],
+                                   axis=1)[:, 0]
+        tok, lp = pick(st.head(last), jax.random.fold_in(key, jl), filler)
         mbs["out"][jl] = _record(mbs["out"][jl], tok, 0, True)
         mbs["out_lp"][jl] = _record(mbs["out_lp"][jl], lp, 0, True)
-        mbs["count"][jl] = jnp.ones((b,), jnp.int32)
-        mbs["done"][jl] = gen.is_stop_token(tok, stop_ids)
+        mbs["count"][jl] = (~filler).astype(jnp.int32)
+        mbs["done"][jl] = filler | gen.is_stop_token(tok, stop_ids)
     recv, tok = st.pass_on((h, tok))
     if 0 <= jl < M:
         mbs["buf"][jl] = tok
@@ -334,8 +336,11 @@ def _token_tick(st: _Stage, t: int, r, recv, cache: KVCache, mbs: dict, pick, ke
 
 
 def _all_done(st: _Stage, mbs: dict):
-    """Whether every row of every micro-batch has stopped (the last stage's word, everywhere)."""
-    return st.from_last(jnp.all(jnp.stack(mbs["done"])).astype(jnp.int32)) > 0
+    """Whether every row of every micro-batch of every replica has stopped (the last stages'
+    word, on every device): replicas stop together, since devices that run different numbers of
+    loop iterations would wait for each other in the collectives (XLA aborts on the CPU)."""
+    done = st.from_last(jnp.all(jnp.stack(mbs["done"])).astype(jnp.int32))
+    return (jax.lax.pmin(done, "dp") if st.plan.par.dp > 1 else done) > 0
 
 
 # ----------------------------------------------------------------------------- KV offload
