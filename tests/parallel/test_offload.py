@@ -103,8 +103,8 @@ def _check_idle_slots_in_pinned_host_memory(ticks: _Ticks, M: int):
 
 def test_offload_stops_at_eos_like_the_plain_engine(hf, monkeypatch):
     """Every row stops at its first stop token (each meets one by its second token); the
-    offloaded loop ends with the round in which the last row stopped (eight rows: no dummy
-    rows, which would not stop)."""
+    offloaded loop ends with the round in which the last row stopped (eight rows: no filler
+    rows; test_fillers.py covers those)."""
     plain, offloaded = _pair(hf, 1, 2, 2)
     rows = PADDED + [prompt(11, 4, V), prompt(12, 8, V)]
     expected = [hf_greedy(hf, r, N) for r in rows]
