@@ -106,14 +106,16 @@ def test_checkpoint_directory_and_cli_generate(pair, tmp_path, capsys):
     model.save_pretrained(tmp_path)
     word_tokenizer(tmp_path)
     from_dir = dsjax.init_inference(tmp_path, dtype="fp32", max_out_tokens=64, progress=False)
-    ids = [prompt(7, 12, V)]
+    ids = [prompt(7, 20, V), prompt(8, 20, V)]  # the shapes of test_logits_match_hf: no new compile
     np.testing.assert_array_equal(np.asarray(from_dir(ids)), np.asarray(engine(ids)))
     if engine.config.family == "qwen2":
         return  # transformers 5 loads Qwen2Tokenizer by model type, which ignores a word-level tokenizer.json
+    # --logprobs: the program test_32_greedy_tokens_through_the_cache compiled (one prompt)
     args = ["-q", "generate", "--model", str(tmp_path), "--prompt", "hello deep speed",
-            "--max-new-tokens", "4", "--dtype", "fp32", "--max-out-tokens", "64"]
+            "--max-new-tokens", "4", "--dtype", "fp32", "--max-out-tokens", "64", "--logprobs"]
     assert cli.main(args) == 0
-    assert capsys.readouterr().out.startswith("[0] hello deep speed")
+    out = capsys.readouterr().out
+    assert out.startswith("[0] hello deep speed") and len(out.split("logprobs: ")[1].split()) == 4
 
 
 def test_left_padded_logits_match_hf(pair):
