@@ -99,3 +99,18 @@ def gpt2_pair():
 def llama_pair():
     model = llama_model()
     return model, dsjax.init_inference(model, dtype="fp32", max_out_tokens=128, progress=False)
+
+
+# The modules whose tests take longest (compile-bound: interpreted Pallas kernels, meshes of 8
+# simulated devices, one engine per family), run first, so that the last tests of the run are
+# short ones and neither xdist worker waits for the other at the end.
+SLOW_FIRST = ("tests/test_kernel_injection.py", "tests/parallel/",
+              "tests/converters/test_decoder_families.py", "tests/pallas_kernels/")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own grouping by fixture parameters
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        return next((i for i, p in enumerate(SLOW_FIRST) if item.nodeid.startswith(p)),
+                    len(SLOW_FIRST))
+    items.sort(key=rank)  # stable: each module keeps its order
