@@ -17,9 +17,8 @@ SMALL = BlockSizes(block_k=16, num_splits=3)  # S = 37: a ragged last block, sev
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
 
 
-# jitted: op-by-op dispatch compiles every small op separately, which dominates interpret tests
-decode_attention_reference = jax.jit(da.decode_attention_reference,
-                                     static_argnames=("scale", "window"))
+# Everything jitted, each test's kernel and references in one program: op-by-op dispatch
+# compiles every small op separately, which dominates interpret tests.
 quantize_kv = jax.jit(da.quantize_kv)
 
 
@@ -65,9 +64,15 @@ def test_matches_reference_and_xla(H, KVH, Dh, dtype):
     # rows of different lengths: the whole cache, one slot (length 1), a ragged middle
     q, (k, v), (k_nan, v_nan), q_pos = make(3, H, KVH, 37, Dh, dtype, [36, 0, 20])
     kw = dict(scale=Dh**-0.5)
-    out = decode_attention(q, k_nan, v_nan, q_pos, **kw, block_sizes=SMALL, interpret=True)
-    check(out, decode_attention_reference(q, k, v, q_pos, **kw), dtype)
-    check(out, xla(q, k, v, q_pos, window=None, alibi_slopes=None, **kw), dtype, tol_scale=2)
+
+    @jax.jit  # one compile for the three
+    def run(q, k, v, k_nan, v_nan, q_pos):
+        return (decode_attention(q, k_nan, v_nan, q_pos, **kw, block_sizes=SMALL, interpret=True),
+                da.decode_attention_reference(q, k, v, q_pos, **kw),
+                xla(q, k, v, q_pos, window=None, alibi_slopes=None, **kw))
+    out, ref, via_xla = run(q, k, v, k_nan, v_nan, q_pos)
+    check(out, ref, dtype)
+    check(out, via_xla, dtype, tol_scale=2)
 
 
 @pytest.mark.parametrize("window, alibi", [(5, False), (None, True)])
@@ -75,10 +80,17 @@ def test_window_and_alibi(window, alibi):
     H, KVH, Dh = 8, 2, 64
     q, (k, v), (k_nan, v_nan), q_pos = make(3, H, KVH, 37, Dh, jnp.float32, [36, 2, 23], seed=1)
     slopes = jnp.linspace(0.05, 1.0, H) if alibi else None
-    kw = dict(scale=Dh**-0.5, window=window, alibi_slopes=slopes)
-    out = decode_attention(q, k_nan, v_nan, q_pos, **kw, block_sizes=SMALL, interpret=True)
-    check(out, decode_attention_reference(q, k, v, q_pos, **kw), jnp.float32)
-    check(out, xla(q, k, v, q_pos, **kw), jnp.float32)
+    kw = dict(scale=Dh**-0.5, window=window)
+
+    @jax.jit  # one compile for the three
+    def run(q, k, v, k_nan, v_nan, q_pos, slopes):
+        return (decode_attention(q, k_nan, v_nan, q_pos, **kw, alibi_slopes=slopes,
+                                 block_sizes=SMALL, interpret=True),
+                da.decode_attention_reference(q, k, v, q_pos, **kw, alibi_slopes=slopes),
+                xla(q, k, v, q_pos, **kw, alibi_slopes=slopes))
+    out, ref, via_xla = run(q, k, v, k_nan, v_nan, q_pos, slopes)
+    check(out, ref, jnp.float32)
+    check(out, via_xla, jnp.float32)
 
 
 def test_cache_of_one_slot():
@@ -92,8 +104,13 @@ def test_cache_of_one_slot():
 def test_default_block_sizes_many_splits():
     # bf16 at the default blocks: one row fills most splits, the other leaves all but one empty
     q, (k, v), (k_nan, v_nan), q_pos = make(2, 4, 1, 300, 64, jnp.bfloat16, [299, 3], seed=2)
-    out = decode_attention(q, k_nan, v_nan, q_pos, scale=0.125, interpret=True)
-    check(out, decode_attention_reference(q, k, v, q_pos, scale=0.125), jnp.bfloat16)
+
+    @jax.jit  # one compile for both
+    def run(q, k, v, k_nan, v_nan, q_pos):
+        return (decode_attention(q, k_nan, v_nan, q_pos, scale=0.125, interpret=True),
+                da.decode_attention_reference(q, k, v, q_pos, scale=0.125))
+    out, ref = run(q, k, v, k_nan, v_nan, q_pos)
+    check(out, ref, jnp.bfloat16)
 
 
 def test_int8_cache_with_window_and_alibi():
@@ -102,13 +119,19 @@ def test_int8_cache_with_window_and_alibi():
     q, (k, v), _, q_pos = make(2, H, KVH, 37, Dh, jnp.bfloat16, [36, 17], seed=3)
     (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
     slopes = jnp.linspace(0.1, 0.9, H)
-    kw = dict(scale=Dh**-0.5, window=window, alibi_slopes=slopes)
-    out = decode_attention(q, k8, v8, q_pos, **kw, k_scale=ks, v_scale=vs, block_sizes=SMALL,
-                           interpret=True)
-    check(out, decode_attention_reference(q, k8, v8, q_pos, **kw, k_scale=ks, v_scale=vs),
-          jnp.bfloat16)
+    kw = dict(scale=Dh**-0.5, window=window)
+
+    @jax.jit  # one compile for the three
+    def run(q, k, v, k8, v8, ks, vs, q_pos, slopes):
+        return (decode_attention(q, k8, v8, q_pos, **kw, alibi_slopes=slopes, k_scale=ks,
+                                 v_scale=vs, block_sizes=SMALL, interpret=True),
+                da.decode_attention_reference(q, k8, v8, q_pos, **kw, alibi_slopes=slopes,
+                                              k_scale=ks, v_scale=vs),
+                da.decode_attention_reference(q, k, v, q_pos, **kw, alibi_slopes=slopes))
+    out, ref, full = run(q, k, v, k8, v8, ks, vs, q_pos, slopes)
+    check(out, ref, jnp.bfloat16)
     # int8 rounding error against the bf16 cache: |v| ~ N(0, 1), step max|v| / 127 ~ 0.03
-    full = np.asarray(decode_attention_reference(q, k, v, q_pos, **kw), np.float32)
+    full = np.asarray(full, np.float32)
     err = np.abs(np.asarray(out, np.float32) - full)
     assert err.max() < 0.1 and err.mean() < 0.02, (err.max(), err.mean())
 

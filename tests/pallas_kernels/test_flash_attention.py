@@ -47,28 +47,27 @@ def _inputs(case: Case, seed: int = 0):
     return q, k, v, slopes
 
 
-def _run(fn, *args, **kwargs):
-    """fn(*args, **kwargs) jitted with FAST_COMPILE: (output, output as float32 numpy)."""
-    out = jax.jit(fn).lower(*args, **kwargs).compile(FAST_COMPILE)(*args, **kwargs)
-    return out, np.asarray(out, np.float32)
-
-
 def _check(case: Case, q_pos, k_pos=None, k_valid=None, block_sizes=SMALL, seed=0):
-    """Kernel vs reference and vs attention_xla; returns the kernel output [B, T, H*Dh]."""
+    """Kernel vs reference and vs attention_xla, the three in one program compiled with
+    FAST_COMPILE; returns the kernel output [B, T, H*Dh] as float32 numpy."""
     q, k, v, slopes = _inputs(case, seed)
     kw = dict(scale=case.Dh ** -0.5, causal=case.causal, window=case.window)
-    raw, out = _run(lambda *a, s: flash_attention(*a, alibi_slopes=s, block_sizes=block_sizes,
-                                                  interpret=True, **kw),
-                    q, k, v, q_pos, k_pos, k_valid, s=slopes)
-    assert raw.shape == (case.B, case.T, case.H * case.Dh) and raw.dtype == case.dtype
-    assert np.isfinite(out).all()
-    _, ref = _run(lambda *a, s: flash_attention_reference(*a, alibi_slopes=s, **kw),
-                  q, k, v, q_pos, k_pos, k_valid, s=slopes)
     full_pos = k_pos if k_pos is not None else jnp.broadcast_to(
         jnp.arange(case.S, dtype=jnp.int32), (case.B, case.S))
     full_valid = k_valid if k_valid is not None else jnp.ones((case.B, case.S), bool)
-    _, xla = _run(lambda *a, s: attention_xla(*a, alibi_slopes=s, **kw),
-                  q, k, v, q_pos, full_pos, full_valid, s=slopes)
+
+    def run(q, k, v, q_pos, k_pos, k_valid, full_pos, full_valid, slopes):
+        return (flash_attention(q, k, v, q_pos, k_pos, k_valid, alibi_slopes=slopes,
+                                block_sizes=block_sizes, interpret=True, **kw),
+                flash_attention_reference(q, k, v, q_pos, k_pos, k_valid, alibi_slopes=slopes,
+                                          **kw),
+                attention_xla(q, k, v, q_pos, full_pos, full_valid, alibi_slopes=slopes, **kw))
+
+    args = (q, k, v, q_pos, k_pos, k_valid, full_pos, full_valid, slopes)
+    raw, ref, xla = jax.jit(run).lower(*args).compile(FAST_COMPILE)(*args)
+    assert raw.shape == (case.B, case.T, case.H * case.Dh) and raw.dtype == case.dtype
+    out, ref, xla = (np.asarray(x, np.float32) for x in (raw, ref, xla))
+    assert np.isfinite(out).all()
     tol = TOL[case.dtype]
     np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
     np.testing.assert_allclose(out, xla, atol=2 * tol, rtol=2 * tol)
