@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax import checkpoint, encoders, presets
+from dsjax import checkpoint, encoders, kmajor, ops, presets
 from dsjax import generate as gen
 from dsjax.cache import check_budget
 from dsjax.config import QUANTIZED_DTYPES, InferenceConfig, ModelConfig, dtype_name
@@ -93,6 +93,8 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
     plan = None
     if mesh is None:
         params = _load(source, expected, icfg, seed=seed, progress=progress)
+        if ops.preference_for(icfg.impl, "linear")[0] == "pallas":  # the decode GEMV's layout
+            params = kmajor.k_major_params(params)
     else:
         flat = flatten(source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress,
                                    host=True))
@@ -460,7 +462,8 @@ class InferenceEngine:
                              "sliced over a mesh: save from an engine built without "
                              "tensor/pipeline parallelism (or use `dsjax convert`)")
         gen_meta = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
-        return checkpoint.save(path, self.config, self.params, generation=gen_meta,
+        return checkpoint.save(path, self.config, kmajor.k_n_params(self.params),
+                               generation=gen_meta,
                                tokenizer_dir=tokenizer_dir or self.tokenizer_dir,
                                quant=self.inference_config.quant)
 

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax import cache as kv_cache
+from dsjax import kmajor
+from dsjax.kmajor import KMajorWeight
 from dsjax.quant import QuantizedWeight, dequantize
 
 log = logging.getLogger("dsjax.ops")
@@ -154,6 +156,9 @@ def linear_xla(x, kernel, bias=None, residual=None, *, norm=None, activation=Non
     """The whole `linear` op in XLA: optional norm, dense or quantized matmul, epilogue."""
     if norm is not None:
         x = norm_xla(x, norm)
+    if isinstance(kernel, KMajorWeight):
+        return epilogue_xla(kmajor.matmul_xla(x, kernel), bias, residual, activation=activation,
+                            gated=gated)
     if isinstance(kernel, QuantizedWeight):
         if kernel_nk:
             kernel = dequantize(kernel, x.dtype)
@@ -286,8 +291,9 @@ def norm(x, spec: NormSpec, *, impl: Sequence[str] = ("xla",)):
 def linear(x, kernel, bias=None, residual=None, *, norm: NormSpec | None = None,
            activation: str | None = None, gated: bool = False, kernel_nk: bool = False,
            impl: Sequence[str] = ("xla",)):
-    """act(norm(x) @ kernel + bias) + residual. kernel: [K, N] array, [N, K] with kernel_nk, or a
-    QuantizedWeight; gated: kernel is a fused [gate | up] and the result act(gate) * up."""
+    """act(norm(x) @ kernel + bias) + residual. kernel: [K, N] array, [N, K] with kernel_nk, a
+    QuantizedWeight or a KMajorWeight (dsjax.kmajor); gated: kernel is a fused [gate | up] and
+    the result act(gate) * up."""
     return run("linear", impl, x, kernel, bias, residual, norm=norm, activation=activation,
                gated=gated, kernel_nk=kernel_nk)
 

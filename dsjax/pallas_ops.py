@@ -8,10 +8,12 @@ A call a kernel cannot take raises ops.Unsupported with the reason, and ops logs
 from __future__ import annotations
 
 import logging
+import math
 
 import jax
 
 from dsjax import ops
+from dsjax.kmajor import KMajorWeight
 from dsjax.quant import QuantizedWeight
 
 log = logging.getLogger("dsjax.ops")
@@ -33,8 +35,19 @@ def _kernel(op: str, what: str) -> None:
 
 def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=None,
                   gated=False, kernel_nk=False):
-    from pallas_kernels import matmul, quant_matmul
+    from pallas_kernels import gemv, matmul, quant_matmul
 
+    k_major = isinstance(kernel, KMajorWeight) or (kernel_nk and not isinstance(
+        kernel, QuantizedWeight))
+    if k_major:
+        w, scales = (kernel.values, kernel.scales) if isinstance(kernel, KMajorWeight) else (
+            kernel, None)
+        if math.prod(x.shape[:-1]) <= gemv.MAX_ROWS:
+            return _gemv(x, w, scales, bias, residual, norm, activation, gated)
+        if scales is not None:
+            raise ops.Unsupported(f"{math.prod(x.shape[:-1])} rows of a K-major int8 weight "
+                                  f"(gemv takes up to {gemv.MAX_ROWS}; no GEMM kernel reads it)")
+        kernel = w  # [N, K] for the GEMM kernels' transpose_w
     if isinstance(kernel, QuantizedWeight):
         if kernel_nk:
             raise ops.Unsupported("a quantized weight stored [N, K]")
@@ -49,15 +62,31 @@ def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=
                 f"{'' if norm is None else ', norm fused'})")
         return out
     if norm is not None:
-        if residual is not None or kernel_nk:
-            raise ops.Unsupported("norm_matmul takes no residual and no [N, K] weight")
+        if residual is not None:
+            raise ops.Unsupported("norm_matmul takes no residual")
         _kernel("linear", "norm_matmul kernel (norm fused into the GEMM)")
         return matmul.norm_matmul(x, norm.scale, norm.bias, kernel, bias, norm_kind=norm.kind,
                                   eps=norm.eps, plus_one=norm.plus_one, activation=activation,
-                                  gated=gated, interpret=_interpret())
+                                  gated=gated, transpose_w=k_major, interpret=_interpret())
     _kernel("linear", "matmul kernel (bias/activation/residual epilogue)")
     return matmul.matmul(x, kernel, bias, residual, activation=activation, gated=gated,
-                         transpose_w=kernel_nk, interpret=_interpret())
+                         transpose_w=k_major, interpret=_interpret())
+
+
+def _gemv(x, w, scales, bias, residual, norm, activation, gated):
+    """The decode GEMV over a K-major weight; an RMSNorm without bias is fused, another norm
+    runs in XLA first (said in the log line)."""
+    from pallas_kernels import gemv
+
+    fused = norm is not None and norm.kind == "rmsnorm" and norm.bias is None
+    if norm is not None and not fused:
+        x = ops.norm_xla(x, norm)
+    what = "int8" if scales is not None else str(w.dtype)
+    _kernel("linear", f"gemv kernel ({what}, K-major"
+            f"{', RMSNorm fused' if fused else ', norm in XLA first' if norm else ''})")
+    return gemv.gemv(x, w, scales, bias, residual, activation=activation, gated=gated,
+                     norm=(norm.scale, norm.kind, norm.eps, norm.plus_one) if fused else None,
+                     interpret=_interpret())
 
 
 def attention_pallas(q, k, v, q_pos, k_pos, k_valid, *, scale, causal, window, alibi_slopes):

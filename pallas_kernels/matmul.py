@@ -195,16 +195,16 @@ def matmul(x, w, bias=None, residual=None, *, activation=None, gated=False, tran
 
 
 def norm_matmul(x, norm_scale, norm_bias, w, bias=None, *, norm_kind, eps, plus_one,
-                activation=None, gated=False, return_normed=False,
+                activation=None, gated=False, transpose_w=False, return_normed=False,
                 block_sizes: BlockSizes | None = None, interpret=False):
     """matmul(norm(x), w, bias) with the LayerNorm/RMSNorm of x fused in as a prologue.
 
     The norm runs in float32 and is cast back to x.dtype before the GEMM (as the unfused
-    path does). return_normed: also return norm(x) [..., K].
+    path does). transpose_w: w is stored [N, K]. return_normed: also return norm(x) [..., K].
     """
     norm = NormConfig(norm_kind, float(eps), bool(plus_one))
     return _gemm(x, w, bias, None, norm_scale, norm_bias, norm=norm, activation=activation,
-                 gated=gated, transpose_w=False, return_normed=return_normed,
+                 gated=gated, transpose_w=transpose_w, return_normed=return_normed,
                  block_sizes=block_sizes, interpret=interpret)
 
 
@@ -220,7 +220,7 @@ def matmul_reference(x, w, bias=None, residual=None, *, activation=None, gated=F
 
 
 def norm_matmul_reference(x, norm_scale, norm_bias, w, bias=None, *, norm_kind, eps, plus_one,
-                          activation=None, gated=False, return_normed=False):
+                          activation=None, gated=False, transpose_w=False, return_normed=False):
     xn = fusion.normalize(x, norm_scale, norm_bias, NormConfig(norm_kind, float(eps), plus_one))
-    y = matmul_reference(xn, w, bias, activation=activation, gated=gated)
+    y = matmul_reference(xn, w, bias, activation=activation, gated=gated, transpose_w=transpose_w)
     return (y, xn) if return_normed else y

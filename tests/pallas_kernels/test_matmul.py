@@ -95,31 +95,34 @@ def test_matmul(M, K, N, dtype, bias, residual, act, gated, transpose_w, blocks)
 
 
 NORM_CASES = [
-    # M, K, N, dtype, kind, plus_one, norm_bias, activation, gated, return_normed, blocks
-    (1, 64, 96, jnp.float32, "rmsnorm", False, False, None, False, True, FMA1),
-    (3, 100, 72, jnp.bfloat16, "layernorm", False, True, "gelu", False, True, SMALL),
-    (16, 96, 2 * 40, jnp.bfloat16, "rmsnorm", True, False, "silu", True, False, SMALL),
-    (70, 64, 48, jnp.float16, "layernorm", True, True, None, False, True,
+    # M, K, N, dtype, kind, plus_one, norm_bias, activation, gated, return_normed, transpose_w,
+    # blocks
+    (1, 64, 96, jnp.float32, "rmsnorm", False, False, None, False, True, False, FMA1),
+    (3, 100, 72, jnp.bfloat16, "layernorm", False, True, "gelu", False, True, False, SMALL),
+    (16, 96, 2 * 40, jnp.bfloat16, "rmsnorm", True, False, "silu", True, False, True, SMALL),
+    (70, 64, 48, jnp.float16, "layernorm", True, True, None, False, True, False,
      dataclasses.replace(SMALL, block_m=32)),
-    (2, 200, 2 * 24, jnp.float32, "rmsnorm", False, False, "gelu_tanh", True, True, FMA4),
-    (5, 200, 2 * 24, jnp.bfloat16, "rmsnorm", True, False, "silu", True, False, SPLIT),
-    (1, 130, 100, jnp.bfloat16, "layernorm", False, True, "quick_gelu", False, False, SPLIT),
+    (2, 200, 2 * 24, jnp.float32, "rmsnorm", False, False, "gelu_tanh", True, True, False, FMA4),
+    (5, 200, 2 * 24, jnp.bfloat16, "rmsnorm", True, False, "silu", True, False, False, SPLIT),
+    (1, 130, 100, jnp.bfloat16, "layernorm", False, True, "quick_gelu", False, False, True,
+     SPLIT),
 ]
 
 
-@pytest.mark.parametrize("M,K,N,dtype,kind,plus_one,nbias,act,gated,ret,blocks", NORM_CASES)
-def test_norm_matmul(M, K, N, dtype, kind, plus_one, nbias, act, gated, ret, blocks):
+@pytest.mark.parametrize("M,K,N,dtype,kind,plus_one,nbias,act,gated,ret,tw,blocks", NORM_CASES)
+def test_norm_matmul(M, K, N, dtype, kind, plus_one, nbias, act, gated, ret, tw, blocks):
     x, w, b, _, scale, nb = _arrays(M, K, N, dtype, seed=1)
     x = x * 3 + 2  # a mean that dwarfs nothing, but is there
     nb = nb if nbias else None
     kw = dict(norm_kind=kind, eps=1e-5, plus_one=plus_one, activation=act, gated=gated,
-              return_normed=ret)
+              return_normed=ret, transpose_w=tw)
 
     @jax.jit  # one compile for all
     def run(x, scale, nb, w, b):
         spec = ops.NormSpec(scale, nb, kind, 1e-5, plus_one)
-        return (norm_matmul(x, scale, nb, w, b, block_sizes=blocks, interpret=True, **kw),
-                norm_matmul_reference(x, scale, nb, w, b, **kw),
+        stored = w.T if tw else w  # transpose_w: the kernel reads w [N, K]
+        return (norm_matmul(x, scale, nb, stored, b, block_sizes=blocks, interpret=True, **kw),
+                norm_matmul_reference(x, scale, nb, stored, b, **kw),
                 ops.linear_xla(x, w, b, norm=spec, activation=act, gated=gated),
                 ops.norm_xla(x, spec))
     out, want, xla, xla_normed = run(x, scale, nb, w, b)
