@@ -93,7 +93,7 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
     plan = None
     if mesh is None:
         params = _load(source, expected, icfg, seed=seed, progress=progress)
-        if ops.preference_for(icfg.impl, "linear")[0] == "pallas":  # the decode GEMV's layout
+        if _k_major(icfg):  # the decode GEMV's layout
             params = kmajor.k_major_params(params)
     else:
         flat = flatten(source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress,
@@ -130,6 +130,12 @@ def _load(source: _Source, expected: dict, icfg: InferenceConfig, *, seed, progr
         return params
     log.info("dsjax: quantizing the GEMM weights to %s", _quant_name(icfg.quant))
     return unflatten(quantize_flat(flatten(params), icfg.quant))
+
+
+def _k_major(icfg: InferenceConfig) -> bool:
+    """Whether a one-device engine holds its GEMM weights K-major (dsjax.kmajor): when its
+    linear op runs the Pallas kernels first."""
+    return ops.preference_for(icfg.impl, "linear")[0] == "pallas"
 
 
 def _quant_name(spec: QuantSpec) -> str:
@@ -421,7 +427,9 @@ class InferenceEngine:
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
         self.config.check_ids([pad], "pad_token_id")
-        tokens, lengths = _pack(rows, budget, pad, groups=self.batch_groups)
+        one_row = self.plan is None and _k_major(self.inference_config)  # see _pack
+        tokens, lengths = _pack(rows, budget, pad, groups=self.batch_groups,
+                                min_rows=1 if one_row else 2)
         fn, args, kw = self.generate_program(
             jnp.asarray(tokens), jnp.asarray(lengths),
             prng_key if prng_key is not None else jax.random.key(0), jnp.int32(max_new_tokens),
@@ -500,17 +508,19 @@ def _prompt_rows(input_ids, attention_mask) -> list[np.ndarray]:
     return out
 
 
-def _pack(rows: list[np.ndarray], budget: int, pad: int,
-          groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def _pack(rows: list[np.ndarray], budget: int, pad: int, groups: int = 1,
+          min_rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Right-pads to a bucketed [B', T'] (B' / groups and T' powers of two, `groups` = the
     replicas x micro-batches the batch is cut into); filler rows have length 0 (generate treats
     them as finished from the start, so they never hold up an early stop).
 
-    B' >= 2: with one row, XLA's GPU DotStrengthReduction turns every decode GEMV whose matrix
-    has under 10M elements into a materialized multiply + reduce (13 us instead of ~3 for
-    GPT-2 1.3B's attention-out projection on the H200); a second row keeps them GEMMs at the
-    same weight-read cost."""
-    B = groups * gen.bucket(-(-len(rows) // groups), minimum=2)
+    B' >= min_rows, 2 by default: with one row, XLA's GPU DotStrengthReduction turns every
+    decode GEMV whose matrix has under 10M elements into a materialized multiply + reduce (13 us
+    instead of ~3 for GPT-2 1.3B's attention-out projection on the H200); a second row keeps
+    them GEMMs at the same weight-read cost. The Pallas gemv kernel (K-major engines) pays for
+    every row it is given (each one's products, measured 1.2-1.5x at two rows), so those take
+    one."""
+    B = groups * gen.bucket(-(-len(rows) // groups), minimum=min_rows)
     T = min(gen.bucket(max(len(r) for r in rows)), budget)
     tokens = np.full((B, T), pad, np.int32)
     lengths = np.zeros((B,), np.int32)
