@@ -46,7 +46,10 @@ VARIANTS = {  # name -> init_inference keywords
 }
 
 
-def bench_variant(arch, name, batch_sizes, prompt_len, new_tokens, reps, bandwidth) -> list[dict]:
+def bench_variant(arch, name, batch_sizes, prompt_len, new_tokens, reps, bandwidth,
+                  first=None) -> list[dict]:
+    """One variant's rows; each printed as it is measured, against `first` ({batch: row} of the
+    first variant), so that a run cut short still shows its ratios and token agreement."""
     import jax
 
     import dsjax
@@ -73,7 +76,7 @@ def bench_variant(arch, name, batch_sizes, prompt_len, new_tokens, reps, bandwid
                      "new_tokens": new_tokens, "weight_bytes": wbytes, "kv_bytes_per_step": kv,
                      "floor_ms": (wbytes + kv) / bandwidth * 1e3, "compile_s": compile_s, **timing,
                      "tokens": np.asarray(tokens).tolist()})
-        print(_line(rows[-1], rows[-1]), flush=True)
+        print(_line(rows[-1], (first or {}).get(bs, rows[-1])), flush=True)
     engine = None  # free the weights before the next variant
     gc.collect()
     jax.clear_caches()
@@ -117,8 +120,12 @@ def main() -> None:
     rows = []
     for name in args.variants.split(","):
         try:
+            first = {}
+            for r in rows:
+                if "error" not in r:
+                    first.setdefault(r["batch"], r)
             rows += bench_variant(args.arch, name, batch_sizes, args.prompt_len, args.new_tokens,
-                                  args.reps, bw["bytes_per_s"])
+                                  args.reps, bw["bytes_per_s"], first)
         except Exception as e:  # record the failure, keep the other variants
             print(f"{name} FAILED: {type(e).__name__}: {e}", flush=True)
             rows.append({"variant": name, "error": f"{type(e).__name__}: {e}"})

@@ -357,7 +357,8 @@ def main() -> None:
 
 def markdown(payload, best_only=False) -> str:
     rows = [r for r in payload["rows"] if "us" in r]
-    lines = ["# Decode GEMV loop forms (M = 1), LLaMA-3-8B shapes", "",
+    ms = sorted({r.get("m", 1) for r in payload["rows"]}) or [1]
+    lines = [f"# Decode GEMV loop forms (M = {', '.join(map(str, ms))}), LLaMA-3-8B shapes", "",
              f"{payload['env']}", "",
              f"bf16 GEMV ceiling: {payload['ceiling']['bytes_per_s'] / 1e12:.2f} TB/s", "",
              "| shape | kind | candidate | us | TB/s | vs XLA bf16 | rel. err |",
