@@ -5,8 +5,8 @@ parallelism, quantization). The decode GEMV reads a weight fastest with each out
 contiguous, [N, K] (benchmarks/results/gemv_variants.md), so a one-device engine whose linear
 op runs the Pallas kernels holds its layer GEMM weights (and an untied LM head) transposed in
 device memory: converted once when the engine is built, back to [K, N] when it is saved.
-Per-channel symmetric int8 weights keep their codes, transposed; other quantized formats stay
-as they are (their kernel reads [K, N]).
+Quantized weights stay [K, N] for quant_matmul: the gemv kernel's int8 form is faster at one row
+but slower at two to eight (results/gemv_variants-lib-m1.md, -m2.md), so it is not routed yet.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import dataclasses
 import re
 
 import jax
-import jax.numpy as jnp
 
 from dsjax.quant import QuantizedWeight
 
@@ -23,8 +22,7 @@ from dsjax.quant import QuantizedWeight
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KMajorWeight:
-    values: jax.Array  # [N, K]: float, or int8 codes (W = q * s)
-    scales: jax.Array | None  # float32 [N] for int8 codes, else None
+    values: jax.Array  # [N, K]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -33,7 +31,7 @@ class KMajorWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
+        return int(self.values.nbytes)
 
 
 _GEMM = re.compile(r"(^|\.)(layers\.\d+\.(attn\.(qkv|out)|mlp\.(up|down))|lm_head)\.kernel$")
@@ -48,23 +46,13 @@ def _transpose(w):
 
 
 def to_k_major(w):
-    """A [K, N] array or per-channel symmetric int8 QuantizedWeight -> KMajorWeight; any other
-    quantized weight is returned as it is."""
-    if isinstance(w, QuantizedWeight):
-        if w.bits != 8 or not w.symmetric or w.scales.shape[0] != 1:
-            return w
-        return KMajorWeight(_transpose(w.values), w.scales[0])
-    return KMajorWeight(_transpose(w), None)
+    """A [K, N] array -> KMajorWeight; a QuantizedWeight is returned as it is."""
+    return w if isinstance(w, QuantizedWeight) else KMajorWeight(_transpose(w))
 
 
 def to_k_n(w):
     """The inverse of to_k_major (other leaves unchanged)."""
-    if not isinstance(w, KMajorWeight):
-        return w
-    if w.scales is None:
-        return w.values.T
-    K = w.values.shape[1]
-    return QuantizedWeight(w.values.T, w.scales[None, :], None, bits=8, group_size=K)
+    return w.values.T if isinstance(w, KMajorWeight) else w
 
 
 def k_major_params(params: dict, path: str = "") -> dict:
@@ -82,13 +70,3 @@ def k_major_params(params: dict, path: str = "") -> dict:
 def k_n_params(params):
     """Nested params with every KMajorWeight back in the stored [K, N] layout."""
     return jax.tree.map(to_k_n, params, is_leaf=lambda x: isinstance(x, KMajorWeight))
-
-
-def matmul_xla(x, w: KMajorWeight):
-    """x [..., K] @ W in XLA: the int8 codes are converted inside the dot, the scales applied
-    to its result."""
-    y = jnp.einsum("...k,nk->...n", x, w.values.astype(x.dtype),
-                   preferred_element_type=jnp.float32)
-    if w.scales is not None:
-        y = y * w.scales
-    return y.astype(x.dtype)

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax import cache as kv_cache
-from dsjax import kmajor
 from dsjax.kmajor import KMajorWeight
 from dsjax.quant import QuantizedWeight, dequantize
 
@@ -157,8 +156,8 @@ def linear_xla(x, kernel, bias=None, residual=None, *, norm=None, activation=Non
     if norm is not None:
         x = norm_xla(x, norm)
     if isinstance(kernel, KMajorWeight):
-        return epilogue_xla(kmajor.matmul_xla(x, kernel), bias, residual, activation=activation,
-                            gated=gated)
+        return matmul_xla(x, kernel.values, bias, residual, activation=activation, gated=gated,
+                          kernel_nk=True)
     if isinstance(kernel, QuantizedWeight):
         if kernel_nk:
             kernel = dequantize(kernel, x.dtype)

@@ -40,14 +40,9 @@ def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=
     k_major = isinstance(kernel, KMajorWeight) or (kernel_nk and not isinstance(
         kernel, QuantizedWeight))
     if k_major:
-        w, scales = (kernel.values, kernel.scales) if isinstance(kernel, KMajorWeight) else (
-            kernel, None)
+        kernel = kernel.values if isinstance(kernel, KMajorWeight) else kernel  # [N, K]
         if math.prod(x.shape[:-1]) <= gemv.MAX_ROWS:
-            return _gemv(x, w, scales, bias, residual, norm, activation, gated)
-        if scales is not None:
-            raise ops.Unsupported(f"{math.prod(x.shape[:-1])} rows of a K-major int8 weight "
-                                  f"(gemv takes up to {gemv.MAX_ROWS}; no GEMM kernel reads it)")
-        kernel = w  # [N, K] for the GEMM kernels' transpose_w
+            return _gemv(x, kernel, bias, residual, norm, activation, gated)
     if isinstance(kernel, QuantizedWeight):
         if kernel_nk:
             raise ops.Unsupported("a quantized weight stored [N, K]")
@@ -73,18 +68,17 @@ def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=
                          transpose_w=k_major, interpret=_interpret())
 
 
-def _gemv(x, w, scales, bias, residual, norm, activation, gated):
-    """The decode GEMV over a K-major weight; an RMSNorm without bias is fused, another norm
-    runs in XLA first (said in the log line)."""
+def _gemv(x, w, bias, residual, norm, activation, gated):
+    """The decode GEMV over a K-major weight w [N, K]; an RMSNorm without bias is fused,
+    another norm runs in XLA first (said in the log line)."""
     from pallas_kernels import gemv
 
     fused = norm is not None and norm.kind == "rmsnorm" and norm.bias is None
     if norm is not None and not fused:
         x = ops.norm_xla(x, norm)
-    what = "int8" if scales is not None else str(w.dtype)
-    _kernel("linear", f"gemv kernel ({what}, K-major"
+    _kernel("linear", f"gemv kernel ({w.dtype}, K-major"
             f"{', RMSNorm fused' if fused else ', norm in XLA first' if norm else ''})")
-    return gemv.gemv(x, w, scales, bias, residual, activation=activation, gated=gated,
+    return gemv.gemv(x, w, None, bias, residual, activation=activation, gated=gated,
                      norm=(norm.scale, norm.kind, norm.eps, norm.plus_one) if fused else None,
                      interpret=_interpret())
 
