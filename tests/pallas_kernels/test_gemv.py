@@ -14,17 +14,10 @@ import pytest
 from dsjax import ops
 from dsjax.quant import QuantSpec, quantize
 from pallas_kernels.gemv import MAX_ROWS, BlockSizes, gemv, gemv_reference
+from tests.pallas_kernels.test_matmul import assert_close
 
 SMALL = BlockSizes(block_n=4, block_k=32)
 TOL = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 2e-2}
-
-
-def assert_close(got, want, tol):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert got.shape == want.shape
-    assert np.isfinite(got).all()
-    scale = max(1.0, float(np.abs(want).max()))
-    np.testing.assert_allclose(got, want, atol=tol * scale, rtol=tol)
 
 
 def _arrays(M, K, N, dtype, seed=0):
