@@ -68,7 +68,6 @@ from pallas_kernels import quant_matmul as qm  # noqa: E402
 SHAPES = {"qkv": (4096, 6144), "out": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096), "ceiling": (8192, 28672)}  # ceiling: DESIGN.md's GEMV shape
 BF16, F32 = jnp.bfloat16, jnp.float32
-_MAGIC = 8388608.0 + 128.0  # 2^23 + 128: code_floats(flip=True) of int8 q is 2^23 + q + 128
 T0 = time.perf_counter()
 
 
@@ -97,7 +96,7 @@ def _floats(w, int8: bool, asm: bool):
     """A weight tile as float32 (int8: the exact code value)."""
     if not int8:
         return fusion.to_float32(w, asm=asm)
-    return fusion.code_floats(w, nibbles=False, flip=True, asm=asm)[0] - _MAGIC
+    return fusion.int8_floats(w, asm=asm)
 
 
 def _pipelined(steps: int, depth: int, load, compute, init):
@@ -116,15 +115,6 @@ def _pipelined(steps: int, depth: int, load, compute, init):
     for t in tiles:
         acc = compute(acc, t)
     return acc
-
-
-def _fma(a, b, c, asm: bool):
-    """a * b + c in float32 with one rounding (Triton does not contract a * b + c)."""
-    if not asm:
-        return a * b + c
-    return plgpu.elementwise_inline_asm(
-        "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, F32)])[0]
 
 
 def _fma_kernel(x_ref, w_ref, s_ref, o_ref, *, c: Cand, steps: int, int8: bool, nk: bool):
@@ -151,7 +141,7 @@ def _fma_kernel(x_ref, w_ref, s_ref, o_ref, *, c: Cand, steps: int, int8: bool, 
         if not bx:
             xf = xf[None, :] if nk else xf[:, None]
         if bx:
-            return _fma(xf, _floats(w, int8, c.asm), acc, c.asm)
+            return fusion.fma_f32(xf, _floats(w, int8, c.asm), acc, asm=c.asm)
         return acc + xf * _floats(w, int8, c.asm)
 
     zero = jnp.zeros((c.bn, c.bk) if nk else (c.bk, c.bn), F32)

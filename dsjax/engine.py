@@ -94,7 +94,7 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
     if mesh is None:
         params = _load(source, expected, icfg, seed=seed, progress=progress)
         if _k_major(icfg):  # the decode GEMV's layout
-            params = kmajor.k_major_params(params)
+            params = unflatten(kmajor.k_major_flat(flatten(params)))
     else:
         flat = flatten(source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress,
                                    host=True))

@@ -12,11 +12,10 @@ but slower at two to eight (results/gemv_variants-lib-m1.md, -m2.md), so it is n
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import jax
 
-from dsjax.quant import QuantizedWeight
+from dsjax.quant import QuantizedWeight, QuantSpec, quantizable
 
 
 @jax.tree_util.register_dataclass
@@ -34,8 +33,7 @@ class KMajorWeight:
         return int(self.values.nbytes)
 
 
-_GEMM = re.compile(r"(^|\.)(layers\.\d+\.(attn\.(qkv|out)|mlp\.(up|down))|lm_head)\.kernel$")
-
+_GEMMS = QuantSpec(lm_head=True)  # quantizable(path, _GEMMS): layer GEMMs and an LM head
 
 _T = jax.jit(lambda w: w.T)
 _T_DONATED = jax.jit(lambda w: w.T, donate_argnums=0)  # the [K, N] copy is freed at once
@@ -55,16 +53,9 @@ def to_k_n(w):
     return w.values.T if isinstance(w, KMajorWeight) else w
 
 
-def k_major_params(params: dict, path: str = "") -> dict:
-    """Nested params with every layer GEMM kernel (and an untied LM head) K-major."""
-    out = {}
-    for key in list(params):
-        value, sub = params[key], f"{path}{key}"
-        if isinstance(value, dict):
-            out[key] = k_major_params(value, sub + ".")
-        else:
-            out[key] = to_k_major(value) if _GEMM.search(sub) else value
-    return out
+def k_major_flat(flat: dict) -> dict:
+    """{path: leaf} with every layer GEMM kernel (and an untied LM head) K-major."""
+    return {path: to_k_major(w) if quantizable(path, _GEMMS) else w for path, w in flat.items()}
 
 
 def k_n_params(params):

@@ -222,6 +222,22 @@ def code_floats(v, *, nibbles: bool, flip: bool, asm: bool):
     return [lax.bitcast_convert_type(p | jnp.uint32(0x4B000000), jnp.float32) for p in parts]
 
 
+def int8_floats(v, *, asm: bool):
+    """int8 tile -> float32 tile of the same values: code_floats' 2^23 + q + 128, minus that
+    offset (exact)."""
+    return code_floats(v, nibbles=False, flip=True, asm=asm)[0] - (8388608.0 + 128.0)
+
+
+def fma_f32(a, b, c, *, asm: bool):
+    """a * b + c in float32 with one rounding: fma.rn.f32 in inline PTX on the GPU (Triton does
+    not contract a * b + c itself)."""
+    if not asm:
+        return a * b + c
+    return plgpu.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]
+
+
 def to_float32(w, *, asm: bool):
     """A weight tile as float32; bfloat16 by shifting the bits (inline PTX) when asm."""
     if not asm or w.dtype != jnp.bfloat16:

@@ -13,7 +13,7 @@ through shared memory behind a barrier (the [K, N] kernels of matmul.py do, whic
 loads idle); products are accumulated elementwise in float32 [block_n, block_k] with one fused
 multiply-add each and summed once after the loop. There is no split-K: N / block_n programs
 fill the GPU, so bias, activation, gating and residual are applied in the kernel and one
-launch does the whole op. int8 codes become floats by the 2^23 + u trick (fusion.code_floats).
+launch does the whole op. int8 codes become floats by the 2^23 + u trick (fusion.int8_floats).
 
 RMSNorm fused: the kernel accumulates sum(x^2) from the x it loads anyway and multiplies x by
 the norm scale on the fly; y = rsqrt(mean(x^2) + eps) * (x * scale) @ W. (The unfused path
@@ -34,7 +34,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import fusion
 
 MAX_ROWS = 8  # more rows than this are a GEMM (matmul.py / quant_matmul.py)
-_MAGIC = 8388608.0 + 128.0  # code_floats(flip=True) of an int8 q is 2^23 + q + 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,15 +74,6 @@ class _Spec:
     asm: bool
 
 
-def _fma(a, b, c, asm: bool):
-    """a * b + c in float32 with one rounding (Triton does not contract a * b + c itself)."""
-    if not asm:
-        return a * b + c
-    return plgpu.elementwise_inline_asm(
-        "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]
-
-
 def _kernel(*refs, s: _Spec):
     it = iter(refs)
     x_ref, w_ref = next(it), next(it)  # [M, K]; [Nw, K]
@@ -118,7 +108,7 @@ def _kernel(*refs, s: _Spec):
         for off in offsets:
             w = load(w_ref, (pl.ds(n0 + off, s.bn), pl.ds(k0, s.bk)), mask(k_ok))
             if s.int8:
-                w = fusion.code_floats(w, nibbles=False, flip=True, asm=s.asm)[0] - _MAGIC
+                w = fusion.int8_floats(w, asm=s.asm)
             ws.append(w.astype(jnp.float32))
         zeros = jnp.zeros(tile, jnp.int32)
         g = None
@@ -130,10 +120,10 @@ def _kernel(*refs, s: _Spec):
         for r in range(s.m):
             x = load(x_ref, (zeros + r, cols), k_ok).astype(jnp.float32)  # in w's layout
             if g is not None:
-                new_sqs[r] = _fma(x, x, sqs[r], s.asm)
+                new_sqs[r] = fusion.fma_f32(x, x, sqs[r], asm=s.asm)
                 x = x * g
             for p, w in enumerate(ws):
-                new_accs[p][r] = _fma(x, w, accs[p][r], s.asm)
+                new_accs[p][r] = fusion.fma_f32(x, w, accs[p][r], asm=s.asm)
         return tuple(tuple(a) for a in new_accs), tuple(new_sqs)
 
     zero = jnp.zeros(tile, jnp.float32)
