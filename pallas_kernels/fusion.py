@@ -182,9 +182,11 @@ def k_loop(s, pid_s, limit: int, load, compute, init):
 
 
 def dot(acc, x, w, *, transpose_w: bool = False):
-    """Tensor-core form: acc [bm, bn] + x [bm, bk] @ w [bk, bn] (w [bn, bk] when transpose_w)."""
+    """Tensor-core form: acc [bm, bn] + x [bm, bk] @ w [bk, bn] (w [bn, bk] when transpose_w);
+    acc None: the product alone."""
     dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
-    return acc + lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=jnp.float32)
+    y = lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=jnp.float32)
+    return y if acc is None else acc + y
 
 
 def fma(acc, xv, w, *, transpose_w: bool = False):

@@ -1,7 +1,8 @@
 """Weight-only INT8 / INT4 GEMM (Pallas, Triton lowering), dequantized inside the kernel.
 
 Weight format (dsjax/quant/weights.py): logical W [K, N] in groups of G rows along K.
-  bits=8: values int8 [K, N] (W = q * s) or uint8 [K, N] (W = (q - z) * s)
+  bits=8: values int8 [K, N] (W = q * s) or uint8 [K, N] (W = (q - z) * s); with transpose_w
+          values are stored [N, K] (dsjax/kmajor.py: the decode GEMV's layout)
   bits=4: values uint8 [K/2, N]; byte r holds row r (low nibble) and row r + K/2 (high nibble);
           W = (u - 8) * s, or (u - z) * s with zeros
   scales, zeros: float32 [K/G, N]
@@ -67,6 +68,7 @@ class _Spec:
     norm: NormConfig | None
     has_norm_bias: bool
     asm: bool  # inline-PTX conversions (GPU only)
+    transpose_w: bool  # values [Nw, K] (8-bit only)
 
 
 def _signed(v, bits: int, asym: bool):
@@ -88,6 +90,12 @@ class _Weights:
         self.halves = (0,) if s.bits == 8 else (0, s.half)  # logical row offset of each part
         self.per_channel = sc_ref.shape[0] == 1  # one group: scale the K sum, not each weight
 
+    def along_n(self, v):
+        """A [bn] vector (or a scalar) broadcast over a weight tile's N axis."""
+        if jnp.ndim(v) == 0:
+            return v
+        return v[:, None] if self.s.transpose_w else v[None, :]
+
     def group_row(self, ref, row, c0):
         """[bn] float32 of the group holding logical row `row`."""
         g = jnp.minimum(row // self.s.group, self.sc_ref.shape[0] - 1)
@@ -104,7 +112,7 @@ class _Weights:
         s = self.s
         for p, q in enumerate(_signed(v, s.bits, s.asym)):
             row = r0 + self.halves[p]
-            d = jnp.dot(xs[p], q.astype(xs[p].dtype), preferred_element_type=jnp.float32)
+            d = fusion.dot(None, xs[p], q, transpose_w=s.transpose_w)
             if s.asym:
                 shift = 8.0 if s.bits == 4 else 128.0
                 d = d - xs[p].astype(jnp.float32).sum(1, keepdims=True) * (
@@ -113,23 +121,25 @@ class _Weights:
         return acc
 
     def fma_step(self, acc_rows, xs, v, r0, c0):
-        """Per row acc [bk, bn] + x * W, W = (u - z) [* s] = (2^23 + u) - (2^23 + z): exact for
-        integer codes and zeros. Per channel the scale multiplies the K sum instead (finish)."""
+        """Per row acc [bk, bn] ([bn, bk] transposed) + x * W, W = (u - z) [* s] =
+        (2^23 + u) - (2^23 + z): exact for integer codes and zeros. Per channel the scale
+        multiplies the K sum instead (finish)."""
         s = self.s
         floats = fusion.code_floats(v, nibbles=s.bits == 4, flip=s.bits == 8 and not s.asym,
                                     asm=s.asm)
         for p, f in enumerate(floats):
             row = r0 + self.halves[p]
-            w = f - (8388608.0 + self.zero_point(row, c0))  # [bk, bn]
+            w = f - (8388608.0 + self.along_n(self.zero_point(row, c0)))
             if not self.per_channel:
-                w = w * self.group_row(self.sc_ref, row, c0)[None, :]
-            acc_rows = tuple(fusion.fma(a, xv, w) for a, xv in zip(acc_rows, xs[p]))
+                w = w * self.along_n(self.group_row(self.sc_ref, row, c0))
+            acc_rows = tuple(fusion.fma(a, xv, w, transpose_w=s.transpose_w)
+                             for a, xv in zip(acc_rows, xs[p]))
         return acc_rows
 
     def finish_rows(self, acc_rows, c0):
         """FMA form after the K loop: bm rows [bn]."""
         scale = self.group_row(self.sc_ref, 0, c0) if self.per_channel else 1.0
-        return [a.sum(axis=0) * scale for a in acc_rows]
+        return [a.sum(axis=1 if self.s.transpose_w else 0) * scale for a in acc_rows]
 
 
 def _kernel(*refs, s: _Spec):
@@ -150,8 +160,10 @@ def _kernel(*refs, s: _Spec):
     wq = _Weights(s, sc_ref, z_ref, col_ok)
 
     def load(r0, k_ok):
-        vs = [fusion.load_tile(v_ref, r0, n0 + off, s.bk, s.bn, k_ok, col_ok, 0)
-              for off in col_offsets]  # each [bk, bn]
+        vs = [fusion.load_tile(v_ref, n0 + off, r0, s.bn, s.bk, col_ok, k_ok, 0)
+              if s.transpose_w else fusion.load_tile(v_ref, r0, n0 + off, s.bk, s.bn, k_ok,
+                                                     col_ok, 0)
+              for off in col_offsets]  # each [bk, bn] ([bn, bk] transposed)
         return r0, [rows.load(r0 + h, s.bk, k_ok) for h in wq.halves], vs
 
     def compute(accs, loaded):
@@ -159,20 +171,24 @@ def _kernel(*refs, s: _Spec):
         step = wq.fma_step if rows.vectors else wq.mma_step
         return tuple(step(acc, xs, v, r0, n0 + off) for acc, v, off in zip(accs, vs, col_offsets))
 
-    zero = ((jnp.zeros((s.bk, s.bn), jnp.float32),) * s.bm if rows.vectors
+    tile = (s.bn, s.bk) if s.transpose_w else (s.bk, s.bn)
+    zero = ((jnp.zeros(tile, jnp.float32),) * s.bm if rows.vectors
             else jnp.zeros((s.bm, s.bn), jnp.float32))
-    accs = fusion.k_loop(s, pid_s, v_ref.shape[0], load, compute, (zero,) * len(col_offsets))
+    accs = fusion.k_loop(s, pid_s, v_ref.shape[1 if s.transpose_w else 0], load, compute,
+                         (zero,) * len(col_offsets))
     if rows.vectors:
         accs = [wq.finish_rows(acc, n0 + off) for acc, off in zip(accs, col_offsets)]
     fusion.write_output(o_ref, accs, s, rows, n0, col_ok, pid_s, b_ref, r_ref)
 
 
-def _check(x, values, scales, zeros, bits, group_size):
+def _check(x, values, scales, zeros, bits, group_size, transpose_w):
     """Validates the weight format; returns (K, Nw)."""
     K = x.shape[-1]
-    rows_v, Nw = values.shape
+    rows_v, Nw = values.shape[::-1] if transpose_w else values.shape
     if bits not in (8, 4):
         raise ValueError(f"bits must be 8 or 4, not {bits}")
+    if transpose_w and bits != 8:
+        raise ValueError("transpose_w ([N, K] values) is for 8-bit weights only")
     if rows_v != (K // 2 if bits == 4 else K) or (bits == 4 and K % 2):
         raise ValueError(f"x [..., {K}] does not match {bits}-bit values {values.shape}")
     want = jnp.uint8 if (bits == 4 or zeros is not None) else jnp.int8
@@ -189,18 +205,18 @@ def _check(x, values, scales, zeros, bits, group_size):
 
 
 def quant_matmul(x, values, scales, zeros=None, *, bits, group_size, bias=None, residual=None,
-                 activation=None, gated=False, norm=None, block_sizes: BlockSizes | None = None,
-                 interpret=False):
+                 activation=None, gated=False, norm=None, transpose_w=False,
+                 block_sizes: BlockSizes | None = None, interpret=False):
     """act(norm(x) [..., K] @ W + bias) [gated: act(gate) * up] + residual, W dequantized on
     the fly from (values, scales, zeros). norm: None or (scale, bias|None, kind, eps, plus_one).
-    Returns [..., N] (gated: [..., N/2]) in x.dtype."""
+    transpose_w: 8-bit values stored [N, K]. Returns [..., N] (gated: [..., N/2]) in x.dtype."""
     fusion.check_activation(activation)
-    K, Nw = _check(x, values, scales, zeros, bits, group_size)
+    K, Nw = _check(x, values, scales, zeros, bits, group_size, transpose_w)
     if gated and Nw % 2:
         raise ValueError(f"a gated [gate | up] weight needs an even column count, not {Nw}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)  # [M, K]
-    M, rows_v, n_out = x2.shape[0], values.shape[0], Nw // 2 if gated else Nw
+    M, rows_v, n_out = x2.shape[0], K // 2 if bits == 4 else K, Nw // 2 if gated else Nw
     bs = block_sizes or BlockSizes.for_shape(M, rows_v, n_out)
     G = group_size
     step = bs.block_k if G == K else math.gcd(G, bs.block_k)  # a power of two dividing G
@@ -222,7 +238,8 @@ def quant_matmul(x, values, scales, zeros=None, *, bits, group_size, bias=None, 
               gated=gated and not partial, partial=partial, activation=activation,
               has_bias=bias is not None and not partial,
               has_residual=residual is not None and not partial, norm=norm_cfg,
-              has_norm_bias=nb is not None, asm=bs.inline_asm and not interpret)
+              has_norm_bias=nb is not None, asm=bs.inline_asm and not interpret,
+              transpose_w=transpose_w)
     res2 = None if residual is None else residual.reshape(M, n_out)
     args = [x2, values, scales, zeros, ns, nb, bias if s.has_bias else None,
             res2 if s.has_residual else None]
@@ -269,9 +286,11 @@ def random_weight(rng, K: int, N: int, *, bits: int, symmetric: bool, group_size
 
 
 def quant_matmul_reference(x, values, scales, zeros=None, *, bits, group_size, bias=None,
-                           residual=None, activation=None, gated=False, norm=None):
+                           residual=None, activation=None, gated=False, norm=None,
+                           transpose_w=False):
     """Dequantize to float32, then (normed) x @ W in float32 and the float32 epilogue."""
     fusion.check_activation(activation)
+    values = values.T if transpose_w else values
     if norm is not None:
         ns, nb, kind, eps, plus_one = norm
         x = fusion.normalize(x, ns, nb, NormConfig(kind, float(eps), bool(plus_one)))

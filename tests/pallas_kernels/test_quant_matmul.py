@@ -50,6 +50,13 @@ CASES = [
     (2, 128, 96, jnp.bfloat16, 8, False, 64, dict(norm="layernorm"), SMALL),
     (3, 128, 2 * 40, jnp.float32, 4, False, 32, dict(norm="layernorm", gated=True,
                                                      activation="silu"), SPLIT),
+    # transpose_w: 8-bit values stored [N, K] (dsjax.kmajor), both forms
+    (20, 128, 2 * 40, jnp.bfloat16, 8, True, None, dict(gated=True, activation="silu",
+                                                       transpose=True), SMALL),
+    (16, 192, 80, jnp.float16, 8, False, 64, dict(residual=True, transpose=True), SPLIT),
+    (3, 100, 72, jnp.float32, 8, True, None, dict(bias=True, norm="rmsnorm", transpose=True),
+     FMA4),
+    (1, 128, 96, jnp.float32, 8, False, 32, dict(transpose=True), FMA1),
 ]
 
 
@@ -71,7 +78,9 @@ def test_quant_matmul(M, K, N, dtype, bits, sym, G, opts, blocks):
         norm = (nscale, nbias if opts["norm"] == "layernorm" else None, opts["norm"], 1e-5,
                 opts["norm"] == "rmsnorm")
     kw = dict(bits=bits, group_size=G, bias=bias, residual=res, gated=gated,
-              activation=opts.get("activation"), norm=norm)
+              activation=opts.get("activation"), norm=norm, transpose_w=opts.get("transpose", False))
+    if kw["transpose_w"]:
+        values = values.T
 
     @jax.jit  # one compile for both
     def run(x, values, scales, zeros):
@@ -119,5 +128,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="scales must be"):
         quant_matmul(x, values, scales[:2], bits=8, group_size=32)
     values, scales, _ = _weight(160, 64, 8, True, 40, rng)
+    with pytest.raises(ValueError, match="8-bit weights only"):
+        quant_matmul(x, values, scales, bits=4, group_size=32, transpose_w=True)
+    with pytest.raises(ValueError, match="does not match"):  # [K, N] values given as [N, K]
+        quant_matmul(x, values, scales, bits=8, group_size=32, transpose_w=True)
     with pytest.raises(ValueError, match="power-of-two"):
         quant_matmul(jnp.zeros((2, 160), jnp.bfloat16), values, scales, bits=8, group_size=40)
