@@ -5,8 +5,11 @@ parallelism, quantization). The decode GEMV reads a weight fastest with each out
 contiguous, [N, K] (benchmarks/results/gemv_variants.md), so a one-device engine whose linear
 op runs the Pallas kernels holds its layer GEMM weights (and an untied LM head) transposed in
 device memory: converted once when the engine is built, back to [K, N] when it is saved.
-Quantized weights stay [K, N] for quant_matmul: the gemv kernel's int8 form is faster at one row
-but slower at two to eight (results/gemv_variants-lib-m1.md, -m2.md), so it is not routed yet.
+
+Symmetric per-channel int8 weights go K-major too (codes [N, K], scales [N]): the gemv kernel
+reads them at few rows, quant_matmul (transpose_w) at more (pallas_ops.INT8_GEMV_ROWS says
+where, from benchmarks/results/gemm_kernels.md). Other quantized forms (grouped, asymmetric,
+int4) stay [K, N] for quant_matmul.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dsjax.quant import QuantizedWeight, QuantSpec, quantizable
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KMajorWeight:
-    values: jax.Array  # [N, K]
+    values: jax.Array  # [N, K]: float, or int8 codes
+    scales: jax.Array | None = None  # float32 [N] of int8 codes (W = q * s per output)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -30,7 +34,7 @@ class KMajorWeight:
 
     @property
     def nbytes(self) -> int:
-        return int(self.values.nbytes)
+        return int(self.values.nbytes) + (0 if self.scales is None else int(self.scales.nbytes))
 
 
 _GEMMS = QuantSpec(lm_head=True)  # quantizable(path, _GEMMS): layer GEMMs and an LM head
@@ -43,14 +47,28 @@ def _transpose(w):
     return (_T if jax.default_backend() == "cpu" else _T_DONATED)(w)  # the CPU cannot donate
 
 
+def _per_channel_int8(w: QuantizedWeight) -> bool:
+    return w.bits == 8 and w.symmetric and w.group_size == w.shape[0]
+
+
 def to_k_major(w):
-    """A [K, N] array -> KMajorWeight; a QuantizedWeight is returned as it is."""
-    return w if isinstance(w, QuantizedWeight) else KMajorWeight(_transpose(w))
+    """A [K, N] array or a per-channel symmetric int8 QuantizedWeight -> KMajorWeight; another
+    QuantizedWeight is returned as it is."""
+    if not isinstance(w, QuantizedWeight):
+        return KMajorWeight(_transpose(w))
+    if not _per_channel_int8(w):
+        return w
+    return KMajorWeight(_transpose(w.values), w.scales.reshape(-1))
 
 
 def to_k_n(w):
     """The inverse of to_k_major (other leaves unchanged)."""
-    return w.values.T if isinstance(w, KMajorWeight) else w
+    if not isinstance(w, KMajorWeight):
+        return w
+    if w.scales is None:
+        return w.values.T
+    K = w.values.shape[1]
+    return QuantizedWeight(w.values.T, w.scales[None, :], None, bits=8, group_size=K)
 
 
 def k_major_flat(flat: dict) -> dict:

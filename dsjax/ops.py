@@ -156,8 +156,13 @@ def linear_xla(x, kernel, bias=None, residual=None, *, norm=None, activation=Non
     if norm is not None:
         x = norm_xla(x, norm)
     if isinstance(kernel, KMajorWeight):
-        return matmul_xla(x, kernel.values, bias, residual, activation=activation, gated=gated,
-                          kernel_nk=True)
+        if kernel.scales is None:
+            return matmul_xla(x, kernel.values, bias, residual, activation=activation,
+                              gated=gated, kernel_nk=True)
+        y = jnp.einsum("...k,nk->...n", x, kernel.values.astype(x.dtype),
+                       preferred_element_type=jnp.float32) * kernel.scales  # int8 per channel
+        return epilogue_xla(y.astype(x.dtype), bias, residual, activation=activation,
+                            gated=gated)
     if isinstance(kernel, QuantizedWeight):
         if kernel_nk:
             kernel = dequantize(kernel, x.dtype)

@@ -33,15 +33,27 @@ def _kernel(op: str, what: str) -> None:
     ops._announce(op, "pallas", logging.INFO, f"ops.{op}: Pallas {what}")
 
 
+# K-major int8 weights: the gemv kernel up to this many rows, quant_matmul (transpose_w) beyond;
+# K-major float weights: the gemv up to gemv.MAX_ROWS. From benchmarks/results/gemm_kernels.md.
+INT8_GEMV_ROWS = 1
+
+
 def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=None,
                   gated=False, kernel_nk=False):
     from pallas_kernels import gemv, matmul, quant_matmul
 
+    rows = math.prod(x.shape[:-1])
     k_major = isinstance(kernel, KMajorWeight) or (kernel_nk and not isinstance(
         kernel, QuantizedWeight))
-    if k_major:
+    if isinstance(kernel, KMajorWeight) and kernel.scales is not None:  # int8 codes [N, K]
+        if rows <= INT8_GEMV_ROWS:
+            return _gemv(x, kernel.values, bias, residual, norm, activation, gated,
+                         scales=kernel.scales)
+        kernel = QuantizedWeight(kernel.values, kernel.scales[None, :], None, bits=8,
+                                 group_size=x.shape[-1])
+    elif k_major:
         kernel = kernel.values if isinstance(kernel, KMajorWeight) else kernel  # [N, K]
-        if math.prod(x.shape[:-1]) <= gemv.MAX_ROWS:
+        if rows <= gemv.MAX_ROWS:
             return _gemv(x, kernel, bias, residual, norm, activation, gated)
     if isinstance(kernel, QuantizedWeight):
         if kernel_nk:
@@ -50,11 +62,12 @@ def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=
             out = quant_matmul.quant_matmul(
                 x, kernel.values, kernel.scales, kernel.zeros, bits=kernel.bits,
                 group_size=kernel.group_size, bias=bias, residual=residual, activation=activation,
-                gated=gated, norm=None if norm is None else tuple(norm), interpret=_interpret())
+                gated=gated, norm=None if norm is None else tuple(norm), transpose_w=k_major,
+                interpret=_interpret())
         except ValueError as why:  # a group size the kernel's K blocks cannot tile
             raise ops.Unsupported(str(why)) from None
         _kernel("linear", f"quant_matmul kernel (int{kernel.bits}, group {kernel.group_size}"
-                f"{'' if norm is None else ', norm fused'})")
+                f"{', K-major' if k_major else ''}{'' if norm is None else ', norm fused'})")
         return out
     if norm is not None:
         if residual is not None:
@@ -68,19 +81,15 @@ def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=
                          transpose_w=k_major, interpret=_interpret())
 
 
-def _gemv(x, w, bias, residual, norm, activation, gated):
-    """The decode GEMV over a K-major weight w [N, K]; an RMSNorm without bias is fused,
-    another norm runs in XLA first (said in the log line)."""
+def _gemv(x, w, bias, residual, norm, activation, gated, scales=None):
+    """The decode GEMV over a K-major weight w [N, K] (int8 codes with scales [N]), with the
+    RMSNorm or LayerNorm fused."""
     from pallas_kernels import gemv
 
-    fused = norm is not None and norm.kind == "rmsnorm" and norm.bias is None
-    if norm is not None and not fused:
-        x = ops.norm_xla(x, norm)
-    _kernel("linear", f"gemv kernel ({w.dtype}, K-major"
-            f"{', RMSNorm fused' if fused else ', norm in XLA first' if norm else ''})")
-    return gemv.gemv(x, w, None, bias, residual, activation=activation, gated=gated,
-                     norm=(norm.scale, norm.kind, norm.eps, norm.plus_one) if fused else None,
-                     interpret=_interpret())
+    kind = {None: "", "rmsnorm": ", RMSNorm fused", "layernorm": ", LayerNorm fused"}
+    _kernel("linear", f"gemv kernel ({w.dtype}, K-major{kind[norm and norm.kind]})")
+    return gemv.gemv(x, w, scales, bias, residual, activation=activation, gated=gated,
+                     norm=None if norm is None else tuple(norm), interpret=_interpret())
 
 
 def attention_pallas(q, k, v, q_pos, k_pos, k_valid, *, scale, causal, window, alibi_slopes):

@@ -1,6 +1,7 @@
 """K-major weights (dsjax.kmajor): the layout conversions, and a kernel-injected engine that
 holds its GEMM weights K-major, computes like the XLA engine and saves the stored layout."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,8 +19,18 @@ def test_conversions_round_trip():
     assert isinstance(km, KMajorWeight) and km.values.shape == (20, 12) and km.shape == (12, 20)
     assert km.nbytes == w.nbytes
     np.testing.assert_array_equal(kmajor.to_k_n(km), w)
-    q = quantize(w, QuantSpec(bits=8))  # quant_matmul reads [K, N]: unchanged
-    assert kmajor.to_k_major(q) is q and kmajor.to_k_n(q) is q
+    q = quantize(w, QuantSpec(bits=8))  # per-channel symmetric int8: codes [N, K], scales [N]
+    kq = kmajor.to_k_major(q)
+    assert isinstance(kq, KMajorWeight) and kq.values.shape == (20, 12)
+    assert kq.scales.shape == (20,) and kq.nbytes == q.nbytes
+    back = kmajor.to_k_n(kq)
+    assert isinstance(back, QuantizedWeight) and (back.bits, back.group_size) == (8, 12)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(q)):
+        np.testing.assert_array_equal(got, want)
+    for spec in (QuantSpec(bits=8, group_size=4), QuantSpec(bits=8, symmetric=False),
+                 QuantSpec(bits=4)):  # quant_matmul reads these [K, N]: unchanged
+        q = quantize(w, spec)
+        assert kmajor.to_k_major(q) is q and kmajor.to_k_n(q) is q
 
 
 def _k_major_paths(engine):
@@ -43,7 +54,30 @@ def test_engine_holds_k_major_weights_and_saves_the_stored_layout(tmp_path):
     restored = dsjax.init_inference(pallas.save(tmp_path / "ckpt"), **kw)
     for path, w in flatten(xla.params).items():
         np.testing.assert_array_equal(np.asarray(flatten(restored.params)[path]), np.asarray(w))
-    # quantized layer weights stay [K, N] for quant_matmul; the untied LM head is K-major
-    q = dsjax.init_inference(hf, replace_with_kernel_inject=True, quant={"bits": 8}, **kw)
+    # grouped int8 layer weights stay [K, N] for quant_matmul; the untied LM head is K-major
+    q = dsjax.init_inference(hf, replace_with_kernel_inject=True,
+                             quant={"bits": 8, "group_size": 16}, **kw)
     assert _k_major_paths(q) == {"lm_head.kernel"}
     assert isinstance(flatten(q.params)["layers.0.mlp.up.kernel"], QuantizedWeight)
+
+
+def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path):
+    """Per-channel int8: K-major codes; one row runs the int8 gemv, more rows quant_matmul over
+    the [N, K] codes; tokens and logits as the XLA int8 engine's; save() writes [K, N]."""
+    hf = llama_model(num_hidden_layers=1)
+    kw = dict(dtype="fp32", max_out_tokens=48, progress=False, quant={"bits": 8})
+    xla = dsjax.init_inference(hf, **kw)
+    pallas = dsjax.init_inference(hf, replace_with_kernel_inject=True, **kw)
+    assert len(_k_major_paths(pallas)) == 5
+    assert pallas.weight_bytes() == xla.weight_bytes()
+    ids = np.stack([prompt(1, 12, 96), prompt(2, 12, 96)])  # 24 rows: quant_matmul
+    np.testing.assert_allclose(np.asarray(pallas(ids)), np.asarray(xla(ids)), atol=2e-4,
+                               rtol=2e-4)
+    one = prompt(3, 7, 96)
+    got = pallas.generate(one, max_new_tokens=4).tokens  # one row a step: the int8 gemv
+    np.testing.assert_array_equal(got, xla.generate(one, max_new_tokens=4).tokens)
+    restored = dsjax.init_inference(pallas.save(tmp_path / "ckpt"), **dict(kw, quant=None))
+    for path, w in flatten(xla.params).items():
+        for got, want in zip(jax.tree.leaves(flatten(restored.params)[path]),
+                             jax.tree.leaves(w)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
