@@ -15,9 +15,14 @@ multiply-add each and summed once after the loop. There is no split-K: N / block
 fill the GPU, so bias, activation, gating and residual are applied in the kernel and one
 launch does the whole op. int8 codes become floats by the 2^23 + u trick (fusion.int8_floats).
 
-RMSNorm fused: the kernel accumulates sum(x^2) from the x it loads anyway and multiplies x by
-the norm scale on the fly; y = rsqrt(mean(x^2) + eps) * (x * scale) @ W. (The unfused path
-rounds the normed x to the activation dtype before its GEMM; this one does not.)
+Norms fused in one pass over x (the kernel never sees the whole row before the loop):
+- RMSNorm: it accumulates sum(x^2) from the x it loads anyway and multiplies x by the norm
+  scale g on the fly; y = rsqrt(mean(x^2) + eps) * ((x * g) @ W).
+- LayerNorm: it also accumulates sum(x), and per output the weight sum g @ W; then
+  y = rstd * ((x * g) @ W - mean * (g @ W)) + b @ W, var = mean(x^2) - mean^2 (one pass, in
+  float32: exact algebra, rounding grows only when |mean| >> std).
+- A norm's bias b adds the weight sum b @ W, accumulated alongside.
+(The unfused path rounds the normed x to the activation dtype before its GEMM; these do not.)
 """
 
 from __future__ import annotations
@@ -45,17 +50,27 @@ class BlockSizes:
     inline_asm: bool = True  # int8 -> float32 by prmt, fma.rn.f32 (GPU only)
 
     @classmethod
-    def for_shape(cls, m: int, k: int, parts: int) -> BlockSizes:
+    def for_shape(cls, m: int, k: int, parts: int, norm: str | None = None,
+                  norm_bias: bool = False) -> BlockSizes:
         """The H200's best M = 1 tile (4 rows x 512, 4 warps; gemv_variants.md), shrunk so
-        that the float32 accumulators (m rows x parts of [block_n, block_k]) stay within 64
-        registers a thread."""
+        that the float32 accumulator tiles of [block_n, block_k] (accumulator_tiles) stay
+        within 64 registers a thread."""
         warps, bn, bk = 4, 4, min(512, pl.next_power_of_2(k))
         budget = 64 * 32 * warps  # accumulator elements a program can hold
-        while bn > 1 and m * parts * bn * bk > budget:
+        tiles = accumulator_tiles(m, parts, norm, norm_bias)
+        while bn > 1 and tiles * bn * bk > budget:
             bn //= 2
-        while bk > 64 and m * parts * bn * bk > budget:
+        while bk > 64 and tiles * bn * bk > budget:
             bk //= 2
         return cls(block_n=bn, block_k=bk, num_warps=warps)
+
+
+def accumulator_tiles(m: int, parts: int, norm: str | None, norm_bias: bool = False) -> int:
+    """Float32 [block_n, block_k] tiles the K loop carries: products per row and part; sum(x^2)
+    per row for a norm; for LayerNorm also sum(x) per row and g @ W per part; b @ W per part
+    for a norm with a bias."""
+    extra = {None: 0, "rmsnorm": m, "layernorm": 2 * m + parts}[norm]
+    return m * parts + extra + (parts if norm_bias else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +86,7 @@ class _Spec:
     has_bias: bool
     has_residual: bool
     norm: fusion.NormConfig | None
+    has_norm_bias: bool
     asm: bool
 
 
@@ -79,6 +95,7 @@ def _kernel(*refs, s: _Spec):
     x_ref, w_ref = next(it), next(it)  # [M, K]; [Nw, K]
     sc_ref = next(it) if s.int8 else None  # [Nw] float32
     g_ref = next(it) if s.norm else None  # [K]
+    nb_ref = next(it) if s.has_norm_bias else None  # [K]
     b_ref = next(it) if s.has_bias else None  # [Nw]
     r_ref = next(it) if s.has_residual else None  # [M, n_out]
     o_ref = next(it)  # [M, n_out]
@@ -99,8 +116,12 @@ def _kernel(*refs, s: _Spec):
         return plgpu.load(ref.at[idx], mask=m, other=0) if m is not None else plgpu.load(
             ref.at[idx])
 
+    ln = s.norm is not None and s.norm.kind == "layernorm"
+
     def body(i, carry):
-        accs, sqs = carry  # accs[part][row]: [bn, bk] float32; sqs[row] (norm) likewise
+        # accs[part][row], sqs[row] (sum x^2: a norm), sxs[row] (sum x: LayerNorm), gws[part]
+        # (g @ W: LayerNorm), bws[part] (b @ W: a norm bias): each [bn, bk] float32
+        accs, sqs, sxs, gws, bws = carry
         k0 = pl.multiple_of(i * s.bk, s.bk)
         cols = k_iota + k0
         k_ok = cols < s.k if ragged_k else None
@@ -115,20 +136,30 @@ def _kernel(*refs, s: _Spec):
         if s.norm is not None:
             g = load(g_ref, (cols,), k_ok).astype(jnp.float32)
             g = g + 1.0 if s.norm.plus_one else g
+        if ln:
+            gws = tuple(fusion.fma_f32(g, w, a, asm=s.asm) for w, a in zip(ws, gws))
+        if s.has_norm_bias:
+            nb = load(nb_ref, (cols,), k_ok).astype(jnp.float32)
+            bws = tuple(fusion.fma_f32(nb, w, a, asm=s.asm) for w, a in zip(ws, bws))
         new_accs = [list(a) for a in accs]
-        new_sqs = list(sqs)
+        new_sqs, new_sxs = list(sqs), list(sxs)
         for r in range(s.m):
             x = load(x_ref, (zeros + r, cols), k_ok).astype(jnp.float32)  # in w's layout
             if g is not None:
                 new_sqs[r] = fusion.fma_f32(x, x, sqs[r], asm=s.asm)
+                if ln:
+                    new_sxs[r] = sxs[r] + x
                 x = x * g
             for p, w in enumerate(ws):
                 new_accs[p][r] = fusion.fma_f32(x, w, accs[p][r], asm=s.asm)
-        return tuple(tuple(a) for a in new_accs), tuple(new_sqs)
+        return (tuple(tuple(a) for a in new_accs), tuple(new_sqs), tuple(new_sxs), gws, bws)
 
     zero = jnp.zeros(tile, jnp.float32)
-    init = (tuple((zero,) * s.m for _ in offsets), (zero,) * (s.m if s.norm else 0))
-    accs, sqs = lax.fori_loop(0, pl.cdiv(s.k, s.bk), body, init)
+    parts = len(offsets)
+    init = (tuple((zero,) * s.m for _ in offsets), (zero,) * (s.m if s.norm else 0),
+            (zero,) * (s.m if ln else 0), (zero,) * (parts if ln else 0),
+            (zero,) * (parts if s.has_norm_bias else 0))
+    accs, sqs, sxs, gws, bws = lax.fori_loop(0, pl.cdiv(s.k, s.bk), body, init)
 
     cols_ok = (n0 + jnp.arange(s.bn)) < s.n_out if rows_ok is not None else None  # [bn]
     per_part = []
@@ -142,10 +173,17 @@ def _kernel(*refs, s: _Spec):
         ys = []
         for p, (scale, _) in enumerate(per_part):
             y = accs[p][r].sum(axis=1)  # [bn]
+            if s.norm is not None:  # every row of sqs[r] (sxs[r]) holds the same sum
+                ms = sqs[r].sum(axis=1) / s.k
+                if ln:
+                    mean = sxs[r].sum(axis=1) / s.k
+                    y = (y - mean * gws[p].sum(axis=1)) * lax.rsqrt(
+                        jnp.maximum(ms - mean * mean, 0.0) + s.norm.eps)
+                else:
+                    y = y * lax.rsqrt(ms + s.norm.eps)
+                y = y + bws[p].sum(axis=1) if s.has_norm_bias else y
             if scale is not None:
                 y = y * scale
-            if s.norm is not None:  # every row of sqs[r] holds the same sum of x^2
-                y = y * lax.rsqrt(sqs[r].sum(axis=1) / s.k + s.norm.eps)
             ys.append(y)
         res = None
         if s.has_residual:
@@ -162,7 +200,8 @@ def gemv(x, w, scales=None, bias=None, residual=None, *, norm=None, activation=N
 
     w: [N, K] float, or int8 codes with `scales` float32 [N] (W = q * s per output); gated: w
     holds the gate rows then the up rows ([2I, K]) and the result is act(gate) * up [..., I];
-    norm: None or (scale [K], kind "rmsnorm", eps, plus_one). At most MAX_ROWS rows of x."""
+    norm: None or (scale [K], bias [K] | None, kind, eps, plus_one), kind "rmsnorm" (no bias)
+    or "layernorm". At most MAX_ROWS rows of x."""
     fusion.check_activation(activation)
     *lead, K = x.shape
     x2 = x.reshape(-1, K)
@@ -179,20 +218,20 @@ def gemv(x, w, scales=None, bias=None, residual=None, *, norm=None, activation=N
         raise ValueError(f"scales must be [N] = [{Nw}], not {scales.shape}")
     if gated and Nw % 2:
         raise ValueError(f"a gated [gate; up] weight needs an even row count, not {Nw}")
-    norm_cfg = g = None
+    norm_cfg = g = nb = None
     if norm is not None:
-        g, kind, eps, plus_one = norm
-        if kind != "rmsnorm":
-            raise ValueError(f"gemv fuses RMSNorm only, not {kind!r}")
+        g, nb, kind, eps, plus_one = norm
         norm_cfg = fusion.NormConfig(kind, float(eps), bool(plus_one))
     n_out = Nw // 2 if gated else Nw
-    bs = block_sizes or BlockSizes.for_shape(M, K, 2 if gated else 1)
+    bs = block_sizes or BlockSizes.for_shape(M, K, 2 if gated else 1,
+                                             None if norm_cfg is None else norm_cfg.kind,
+                                             nb is not None)
     s = _Spec(bn=bs.block_n, bk=min(bs.block_k, pl.next_power_of_2(K)), m=M, k=K, n_out=n_out,
               gated=gated, int8=int8, activation=activation, has_bias=bias is not None,
-              has_residual=residual is not None, norm=norm_cfg,
+              has_residual=residual is not None, norm=norm_cfg, has_norm_bias=nb is not None,
               asm=bs.inline_asm and not interpret)
     res2 = None if residual is None else residual.reshape(M, n_out)
-    args = [x2, w, scales, g, bias, res2]
+    args = [x2, w, scales, g, nb, bias, res2]
     y = pl.pallas_call(
         functools.partial(_kernel, s=s),
         grid=(pl.cdiv(n_out, s.bn),),
@@ -213,8 +252,8 @@ def gemv_reference(x, w, scales=None, bias=None, residual=None, *, norm=None, ac
     fusion.check_activation(activation)
     xf = x.astype(jnp.float32)
     if norm is not None:
-        g, kind, eps, plus_one = norm
-        xf = fusion.normalize(xf, g, None, fusion.NormConfig(kind, float(eps), bool(plus_one)))
+        g, nb, kind, eps, plus_one = norm
+        xf = fusion.normalize(xf, g, nb, fusion.NormConfig(kind, float(eps), bool(plus_one)))
     wf = w.astype(jnp.float32)
     if scales is not None:
         wf = wf * scales[:, None]

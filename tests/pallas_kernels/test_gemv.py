@@ -13,7 +13,7 @@ import pytest
 
 from dsjax import ops
 from dsjax.quant import QuantSpec, quantize
-from pallas_kernels.gemv import MAX_ROWS, BlockSizes, gemv, gemv_reference
+from pallas_kernels.gemv import MAX_ROWS, BlockSizes, accumulator_tiles, gemv, gemv_reference
 from tests.pallas_kernels.test_matmul import assert_close
 
 SMALL = BlockSizes(block_n=4, block_k=32)
@@ -27,28 +27,39 @@ def _arrays(M, K, N, dtype, seed=0):
     return arr(M, K), arr(N, K, s=K ** -0.5), arr(N), arr(M, N), arr(K, s=0.3, c=1.0)
 
 
+# norm: None; "rms" / "rms+1" (Gemma's stored scale - 1); "ln" (with bias), "ln-nobias",
+# "ln-offset" (x with mean 3: the one-pass variance)
 CASES = [
-    # M, K, N, dtype, int8, bias, residual, activation, gated, norm (plus_one)
+    # M, K, N, dtype, int8, bias, residual, activation, gated, norm
     (1, 96, 40, jnp.float32, False, False, False, None, False, None),  # ragged K and N
     (2, 64, 32, jnp.bfloat16, False, True, True, None, False, None),
-    (3, 80, 24, jnp.float16, False, True, False, "gelu", False, False),
-    (8, 64, 48, jnp.float32, False, True, False, "silu", True, False),  # gated, 8 rows
+    (3, 80, 24, jnp.float16, False, True, False, "gelu", False, "rms"),
+    (8, 64, 48, jnp.float32, False, True, False, "silu", True, "rms"),  # gated, 8 rows
     (1, 128, 40, jnp.bfloat16, True, False, True, None, False, None),  # int8, ragged N
-    (2, 72, 32, jnp.float32, True, True, False, "silu", True, True),  # int8, Gemma-style norm
+    (2, 72, 32, jnp.float32, True, True, False, "silu", True, "rms+1"),  # int8, Gemma norm
+    (1, 80, 36, jnp.float32, False, True, False, "gelu", False, "ln"),  # GPT-2's c_fc
+    (3, 64, 24, jnp.bfloat16, False, False, True, None, False, "ln-nobias"),
+    (2, 96, 40, jnp.float32, True, True, False, "relu", False, "ln-offset"),  # int8
+    (1, 64, 2 * 16, jnp.float16, False, False, False, "silu", True, "ln"),  # gated
 ]
 
 
 @pytest.mark.parametrize("M, K, N, dtype, int8, bias, res, act, gated, norm", CASES)
 def test_matches_reference_and_xla(M, K, N, dtype, int8, bias, res, act, gated, norm):
     x, w, b, r, g = _arrays(M, K, N, dtype)
+    nb = (jnp.asarray(0.3 * np.random.default_rng(1).standard_normal(K, np.float32), dtype)
+          if norm in ("ln", "ln-offset") else None)
+    if norm == "ln-offset":
+        x = x + 3.0
     n_out = N // 2 if gated else N
     b, r = (b if bias else None), (r[:, :n_out] if res else None)
     scales = None
     if int8:  # the kernel's format is dsjax.quant's per-channel int8, transposed
         qw = quantize(w.T, QuantSpec(bits=8))
         w, scales = qw.values.T, qw.scales[0]
-    norm_arg = None if norm is None else (g, "rmsnorm", 1e-5, norm)
-    kw = dict(norm=norm_arg, activation=act, gated=gated)
+    spec = None if norm is None else ops.NormSpec(
+        g, nb, "layernorm" if norm.startswith("ln") else "rmsnorm", 1e-5, norm == "rms+1")
+    kw = dict(norm=None if spec is None else tuple(spec), activation=act, gated=gated)
 
     @jax.jit
     def run(x, w, scales, b, r):
@@ -56,7 +67,6 @@ def test_matches_reference_and_xla(M, K, N, dtype, int8, bias, res, act, gated, 
         ref = gemv_reference(x, w, scales, b, r, **kw)
         kernel_kn = w.T if scales is None else ops.QuantizedWeight(
             w.T, scales[None, :], None, bits=8, group_size=K)
-        spec = None if norm is None else ops.NormSpec(g, None, "rmsnorm", 1e-5, norm)
         via_xla = ops.linear_xla(x, kernel_kn, b, r, norm=spec, activation=act, gated=gated)
         return kernel, ref, via_xla
 
@@ -71,7 +81,7 @@ def test_default_block_sizes_and_leading_dims():
     # bf16, default blocks (K = 300: one ragged step of 512), x [2, 1, K]
     x, w, b, _, g = _arrays(2, 300, 20, jnp.bfloat16, seed=3)
     x = x.reshape(2, 1, 300)
-    norm = (g, "rmsnorm", 1e-6, False)
+    norm = (g, None, "rmsnorm", 1e-6, False)
     run = jax.jit(lambda x, w, b: (gemv(x, w, bias=b, norm=norm, interpret=True),
                                    gemv_reference(x, w, bias=b, norm=norm)))
     got, want = run(x, w, b)
@@ -83,8 +93,10 @@ def test_block_sizes_keep_accumulators_small():
     assert BlockSizes.for_shape(1, 4096, 1) == BlockSizes(block_n=4, block_k=512)
     for m in range(1, MAX_ROWS + 1):
         for parts in (1, 2):
-            bs = BlockSizes.for_shape(m, 14336, parts)
-            assert m * parts * bs.block_n * bs.block_k <= 64 * 32 * bs.num_warps
+            for norm, norm_bias in ((None, False), ("rmsnorm", False), ("layernorm", True)):
+                bs = BlockSizes.for_shape(m, 14336, parts, norm, norm_bias)
+                tiles = accumulator_tiles(m, parts, norm, norm_bias)
+                assert tiles * bs.block_n * bs.block_k <= 64 * 32 * bs.num_warps
 
 
 def test_bad_calls_say_what_is_wrong():
@@ -95,7 +107,7 @@ def test_bad_calls_say_what_is_wrong():
         gemv(x, w[:, :32], interpret=True)
     with pytest.raises(ValueError, match="scales"):
         gemv(x, w.astype(jnp.int8), interpret=True)
-    with pytest.raises(ValueError, match="RMSNorm only"):
-        gemv(x, w, norm=(jnp.ones(64), "layernorm", 1e-5, False), interpret=True)
+    with pytest.raises(ValueError, match="norm kind"):
+        gemv(x, w, norm=(jnp.ones(64), None, "batchnorm", 1e-5, False), interpret=True)
     with pytest.raises(ValueError, match="even row count"):
         gemv(x, w[:31], gated=True, activation="silu", interpret=True)
