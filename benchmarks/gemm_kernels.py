@@ -7,7 +7,11 @@ For each weight shape and batch rows M: medians of XLA bf16 (jnp.dot), XLA int8 
 `.astype(bf16) * scales` then the dot, one jit), the Pallas dense kernel, Pallas INT8 (per
 channel and group 128), Pallas INT4 (group 128), RMSNorm + GEMM (Pallas norm_matmul vs XLA norm
 then dot in one jit; for gate_up also with the gated SiLU epilogue), and at M=1 the FMA form
-without its inline-PTX conversions (*_cvt). Each timing runs the op on 16 distinct weights in
+without its inline-PTX conversions (*_cvt). For M <= 8 also the decode GEMV over K-major
+weights (pallas_kernels/gemv.py; the layout dsjax.kmajor gives a kernel-injected engine):
+gemv_bf16, gemv_int8 (per channel), gemv_norm (RMSNorm fused), gemv_norm_gated, and
+LayerNorm + GEMM (xla_ln vs gemv_ln, with the norm's bias); and quant_matmul over K-major int8
+codes (pallas_int8_pc_t), which takes the rows the int8 gemv does not. Each timing runs the op on 16 distinct weights in
 one jit (L2 never holds the next weight; XLA can merge nothing), queues 4 such jits and divides.
 Effective bandwidth = bytes of weights (+ scales) / time, against a bf16 GEMV ceiling measured
 in the same run. A correctness check of every kernel against its reference (compiled, on the
@@ -36,6 +40,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from pallas_kernels import fusion  # noqa: E402
+from pallas_kernels import gemv as gv  # noqa: E402
 from pallas_kernels import matmul as mm  # noqa: E402
 from pallas_kernels import quant_matmul as qm  # noqa: E402
 
@@ -56,6 +61,10 @@ def rms(x, g):
     return fusion.normalize(x, g, None, fusion.NormConfig("rmsnorm", 1e-5, False))
 
 
+def ln(x, g, b):
+    return fusion.normalize(x, g, b, fusion.NormConfig("layernorm", 1e-5, False))
+
+
 def op_for(name: str, K: int, bs=None):
     """name -> (fn(x, *weights), weight kind)."""
     q = functools.partial(qm.quant_matmul, block_sizes=bs)
@@ -73,6 +82,19 @@ def op_for(name: str, K: int, bs=None):
         "xla_norm_gated": (lambda x, g, w: _xla_gated(rms(x, g) @ w), "norm"),
         "pallas_norm_gated": (lambda x, g, w: nm(x, g, None, w, gated=True, activation="silu"),
                               "norm"),
+        "xla_ln": (lambda x, g, b, w: ln(x, g, b) @ w, "ln"),
+        # K-major weights (kind *_t): the decode GEMV, and quant_matmul over [N, K] codes
+        "gemv_bf16": (lambda x, wt: gv.gemv(x, wt), "bf16_t"),
+        "gemv_int8": (lambda x, vt, s: gv.gemv(x, vt, s), "int8_pc_t"),
+        "gemv_norm": (lambda x, g, wt: gv.gemv(x, wt, norm=(g, None, "rmsnorm", 1e-5, False)),
+                      "norm_t"),
+        "gemv_norm_gated": (lambda x, g, wt: gv.gemv(
+            x, wt, norm=(g, None, "rmsnorm", 1e-5, False), gated=True, activation="silu"),
+            "norm_t"),
+        "gemv_ln": (lambda x, g, b, wt: gv.gemv(x, wt, norm=(g, b, "layernorm", 1e-5, False)),
+                    "ln_t"),
+        "pallas_int8_pc_t": (lambda x, vt, s: q(x, vt, s[None, :], bits=8, group_size=K,
+                                                transpose_w=True), "int8_pc_t"),
     }
     return table[name]
 
@@ -83,8 +105,9 @@ def _xla_gated(h):
 
 
 def weight_bytes(kind: str, K: int, N: int) -> int:
-    return {"bf16": 2 * K * N, "norm": 2 * K * N + 2 * K, "int8_pc": K * N + 4 * N,
-            "int8_g128": K * N + 4 * N * K // 128, "int4_g128": K * N // 2 + 4 * N * K // 128}[kind]
+    return {"bf16": 2 * K * N, "norm": 2 * K * N + 2 * K, "ln": 2 * K * N + 4 * K,
+            "int8_pc": K * N + 4 * N, "int8_g128": K * N + 4 * N * K // 128,
+            "int4_g128": K * N // 2 + 4 * N * K // 128}[kind.removesuffix("_t")]
 
 
 class Pool:
@@ -102,8 +125,16 @@ class Pool:
     def _make(self, kind, i):
         K, N = self.K, self.N
         k1, k2, k3 = jax.random.split(jax.random.key(1000 * len(kind) + i), 3)
+        if kind.endswith("_t"):  # K-major: the same weights transposed, scales [N]
+            base = self.get(kind[:-2], i + 1)[i]
+            if kind == "int8_pc_t":  # (values [K, N], scales [1, N])
+                return base[0].T, base[1][0]
+            return (*base[:-1], base[-1].T)  # (norm vectors..., w)
         if kind == "norm":  # the bf16 weights with a norm scale
             return (1 + 0.1 * jax.random.normal(k2, (K,), BF16), self.get("bf16", i + 1)[i][0])
+        if kind == "ln":  # the bf16 weights with a LayerNorm scale and bias
+            return (1 + 0.1 * jax.random.normal(k2, (K,), BF16),
+                    0.1 * jax.random.normal(k3, (K,), BF16), self.get("bf16", i + 1)[i][0])
         if kind == "bf16":
             return (jax.random.normal(k1, (K, N), BF16) * (K ** -0.5),)
         if kind.startswith("int8"):
@@ -166,6 +197,24 @@ def correctness(ms) -> dict:
                                                      eps=1e-5, plus_one=False,
                                                      return_normed=True)),
             }
+            if M <= gv.MAX_ROWS:  # the decode GEMV over K-major weights
+                qt = qm.random_weight(rng, K, N, bits=8, symmetric=True, group_size=K)
+                vt, st = qt[0].T, qt[1][0]
+                ln_norm = (g, nb, "layernorm", 1e-5, False)
+                cases["gemv_ln_bias_gelu"] = (
+                    lambda: gv.gemv(x, w.T, None, b, norm=ln_norm, activation="gelu"),
+                    lambda: gv.gemv_reference(x, w.T, None, b, norm=ln_norm, activation="gelu"))
+                cases["gemv_int8_rms_gated_res"] = (
+                    lambda: gv.gemv(x, vt, st, b, r, norm=(g, None, "rmsnorm", 1e-5, True),
+                                    gated=True, activation="silu"),
+                    lambda: gv.gemv_reference(x, vt, st, b, r,
+                                              norm=(g, None, "rmsnorm", 1e-5, True),
+                                              gated=True, activation="silu"))
+                cases["int8_sym_k_major"] = (
+                    lambda: qm.quant_matmul(x, vt, st[None], bits=8, group_size=K,
+                                            transpose_w=True),
+                    lambda: qm.quant_matmul_reference(x, vt, st[None], bits=8, group_size=K,
+                                                      transpose_w=True))
             quant = ((8, True, K), (8, False, K), (4, True, K), (4, False, K)) if K == 1000 \
                 else ((8, True, K), (8, False, 128), (4, True, 128), (4, False, 64))
             for bits, sym, G in quant:
@@ -252,10 +301,27 @@ def sweep(shapes, budget_s: float) -> tuple[list[dict], dict]:
 
 # ----------------------------------------------------------------------------- benchmark
 
-VARIANTS = ["xla_bf16", "pallas_bf16", "xla_int8", "pallas_int8_pc", "pallas_int8_g128",
-            "pallas_int4_g128", "xla_norm", "pallas_norm", "xla_norm_gated", "pallas_norm_gated",
-            "pallas_bf16_cvt", "pallas_int8_pc_cvt", "pallas_int4_g128_cvt"]  # _cvt: M=1 only,
-# the FMA form without its inline-PTX conversions (to show what they buy)
+VARIANTS = ["xla_bf16", "pallas_bf16", "gemv_bf16", "xla_int8", "pallas_int8_pc",
+            "pallas_int8_pc_t", "gemv_int8", "pallas_int8_g128", "pallas_int4_g128", "xla_norm",
+            "pallas_norm", "gemv_norm", "xla_norm_gated", "pallas_norm_gated", "gemv_norm_gated",
+            "xla_ln", "gemv_ln", "pallas_bf16_cvt", "pallas_int8_pc_cvt",
+            "pallas_int4_g128_cvt"]  # _cvt: M=1 only, the FMA form without its inline-PTX
+# conversions (to show what they buy); gemv_*: M <= gv.MAX_ROWS
+
+
+def runs(v: str, shape: str, M: int) -> bool:
+    """Whether variant v is timed at (shape, M)."""
+    if ("norm" in v or v.endswith("_ln")) and shape not in NORMED:
+        return False
+    if "gated" in v and shape != "gate_up":
+        return False
+    return not (v.endswith("_cvt") and M != 1 or v.startswith("gemv") and M > gv.MAX_ROWS)
+
+
+def twin(v: str) -> str:
+    """The XLA op a Pallas variant replaces."""
+    return ("xla_" + v.split("_", 1)[1]).removesuffix("_t").replace("_pc", "").replace(
+        "_g128", "")
 
 
 def default_blocks(v: str, M: int, K: int, N: int):
@@ -266,7 +332,8 @@ def default_blocks(v: str, M: int, K: int, N: int):
     return mm.BlockSizes.for_shape(M, K, N // 2 if "gated" in v else N)
 
 
-def bench(shapes, ms, budget_s: float, ceiling: float, sink, tuned=None) -> list[dict]:
+def bench(shapes, ms, budget_s: float, ceiling: float, sink, tuned=None,
+          variants=VARIANTS) -> list[dict]:
     """Every variant at every (shape, M); Pallas variants use `tuned` block sizes where the
     sweep measured them (else their defaults)."""
     rows, tuned = [], tuned or {}
@@ -274,14 +341,12 @@ def bench(shapes, ms, budget_s: float, ceiling: float, sink, tuned=None) -> list
         K, N = SHAPES[shape]
         pool = Pool(K, N)
         for M in ms:
-            for v in VARIANTS:
-                if "norm" in v and shape not in NORMED or "gated" in v and shape != "gate_up":
+            for v in variants:
+                if not runs(v, shape, M):
                     continue
                 if elapsed() > budget_s:
                     print(f"[{elapsed():.0f}s] time budget spent; stopping", flush=True)
                     return rows
-                if v.endswith("_cvt") and M != 1:
-                    continue
                 base = v.removesuffix("_cvt")
                 bs = tuned.get((shape, M, base.replace("_norm_gated", "_bf16")
                                 .replace("_norm", "_bf16")))
@@ -313,14 +378,13 @@ def speedups(rows) -> list[dict]:
     by = {(r["shape"], r["M"], r["variant"]): r.get("us") for r in rows}
     out = []
     for (shape, M, v), us in by.items():
-        if us is None or not v.startswith("pallas"):
+        if us is None or v.startswith("xla"):
             continue
         base = by.get((shape, M, "xla_bf16"))
-        twin = by.get((shape, M, v.replace("pallas", "xla").replace("_pc", "")
-                       .replace("_g128", "")))
+        same = by.get((shape, M, twin(v)))
         out.append(dict(shape=shape, M=M, variant=v, us=us,
                         vs_xla_bf16=base / us if base else None,
-                        vs_xla_same=twin / us if twin and "int4" not in v else None))
+                        vs_xla_same=same / us if same and "int4" not in v else None))
     return out
 
 
@@ -329,26 +393,33 @@ def goals(rows) -> dict:
     g = {}
     for shape in SHAPES:
         base = by.get((shape, 1, "xla_bf16"))
-        for v, want in (("pallas_int8_pc", 1.8), ("pallas_int8_g128", 1.8),
+        for v, want in (("pallas_int8_pc", 1.8), ("gemv_int8", 1.8), ("pallas_int8_g128", 1.8),
                         ("pallas_int4_g128", 3.0)):
             r = by.get((shape, 1, v))
             if base and r:
                 g[f"{shape} M=1 {v}"] = dict(speedup=base["us"] / r["us"], want=want,
                                              tb_s=r["tb_s"], ok=base["us"] / r["us"] >= want)
-        for M in (1, 4, 16):
-            for a, b in (("pallas_norm", "xla_norm"), ("pallas_norm_gated", "xla_norm_gated")):
-                ra, rb = by.get((shape, M, a)), by.get((shape, M, b))
-                if ra and rb:
-                    g[f"{shape} M={M} {a}"] = dict(ratio=rb["us"] / ra["us"], want=1.0,
-                                                   ok=ra["us"] <= rb["us"] * 1.02)
+        for M in sorted({r["M"] for r in rows if r["M"] <= 16}):
+            # the fused norm + GEMM the library runs at M rows (the gemv at <= MAX_ROWS)
+            # against XLA's norm then GEMM; "no slower than XLA's best": its best of the
+            # XLA forms (the dot alone is timed without the norm, so it is not a candidate)
+            for fused, xla in (("norm", "xla_norm"), ("norm_gated", "xla_norm_gated"),
+                               ("ln", "xla_ln")):
+                mine = [by[k] for k in ((shape, M, f"pallas_{fused}"), (shape, M, f"gemv_{fused}"))
+                        if k in by]
+                rb = by.get((shape, M, xla))
+                if mine and rb:
+                    best = min(mine, key=lambda r: r["us"])
+                    g[f"{shape} M={M} {fused} ({best['variant']})"] = dict(
+                        ratio=rb["us"] / best["us"], want=1.0, ok=best["us"] <= rb["us"] * 1.02)
     return g
 
 
 def summary(payload, M: int = 1) -> str:
     """The short table: per shape at M, microseconds and speedup over XLA bf16."""
     by = {(r["shape"], r["variant"]): r.get("us") for r in payload["rows"] if r["M"] == M}
-    cols = ["xla_bf16", "pallas_bf16", "xla_int8", "pallas_int8_pc", "pallas_int8_g128",
-            "pallas_int4_g128", "xla_norm", "pallas_norm"]
+    cols = ["xla_bf16", "pallas_bf16", "gemv_bf16", "xla_int8", "pallas_int8_pc", "gemv_int8",
+            "pallas_int4_g128", "xla_norm", "gemv_norm"]
     lines = [f"| M={M} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for shape in SHAPES:
         base = by.get((shape, "xla_bf16"))
@@ -440,7 +511,8 @@ def _smi() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--ms", default="1,4,16,64,256")
+    p.add_argument("--ms", default="1,2,4,8,16,64,256")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--sweep", action="store_true", help="tune first; the benchmark uses winners")
     p.add_argument("--explore", action="store_true",
@@ -469,7 +541,7 @@ def main() -> None:
     tuned = None
     if a.sweep:
         payload["sweep"], tuned = sweep(shapes, a.sweep_budget_s)
-    sink(bench(shapes, ms, a.budget_s, ceiling, sink, tuned))
+    sink(bench(shapes, ms, a.budget_s, ceiling, sink, tuned, a.variants.split(",")))
     if a.explore:
         payload["sweep"], _ = sweep(shapes, a.sweep_budget_s)
         sink(payload["rows"])
