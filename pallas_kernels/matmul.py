@@ -44,11 +44,13 @@ class BlockSizes:
     DECODE_TILES = dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
 
     @classmethod
-    def for_shape(cls, m: int, k: int, n: int) -> BlockSizes:
+    def for_shape(cls, m: int, k: int, n: int, transpose_w: bool = False) -> BlockSizes:
         """m <= 4: the FMA GEMV form (block_m < 16), split-K to fill the GPU; m <= 16: the
-        tensor-core form, split-K; larger m: a classic tiled GEMM. (For quant_matmul, k is
-        the row count of `values`: K, or K/2 packed.)"""
-        if m <= 4:  # per row a [block_k, block_n] float32 accumulator: 32 registers a thread
+        tensor-core form, split-K; larger m: a classic tiled GEMM. A weight stored [N, K]
+        (transpose_w) takes the tensor-core form from m = 1: its FMA form measured 2x slower
+        at m = 4 (results/gemm_kernels.md), and decode's few rows go to gemv.py anyway. (For
+        quant_matmul, k is the row count of `values`: K, or K/2 packed.)"""
+        if m <= 4 and not transpose_w:  # per row a [block_k, block_n] f32 accumulator
             bm = pl.next_power_of_2(m)
             return cls.split(cls(block_m=bm, block_n=128, block_k=64 // bm, num_warps=8,
                                  num_stages=1, unroll=2), k, n, programs=4 * _SMS)
@@ -145,7 +147,7 @@ def _gemm(x, w, bias, residual, norm_scale, norm_bias, *, norm, activation, gate
     if gated and Nw % 2:
         raise ValueError(f"a gated [gate | up] weight needs an even column count, not {Nw}")
     n_out = Nw // 2 if gated else Nw
-    bs = block_sizes or BlockSizes.for_shape(M, K, n_out)
+    bs = block_sizes or BlockSizes.for_shape(M, K, n_out, transpose_w)
     per_iter = bs.block_k * bs.unroll
     steps = pl.cdiv(pl.cdiv(K, per_iter), bs.split_k)
     splits = pl.cdiv(pl.cdiv(K, per_iter), steps)

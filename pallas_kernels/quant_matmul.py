@@ -217,7 +217,7 @@ def quant_matmul(x, values, scales, zeros=None, *, bits, group_size, bias=None, 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)  # [M, K]
     M, rows_v, n_out = x2.shape[0], K // 2 if bits == 4 else K, Nw // 2 if gated else Nw
-    bs = block_sizes or BlockSizes.for_shape(M, rows_v, n_out)
+    bs = block_sizes or BlockSizes.for_shape(M, rows_v, n_out, transpose_w)
     G = group_size
     step = bs.block_k if G == K else math.gcd(G, bs.block_k)  # a power of two dividing G
     if step < 16:
