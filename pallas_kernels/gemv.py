@@ -1,7 +1,7 @@
 """Decode GEMV (Pallas, Triton lowering) over a K-major weight, with an optional RMSNorm
 prologue and the GEMM kernels' epilogue:
 
-    y = act(rmsnorm(x) @ W + bias) [gated: act(gate) * up] + residual,   W = w.T, w [N, K]
+    y = act(norm(x) @ W + bias) [gated: act(gate) * up] + residual,   W = w.T, w [N, K]
 
 for the few rows of a decode step (M <= 8). w is bf16/fp16/fp32, or int8 codes with one
 float32 scale per output (W = q * s, symmetric per channel).
@@ -15,14 +15,13 @@ multiply-add each and summed once after the loop. There is no split-K: N / block
 fill the GPU, so bias, activation, gating and residual are applied in the kernel and one
 launch does the whole op. int8 codes become floats by the 2^23 + u trick (fusion.int8_floats).
 
-Norms fused in one pass over x (the kernel never sees the whole row before the loop):
-- RMSNorm: it accumulates sum(x^2) from the x it loads anyway and multiplies x by the norm
-  scale g on the fly; y = rsqrt(mean(x^2) + eps) * ((x * g) @ W).
-- LayerNorm: it also accumulates sum(x), and per output the weight sum g @ W; then
-  y = rstd * ((x * g) @ W - mean * (g @ W)) + b @ W, var = mean(x^2) - mean^2 (one pass, in
-  float32: exact algebra, rounding grows only when |mean| >> std).
-- A norm's bias b adds the weight sum b @ W, accumulated alongside.
-(The unfused path rounds the normed x to the activation dtype before its GEMM; these do not.)
+RMSNorm / LayerNorm fused: before its weight loop each program reads its rows of x once more
+(K values from L2, a short loop) for the row statistics, sum(x - c) and sum((x - c)^2) with
+c = x[0] (a shift that keeps the one-pass variance exact-enough when |mean| >> std); the weight
+loop then normalizes the x it loads anyway, (x - mean) * rstd * g [+ b], in float32. (An
+earlier form accumulated the statistics and the weight sums g @ W, b @ W alongside the
+products: four more accumulator tiles, measured 0.75x of XLA's LayerNorm + GEMV at M = 1.)
+(The unfused path rounds the normed x to the activation dtype before its GEMM; this does not.)
 """
 
 from __future__ import annotations
@@ -50,27 +49,17 @@ class BlockSizes:
     inline_asm: bool = True  # int8 -> float32 by prmt, fma.rn.f32 (GPU only)
 
     @classmethod
-    def for_shape(cls, m: int, k: int, parts: int, norm: str | None = None,
-                  norm_bias: bool = False) -> BlockSizes:
+    def for_shape(cls, m: int, k: int, parts: int) -> BlockSizes:
         """The H200's best M = 1 tile (4 rows x 512, 4 warps; gemv_variants.md), shrunk so
-        that the float32 accumulator tiles of [block_n, block_k] (accumulator_tiles) stay
-        within 64 registers a thread."""
+        that the float32 accumulators (m rows x parts of [block_n, block_k]) stay within 64
+        registers a thread."""
         warps, bn, bk = 4, 4, min(512, pl.next_power_of_2(k))
         budget = 64 * 32 * warps  # accumulator elements a program can hold
-        tiles = accumulator_tiles(m, parts, norm, norm_bias)
-        while bn > 1 and tiles * bn * bk > budget:
+        while bn > 1 and m * parts * bn * bk > budget:
             bn //= 2
-        while bk > 64 and tiles * bn * bk > budget:
+        while bk > 64 and m * parts * bn * bk > budget:
             bk //= 2
         return cls(block_n=bn, block_k=bk, num_warps=warps)
-
-
-def accumulator_tiles(m: int, parts: int, norm: str | None, norm_bias: bool = False) -> int:
-    """Float32 [block_n, block_k] tiles the K loop carries: products per row and part; sum(x^2)
-    per row for a norm; for LayerNorm also sum(x) per row and g @ W per part; b @ W per part
-    for a norm with a bias."""
-    extra = {None: 0, "rmsnorm": m, "layernorm": 2 * m + parts}[norm]
-    return m * parts + extra + (parts if norm_bias else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +105,9 @@ def _kernel(*refs, s: _Spec):
         return plgpu.load(ref.at[idx], mask=m, other=0) if m is not None else plgpu.load(
             ref.at[idx])
 
-    ln = s.norm is not None and s.norm.kind == "layernorm"
+    stats = [_row_stats(x_ref, r, s) for r in range(s.m)] if s.norm else None
 
-    def body(i, carry):
-        # accs[part][row], sqs[row] (sum x^2: a norm), sxs[row] (sum x: LayerNorm), gws[part]
-        # (g @ W: LayerNorm), bws[part] (b @ W: a norm bias): each [bn, bk] float32
-        accs, sqs, sxs, gws, bws = carry
+    def body(i, accs):  # accs[part][row]: [bn, bk] float32
         k0 = pl.multiple_of(i * s.bk, s.bk)
         cols = k_iota + k0
         k_ok = cols < s.k if ragged_k else None
@@ -132,34 +118,26 @@ def _kernel(*refs, s: _Spec):
                 w = fusion.int8_floats(w, asm=s.asm)
             ws.append(w.astype(jnp.float32))
         zeros = jnp.zeros(tile, jnp.int32)
-        g = None
+        g = nb = None
         if s.norm is not None:
             g = load(g_ref, (cols,), k_ok).astype(jnp.float32)
             g = g + 1.0 if s.norm.plus_one else g
-        if ln:
-            gws = tuple(fusion.fma_f32(g, w, a, asm=s.asm) for w, a in zip(ws, gws))
-        if s.has_norm_bias:
-            nb = load(nb_ref, (cols,), k_ok).astype(jnp.float32)
-            bws = tuple(fusion.fma_f32(nb, w, a, asm=s.asm) for w, a in zip(ws, bws))
+            if s.has_norm_bias:
+                nb = load(nb_ref, (cols,), k_ok).astype(jnp.float32)
         new_accs = [list(a) for a in accs]
-        new_sqs, new_sxs = list(sqs), list(sxs)
         for r in range(s.m):
             x = load(x_ref, (zeros + r, cols), k_ok).astype(jnp.float32)  # in w's layout
-            if g is not None:
-                new_sqs[r] = fusion.fma_f32(x, x, sqs[r], asm=s.asm)
-                if ln:
-                    new_sxs[r] = sxs[r] + x
-                x = x * g
+            if stats is not None:
+                rstd, shift = stats[r]  # x * rstd + shift = (x - mean) * rstd
+                x = x * rstd if shift is None else fusion.fma_f32(
+                    x, jnp.broadcast_to(rstd, tile), jnp.broadcast_to(shift, tile), asm=s.asm)
+                x = x * g if nb is None else fusion.fma_f32(x, g, nb, asm=s.asm)
             for p, w in enumerate(ws):
                 new_accs[p][r] = fusion.fma_f32(x, w, accs[p][r], asm=s.asm)
-        return (tuple(tuple(a) for a in new_accs), tuple(new_sqs), tuple(new_sxs), gws, bws)
+        return tuple(tuple(a) for a in new_accs)
 
     zero = jnp.zeros(tile, jnp.float32)
-    parts = len(offsets)
-    init = (tuple((zero,) * s.m for _ in offsets), (zero,) * (s.m if s.norm else 0),
-            (zero,) * (s.m if ln else 0), (zero,) * (parts if ln else 0),
-            (zero,) * (parts if s.has_norm_bias else 0))
-    accs, sqs, sxs, gws, bws = lax.fori_loop(0, pl.cdiv(s.k, s.bk), body, init)
+    accs = lax.fori_loop(0, pl.cdiv(s.k, s.bk), body, tuple((zero,) * s.m for _ in offsets))
 
     cols_ok = (n0 + jnp.arange(s.bn)) < s.n_out if rows_ok is not None else None  # [bn]
     per_part = []
@@ -173,15 +151,6 @@ def _kernel(*refs, s: _Spec):
         ys = []
         for p, (scale, _) in enumerate(per_part):
             y = accs[p][r].sum(axis=1)  # [bn]
-            if s.norm is not None:  # every row of sqs[r] (sxs[r]) holds the same sum
-                ms = sqs[r].sum(axis=1) / s.k
-                if ln:
-                    mean = sxs[r].sum(axis=1) / s.k
-                    y = (y - mean * gws[p].sum(axis=1)) * lax.rsqrt(
-                        jnp.maximum(ms - mean * mean, 0.0) + s.norm.eps)
-                else:
-                    y = y * lax.rsqrt(ms + s.norm.eps)
-                y = y + bws[p].sum(axis=1) if s.has_norm_bias else y
             if scale is not None:
                 y = y * scale
             ys.append(y)
@@ -192,6 +161,33 @@ def _kernel(*refs, s: _Spec):
                             gate_bias=per_part[0][1], up_bias=per_part[-1][1] if s.gated else None,
                             residual=res)
         fusion.store_row(o_ref, out, row, n0, jnp.bool_(True), cols_ok)
+
+
+def _row_stats(x_ref, r: int, s: _Spec):
+    """(rstd, -mean * rstd) of row r of x, float32 scalars (RMSNorm: (rstd, None)): one pass
+    over the row in [block_k] vectors, LayerNorm's shifted by c = x[r, 0]."""
+    row = jnp.asarray(r, jnp.int32)  # a Python int index breaks interpret mode
+    ln = s.norm.kind == "layernorm"
+    c = plgpu.load(x_ref.at[row, pl.ds(0, 1)]).astype(jnp.float32).sum() if ln else None
+    iota = lax.broadcasted_iota(jnp.int32, (s.bk,), 0)
+
+    def body(i, sums):
+        k0 = pl.multiple_of(i * s.bk, s.bk)
+        ok = iota + k0 < s.k if s.k % s.bk else None
+        view = x_ref.at[row, pl.ds(k0, s.bk)]
+        x = (plgpu.load(view) if ok is None else plgpu.load(view, mask=ok, other=0)).astype(
+            jnp.float32)
+        if ln:
+            x = x - c if ok is None else jnp.where(ok, x - c, 0.0)
+        return sums[0] + x, fusion.fma_f32(x, x, sums[1], asm=s.asm)
+
+    zero = jnp.zeros((s.bk,), jnp.float32)
+    s1, s2 = lax.fori_loop(0, pl.cdiv(s.k, s.bk), body, (zero, zero))
+    if not ln:
+        return lax.rsqrt(s2.sum() / s.k + s.norm.eps), None
+    d = s1.sum() / s.k  # mean - c
+    rstd = lax.rsqrt(jnp.maximum(s2.sum() / s.k - d * d, 0.0) + s.norm.eps)
+    return rstd, -(c + d) * rstd
 
 
 def gemv(x, w, scales=None, bias=None, residual=None, *, norm=None, activation=None,
@@ -223,9 +219,7 @@ def gemv(x, w, scales=None, bias=None, residual=None, *, norm=None, activation=N
         g, nb, kind, eps, plus_one = norm
         norm_cfg = fusion.NormConfig(kind, float(eps), bool(plus_one))
     n_out = Nw // 2 if gated else Nw
-    bs = block_sizes or BlockSizes.for_shape(M, K, 2 if gated else 1,
-                                             None if norm_cfg is None else norm_cfg.kind,
-                                             nb is not None)
+    bs = block_sizes or BlockSizes.for_shape(M, K, 2 if gated else 1)
     s = _Spec(bn=bs.block_n, bk=min(bs.block_k, pl.next_power_of_2(K)), m=M, k=K, n_out=n_out,
               gated=gated, int8=int8, activation=activation, has_bias=bias is not None,
               has_residual=residual is not None, norm=norm_cfg, has_norm_bias=nb is not None,

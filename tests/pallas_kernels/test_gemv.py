@@ -13,7 +13,7 @@ import pytest
 
 from dsjax import ops
 from dsjax.quant import QuantSpec, quantize
-from pallas_kernels.gemv import MAX_ROWS, BlockSizes, accumulator_tiles, gemv, gemv_reference
+from pallas_kernels.gemv import MAX_ROWS, BlockSizes, gemv, gemv_reference
 from tests.pallas_kernels.test_matmul import assert_close
 
 SMALL = BlockSizes(block_n=4, block_k=32)
@@ -28,7 +28,7 @@ def _arrays(M, K, N, dtype, seed=0):
 
 
 # norm: None; "rms" / "rms+1" (Gemma's stored scale - 1); "ln" (with bias), "ln-nobias",
-# "ln-offset" (x with mean 3: the one-pass variance)
+# "ln-offset" (x with mean 300, std 1: the one-pass variance must not cancel)
 CASES = [
     # M, K, N, dtype, int8, bias, residual, activation, gated, norm
     (1, 96, 40, jnp.float32, False, False, False, None, False, None),  # ragged K and N
@@ -50,7 +50,7 @@ def test_matches_reference_and_xla(M, K, N, dtype, int8, bias, res, act, gated, 
     nb = (jnp.asarray(0.3 * np.random.default_rng(1).standard_normal(K, np.float32), dtype)
           if norm in ("ln", "ln-offset") else None)
     if norm == "ln-offset":
-        x = x + 3.0
+        x = x + 300.0
     n_out = N // 2 if gated else N
     b, r = (b if bias else None), (r[:, :n_out] if res else None)
     scales = None
@@ -72,7 +72,9 @@ def test_matches_reference_and_xla(M, K, N, dtype, int8, bias, res, act, gated, 
 
     got, ref, via_xla = run(x, w, scales, b, r)
     assert got.shape == (M, n_out) and got.dtype == dtype
-    assert_close(got, ref, TOL[dtype])
+    # mean 300: x * rstd - mean * rstd rounds at 300 ulp(1) (~1e-4 relative); an unshifted
+    # one-pass variance would be off by ~3% (and the outputs by ~1.5%)
+    assert_close(got, ref, 1e-3 if norm == "ln-offset" else TOL[dtype])
     # the XLA path rounds the normed x and its products to the dtype in between
     assert_close(ref, via_xla, 2e-5 if dtype == jnp.float32 and norm is None else 3e-2)
 
@@ -93,10 +95,8 @@ def test_block_sizes_keep_accumulators_small():
     assert BlockSizes.for_shape(1, 4096, 1) == BlockSizes(block_n=4, block_k=512)
     for m in range(1, MAX_ROWS + 1):
         for parts in (1, 2):
-            for norm, norm_bias in ((None, False), ("rmsnorm", False), ("layernorm", True)):
-                bs = BlockSizes.for_shape(m, 14336, parts, norm, norm_bias)
-                tiles = accumulator_tiles(m, parts, norm, norm_bias)
-                assert tiles * bs.block_n * bs.block_k <= 64 * 32 * bs.num_warps
+            bs = BlockSizes.for_shape(m, 14336, parts)
+            assert m * parts * bs.block_n * bs.block_k <= 64 * 32 * bs.num_warps
 
 
 def test_bad_calls_say_what_is_wrong():
