@@ -43,6 +43,10 @@ VARIANTS = {  # name -> init_inference keywords
     "bf16-pallas-kv8": {"replace_with_kernel_inject": True, "kv_cache_dtype": "int8"},
     "int8-pallas-kv8": {"quant": {"bits": 8}, "replace_with_kernel_inject": True,
                         "kv_cache_dtype": "int8"},
+    # int8-pallas with one-row steps on the int8 gemv instead of quant_matmul (an experiment:
+    # sets dsjax.pallas_ops.INT8_GEMV_ROWS for this variant only)
+    "int8-pallas-gemv1": {"quant": {"bits": 8}, "replace_with_kernel_inject": True,
+                          "_int8_gemv_rows": 1},
 }
 
 
@@ -54,8 +58,12 @@ def bench_variant(arch, name, batch_sizes, prompt_len, new_tokens, reps, bandwid
 
     import dsjax
 
+    from dsjax import pallas_ops
+
+    kw = dict(VARIANTS[name])
+    pallas_ops.INT8_GEMV_ROWS = kw.pop("_int8_gemv_rows", 0)
     engine = dsjax.init_inference(arch, dtype="bf16", max_out_tokens=prompt_len + new_tokens,
-                                  progress=False, **VARIANTS[name])
+                                  progress=False, **kw)
     wbytes = weight_bytes_per_step(engine)
     rows = []
     for bs in batch_sizes:

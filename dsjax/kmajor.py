@@ -6,10 +6,10 @@ contiguous, [N, K] (benchmarks/results/gemv_variants.md), so a one-device engine
 op runs the Pallas kernels holds its layer GEMM weights (and an untied LM head) transposed in
 device memory: converted once when the engine is built, back to [K, N] when it is saved.
 
-Symmetric per-channel int8 weights go K-major too (codes [N, K], scales [N]): the gemv kernel
-reads them at few rows, quant_matmul (transpose_w) at more (pallas_ops.INT8_GEMV_ROWS says
-where, from benchmarks/results/gemm_kernels.md). Other quantized forms (grouped, asymmetric,
-int4) stay [K, N] for quant_matmul.
+Symmetric per-channel int8 weights go K-major too (codes [N, K], scales [N]): quant_matmul
+reads them in place (transpose_w), 1.35-1.5x faster than XLA's bf16 GEMV at 1 to 16 rows where
+it reads [K, N] codes at 1.0-1.3x (pallas_ops.GEMV_ROWS). Other quantized forms (grouped,
+asymmetric, int4) stay [K, N].
 """
 
 from __future__ import annotations

@@ -33,28 +33,43 @@ def _kernel(op: str, what: str) -> None:
     ops._announce(op, "pallas", logging.INFO, f"ops.{op}: Pallas {what}")
 
 
-# K-major int8 weights: the gemv kernel up to this many rows, quant_matmul (transpose_w) beyond;
-# K-major float weights: the gemv up to gemv.MAX_ROWS. From benchmarks/results/gemm_kernels.md.
-INT8_GEMV_ROWS = 1
+# K-major weights (dsjax.kmajor), from benchmarks/results/gemm_kernels-kmajor.md (H200,
+# LLaMA-3-8B shapes): float weights at one row run the gemv kernel (its RMSNorm fused: 0.9-1.0x
+# the time of XLA's norm + GEMV; its fused LayerNorm measured slower than XLA's LayerNorm then
+# the gemv, so a LayerNorm runs in XLA first). More rows, and int8 codes at any row count, run
+# the GEMM kernels' tensor-core form over the [N, K] weight (transpose_w), which was the fastest
+# there: at 2-16 rows the gemv falls behind (2.8x slower at 8), and quant_matmul over K-major
+# int8 codes takes the same time from 1 to 16 rows (1.35-1.5x XLA's bf16 GEMV). Those kernels'
+# fused norm prologue measured 1.1-1.5x slower than XLA's norm before them, so the norm runs in
+# XLA first there too.
+GEMV_ROWS = 1
+# int8 codes: the gemv (RMSNorm fused) up to this many rows, 0: quant_matmul at every row count.
+# At one row the two measured within noise of each other, kernel by kernel; end to end see
+# benchmarks/results/decode_variants-kmajor.md (variant int8-pallas-gemv1 sets this to 1).
+INT8_GEMV_ROWS = 0
 
 
 def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=None,
                   gated=False, kernel_nk=False):
-    from pallas_kernels import gemv, matmul, quant_matmul
+    from pallas_kernels import matmul, quant_matmul
 
     rows = math.prod(x.shape[:-1])
     k_major = isinstance(kernel, KMajorWeight) or (kernel_nk and not isinstance(
         kernel, QuantizedWeight))
-    if isinstance(kernel, KMajorWeight) and kernel.scales is not None:  # int8 codes [N, K]
-        if rows <= INT8_GEMV_ROWS:
-            return _gemv(x, kernel.values, bias, residual, norm, activation, gated,
-                         scales=kernel.scales)
-        kernel = QuantizedWeight(kernel.values, kernel.scales[None, :], None, bits=8,
-                                 group_size=x.shape[-1])
-    elif k_major:
-        kernel = kernel.values if isinstance(kernel, KMajorWeight) else kernel  # [N, K]
-        if rows <= gemv.MAX_ROWS:
-            return _gemv(x, kernel, bias, residual, norm, activation, gated)
+    if k_major:
+        if isinstance(kernel, KMajorWeight) and kernel.scales is not None:  # int8 [N, K]
+            if rows <= INT8_GEMV_ROWS:
+                return _gemv(x, kernel.values, bias, residual, norm, activation, gated,
+                             kernel.scales)
+            kernel = QuantizedWeight(kernel.values, kernel.scales[None, :], None, bits=8,
+                                     group_size=x.shape[-1])
+        else:
+            kernel = kernel.values if isinstance(kernel, KMajorWeight) else kernel  # [N, K]
+            if rows <= GEMV_ROWS:
+                return _gemv(x, kernel, bias, residual, norm, activation, gated)
+        if norm is not None:
+            x, norm = ops.norm_xla(x, norm), None
+            _kernel("linear", "norm in XLA before a K-major GEMM (faster than its fused norm)")
     if isinstance(kernel, QuantizedWeight):
         if kernel_nk:
             raise ops.Unsupported("a quantized weight stored [N, K]")
@@ -82,14 +97,17 @@ def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=
 
 
 def _gemv(x, w, bias, residual, norm, activation, gated, scales=None):
-    """The decode GEMV over a K-major weight w [N, K] (int8 codes with scales [N]), with the
-    RMSNorm or LayerNorm fused."""
+    """The decode GEMV over a K-major weight w [N, K] (int8 codes with scales [N]): an RMSNorm
+    fused, a LayerNorm in XLA first (see GEMV_ROWS)."""
     from pallas_kernels import gemv
 
-    kind = {None: "", "rmsnorm": ", RMSNorm fused", "layernorm": ", LayerNorm fused"}
-    _kernel("linear", f"gemv kernel ({w.dtype}, K-major{kind[norm and norm.kind]})")
+    fused = norm is not None and norm.kind == "rmsnorm"
+    if norm is not None and not fused:
+        x = ops.norm_xla(x, norm)
+    _kernel("linear", f"gemv kernel ({w.dtype}, K-major"
+            f"{', RMSNorm fused' if fused else ', norm in XLA first' if norm else ''})")
     return gemv.gemv(x, w, scales, bias, residual, activation=activation, gated=gated,
-                     norm=None if norm is None else tuple(norm), interpret=_interpret())
+                     norm=tuple(norm) if fused else None, interpret=_interpret())
 
 
 def attention_pallas(q, k, v, q_pos, k_pos, k_valid, *, scale, causal, window, alibi_slopes):

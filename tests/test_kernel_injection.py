@@ -111,7 +111,8 @@ def test_the_log_names_each_kernel_and_every_fallback(caplog):
     with caplog.at_level(logging.INFO, logger="dsjax.ops"):
         pallas.generate([[1, 2, 3]], max_new_tokens=2)
     text = caplog.text
-    for kernel in ("norm_matmul kernel", "matmul kernel", "decode_attention kernel",
+    for kernel in ("norm in XLA before a K-major GEMM", "matmul kernel",  # prompt: 3 rows
+                   "decode_attention kernel",
                    "flash_attention kernel", "write_kv runs the 'pallas'",
                    "gemv kernel (float32, K-major, RMSNorm fused)",  # decode: qkv, mlp.up
                    "gemv kernel (float32, K-major)"):  # decode: attn.out, mlp.down, lm_head

@@ -62,8 +62,8 @@ def test_engine_holds_k_major_weights_and_saves_the_stored_layout(tmp_path):
 
 
 def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path):
-    """Per-channel int8: K-major codes; one row runs the int8 gemv, more rows quant_matmul over
-    the [N, K] codes; tokens and logits as the XLA int8 engine's; save() writes [K, N]."""
+    """Per-channel int8: K-major codes that quant_matmul reads in place (prompt rows and one-row
+    decode steps); tokens and logits as the XLA int8 engine's; save() writes [K, N]."""
     hf = llama_model(num_hidden_layers=1)
     kw = dict(dtype="fp32", max_out_tokens=48, progress=False, quant={"bits": 8})
     xla = dsjax.init_inference(hf, **kw)
@@ -74,7 +74,7 @@ def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path):
     np.testing.assert_allclose(np.asarray(pallas(ids)), np.asarray(xla(ids)), atol=2e-4,
                                rtol=2e-4)
     one = prompt(3, 7, 96)
-    got = pallas.generate(one, max_new_tokens=4).tokens  # one row a step: the int8 gemv
+    got = pallas.generate(one, max_new_tokens=4).tokens  # one row a step
     np.testing.assert_array_equal(got, xla.generate(one, max_new_tokens=4).tokens)
     restored = dsjax.init_inference(pallas.save(tmp_path / "ckpt"), **dict(kw, quant=None))
     for path, w in flatten(xla.params).items():
