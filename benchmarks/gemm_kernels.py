@@ -3,8 +3,9 @@
     python benchmarks/gemm_kernels.py [--ms 1,4,16,64,256] [--shapes qkv,out,gate_up,down]
                                       [--sweep | --explore] [--budget-s 380]
 
-For each weight shape and batch rows M: medians of XLA bf16 (jnp.dot), XLA int8 (int8 weights
-`.astype(bf16) * scales` then the dot, one jit), the Pallas dense kernel, Pallas INT8 (per
+For each weight shape and batch rows M: medians of XLA bf16 (jnp.dot), XLA int8 (dsjax's XLA
+path, ops.qmatmul_xla: the int8 -> bf16 convert fused into the dot, scales on its output; an
+earlier form that scaled the weight before the dot ran 2-3x slower), the Pallas dense kernel, Pallas INT8 (per
 channel and group 128), Pallas INT4 (group 128), RMSNorm + GEMM (Pallas norm_matmul vs XLA norm
 then dot in one jit; for gate_up also with the gated SiLU epilogue), and at M=1 the FMA form
 without its inline-PTX conversions (*_cvt). For M <= 8 also the decode GEMV over K-major
@@ -17,7 +18,7 @@ Effective bandwidth = bytes of weights (+ scales) / time, against a bf16 GEMV ce
 in the same run. A correctness check of every kernel against its reference (compiled, on the
 GPU) runs first. --sweep times block-size candidates first and benchmarks with the winners;
 --explore times them after the benchmark (which then uses the defaults). Writes
-results/gemm_kernels.{json,md} (+ .png when matplotlib exists), also under $OUT when set, and
+results/gemm_kernels[-SUFFIX].{json,md} (+ .png when matplotlib exists), also under $OUT when set, and
 prints a short M=1 table last.
 """
 
@@ -39,6 +40,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from dsjax import ops  # noqa: E402
+from dsjax.quant import QuantizedWeight  # noqa: E402
 from pallas_kernels import fusion  # noqa: E402
 from pallas_kernels import gemv as gv  # noqa: E402
 from pallas_kernels import matmul as mm  # noqa: E402
@@ -73,7 +76,9 @@ def op_for(name: str, K: int, bs=None):
     table = {
         "xla_bf16": (lambda x, w: x @ w, "bf16"),
         "pallas_bf16": (lambda x, w: mm.matmul(x, w, block_sizes=bs), "bf16"),
-        "xla_int8": (lambda x, v, s: x @ (v.astype(BF16) * s.astype(BF16)), "int8_pc"),
+        "xla_int8": (lambda x, v, s: ops.qmatmul_xla(x, QuantizedWeight(v, s, None, bits=8,
+                                                                        group_size=K)),
+                     "int8_pc"),
         "pallas_int8_pc": (lambda x, v, s: q(x, v, s, bits=8, group_size=K), "int8_pc"),
         "pallas_int8_g128": (lambda x, v, s: q(x, v, s, bits=8, group_size=128), "int8_g128"),
         "pallas_int4_g128": (lambda x, v, s: q(x, v, s, bits=4, group_size=128), "int4_g128"),
@@ -95,6 +100,12 @@ def op_for(name: str, K: int, bs=None):
                     "ln_t"),
         "pallas_int8_pc_t": (lambda x, vt, s: q(x, vt, s[None, :], bits=8, group_size=K,
                                                 transpose_w=True), "int8_pc_t"),
+        "pallas_bf16_t": (lambda x, wt: mm.matmul(x, wt, transpose_w=True, block_sizes=bs),
+                          "bf16_t"),
+        "pallas_norm_t": (lambda x, g, wt: nm(x, g, None, wt, transpose_w=True), "norm_t"),
+        "pallas_ln_t": (lambda x, g, b, wt: mm.norm_matmul(
+            x, g, b, wt, norm_kind="layernorm", eps=1e-5, plus_one=False, transpose_w=True,
+            block_sizes=bs), "ln_t"),
     }
     return table[name]
 
@@ -301,17 +312,18 @@ def sweep(shapes, budget_s: float) -> tuple[list[dict], dict]:
 
 # ----------------------------------------------------------------------------- benchmark
 
-VARIANTS = ["xla_bf16", "pallas_bf16", "gemv_bf16", "xla_int8", "pallas_int8_pc",
-            "pallas_int8_pc_t", "gemv_int8", "pallas_int8_g128", "pallas_int4_g128", "xla_norm",
-            "pallas_norm", "gemv_norm", "xla_norm_gated", "pallas_norm_gated", "gemv_norm_gated",
-            "xla_ln", "gemv_ln", "pallas_bf16_cvt", "pallas_int8_pc_cvt",
+VARIANTS = ["xla_bf16", "pallas_bf16", "pallas_bf16_t", "gemv_bf16", "xla_int8",
+            "pallas_int8_pc", "pallas_int8_pc_t", "gemv_int8", "pallas_int8_g128",
+            "pallas_int4_g128", "xla_norm", "pallas_norm", "pallas_norm_t", "gemv_norm",
+            "xla_norm_gated", "pallas_norm_gated", "gemv_norm_gated", "xla_ln", "pallas_ln_t",
+            "gemv_ln", "pallas_bf16_cvt", "pallas_int8_pc_cvt",
             "pallas_int4_g128_cvt"]  # _cvt: M=1 only, the FMA form without its inline-PTX
 # conversions (to show what they buy); gemv_*: M <= gv.MAX_ROWS
 
 
 def runs(v: str, shape: str, M: int) -> bool:
     """Whether variant v is timed at (shape, M)."""
-    if ("norm" in v or v.endswith("_ln")) and shape not in NORMED:
+    if ("norm" in v or "_ln" in v) and shape not in NORMED:
         return False
     if "gated" in v and shape != "gate_up":
         return False
@@ -327,9 +339,10 @@ def twin(v: str) -> str:
 def default_blocks(v: str, M: int, K: int, N: int):
     if not v.startswith("pallas"):
         return None
+    t = v.endswith("_t")  # K-major weights
     if "int" in v:
-        return qm.BlockSizes.for_shape(M, K // 2 if "int4" in v else K, N)
-    return mm.BlockSizes.for_shape(M, K, N // 2 if "gated" in v else N)
+        return qm.BlockSizes.for_shape(M, K // 2 if "int4" in v else K, N, t)
+    return mm.BlockSizes.for_shape(M, K, N // 2 if "gated" in v else N, t)
 
 
 def bench(shapes, ms, budget_s: float, ceiling: float, sink, tuned=None,
@@ -405,8 +418,8 @@ def goals(rows) -> dict:
             # XLA forms (the dot alone is timed without the norm, so it is not a candidate)
             for fused, xla in (("norm", "xla_norm"), ("norm_gated", "xla_norm_gated"),
                                ("ln", "xla_ln")):
-                mine = [by[k] for k in ((shape, M, f"pallas_{fused}"), (shape, M, f"gemv_{fused}"))
-                        if k in by]
+                mine = [by[k] for k in ((shape, M, f"pallas_{fused}"), (shape, M, f"pallas_{fused}_t"),
+                                    (shape, M, f"gemv_{fused}")) if k in by]
                 rb = by.get((shape, M, xla))
                 if mine and rb:
                     best = min(mine, key=lambda r: r["us"])
@@ -513,6 +526,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,2,4,8,16,64,256")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--suffix", default="", help="results/gemm_kernels-SUFFIX.{json,md,png}")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--sweep", action="store_true", help="tune first; the benchmark uses winners")
     p.add_argument("--explore", action="store_true",
@@ -523,6 +537,7 @@ def main() -> None:
     p.add_argument("--sweep-budget-s", type=float, default=200)
     a = p.parse_args()
     shapes, ms = a.shapes.split(","), [int(m) for m in a.ms.split(",")]
+    name = "gemm_kernels" + (f"-{a.suffix}" if a.suffix else "")
     out_dirs = [common.RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     payload = dict(env=common.environment(), correctness={}, rows=[], sweep=[], goals={})
     payload["env"]["nvidia_smi"] = _smi()
@@ -536,7 +551,7 @@ def main() -> None:
     def sink(rows):
         payload["rows"], payload["goals"] = rows, goals(rows)
         payload["speedups"] = speedups(rows)
-        common.write("gemm_kernels", payload, markdown(payload), out_dirs)
+        common.write(name, payload, markdown(payload), out_dirs)
 
     tuned = None
     if a.sweep:
@@ -546,7 +561,7 @@ def main() -> None:
         payload["sweep"], _ = sweep(shapes, a.sweep_budget_s)
         sink(payload["rows"])
     for d in out_dirs:
-        plot(payload["rows"], d / "gemm_kernels.png")
+        plot(payload["rows"], d / f"{name}.png")
     print(markdown(payload), flush=True)
     print(summary(payload), flush=True)
 
