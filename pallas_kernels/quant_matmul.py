@@ -1,11 +1,11 @@
 """Weight-only INT8 / INT4 GEMM (Pallas, Triton lowering), dequantized inside the kernel.
 
 Weight format (dsjax/quant/weights.py): logical W [K, N] in groups of G rows along K.
-  bits=8: values int8 [K, N] (W = q * s) or uint8 [K, N] (W = (q - z) * s); with transpose_w
-          values are stored [N, K] (dsjax/kmajor.py: the decode GEMV's layout)
+  bits=8: values int8 [K, N] (W = q * s) or uint8 [K, N] (W = (q - z) * s)
   bits=4: values uint8 [K/2, N]; byte r holds row r (low nibble) and row r + K/2 (high nibble);
           W = (u - 8) * s, or (u - z) * s with zeros
   scales, zeros: float32 [K/G, N]
+  transpose_w: values stored transposed, [N, K] or [N, K/2] (dsjax/kmajor.py's layout)
 
 Each K step covers `bk` = gcd(block_k, G) rows of `values` (one group; int4: in each half).
 Two forms, as in matmul.py. block_m >= 16, tensor cores: the tile is shifted to signed int8
@@ -68,7 +68,7 @@ class _Spec:
     norm: NormConfig | None
     has_norm_bias: bool
     asm: bool  # inline-PTX conversions (GPU only)
-    transpose_w: bool  # values [Nw, K] (8-bit only)
+    transpose_w: bool  # values [Nw, K] ([Nw, K/2] packed)
 
 
 def _signed(v, bits: int, asym: bool):
@@ -187,8 +187,6 @@ def _check(x, values, scales, zeros, bits, group_size, transpose_w):
     rows_v, Nw = values.shape[::-1] if transpose_w else values.shape
     if bits not in (8, 4):
         raise ValueError(f"bits must be 8 or 4, not {bits}")
-    if transpose_w and bits != 8:
-        raise ValueError("transpose_w ([N, K] values) is for 8-bit weights only")
     if rows_v != (K // 2 if bits == 4 else K) or (bits == 4 and K % 2):
         raise ValueError(f"x [..., {K}] does not match {bits}-bit values {values.shape}")
     want = jnp.uint8 if (bits == 4 or zeros is not None) else jnp.int8
@@ -209,7 +207,7 @@ def quant_matmul(x, values, scales, zeros=None, *, bits, group_size, bias=None, 
                  block_sizes: BlockSizes | None = None, interpret=False):
     """act(norm(x) [..., K] @ W + bias) [gated: act(gate) * up] + residual, W dequantized on
     the fly from (values, scales, zeros). norm: None or (scale, bias|None, kind, eps, plus_one).
-    transpose_w: 8-bit values stored [N, K]. Returns [..., N] (gated: [..., N/2]) in x.dtype."""
+    transpose_w: values stored [N, K] ([N, K/2] packed). Returns [..., N] (gated: [..., N/2]) in x.dtype."""
     fusion.check_activation(activation)
     K, Nw = _check(x, values, scales, zeros, bits, group_size, transpose_w)
     if gated and Nw % 2:

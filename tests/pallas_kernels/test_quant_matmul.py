@@ -57,6 +57,9 @@ CASES = [
     (3, 100, 72, jnp.float32, 8, True, None, dict(bias=True, norm="rmsnorm", transpose=True),
      FMA4),
     (1, 128, 96, jnp.float32, 8, False, 32, dict(transpose=True), FMA1),
+    (16, 256, 96, jnp.bfloat16, 4, True, 64, dict(bias=True, transpose=True), SMALL),
+    (3, 128, 2 * 40, jnp.float32, 4, False, 32, dict(gated=True, activation="silu",
+                                                     transpose=True), FMA4),
 ]
 
 
@@ -128,8 +131,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="scales must be"):
         quant_matmul(x, values, scales[:2], bits=8, group_size=32)
     values, scales, _ = _weight(160, 64, 8, True, 40, rng)
-    with pytest.raises(ValueError, match="8-bit weights only"):
-        quant_matmul(x, values, scales, bits=4, group_size=32, transpose_w=True)
     with pytest.raises(ValueError, match="does not match"):  # [K, N] values given as [N, K]
         quant_matmul(x, values, scales, bits=8, group_size=32, transpose_w=True)
     with pytest.raises(ValueError, match="power-of-two"):
