@@ -12,7 +12,8 @@ without its inline-PTX conversions (*_cvt). For M <= 8 also the decode GEMV over
 weights (pallas_kernels/gemv.py; the layout dsjax.kmajor gives a kernel-injected engine):
 gemv_bf16, gemv_int8 (per channel), gemv_norm (RMSNorm fused), gemv_norm_gated, and
 LayerNorm + GEMM (xla_ln vs gemv_ln, with the norm's bias); and quant_matmul over K-major int8
-codes (pallas_int8_pc_t), which takes the rows the int8 gemv does not. Each timing runs the op on 16 distinct weights in
+codes (pallas_int8_pc_t; also grouped int8 and int4, *_g128_t), the kernels dsjax.kmajor's
+layout runs. Each timing runs the op on 16 distinct weights in
 one jit (L2 never holds the next weight; XLA can merge nothing), queues 4 such jits and divides.
 Effective bandwidth = bytes of weights (+ scales) / time, against a bf16 GEMV ceiling measured
 in the same run. A correctness check of every kernel against its reference (compiled, on the
@@ -102,6 +103,10 @@ def op_for(name: str, K: int, bs=None):
                                                 transpose_w=True), "int8_pc_t"),
         "pallas_bf16_t": (lambda x, wt: mm.matmul(x, wt, transpose_w=True, block_sizes=bs),
                           "bf16_t"),
+        "pallas_int8_g128_t": (lambda x, vt, s: q(x, vt, s, bits=8, group_size=128,
+                                                  transpose_w=True), "int8_g128_t"),
+        "pallas_int4_g128_t": (lambda x, vt, s: q(x, vt, s, bits=4, group_size=128,
+                                                  transpose_w=True), "int4_g128_t"),
         "pallas_norm_t": (lambda x, g, wt: nm(x, g, None, wt, transpose_w=True), "norm_t"),
         "pallas_ln_t": (lambda x, g, b, wt: mm.norm_matmul(
             x, g, b, wt, norm_kind="layernorm", eps=1e-5, plus_one=False, transpose_w=True,
@@ -136,10 +141,12 @@ class Pool:
     def _make(self, kind, i):
         K, N = self.K, self.N
         k1, k2, k3 = jax.random.split(jax.random.key(1000 * len(kind) + i), 3)
-        if kind.endswith("_t"):  # K-major: the same weights transposed, scales [N]
+        if kind.endswith("_t"):  # K-major: the same weights transposed
             base = self.get(kind[:-2], i + 1)[i]
-            if kind == "int8_pc_t":  # (values [K, N], scales [1, N])
+            if kind == "int8_pc_t":  # (values [K, N], scales [1, N]) -> codes [N, K], [N]
                 return base[0].T, base[1][0]
+            if kind.startswith("int"):  # grouped: values [N, K] ([N, K/2]), scales [K/G, N]
+                return base[0].T, base[1]
             return (*base[:-1], base[-1].T)  # (norm vectors..., w)
         if kind == "norm":  # the bf16 weights with a norm scale
             return (1 + 0.1 * jax.random.normal(k2, (K,), BF16), self.get("bf16", i + 1)[i][0])
@@ -235,6 +242,11 @@ def correctness(ms) -> dict:
                 cases[f"int{bits}_{'sym' if sym else 'asym'}_g{G}"] = (
                     functools.partial(qm.quant_matmul, x, vals, sc, zs, **kw),
                     functools.partial(qm.quant_matmul_reference, x, vals, sc, zs, **kw))
+                if K != 1000:  # the same codes K-major ([N, K] / [N, K/2])
+                    kt = dict(kw, transpose_w=True)
+                    cases[f"int{bits}_{'sym' if sym else 'asym'}_g{G}_k_major"] = (
+                        functools.partial(qm.quant_matmul, x, vals.T, sc, zs, **kt),
+                        functools.partial(qm.quant_matmul_reference, x, vals.T, sc, zs, **kt))
             for name, (kernel, ref) in cases.items():
                 key = f"{name} M={M} K={K} N={N}"
                 try:
@@ -270,6 +282,8 @@ FMA4 = [dict(block_m=4, block_n=64, block_k=16, num_warps=4, num_stages=1, unrol
         dict(block_m=4, block_n=64, block_k=32, num_warps=8, num_stages=1, unroll=2)]
 SWEEP = ([(1, k, FMA1) for k in ("pallas_bf16", "pallas_int8_pc", "pallas_int8_g128",
                                  "pallas_int4_g128")]
+         + [(1, k, MMA16) for k in ("pallas_bf16_t", "pallas_int8_pc_t", "pallas_int8_g128_t",
+                                    "pallas_int4_g128_t")]  # K-major: tensor cores from M = 1
          + [(16, "pallas_bf16", MMA16), (16, "pallas_int8_pc", MMA16[:2])]
          + [(4, k, FMA4) for k in ("pallas_bf16", "pallas_int8_pc", "pallas_int4_g128")])
 
@@ -314,7 +328,7 @@ def sweep(shapes, budget_s: float) -> tuple[list[dict], dict]:
 
 VARIANTS = ["xla_bf16", "pallas_bf16", "pallas_bf16_t", "gemv_bf16", "xla_int8",
             "pallas_int8_pc", "pallas_int8_pc_t", "gemv_int8", "pallas_int8_g128",
-            "pallas_int4_g128", "xla_norm", "pallas_norm", "pallas_norm_t", "gemv_norm",
+            "pallas_int8_g128_t", "pallas_int4_g128", "pallas_int4_g128_t", "xla_norm", "pallas_norm", "pallas_norm_t", "gemv_norm",
             "xla_norm_gated", "pallas_norm_gated", "gemv_norm_gated", "xla_ln", "pallas_ln_t",
             "gemv_ln", "pallas_bf16_cvt", "pallas_int8_pc_cvt",
             "pallas_int4_g128_cvt"]  # _cvt: M=1 only, the FMA form without its inline-PTX
