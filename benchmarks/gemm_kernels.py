@@ -427,9 +427,10 @@ def goals(rows) -> dict:
                 g[f"{shape} M=1 {v}"] = dict(speedup=base["us"] / r["us"], want=want,
                                              tb_s=r["tb_s"], ok=base["us"] / r["us"] >= want)
         for M in sorted({r["M"] for r in rows if r["M"] <= 16}):
-            # the fused norm + GEMM the library runs at M rows (the gemv at <= MAX_ROWS)
-            # against XLA's norm then GEMM; "no slower than XLA's best": its best of the
-            # XLA forms (the dot alone is timed without the norm, so it is not a candidate)
+            # the best fused norm + GEMM candidate at M rows (norm_matmul over [K, N] or
+            # [N, K], the gemv; whichever dsjax routes) against XLA's norm then GEMM. The
+            # label names the winner; dsjax.pallas_ops routes by these numbers, and runs the
+            # norm in XLA first where no fused candidate wins
             for fused, xla in (("norm", "xla_norm"), ("norm_gated", "xla_norm_gated"),
                                ("ln", "xla_ln")):
                 mine = [by[k] for k in ((shape, M, f"pallas_{fused}"), (shape, M, f"pallas_{fused}_t"),

@@ -33,19 +33,23 @@ def _kernel(op: str, what: str) -> None:
     ops._announce(op, "pallas", logging.INFO, f"ops.{op}: Pallas {what}")
 
 
-# K-major weights (dsjax.kmajor), from benchmarks/results/gemm_kernels-kmajor.md (H200,
-# LLaMA-3-8B shapes): float weights at one row run the gemv kernel (its RMSNorm fused: 0.9-1.0x
-# the time of XLA's norm + GEMV; its fused LayerNorm measured slower than XLA's LayerNorm then
-# the gemv, so a LayerNorm runs in XLA first). More rows, and int8 codes at any row count, run
-# the GEMM kernels' tensor-core form over the [N, K] weight (transpose_w), which was the fastest
-# there: at 2-16 rows the gemv falls behind (2.8x slower at 8), and quant_matmul over K-major
-# int8 codes takes the same time from 1 to 16 rows (1.35-1.5x XLA's bf16 GEMV). Those kernels'
-# fused norm prologue measured 1.1-1.5x slower than XLA's norm before them, so the norm runs in
-# XLA first there too.
+# K-major weights (dsjax.kmajor), from benchmarks/results/gemm_kernels-kmajor.md and -int8.md
+# (H200, LLaMA-3-8B shapes, M <= 16):
+# - float weights at one row run the gemv kernel, its RMSNorm fused (0.9-1.1x the time of XLA's
+#   norm + GEMV). Its fused LayerNorm measured slower than XLA's LayerNorm then the gemv, so a
+#   LayerNorm runs in XLA first. At 2-16 rows the gemv falls behind (2.8x slower at 8).
+# - more rows, and int8 codes at every row count, run the GEMM kernels' tensor-core form over
+#   the [N, K] weight (transpose_w). Over int8 codes it takes the same time from 1 to 16 rows:
+#   1.35-1.5x XLA's bf16 GEMV on gate_up and down, 0.9-1.4x on the small qkv and out.
+# - those kernels' fused norm prologue measured 0.5-0.9x of XLA's norm + GEMM at 1-16 rows,
+#   so up to NORM_IN_XLA_ROWS rows the norm runs in XLA first; beyond (prompts) the fused
+#   prologue stays, as neither form was timed there against the other.
 GEMV_ROWS = 1
-# int8 codes: the gemv (RMSNorm fused) up to this many rows, 0: quant_matmul at every row count.
-# At one row the two measured within noise of each other, kernel by kernel; end to end see
-# benchmarks/results/decode_variants-kmajor.md (variant int8-pallas-gemv1 sets this to 1).
+NORM_IN_XLA_ROWS = 16
+# int8 codes: the gemv (RMSNorm fused) up to this many rows; 0: quant_matmul at every row
+# count. At one row, kernel by kernel, the gemv was faster on out and slower on qkv; end to end
+# quant_matmul won, 3.302 against 3.386 ms/token (results/decode_variants-int8-gemv.md, whose
+# variant int8-pallas-gemv1 sets this to 1).
 INT8_GEMV_ROWS = 0
 
 
@@ -67,9 +71,10 @@ def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=
             kernel = kernel.values if isinstance(kernel, KMajorWeight) else kernel  # [N, K]
             if rows <= GEMV_ROWS:
                 return _gemv(x, kernel, bias, residual, norm, activation, gated)
-        if norm is not None:
+        if norm is not None and rows <= NORM_IN_XLA_ROWS:
             x, norm = ops.norm_xla(x, norm), None
-            _kernel("linear", "norm in XLA before a K-major GEMM (faster than its fused norm)")
+            _kernel("linear", f"norm in XLA before a K-major GEMM (<= {NORM_IN_XLA_ROWS} rows: "
+                    "faster than its fused norm)")
     if isinstance(kernel, QuantizedWeight):
         if kernel_nk:
             raise ops.Unsupported("a quantized weight stored [N, K]")

@@ -1,10 +1,12 @@
-"""Decode GEMV (Pallas, Triton lowering) over a K-major weight, with an optional RMSNorm
-prologue and the GEMM kernels' epilogue:
+"""Decode GEMV (Pallas, Triton lowering) over a K-major weight, with an optional RMSNorm or
+LayerNorm prologue and the GEMM kernels' epilogue:
 
     y = act(norm(x) @ W + bias) [gated: act(gate) * up] + residual,   W = w.T, w [N, K]
 
 for the few rows of a decode step (M <= 8). w is bf16/fp16/fp32, or int8 codes with one
-float32 scale per output (W = q * s, symmetric per channel).
+float32 scale per output (W = q * s, symmetric per channel). What dsjax routes here
+(dsjax/pallas_ops.py, by measurement): float weights at one row with an RMSNorm or none; the
+int8 form and the fused LayerNorm are tested and timed but slower than the alternatives.
 
 Why this shape (measured on the H200, benchmarks/results/gemv_variants.md): a program owns
 `block_n` rows of w and walks their K-contiguous bytes in steps of `block_k`; x is loaded by a
@@ -196,8 +198,8 @@ def gemv(x, w, scales=None, bias=None, residual=None, *, norm=None, activation=N
 
     w: [N, K] float, or int8 codes with `scales` float32 [N] (W = q * s per output); gated: w
     holds the gate rows then the up rows ([2I, K]) and the result is act(gate) * up [..., I];
-    norm: None or (scale [K], bias [K] | None, kind, eps, plus_one), kind "rmsnorm" (no bias)
-    or "layernorm". At most MAX_ROWS rows of x."""
+    norm: None or (scale [K], bias [K] | None, kind, eps, plus_one), kind "rmsnorm" or
+    "layernorm" (a bias is added after the scale in both). At most MAX_ROWS rows of x."""
     fusion.check_activation(activation)
     *lead, K = x.shape
     x2 = x.reshape(-1, K)

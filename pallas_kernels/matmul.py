@@ -48,8 +48,9 @@ class BlockSizes:
         """m <= 4: the FMA GEMV form (block_m < 16), split-K to fill the GPU; m <= 16: the
         tensor-core form, split-K; larger m: a classic tiled GEMM. A weight stored [N, K]
         (transpose_w) takes the tensor-core form from m = 1: its FMA form measured 2x slower
-        at m = 4 (results/gemm_kernels.md), and decode's few rows go to gemv.py anyway. (For
-        quant_matmul, k is the row count of `values`: K, or K/2 packed.)"""
+        at m = 4 (results/gemm_kernels-kmajor.md), so only explicit block sizes reach the
+        transposed FMA form (tests, benchmarks). (For quant_matmul, k is the K extent of
+        `values`: K, or K/2 packed.)"""
         if m <= 4 and not transpose_w:  # per row a [block_k, block_n] f32 accumulator
             bm = pl.next_power_of_2(m)
             return cls.split(cls(block_m=bm, block_n=128, block_k=64 // bm, num_warps=8,

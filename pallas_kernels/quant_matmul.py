@@ -144,7 +144,7 @@ class _Weights:
 
 def _kernel(*refs, s: _Spec):
     it = iter(refs)
-    x_ref, v_ref, sc_ref = next(it), next(it), next(it)  # [M, K]; [Kv, Nw]; [K/G, Nw]
+    x_ref, v_ref, sc_ref = next(it), next(it), next(it)  # [M, K]; [Kv, Nw] ([Nw, Kv]); [K/G, Nw]
     z_ref = next(it) if s.asym else None  # [K/G, Nw]
     ns_ref = next(it) if s.norm else None  # [K]
     nb_ref = next(it) if s.has_norm_bias else None

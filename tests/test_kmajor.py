@@ -1,12 +1,14 @@
 """K-major weights (dsjax.kmajor): the layout conversions, and a kernel-injected engine that
 holds its GEMM weights K-major, computes like the XLA engine and saves the stored layout."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import dsjax
-from dsjax import kmajor
+from dsjax import kmajor, ops, pallas_ops
 from dsjax.kmajor import KMajorWeight
 from dsjax.model import flatten
 from dsjax.quant import QuantizedWeight, QuantSpec, quantize
@@ -27,6 +29,13 @@ def test_conversions_round_trip():
     assert isinstance(back, QuantizedWeight) and (back.bits, back.group_size) == (8, 12)
     for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(q)):
         np.testing.assert_array_equal(got, want)
+    # the XLA fallback contracts K-major codes like the [K, N] QuantizedWeight
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 12)), jnp.float32)
+    b = jnp.linspace(-1, 1, 10)
+    np.testing.assert_allclose(
+        ops.linear_xla(x, kq, b[:10].repeat(2), activation="silu", gated=True),
+        ops.linear_xla(x, q, b[:10].repeat(2), activation="silu", gated=True), rtol=1e-6,
+        atol=1e-6)
     for spec in (QuantSpec(bits=8, group_size=4), QuantSpec(bits=8, symmetric=False),
                  QuantSpec(bits=4)):  # quant_matmul reads these [K, N]: unchanged
         q = quantize(w, spec)
@@ -61,9 +70,12 @@ def test_engine_holds_k_major_weights_and_saves_the_stored_layout(tmp_path):
     assert isinstance(flatten(q.params)["layers.0.mlp.up.kernel"], QuantizedWeight)
 
 
-def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path):
+def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path, caplog,
+                                                                     monkeypatch):
     """Per-channel int8: K-major codes that quant_matmul reads in place (prompt rows and one-row
-    decode steps); tokens and logits as the XLA int8 engine's; save() writes [K, N]."""
+    decode steps), or the int8 gemv at one row (INT8_GEMV_ROWS = 1); tokens and logits as the
+    XLA int8 engine's; save() writes [K, N]."""
+    ops._ANNOUNCED.clear()
     hf = llama_model(num_hidden_layers=1)
     kw = dict(dtype="fp32", max_out_tokens=48, progress=False, quant={"bits": 8})
     xla = dsjax.init_inference(hf, **kw)
@@ -71,11 +83,22 @@ def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path):
     assert len(_k_major_paths(pallas)) == 5
     assert pallas.weight_bytes() == xla.weight_bytes()
     ids = np.stack([prompt(1, 12, 96), prompt(2, 12, 96)])  # 24 rows: quant_matmul
-    np.testing.assert_allclose(np.asarray(pallas(ids)), np.asarray(xla(ids)), atol=2e-4,
-                               rtol=2e-4)
     one = prompt(3, 7, 96)
-    got = pallas.generate(one, max_new_tokens=4).tokens  # one row a step
-    np.testing.assert_array_equal(got, xla.generate(one, max_new_tokens=4).tokens)
+    with caplog.at_level(logging.INFO, logger="dsjax.ops"):
+        np.testing.assert_allclose(np.asarray(pallas(ids)), np.asarray(xla(ids)), atol=2e-4,
+                                   rtol=2e-4)
+        got = pallas.generate(one, max_new_tokens=4).tokens  # one row a step
+    assert "quant_matmul kernel (int8, group 32, K-major)" in caplog.text  # no fallback
+    assert "falling back" not in caplog.text.replace("no norm kernel: falling back", "")
+    want = xla.generate(one, max_new_tokens=4).tokens
+    np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(pallas_ops, "INT8_GEMV_ROWS", 1)
+    jax.clear_caches()  # else the same generate program is reused, traced with the old route
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dsjax.ops"):
+        gemv_engine = dsjax.init_inference(hf, replace_with_kernel_inject=True, **kw)
+        np.testing.assert_array_equal(gemv_engine.generate(one, max_new_tokens=4).tokens, want)
+    assert "gemv kernel (int8, K-major, RMSNorm fused)" in caplog.text
     restored = dsjax.init_inference(pallas.save(tmp_path / "ckpt"), **dict(kw, quant=None))
     for path, w in flatten(xla.params).items():
         for got, want in zip(jax.tree.leaves(flatten(restored.params)[path]),
