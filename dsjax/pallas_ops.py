@@ -35,9 +35,9 @@ def _kernel(op: str, what: str) -> None:
 
 # K-major weights (dsjax.kmajor), from benchmarks/results/gemm_kernels-kmajor.md and -int8.md
 # (H200, LLaMA-3-8B shapes, M <= 16):
-# - float weights at one row run the gemv kernel, its RMSNorm fused (0.9-1.1x the time of XLA's
-#   norm + GEMV). Its fused LayerNorm measured slower than XLA's LayerNorm then the gemv, so a
-#   LayerNorm runs in XLA first. At 2-16 rows the gemv falls behind (2.8x slower at 8).
+# - float weights at one row run the gemv kernel, its RMSNorm fused (0.97-1.10x the speed of
+#   XLA's norm + GEMV). Its fused LayerNorm measured slower than XLA's LayerNorm then the gemv,
+#   so a LayerNorm runs in XLA first. At 2-16 rows the gemv falls behind (2.8x slower at 8).
 # - more rows, and int8 codes at every row count, run the GEMM kernels' tensor-core form over
 #   the [N, K] weight (transpose_w). Over int8 codes it takes the same time from 1 to 16 rows:
 #   1.35-1.5x XLA's bf16 GEMV on gate_up and down, 0.9-1.4x on the small qkv and out.
