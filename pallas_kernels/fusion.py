@@ -139,6 +139,14 @@ def load_tile(ref, r0, c0, br: int, bc: int, row_ok=None, col_ok=None, other=0, 
     return plgpu.load(view, mask=mask, other=other)
 
 
+def load_weight(ref, k0, c0, bk: int, bc: int, k_ok=None, col_ok=None, *, transpose_w: bool):
+    """A weight tile, masked-out entries 0: [bk, bc] of ref [K, N], or [bc, bk] of ref [N, K]
+    when transpose_w."""
+    if transpose_w:
+        return load_tile(ref, c0, k0, bc, bk, col_ok, k_ok, 0)
+    return load_tile(ref, k0, c0, bk, bc, k_ok, col_ok, 0)
+
+
 def load_vec(ref, c0, bc: int, col_ok=None, other=0):
     view = ref.at[pl.ds(c0, bc)]
     return plgpu.load(view) if col_ok is None else plgpu.load(view, mask=col_ok, other=other)

@@ -18,11 +18,11 @@ fill the GPU, so bias, activation, gating and residual are applied in the kernel
 launch does the whole op. int8 codes become floats by the 2^23 + u trick (fusion.int8_floats).
 
 RMSNorm / LayerNorm fused: before its weight loop each program reads its rows of x once more
-(K values from L2, a short loop) for the row statistics, sum(x - c) and sum((x - c)^2) with
-c = x[0] (a shift that keeps the one-pass variance exact-enough when |mean| >> std); the weight
-loop then normalizes the x it loads anyway, (x - mean) * rstd * g [+ b], in float32. (An
-earlier form accumulated the statistics and the weight sums g @ W, b @ W alongside the
-products: four more accumulator tiles, measured 0.75x of XLA's LayerNorm + GEMV at M = 1.)
+(K values from L2, short loops) for the row statistics, as the GEMM kernels' prologue does
+(fusion.Rows: a two-pass variance for LayerNorm); the weight loop then normalizes the x it
+loads anyway, (x - mean) * rstd * g [+ b], in float32 (fusion.apply_norm). (An earlier form
+accumulated the statistics and the weight sums g @ W, b @ W alongside the products: four more
+accumulator tiles, measured 0.75x of XLA's LayerNorm + GEMV at M = 1.)
 (The unfused path rounds the normed x to the activation dtype before its GEMM; this does not.)
 """
 
@@ -107,7 +107,9 @@ def _kernel(*refs, s: _Spec):
         return plgpu.load(ref.at[idx], mask=m, other=0) if m is not None else plgpu.load(
             ref.at[idx])
 
-    stats = [_row_stats(x_ref, r, s) for r in range(s.m)] if s.norm else None
+    # per row (mean or None, rstd), float32 scalars (m0 traced: a Python int index breaks
+    # interpret mode)
+    stats = fusion.Rows(x_ref, jnp.asarray(0, jnp.int32), s.m, norm=s.norm).stats
 
     def body(i, accs):  # accs[part][row]: [bn, bk] float32
         k0 = pl.multiple_of(i * s.bk, s.bk)
@@ -129,11 +131,8 @@ def _kernel(*refs, s: _Spec):
         new_accs = [list(a) for a in accs]
         for r in range(s.m):
             x = load(x_ref, (zeros + r, cols), k_ok).astype(jnp.float32)  # in w's layout
-            if stats is not None:
-                rstd, shift = stats[r]  # x * rstd + shift = (x - mean) * rstd
-                x = x * rstd if shift is None else fusion.fma_f32(
-                    x, jnp.broadcast_to(rstd, tile), jnp.broadcast_to(shift, tile), asm=s.asm)
-                x = x * g if nb is None else fusion.fma_f32(x, g, nb, asm=s.asm)
+            if stats is not None:  # g holds the + 1 already
+                x = fusion.apply_norm(x, *stats[r], g, nb, plus_one=False)
             for p, w in enumerate(ws):
                 new_accs[p][r] = fusion.fma_f32(x, w, accs[p][r], asm=s.asm)
         return tuple(tuple(a) for a in new_accs)
@@ -163,33 +162,6 @@ def _kernel(*refs, s: _Spec):
                             gate_bias=per_part[0][1], up_bias=per_part[-1][1] if s.gated else None,
                             residual=res)
         fusion.store_row(o_ref, out, row, n0, jnp.bool_(True), cols_ok)
-
-
-def _row_stats(x_ref, r: int, s: _Spec):
-    """(rstd, -mean * rstd) of row r of x, float32 scalars (RMSNorm: (rstd, None)): one pass
-    over the row in [block_k] vectors, LayerNorm's shifted by c = x[r, 0]."""
-    row = jnp.asarray(r, jnp.int32)  # a Python int index breaks interpret mode
-    ln = s.norm.kind == "layernorm"
-    c = plgpu.load(x_ref.at[row, pl.ds(0, 1)]).astype(jnp.float32).sum() if ln else None
-    iota = lax.broadcasted_iota(jnp.int32, (s.bk,), 0)
-
-    def body(i, sums):
-        k0 = pl.multiple_of(i * s.bk, s.bk)
-        ok = iota + k0 < s.k if s.k % s.bk else None
-        view = x_ref.at[row, pl.ds(k0, s.bk)]
-        x = (plgpu.load(view) if ok is None else plgpu.load(view, mask=ok, other=0)).astype(
-            jnp.float32)
-        if ln:
-            x = x - c if ok is None else jnp.where(ok, x - c, 0.0)
-        return sums[0] + x, fusion.fma_f32(x, x, sums[1], asm=s.asm)
-
-    zero = jnp.zeros((s.bk,), jnp.float32)
-    s1, s2 = lax.fori_loop(0, pl.cdiv(s.k, s.bk), body, (zero, zero))
-    if not ln:
-        return lax.rsqrt(s2.sum() / s.k + s.norm.eps), None
-    d = s1.sum() / s.k  # mean - c
-    rstd = lax.rsqrt(jnp.maximum(s2.sum() / s.k - d * d, 0.0) + s.norm.eps)
-    return rstd, -(c + d) * rstd
 
 
 def gemv(x, w, scales=None, bias=None, residual=None, *, norm=None, activation=None,

@@ -110,8 +110,7 @@ def _kernel(*refs, s: _Spec):
     tw = s.transpose_w
 
     def load(k0, k_ok):
-        ws = [fusion.load_tile(w_ref, n0 + off, k0, s.bn, s.bk, col_ok, k_ok, 0) if tw
-              else fusion.load_tile(w_ref, k0, n0 + off, s.bk, s.bn, k_ok, col_ok, 0)
+        ws = [fusion.load_weight(w_ref, k0, n0 + off, s.bk, s.bn, k_ok, col_ok, transpose_w=tw)
               for off in col_offsets]  # each [bk, bn] ([bn, bk] when transpose_w)
         return k0, k_ok, rows.load(k0, s.bk, k_ok), ws
 

@@ -160,9 +160,8 @@ def _kernel(*refs, s: _Spec):
     wq = _Weights(s, sc_ref, z_ref, col_ok)
 
     def load(r0, k_ok):
-        vs = [fusion.load_tile(v_ref, n0 + off, r0, s.bn, s.bk, col_ok, k_ok, 0)
-              if s.transpose_w else fusion.load_tile(v_ref, r0, n0 + off, s.bk, s.bn, k_ok,
-                                                     col_ok, 0)
+        vs = [fusion.load_weight(v_ref, r0, n0 + off, s.bk, s.bn, k_ok, col_ok,
+                                 transpose_w=s.transpose_w)
               for off in col_offsets]  # each [bk, bn] ([bn, bk] transposed)
         return r0, [rows.load(r0 + h, s.bk, k_ok) for h in wq.halves], vs
 

@@ -28,7 +28,7 @@ def _arrays(M, K, N, dtype, seed=0):
 
 
 # norm: None; "rms" / "rms+1" (Gemma's stored scale - 1); "ln" (with bias), "ln-nobias",
-# "ln-offset" (x with mean 300, std 1: the one-pass variance must not cancel)
+# "ln-offset" (x with mean 300, std 1: a naive one-pass variance would cancel)
 CASES = [
     # M, K, N, dtype, int8, bias, residual, activation, gated, norm
     (1, 96, 40, jnp.float32, False, False, False, None, False, None),  # ragged K and N
@@ -72,7 +72,7 @@ def test_matches_reference_and_xla(M, K, N, dtype, int8, bias, res, act, gated, 
 
     got, ref, via_xla = run(x, w, scales, b, r)
     assert got.shape == (M, n_out) and got.dtype == dtype
-    # mean 300: x * rstd - mean * rstd rounds at 300 ulp(1) (~1e-4 relative); an unshifted
+    # mean 300: x - mean and the statistics round at 300 ulp(1) (~1e-4 relative); a naive
     # one-pass variance would be off by ~3% (and the outputs by ~1.5%)
     assert_close(got, ref, 1e-3 if norm == "ln-offset" else TOL[dtype])
     # the XLA path rounds the normed x and its products to the dtype in between
