@@ -296,13 +296,16 @@ def block_sizes(kernel: str, cand: dict, M: int, K: int, N: int):
     return type(bs).split(bs, rows, N, programs=(4 if bs.block_m < 16 else 2) * 132)
 
 
-def sweep(shapes, budget_s: float) -> tuple[list[dict], dict]:
-    """Times the candidates; returns the rows and the fastest BlockSizes per (shape, M, kernel)."""
+def sweep(shapes, budget_s: float, kernels=None) -> tuple[list[dict], dict]:
+    """Times the candidates (of `kernels`, default all); returns the rows and the fastest
+    BlockSizes per (shape, M, kernel)."""
     rows, best = [], {}
     for shape in shapes:
         K, N = SHAPES[shape]
         pool = Pool(K, N)
         for M, kernel, cands in SWEEP:
+            if kernels and kernel not in kernels:
+                continue
             kind = op_for(kernel, K)[1]
             for cand in cands:
                 if elapsed() > budget_s:
@@ -550,6 +553,7 @@ def main() -> None:
                    help="M of the correctness check ('' skips it)")
     p.add_argument("--budget-s", type=float, default=380)
     p.add_argument("--sweep-budget-s", type=float, default=200)
+    p.add_argument("--sweep-kernels", default="", help="only these kernels' candidates")
     a = p.parse_args()
     shapes, ms = a.shapes.split(","), [int(m) for m in a.ms.split(",")]
     name = "gemm_kernels" + (f"-{a.suffix}" if a.suffix else "")
@@ -570,7 +574,8 @@ def main() -> None:
 
     tuned = None
     if a.sweep:
-        payload["sweep"], tuned = sweep(shapes, a.sweep_budget_s)
+        payload["sweep"], tuned = sweep(shapes, a.sweep_budget_s,
+                                        [k for k in a.sweep_kernels.split(",") if k])
     sink(bench(shapes, ms, a.budget_s, ceiling, sink, tuned, a.variants.split(",")))
     if a.explore:
         payload["sweep"], _ = sweep(shapes, a.sweep_budget_s)
