@@ -6,11 +6,13 @@ contiguous, [N, K] (benchmarks/results/gemv_variants.md), so a one-device engine
 op runs the Pallas kernels holds its layer GEMM weights (and an untied LM head) transposed in
 device memory: converted once when the engine is built, back to [K, N] when it is saved.
 
-Symmetric per-channel int8 weights go K-major too (codes [N, K], scales [N]): quant_matmul
-reads them in place (transpose_w), on gate_up and down 1.35-1.5x faster than XLA's bf16 GEMV at
-1 to 16 rows, where over [K, N] codes it ran at 1.0-1.3x (see pallas_ops.INT8_GEMV_ROWS).
-Other quantized forms (grouped, asymmetric, int4) stay [K, N] (quant_matmul can read them
-K-major too; they are not timed that way yet).
+INT8 weights go K-major too (codes [N, K]; scales and zero points as QuantizedWeight's,
+[K/G, N]): quant_matmul reads them in place (transpose_w). Per channel, on gate_up and down it
+runs 1.35-1.5x faster than XLA's bf16 GEMV at 1 to 16 rows, where over [K, N] codes it ran at
+1.0-1.3x (see pallas_ops.INT8_GEMV_ROWS). In groups of 128, summed over the four LLaMA-3-8B
+GEMMs, K-major codes took 133 us against 137 [K, N] at one row, 138 against 214 at four and
+149 against 159 at sixteen (results/gemm_kernels-kmajor-q.md). INT4 weights stay [K, N]: their
+K-major form lost at one row on every shape (20.9 -> 30.6 us on qkv, 59.5 -> 73.9 on gate_up).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from dsjax.quant import QuantizedWeight, QuantSpec, quantizable
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KMajorWeight:
-    values: jax.Array  # [N, K]: float, or int8 codes
-    scales: jax.Array | None = None  # float32 [N] of int8 codes (W = q * s per output)
+    values: jax.Array  # [N, K]: float, or int8 codes (uint8 with zero points)
+    scales: jax.Array | None = None  # float32 [K/G, N] of codes, as QuantizedWeight's
+    zeros: jax.Array | None = None  # float32 [K/G, N] of asymmetric codes
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -34,8 +37,13 @@ class KMajorWeight:
         return self.values.shape[::-1]
 
     @property
+    def group_size(self) -> int:
+        """Rows of K per scale of int8 codes (K: one scale per output channel)."""
+        return self.values.shape[1] // self.scales.shape[0]
+
+    @property
     def nbytes(self) -> int:
-        return int(self.values.nbytes) + (0 if self.scales is None else int(self.scales.nbytes))
+        return sum(int(x.nbytes) for x in jax.tree.leaves(self))
 
 
 _GEMMS = QuantSpec(lm_head=True)  # quantizable(path, _GEMMS): layer GEMMs and an LM head
@@ -48,18 +56,14 @@ def _transpose(w):
     return (_T if jax.default_backend() == "cpu" else _T_DONATED)(w)  # the CPU cannot donate
 
 
-def _per_channel_int8(w: QuantizedWeight) -> bool:
-    return w.bits == 8 and w.symmetric and w.group_size == w.shape[0]
-
-
 def to_k_major(w):
-    """A [K, N] array or a per-channel symmetric int8 QuantizedWeight -> KMajorWeight; another
-    QuantizedWeight is returned as it is."""
+    """A [K, N] array or an int8 QuantizedWeight -> KMajorWeight; an int4 QuantizedWeight is
+    returned as it is."""
     if not isinstance(w, QuantizedWeight):
         return KMajorWeight(_transpose(w))
-    if not _per_channel_int8(w):
+    if w.bits != 8:
         return w
-    return KMajorWeight(_transpose(w.values), w.scales.reshape(-1))
+    return KMajorWeight(_transpose(w.values), w.scales, w.zeros)
 
 
 def to_k_n(w):
@@ -68,8 +72,7 @@ def to_k_n(w):
         return w
     if w.scales is None:
         return w.values.T
-    K = w.values.shape[1]
-    return QuantizedWeight(w.values.T, w.scales[None, :], None, bits=8, group_size=K)
+    return QuantizedWeight(w.values.T, w.scales, w.zeros, bits=8, group_size=w.group_size)
 
 
 def k_major_flat(flat: dict) -> dict:

@@ -159,10 +159,10 @@ def linear_xla(x, kernel, bias=None, residual=None, *, norm=None, activation=Non
         if kernel.scales is None:
             return matmul_xla(x, kernel.values, bias, residual, activation=activation,
                               gated=gated, kernel_nk=True)
-        y = jnp.einsum("...k,nk->...n", x, kernel.values.astype(x.dtype),
-                       preferred_element_type=jnp.float32) * kernel.scales  # int8 per channel
-        return epilogue_xla(y.astype(x.dtype), bias, residual, activation=activation,
-                            gated=gated)
+        codes = QuantizedWeight(kernel.values, kernel.scales, kernel.zeros, bits=8,
+                                group_size=kernel.group_size)  # values [N, K]
+        return epilogue_xla(qmatmul_xla(x, codes, values_nk=True), bias, residual,
+                            activation=activation, gated=gated)
     if isinstance(kernel, QuantizedWeight):
         if kernel_nk:
             kernel = dequantize(kernel, x.dtype)
@@ -173,11 +173,12 @@ def linear_xla(x, kernel, bias=None, residual=None, *, norm=None, activation=Non
                       kernel_nk=kernel_nk)
 
 
-def qmatmul_xla(x, qw: QuantizedWeight):
+def qmatmul_xla(x, qw: QuantizedWeight, *, values_nk: bool = False):
     """x [..., K] @ W for a quantized W without materializing W: the integer codes are converted
     inside the dot's operand (XLA fuses the convert), scales and zero points are applied to the
-    per-group partial products: x @ ((q - z) s) = sum_g (x_g @ q_g - z_g sum(x_g)) s_g."""
-    K, N = qw.shape
+    per-group partial products: x @ ((q - z) s) = sum_g (x_g @ q_g - z_g sum(x_g)) s_g.
+    values_nk: 8-bit codes stored [N, K] (dsjax.kmajor)."""
+    K, N = x.shape[-1], qw.scales.shape[1]
     G = qw.group_size
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -186,8 +187,12 @@ def qmatmul_xla(x, qw: QuantizedWeight):
     else:
         q = qw.values
     xg = x2.reshape(-1, K // G, G)  # [M, K/G, G]
-    part = jnp.einsum("mag,agn->man", xg, q.reshape(K // G, G, N).astype(x.dtype),
-                      preferred_element_type=jnp.float32)  # [M, K/G, N]
+    if values_nk:
+        part = jnp.einsum("mag,nag->man", xg, q.reshape(N, K // G, G).astype(x.dtype),
+                          preferred_element_type=jnp.float32)  # [M, K/G, N]
+    else:
+        part = jnp.einsum("mag,agn->man", xg, q.reshape(K // G, G, N).astype(x.dtype),
+                          preferred_element_type=jnp.float32)
     zero = (8.0 if qw.bits == 4 else None) if qw.zeros is None else qw.zeros
     if zero is not None:
         part = part - zero * jnp.sum(xg.astype(jnp.float32), axis=-1)[..., None]

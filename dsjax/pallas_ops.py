@@ -39,15 +39,16 @@ def _kernel(op: str, what: str) -> None:
 #   XLA's norm + GEMV). Its fused LayerNorm measured slower than XLA's LayerNorm then the gemv,
 #   so a LayerNorm runs in XLA first. At 2-16 rows the gemv falls behind (2.8x slower at 8).
 # - more rows, and int8 codes at every row count, run the GEMM kernels' tensor-core form over
-#   the [N, K] weight (transpose_w). Over int8 codes it takes the same time from 1 to 16 rows:
-#   1.35-1.5x XLA's bf16 GEMV on gate_up and down, 0.9-1.4x on the small qkv and out.
+#   the [N, K] weight (transpose_w). Over per-channel int8 codes it takes the same time from 1
+#   to 16 rows: 1.35-1.5x XLA's bf16 GEMV on gate_up and down, 0.9-1.4x on the small qkv and
+#   out (grouped codes: dsjax.kmajor's docstring; int4 codes stay [K, N]).
 # - those kernels' fused norm prologue measured 0.5-0.9x of XLA's norm + GEMM at 1-16 rows,
 #   so up to NORM_IN_XLA_ROWS rows the norm runs in XLA first; beyond (prompts) the fused
 #   prologue stays, as neither form was timed there against the other.
 GEMV_ROWS = 1
 NORM_IN_XLA_ROWS = 16
-# int8 codes: the gemv (RMSNorm fused) up to this many rows; 0: quant_matmul at every row
-# count. At one row, kernel by kernel, the gemv was faster on out and slower on qkv; end to end
+# per-channel symmetric int8 codes: the gemv (RMSNorm fused) up to this many rows; 0:
+# quant_matmul at every row count. At one row, kernel by kernel, the gemv was faster on out and slower on qkv; end to end
 # quant_matmul won, 3.302 against 3.386 ms/token (results/decode_variants-int8-gemv.md, whose
 # variant int8-pallas-gemv1 sets this to 1).
 INT8_GEMV_ROWS = 0
@@ -62,11 +63,12 @@ def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=
         kernel, QuantizedWeight))
     if k_major:
         if isinstance(kernel, KMajorWeight) and kernel.scales is not None:  # int8 [N, K]
-            if rows <= INT8_GEMV_ROWS:
+            per_channel = kernel.zeros is None and kernel.scales.shape[0] == 1
+            if rows <= INT8_GEMV_ROWS and per_channel:
                 return _gemv(x, kernel.values, bias, residual, norm, activation, gated,
-                             kernel.scales)
-            kernel = QuantizedWeight(kernel.values, kernel.scales[None, :], None, bits=8,
-                                     group_size=x.shape[-1])
+                             kernel.scales[0])
+            kernel = QuantizedWeight(kernel.values, kernel.scales, kernel.zeros, bits=8,
+                                     group_size=kernel.group_size)  # values [N, K]
         else:
             kernel = kernel.values if isinstance(kernel, KMajorWeight) else kernel  # [N, K]
             if rows <= GEMV_ROWS:

@@ -21,25 +21,26 @@ def test_conversions_round_trip():
     assert isinstance(km, KMajorWeight) and km.values.shape == (20, 12) and km.shape == (12, 20)
     assert km.nbytes == w.nbytes
     np.testing.assert_array_equal(kmajor.to_k_n(km), w)
-    q = quantize(w, QuantSpec(bits=8))  # per-channel symmetric int8: codes [N, K], scales [N]
-    kq = kmajor.to_k_major(q)
-    assert isinstance(kq, KMajorWeight) and kq.values.shape == (20, 12)
-    assert kq.scales.shape == (20,) and kq.nbytes == q.nbytes
-    back = kmajor.to_k_n(kq)
-    assert isinstance(back, QuantizedWeight) and (back.bits, back.group_size) == (8, 12)
-    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(q)):
-        np.testing.assert_array_equal(got, want)
-    # the XLA fallback contracts K-major codes like the [K, N] QuantizedWeight
     x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 12)), jnp.float32)
-    b = jnp.linspace(-1, 1, 10)
-    np.testing.assert_allclose(
-        ops.linear_xla(x, kq, b[:10].repeat(2), activation="silu", gated=True),
-        ops.linear_xla(x, q, b[:10].repeat(2), activation="silu", gated=True), rtol=1e-6,
-        atol=1e-6)
-    for spec in (QuantSpec(bits=8, group_size=4), QuantSpec(bits=8, symmetric=False),
-                 QuantSpec(bits=4)):  # quant_matmul reads these [K, N]: unchanged
-        q = quantize(w, spec)
-        assert kmajor.to_k_major(q) is q and kmajor.to_k_n(q) is q
+    b = jnp.linspace(-1, 1, 10).repeat(2)
+    for spec in (QuantSpec(bits=8), QuantSpec(bits=8, group_size=4),
+                 QuantSpec(bits=8, group_size=6, symmetric=False)):
+        q = quantize(w, spec)  # int8 codes [N, K], scales (and zeros) [K/G, N] as they were
+        kq = kmajor.to_k_major(q)
+        assert isinstance(kq, KMajorWeight) and kq.values.shape == (20, 12)
+        assert kq.scales is q.scales and kq.zeros is q.zeros
+        assert kq.group_size == q.group_size and kq.nbytes == q.nbytes
+        back = kmajor.to_k_n(kq)
+        assert isinstance(back, QuantizedWeight) and (back.bits, back.group_size) == (
+            8, q.group_size)
+        for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(q)):
+            np.testing.assert_array_equal(got, want)
+        # the XLA fallback contracts K-major codes like the [K, N] QuantizedWeight
+        np.testing.assert_allclose(
+            ops.linear_xla(x, kq, b, activation="silu", gated=True),
+            ops.linear_xla(x, q, b, activation="silu", gated=True), rtol=1e-5, atol=1e-5)
+    q = quantize(w, QuantSpec(bits=4))  # quant_matmul reads int4 [K/2, N]: unchanged
+    assert kmajor.to_k_major(q) is q and kmajor.to_k_n(q) is q
 
 
 def _k_major_paths(engine):
@@ -63,9 +64,9 @@ def test_engine_holds_k_major_weights_and_saves_the_stored_layout(tmp_path):
     restored = dsjax.init_inference(pallas.save(tmp_path / "ckpt"), **kw)
     for path, w in flatten(xla.params).items():
         np.testing.assert_array_equal(np.asarray(flatten(restored.params)[path]), np.asarray(w))
-    # grouped int8 layer weights stay [K, N] for quant_matmul; the untied LM head is K-major
+    # int4 layer weights stay [K, N] for quant_matmul; the untied LM head is K-major
     q = dsjax.init_inference(hf, replace_with_kernel_inject=True,
-                             quant={"bits": 8, "group_size": 16}, **kw)
+                             quant={"bits": 4, "group_size": 16}, **kw)
     assert _k_major_paths(q) == {"lm_head.kernel"}
     assert isinstance(flatten(q.params)["layers.0.mlp.up.kernel"], QuantizedWeight)
 
@@ -99,6 +100,34 @@ def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path, c
         gemv_engine = dsjax.init_inference(hf, replace_with_kernel_inject=True, **kw)
         np.testing.assert_array_equal(gemv_engine.generate(one, max_new_tokens=4).tokens, want)
     assert "gemv kernel (int8, K-major, RMSNorm fused)" in caplog.text
+    restored = dsjax.init_inference(pallas.save(tmp_path / "ckpt"), **dict(kw, quant=None))
+    for path, w in flatten(xla.params).items():
+        for got, want in zip(jax.tree.leaves(flatten(restored.params)[path]),
+                             jax.tree.leaves(w)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_grouped_asymmetric_int8_engine_reads_k_major_codes(tmp_path, caplog):
+    """int8 in groups of 16 with zero points: K-major codes through quant_matmul, logits and
+    tokens as the XLA engine's over the same [K, N] codes; save() writes them back."""
+    ops._ANNOUNCED.clear()
+    hf = llama_model(num_hidden_layers=1)
+    kw = dict(dtype="fp32", max_out_tokens=48, progress=False,
+              quant={"bits": 8, "group_size": 16, "symmetric": False})
+    xla = dsjax.init_inference(hf, **kw)
+    pallas = dsjax.init_inference(hf, replace_with_kernel_inject=True, **kw)
+    up = flatten(pallas.params)["layers.0.mlp.up.kernel"]
+    assert len(_k_major_paths(pallas)) == 5 and up.zeros is not None and up.group_size == 16
+    assert pallas.weight_bytes() == xla.weight_bytes()
+    ids = np.stack([prompt(1, 12, 96), prompt(2, 12, 96)])
+    one = prompt(3, 7, 96)
+    with caplog.at_level(logging.INFO, logger="dsjax.ops"):
+        np.testing.assert_allclose(np.asarray(pallas(ids)), np.asarray(xla(ids)), atol=2e-4,
+                                   rtol=2e-4)
+        got = pallas.generate(one, max_new_tokens=4).tokens
+    assert "quant_matmul kernel (int8, group 16, K-major)" in caplog.text
+    assert "falling back" not in caplog.text.replace("no norm kernel: falling back", "")
+    np.testing.assert_array_equal(got, xla.generate(one, max_new_tokens=4).tokens)
     restored = dsjax.init_inference(pallas.save(tmp_path / "ckpt"), **dict(kw, quant=None))
     for path, w in flatten(xla.params).items():
         for got, want in zip(jax.tree.leaves(flatten(restored.params)[path]),
