@@ -1,7 +1,7 @@
 """Where a dsjax decode step spends its time on the GPU: a profiler trace of one generate call,
 summarised per kernel (count per step, total time), with the GPU-busy fraction.
 
-    python benchmarks/decode_profile.py --arch gpt2-1.3b --batch 1 [--hlo OUT_FILE]
+    python benchmarks/decode_profile.py --arch gpt2-1.3b --batch 1 [--kernels on] [--hlo OUT_FILE]
 
 Random weights (built in JAX, no torch). Prints decode ms/token against the weight-read floor
 and the top kernels; `--hlo` writes the optimized HLO of the jitted generate for reading.
@@ -83,6 +83,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (profiles GPU 0)")
     p.add_argument("--layers", type=int, help="override the architecture's layer count")
+    p.add_argument("--kernels", choices=("on", "off"), default="off",
+                   help="on: replace_with_kernel_inject (the Pallas kernels)")
     p.add_argument("--json", default=None, help="write the per-step summary here")
     p.add_argument("--hlo", default=None, help="write the optimized HLO of generate here")
     args = p.parse_args()
@@ -97,7 +99,8 @@ def main() -> None:
     if args.layers:  # the same layers, fewer of them
         model = dataclasses.replace(dsjax.engine._open(args.arch).config, num_layers=args.layers)
     engine = dsjax.init_inference(model, dtype="bf16", max_out_tokens=args.prompt_len + args.new_tokens,
-                                  tensor_parallel={"tp_size": args.tp}, progress=False)
+                                  tensor_parallel={"tp_size": args.tp}, progress=False,
+                                  replace_with_kernel_inject=args.kernels == "on")
     prompts = np.random.default_rng(0).integers(0, engine.config.vocab_size,
                                                 (args.batch, args.prompt_len)).tolist()
     run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[])  # noqa: E731
@@ -105,7 +108,7 @@ def main() -> None:
     decode_ms = common.decode_timing(run, args.new_tokens, 5)["decode_ms_per_token"]
     bw = common.gemv_bandwidth()["bytes_per_s"]
     floor_ms = weight_bytes_per_step(engine) / bw * 1e3  # bytes on one device
-    print(f"{args.arch} bs {args.batch}: decode {decode_ms:.3f} ms/token, floor {floor_ms:.3f} ms "
+    print(f"{args.arch} bs {args.batch}, kernels {args.kernels}: decode {decode_ms:.3f} ms/token, floor {floor_ms:.3f} ms "
           f"({decode_ms / floor_ms:.2f}x); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
     traces = {}
@@ -129,6 +132,7 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(
                 {"arch": args.arch, "layers": engine.config.num_layers, "tp": args.tp,
+                 "kernels": args.kernels,
                  "batch": args.batch, "decode_ms_per_token": decode_ms, "floor_ms": floor_ms,
                  "xla_flags": os.environ.get("XLA_FLAGS", ""), **common.environment(),
                  "per_step": d}, indent=1))
