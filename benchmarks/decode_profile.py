@@ -108,8 +108,8 @@ def main() -> None:
     decode_ms = common.decode_timing(run, args.new_tokens, 5)["decode_ms_per_token"]
     bw = common.gemv_bandwidth()["bytes_per_s"]
     floor_ms = weight_bytes_per_step(engine) / bw * 1e3  # bytes on one device
-    print(f"{args.arch} bs {args.batch}, kernels {args.kernels}: decode {decode_ms:.3f} ms/token, floor {floor_ms:.3f} ms "
-          f"({decode_ms / floor_ms:.2f}x); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    print(f"{args.arch} bs {args.batch}, kernels {args.kernels}: decode {decode_ms:.3f} "
+          f"ms/token, floor {floor_ms:.3f} ms ({decode_ms / floor_ms:.2f}x); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
     traces = {}
     for n in (1, args.new_tokens):  # the difference is the decode steps alone

@@ -45,6 +45,12 @@ class KMajorWeight:
     def nbytes(self) -> int:
         return sum(int(x.nbytes) for x in jax.tree.leaves(self))
 
+    def codes(self) -> QuantizedWeight:
+        """int8 codes as a QuantizedWeight whose values stay [N, K] (for quant_matmul's
+        transpose_w and qmatmul_xla's values_nk)."""
+        return QuantizedWeight(self.values, self.scales, self.zeros, bits=8,
+                               group_size=self.group_size)
+
 
 _GEMMS = QuantSpec(lm_head=True)  # quantizable(path, _GEMMS): layer GEMMs and an LM head
 
@@ -72,7 +78,7 @@ def to_k_n(w):
         return w
     if w.scales is None:
         return w.values.T
-    return QuantizedWeight(w.values.T, w.scales, w.zeros, bits=8, group_size=w.group_size)
+    return dataclasses.replace(w.codes(), values=w.values.T)
 
 
 def k_major_flat(flat: dict) -> dict:

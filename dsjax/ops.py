@@ -159,9 +159,7 @@ def linear_xla(x, kernel, bias=None, residual=None, *, norm=None, activation=Non
         if kernel.scales is None:
             return matmul_xla(x, kernel.values, bias, residual, activation=activation,
                               gated=gated, kernel_nk=True)
-        codes = QuantizedWeight(kernel.values, kernel.scales, kernel.zeros, bits=8,
-                                group_size=kernel.group_size)  # values [N, K]
-        return epilogue_xla(qmatmul_xla(x, codes, values_nk=True), bias, residual,
+        return epilogue_xla(qmatmul_xla(x, kernel.codes(), values_nk=True), bias, residual,
                             activation=activation, gated=gated)
     if isinstance(kernel, QuantizedWeight):
         if kernel_nk:
@@ -187,12 +185,10 @@ def qmatmul_xla(x, qw: QuantizedWeight, *, values_nk: bool = False):
     else:
         q = qw.values
     xg = x2.reshape(-1, K // G, G)  # [M, K/G, G]
-    if values_nk:
-        part = jnp.einsum("mag,nag->man", xg, q.reshape(N, K // G, G).astype(x.dtype),
-                          preferred_element_type=jnp.float32)  # [M, K/G, N]
-    else:
-        part = jnp.einsum("mag,agn->man", xg, q.reshape(K // G, G, N).astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+    spec, shape = ("mag,nag->man", (N, K // G, G)) if values_nk else ("mag,agn->man",
+                                                                       (K // G, G, N))
+    part = jnp.einsum(spec, xg, q.reshape(shape).astype(x.dtype),
+                      preferred_element_type=jnp.float32)  # [M, K/G, N]
     zero = (8.0 if qw.bits == 4 else None) if qw.zeros is None else qw.zeros
     if zero is not None:
         part = part - zero * jnp.sum(xg.astype(jnp.float32), axis=-1)[..., None]

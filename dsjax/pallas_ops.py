@@ -48,9 +48,9 @@ def _kernel(op: str, what: str) -> None:
 GEMV_ROWS = 1
 NORM_IN_XLA_ROWS = 16
 # per-channel symmetric int8 codes: the gemv (RMSNorm fused) up to this many rows; 0:
-# quant_matmul at every row count. At one row, kernel by kernel, the gemv was faster on out and slower on qkv; end to end
-# quant_matmul won, 3.302 against 3.386 ms/token (results/decode_variants-int8-gemv.md, whose
-# variant int8-pallas-gemv1 sets this to 1).
+# quant_matmul at every row count. At one row, kernel by kernel, the gemv was faster on out and
+# slower on qkv; end to end quant_matmul won, 3.302 against 3.386 ms/token
+# (results/decode_variants-int8-gemv.md, whose variant int8-pallas-gemv1 sets this to 1).
 INT8_GEMV_ROWS = 0
 
 
@@ -67,8 +67,7 @@ def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=
             if rows <= INT8_GEMV_ROWS and per_channel:
                 return _gemv(x, kernel.values, bias, residual, norm, activation, gated,
                              kernel.scales[0])
-            kernel = QuantizedWeight(kernel.values, kernel.scales, kernel.zeros, bits=8,
-                                     group_size=kernel.group_size)  # values [N, K]
+            kernel = kernel.codes()  # values [N, K]
         else:
             kernel = kernel.values if isinstance(kernel, KMajorWeight) else kernel  # [N, K]
             if rows <= GEMV_ROWS:

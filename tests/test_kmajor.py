@@ -43,6 +43,15 @@ def test_conversions_round_trip():
     assert kmajor.to_k_major(q) is q and kmajor.to_k_n(q) is q
 
 
+def _assert_saves_stored_layout(pallas, xla, tmp_path, kw):
+    """pallas.save() restores to the XLA engine's [K, N] weights (quantized ones as they are)."""
+    restored = dsjax.init_inference(pallas.save(tmp_path / "ckpt"), **dict(kw, quant=None))
+    for path, w in flatten(xla.params).items():
+        for got, want in zip(jax.tree.leaves(flatten(restored.params)[path]),
+                             jax.tree.leaves(w)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def _k_major_paths(engine):
     return {k for k, v in flatten(engine.params).items() if isinstance(v, KMajorWeight)}
 
@@ -61,9 +70,7 @@ def test_engine_holds_k_major_weights_and_saves_the_stored_layout(tmp_path):
     ids = np.stack([prompt(1, 12, 96), prompt(2, 12, 96)])  # 24 rows: the GEMM kernels
     np.testing.assert_allclose(np.asarray(pallas(ids)), np.asarray(xla(ids)), atol=2e-4,
                                rtol=2e-4)
-    restored = dsjax.init_inference(pallas.save(tmp_path / "ckpt"), **kw)
-    for path, w in flatten(xla.params).items():
-        np.testing.assert_array_equal(np.asarray(flatten(restored.params)[path]), np.asarray(w))
+    _assert_saves_stored_layout(pallas, xla, tmp_path, kw)
     # int4 layer weights stay [K, N] for quant_matmul; the untied LM head is K-major
     q = dsjax.init_inference(hf, replace_with_kernel_inject=True,
                              quant={"bits": 4, "group_size": 16}, **kw)
@@ -100,11 +107,7 @@ def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path, c
         gemv_engine = dsjax.init_inference(hf, replace_with_kernel_inject=True, **kw)
         np.testing.assert_array_equal(gemv_engine.generate(one, max_new_tokens=4).tokens, want)
     assert "gemv kernel (int8, K-major, RMSNorm fused)" in caplog.text
-    restored = dsjax.init_inference(pallas.save(tmp_path / "ckpt"), **dict(kw, quant=None))
-    for path, w in flatten(xla.params).items():
-        for got, want in zip(jax.tree.leaves(flatten(restored.params)[path]),
-                             jax.tree.leaves(w)):
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    _assert_saves_stored_layout(pallas, xla, tmp_path, kw)
 
 
 def test_grouped_asymmetric_int8_engine_reads_k_major_codes(tmp_path, caplog):
@@ -128,8 +131,4 @@ def test_grouped_asymmetric_int8_engine_reads_k_major_codes(tmp_path, caplog):
     assert "quant_matmul kernel (int8, group 16, K-major)" in caplog.text
     assert "falling back" not in caplog.text.replace("no norm kernel: falling back", "")
     np.testing.assert_array_equal(got, xla.generate(one, max_new_tokens=4).tokens)
-    restored = dsjax.init_inference(pallas.save(tmp_path / "ckpt"), **dict(kw, quant=None))
-    for path, w in flatten(xla.params).items():
-        for got, want in zip(jax.tree.leaves(flatten(restored.params)[path]),
-                             jax.tree.leaves(w)):
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    _assert_saves_stored_layout(pallas, xla, tmp_path, kw)
