@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.decode_latency import weight_bytes_per_step  # noqa: E402
+from dsjax.bench import kv_bytes_per_step, kv_itemsize  # noqa: E402
 
 
 _COLLECTIVE = re.compile(r"nccl|psum|all.?reduce|all.?gather|collective|one.?shot", re.I)
@@ -70,9 +71,20 @@ def per_step(long: dict, short: dict, steps: int) -> dict:
         out[f"{kind(n)}_us"] += us
         out[f"{kind(n)}_kernels"] += count
     out["idle_us"] = out["span_us"] - out["busy_us"]
-    out["top"] = [{"name": n[:120], "per_step": c, "us": t}
-                  for n, (c, t) in sorted(diff.items(), key=lambda kv: -kv[1][1])[:20]]
+    out["all"] = [{"name": n[:120], "per_step": c, "us": t}
+                  for n, (c, t) in sorted(diff.items(), key=lambda kv: -kv[1][1]) if c or t]
+    out["top"] = out["all"][:20]
     return out
+
+
+def attention_rate(d: dict, kv_bytes: float) -> dict:
+    """The Pallas decode-attention kernel's own read rate: the K/V bytes an average decode step
+    reads over that kernel's GPU time per step (launch gaps and the XLA fusion that combines
+    its splits not counted)."""
+    hits = [k for k in d["all"] if "decode_attention" in k["name"]]
+    us = sum(k["us"] for k in hits)
+    return {"kernels_per_step": sum(k["per_step"] for k in hits), "us_per_step": us,
+            "kv_bytes_per_step": kv_bytes, "bytes_per_s": kv_bytes / (us * 1e-6) if us else None}
 
 
 def main() -> None:
@@ -129,13 +141,22 @@ def main() -> None:
               f"other {d['other_us']:.0f} us in {d['other_kernels']:.0f}")
         for k in d["top"]:
             print(f"  {k['us']:8.1f} us/step  {k['per_step']:6.1f}/step  {k['name']}")
+        # decode steps i = 1 .. n - 1 (the difference of the runs): step i sees prompt + i keys
+        mean_ctx = args.prompt_len + args.new_tokens / 2
+        att = attention_rate(d, kv_bytes_per_step(engine.config, args.batch, mean_ctx,
+                                                  kv_itemsize(engine)))
+        if att["bytes_per_s"]:
+            print(f"decode_attention kernel: {att['us_per_step']:.1f} us/step in "
+                  f"{att['kernels_per_step']:.0f} kernels for {att['kv_bytes_per_step'] / 1e6:.1f} "
+                  f"MB of K/V: {att['bytes_per_s'] / 1e12:.2f} TB/s "
+                  f"({att['bytes_per_s'] / bw:.0%} of the GEMV ceiling)")
         if args.json:
             Path(args.json).write_text(json.dumps(
                 {"arch": args.arch, "layers": engine.config.num_layers, "tp": args.tp,
                  "kernels": args.kernels,
                  "batch": args.batch, "decode_ms_per_token": decode_ms, "floor_ms": floor_ms,
                  "xla_flags": os.environ.get("XLA_FLAGS", ""), **common.environment(),
-                 "per_step": d}, indent=1))
+                 "gemv_bytes_per_s": bw, "attention": att, "per_step": d}, indent=1))
     if args.hlo:
         tokens, lengths = (jnp.asarray(a) for a in
                            __import__("dsjax.engine", fromlist=["_pack"])._pack(
