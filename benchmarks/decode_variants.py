@@ -47,6 +47,10 @@ VARIANTS = {  # name -> init_inference keywords
     # sets dsjax.pallas_ops.INT8_GEMV_ROWS for this variant only)
     "int8-pallas-gemv1": {"quant": {"bits": 8}, "replace_with_kernel_inject": True,
                           "_int8_gemv_rows": 1},
+    # bf16-pallas with the LayerNorm fused into the one-row gemv too (an experiment: sets
+    # dsjax.pallas_ops.GEMV_FUSED_NORMS for this variant only)
+    "bf16-pallas-lnfused": {"replace_with_kernel_inject": True,
+                            "_gemv_fused_norms": ("rmsnorm", "layernorm")},
 }
 
 
@@ -62,6 +66,7 @@ def bench_variant(arch, name, batch_sizes, prompt_len, new_tokens, reps, bandwid
 
     kw = dict(VARIANTS[name])
     pallas_ops.INT8_GEMV_ROWS = kw.pop("_int8_gemv_rows", 0)
+    pallas_ops.GEMV_FUSED_NORMS = kw.pop("_gemv_fused_norms", ("rmsnorm",))
     engine = dsjax.init_inference(arch, dtype="bf16", max_out_tokens=prompt_len + new_tokens,
                                   progress=False, **kw)
     wbytes = weight_bytes_per_step(engine)

@@ -46,6 +46,10 @@ def _kernel(op: str, what: str) -> None:
 #   so up to NORM_IN_XLA_ROWS rows the norm runs in XLA first; beyond (prompts) the fused
 #   prologue stays, as neither form was timed there against the other.
 GEMV_ROWS = 1
+# the norms the gemv takes fused (the others run in XLA first); benchmarks/decode_variants.py's
+# bf16-pallas-lnfused variant adds "layernorm" to time the fused LayerNorm end to end
+GEMV_FUSED_NORMS = ("rmsnorm",)
+_NORM_NAMES = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
 NORM_IN_XLA_ROWS = 16
 # per-channel symmetric int8 codes: the gemv (RMSNorm fused) up to this many rows; 0:
 # quant_matmul at every row count. At one row, kernel by kernel, the gemv was faster on out and
@@ -103,15 +107,15 @@ def linear_pallas(x, kernel, bias=None, residual=None, *, norm=None, activation=
 
 
 def _gemv(x, w, bias, residual, norm, activation, gated, scales=None):
-    """The decode GEMV over a K-major weight w [N, K] (int8 codes with scales [N]): an RMSNorm
-    fused, a LayerNorm in XLA first (see GEMV_ROWS)."""
+    """The decode GEMV over a K-major weight w [N, K] (int8 codes with scales [N]): the norms of
+    GEMV_FUSED_NORMS fused, others in XLA first (see GEMV_ROWS)."""
     from pallas_kernels import gemv
 
-    fused = norm is not None and norm.kind == "rmsnorm"
+    fused = norm is not None and norm.kind in GEMV_FUSED_NORMS
     if norm is not None and not fused:
         x = ops.norm_xla(x, norm)
     _kernel("linear", f"gemv kernel ({w.dtype}, K-major"
-            f"{', RMSNorm fused' if fused else ', norm in XLA first' if norm else ''})")
+            f"{f', {_NORM_NAMES[norm.kind]} fused' if fused else ', norm in XLA first' if norm else ''})")
     return gemv.gemv(x, w, scales, bias, residual, activation=activation, gated=gated,
                      norm=tuple(norm) if fused else None, interpret=_interpret())
 

@@ -27,8 +27,8 @@ def _pair(hf, **kw):
     return xla, pallas
 
 
-def _same_generation(xla, pallas, vocab):
-    rows = [prompt(3, 11, vocab), prompt(4, 4, vocab)]  # a padded batch of two lengths
+def _same_generation(xla, pallas, vocab, rows=None):
+    rows = rows or [prompt(3, 11, vocab), prompt(4, 4, vocab)]  # a padded batch of two lengths
     a = xla.generate(rows, max_new_tokens=8, eos_token_id=[], return_logprobs=True)
     b = pallas.generate(rows, max_new_tokens=8, eos_token_id=[], return_logprobs=True)
     assert a.sequences == b.sequences
@@ -73,6 +73,19 @@ def test_int8_kv_cache(make):
     b = pallas.generate(rows, max_new_tokens=8, eos_token_id=[], return_logprobs=True)
     assert a.sequences == b.sequences
     np.testing.assert_allclose(b.logprobs, a.logprobs, atol=0.05)
+
+
+def test_gemv_with_layernorm_fused(monkeypatch, caplog):
+    """The routing experiment decode_variants' bf16-pallas-lnfused times: GPT-2's LayerNorms
+    fused into the one-row gemv give the XLA path's tokens and log-probabilities."""
+    from dsjax import ops, pallas_ops
+
+    monkeypatch.setattr(pallas_ops, "GEMV_FUSED_NORMS", ("rmsnorm", "layernorm"))
+    ops._ANNOUNCED.clear()
+    xla, pallas = _pair(gpt2_model(), max_out_tokens=48)
+    with caplog.at_level(logging.INFO, logger="dsjax.ops"):  # one row: the gemv's decode steps
+        _same_generation(xla, pallas, xla.config.vocab_size, [prompt(3, 11, xla.config.vocab_size)])
+    assert "gemv kernel (float32, K-major, LayerNorm fused)" in caplog.text
 
 
 def test_bf16_within_dtype_tolerance():
