@@ -51,6 +51,10 @@ VARIANTS = {  # name -> init_inference keywords
     # dsjax.pallas_ops.GEMV_FUSED_NORMS for this variant only)
     "bf16-pallas-lnfused": {"replace_with_kernel_inject": True,
                             "_gemv_fused_norms": ("rmsnorm", "layernorm")},
+    # bf16-pallas with decode-attention splits of at least 256 cache slots (an experiment: sets
+    # pallas_kernels.decode_attention.MIN_SPLIT_KEYS; a 256-slot cache then runs one split,
+    # normalized in the kernel, no combine)
+    "bf16-pallas-split256": {"replace_with_kernel_inject": True, "_min_split_keys": 256},
 }
 
 
@@ -63,10 +67,13 @@ def bench_variant(arch, name, batch_sizes, prompt_len, new_tokens, reps, bandwid
     import dsjax
 
     from dsjax import pallas_ops
+    from pallas_kernels import decode_attention
 
     kw = dict(VARIANTS[name])
+    jax.clear_caches()  # the routing constants below are read while tracing: trace afresh
     pallas_ops.INT8_GEMV_ROWS = kw.pop("_int8_gemv_rows", 0)
     pallas_ops.GEMV_FUSED_NORMS = kw.pop("_gemv_fused_norms", ("rmsnorm",))
+    decode_attention.MIN_SPLIT_KEYS = kw.pop("_min_split_keys", 0)
     engine = dsjax.init_inference(arch, dtype="bf16", max_out_tokens=prompt_len + new_tokens,
                                   progress=False, **kw)
     wbytes = weight_bytes_per_step(engine)

@@ -9,6 +9,8 @@ The query of sequence b sits at position q_pos[b], the slot it was just written 
 [lo, q_pos[b] + 1), for all G query heads of kv head h at once, so every K/V block is read once.
 A split ending before it starts reads nothing. Each program leaves its partial softmax state
 (max m, sum l, unnormalised output o, all float32); a small XLA fusion combines the splits.
+With one split (many sequences, or a short cache) the program normalizes its output itself
+and stores it in q's dtype: one kernel, no combine.
 
 Optional int8 cache: k, v int8 [B, KVH, S, Dh] with float32 scales [B, KVH, S] (symmetric, per
 token per head: value = int8 * scale). The scale multiplies the scores (K) and the probabilities
@@ -28,6 +30,9 @@ from jax.experimental.pallas import triton as plgpu
 _MASKED = -1e30  # finite: exp(_MASKED - m) is 0, never NaN
 _TARGET_PROGRAMS = 132  # one wave on an H200 (132 SMs): measured best for B*KVH < 132
 _TILE_BYTES = 32 * 1024  # K (or V) bytes per loop step: 128 keys of bf16 x 128
+# cache slots a split covers at least (0: one key block); fewer splits can mean one, and one
+# split needs no combine kernel (benchmarks/decode_variants.py's *-split256 variants time 256)
+MIN_SPLIT_KEYS = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +62,7 @@ def num_splits_for(batch: int, kv_heads: int, capacity: int, block_k: int) -> in
     SM, so rounding up starts a nearly empty second wave), at most one per key block. (H200,
     Dh 128 bf16: B=1 at 4k-32k keys is fastest at 16 splits of 8 kv heads; B*KVH >= 128 at 1.)"""
     want = max(1, _TARGET_PROGRAMS // (batch * kv_heads))
-    return max(1, min(want, -(-capacity // block_k)))
+    return max(1, min(want, -(-capacity // max(block_k, MIN_SPLIT_KEYS))))
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -123,11 +128,11 @@ def _decode_kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, scale, window, block_k,
                    groups, head_dim, alibi, quantized):
     # Blocks of program (b, h, j), padded to powers of two (Gp >= 16 rows for tl.dot, Dp):
     # qpos []; q [Gp, Dp]; k, v [S, Dp]; slopes [Gp]; k/v scales [S];
-    # outputs o [Gp, Dp], m, l [Gp], float32.
+    # outputs o [Gp, Dp], m, l [Gp], float32 (one split: o [Gp, Dp] normalized, in q's dtype).
     refs = list(refs)
     slopes_ref = refs.pop(0) if alibi else None
     ks_ref, vs_ref = (refs.pop(0), refs.pop(0)) if quantized else (None, None)
-    o_ref, m_ref, l_ref = refs
+    o_ref, *ml_refs = refs
     gp, dp = q_ref.shape
     g_ok, d_ok = jnp.arange(gp) < groups, jnp.arange(dp) < head_dim
     q = plgpu.load(q_ref, mask=g_ok[:, None] & d_ok[None, :], other=0)  # [Gp, Dp]
@@ -168,14 +173,17 @@ def _decode_kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, scale, window, block_k,
             jnp.zeros((gp,), jnp.float32))
     steps = (jnp.maximum(end - start, 0) + block_k - 1) // block_k
     acc, m, l = jax.lax.fori_loop(0, steps, body, init)
+    if not ml_refs:  # the only split: normalize here (l > 0: the query sees its own key)
+        acc = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
     plgpu.store(o_ref, acc, mask=g_ok[:, None] & d_ok[None, :])
-    plgpu.store(m_ref, m, mask=g_ok)
-    plgpu.store(l_ref, l, mask=g_ok)
+    for ref, x in zip(ml_refs, (m, l)):
+        plgpu.store(ref, x, mask=g_ok)
 
 
-def _block_specs(S, G, Dh, *, alibi, quantized):
+def _block_specs(S, G, Dh, *, alibi, quantized, split):
     """Blocks of program (b, h, j): a whole kv head's cache rows, its G query heads padded to
-    Gp >= 16 rows (tl.dot's minimum) and Dh to a power of two (masked, never copied)."""
+    Gp >= 16 rows (tl.dot's minimum) and Dh to a power of two (masked, never copied); outputs
+    per split (o, m, l), or without `split` o alone."""
     gp, dp = max(16, _next_pow2(G)), _next_pow2(Dh)
     per_b = pl.BlockSpec((None,), lambda b, h, j: (b,))
     q = pl.BlockSpec((None, None, gp, dp), lambda b, h, j: (b, h, 0, 0))
@@ -185,7 +193,7 @@ def _block_specs(S, G, Dh, *, alibi, quantized):
     o = pl.BlockSpec((None, None, None, gp, dp), lambda b, h, j: (b, h, j, 0, 0))
     ml = pl.BlockSpec((None, None, None, gp), lambda b, h, j: (b, h, j, 0))
     in_specs = [per_b, q, kv, kv] + [slopes] * alibi + [kv_scale, kv_scale] * quantized
-    return in_specs, [o, ml, ml]
+    return in_specs, [o, ml, ml] if split else [q]
 
 
 def _combine(o, m, l):
@@ -221,16 +229,19 @@ def decode_attention(q, k, v, q_pos, *, scale: float, window: int | None = None,
         _decode_kernel, scale=scale, window=window, block_k=bs.block_k, num_splits=ns, groups=G,
         head_dim=Dh, alibi=alibi_slopes is not None, quantized=k_scale is not None)
     in_specs, out_specs = _block_specs(S, G, Dh, alibi=alibi_slopes is not None,
-                                       quantized=k_scale is not None)
+                                       quantized=k_scale is not None, split=ns > 1)
     part = jax.ShapeDtypeStruct((B, KVH, ns, G), jnp.float32)
-    o, m, l = pl.pallas_call(
+    out_shape = ([jax.ShapeDtypeStruct((B, KVH, ns, G, Dh), jnp.float32), part, part] if ns > 1
+                 else [jax.ShapeDtypeStruct((B, KVH, G, Dh), q.dtype)])
+    outs = pl.pallas_call(
         kernel,
         grid=(B, KVH, ns),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct((B, KVH, ns, G, Dh), jnp.float32), part, part],
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="decode_attention",
     )(*inputs)
-    return _combine(o, m, l).reshape(B, H * Dh).astype(q.dtype)
+    out = _combine(*outs) if ns > 1 else outs[0]
+    return out.reshape(B, H * Dh).astype(q.dtype)

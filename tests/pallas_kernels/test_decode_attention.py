@@ -93,6 +93,30 @@ def test_window_and_alibi(window, alibi):
     check(out, via_xla, jnp.float32)
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_one_split_normalizes_in_the_kernel(int8):
+    """num_splits 1: no combine; the kernel divides by the softmax sum and casts (bf16, GQA,
+    a window and ALiBi; rows of lengths 37, 1 and 24)."""
+    H, KVH, Dh, window = 8, 2, 80, 9
+    q, (k, v), (k_nan, v_nan), q_pos = make(3, H, KVH, 37, Dh, jnp.bfloat16, [36, 0, 23], seed=5)
+    slopes = jnp.linspace(0.05, 1.0, H)
+    kw = dict(scale=Dh**-0.5, window=window, alibi_slopes=slopes)
+    one = BlockSizes(block_k=16, num_splits=1)
+
+    @jax.jit  # one compile for both
+    def run(q, k, v, k_nan, v_nan, q_pos):
+        if int8:  # NaN slots do not survive quantization: the zeroed cache
+            (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+            k_nan, v_nan, kw8 = k, v, dict(k_scale=ks, v_scale=vs)
+        else:
+            kw8 = {}
+        return (decode_attention(q, k_nan, v_nan, q_pos, **kw, **kw8, block_sizes=one,
+                                 interpret=True),
+                da.decode_attention_reference(q, k, v, q_pos, **kw, **kw8))
+    out, ref = run(q, k, v, k_nan, v_nan, q_pos)
+    check(out, ref, jnp.bfloat16)
+
+
 def test_cache_of_one_slot():
     q, (k, v), _, q_pos = make(2, 4, 2, 1, 64, jnp.float32, [0, 0])
     out = decode_attention(q, k, v, q_pos, scale=0.125, interpret=True)
