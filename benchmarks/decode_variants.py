@@ -55,6 +55,8 @@ VARIANTS = {  # name -> init_inference keywords
     # pallas_kernels.decode_attention.MIN_SPLIT_KEYS; a 256-slot cache then runs one split,
     # normalized in the kernel, no combine)
     "bf16-pallas-split256": {"replace_with_kernel_inject": True, "_min_split_keys": 256},
+    "bf16-pallas-ln-split256": {"replace_with_kernel_inject": True, "_min_split_keys": 256,
+                                "_gemv_fused_norms": ("rmsnorm", "layernorm")},
 }
 
 
@@ -118,6 +120,25 @@ def _line(r: dict, base: dict) -> str:
             f"{r['t_prefill_s'] * 1e3:.1f} | {r['compile_s']:.1f} |")
 
 
+def report(args, env: dict, bw: dict, rows: list[dict], batch_sizes) -> str:
+    ok = [r for r in rows if "error" not in r]
+    base = {b: next((r for r in ok if r["batch"] == b), None) for b in batch_sizes}
+    lines = [_line(r, base[r["batch"]]) for b in batch_sizes for r in ok if r["batch"] == b]
+    lines += [f"| {r['variant']} | FAILED: {r['error'][:200]} |" for r in rows if "error" in r]
+    end = bw.get("bytes_per_s_at_end")
+    return (f"# End-to-end decode: {args.arch}, XLA vs Pallas kernels, bf16 vs quantized weights\n\n"
+            f"{env['device']}, JAX {env['jax']}, commit {env['git_commit']}, {env['date']}. "
+            f"Random weights, bf16 compute, {args.prompt_len} prompt + {args.new_tokens} new tokens, "
+            f"greedy. Decode ms/token = (T({args.new_tokens}) - T(1)) / {args.new_tokens - 1}, "
+            f"medians of {args.reps}. Floor = (the variant's weight bytes + K/V bytes at the mean "
+            f"context) / {bw['bytes_per_s'] / 1e12:.2f} TB/s (bf16 GEMV measured at the start; "
+            + (f"{end / 1e12:.2f} at the end" if end else "the run did not reach its end")
+            + f").\n\nCommand: `python benchmarks/decode_variants.py --arch {args.arch} --variants "
+            f"{args.variants} --batch-sizes {args.batch_sizes} --prompt-len {args.prompt_len}"
+            f"{f' --suffix {args.suffix}' if args.suffix else ''}`\n\n{HEADER}\n"
+            + "\n".join(lines) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="llama3-8b")
@@ -137,35 +158,25 @@ def main() -> None:
     print(f"{env}\nbf16 GEMV ceiling: {bw['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
     print(HEADER, flush=True)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    name = "decode_variants" + (f"-{args.suffix}" if args.suffix else "")
+    outs = [common.RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     rows = []
-    for name in args.variants.split(","):
+    for variant in args.variants.split(","):
         try:
             first = {}
             for r in rows:
                 if "error" not in r:
                     first.setdefault(r["batch"], r)
-            rows += bench_variant(args.arch, name, batch_sizes, args.prompt_len, args.new_tokens,
-                                  args.reps, bw["bytes_per_s"], first)
+            rows += bench_variant(args.arch, variant, batch_sizes, args.prompt_len,
+                                  args.new_tokens, args.reps, bw["bytes_per_s"], first)
         except Exception as e:  # record the failure, keep the other variants
-            print(f"{name} FAILED: {type(e).__name__}: {e}", flush=True)
-            rows.append({"variant": name, "error": f"{type(e).__name__}: {e}"})
+            print(f"{variant} FAILED: {type(e).__name__}: {e}", flush=True)
+            rows.append({"variant": variant, "error": f"{type(e).__name__}: {e}"})
+        md = report(args, env, bw, rows, batch_sizes)  # after each: a run cut short keeps it
+        common.write(name, {"env": env, "gemv_bandwidth": bw, "args": vars(args), "rows": rows},
+                     md, outs)
     bw["bytes_per_s_at_end"] = common.gemv_bandwidth()["bytes_per_s"]
-    ok = [r for r in rows if "error" not in r]
-    base = {b: next((r for r in ok if r["batch"] == b), None) for b in batch_sizes}
-    lines = [_line(r, base[r["batch"]]) for b in batch_sizes for r in ok if r["batch"] == b]
-    lines += [f"| {r['variant']} | FAILED: {r['error'][:200]} |" for r in rows if "error" in r]
-    name = "decode_variants" + (f"-{args.suffix}" if args.suffix else "")
-    md = (f"# End-to-end decode: {args.arch}, XLA vs Pallas kernels, bf16 vs quantized weights\n\n"
-          f"{env['device']}, JAX {env['jax']}, commit {env['git_commit']}, {env['date']}. "
-          f"Random weights, bf16 compute, {args.prompt_len} prompt + {args.new_tokens} new tokens, "
-          f"greedy. Decode ms/token = (T({args.new_tokens}) - T(1)) / {args.new_tokens - 1}, "
-          f"medians of {args.reps}. Floor = (the variant's weight bytes + K/V bytes at the mean context) / "
-          f"{bw['bytes_per_s'] / 1e12:.2f} TB/s (bf16 GEMV measured at the start; "
-          f"{bw['bytes_per_s_at_end'] / 1e12:.2f} at the end).\n\nCommand: `python "
-          f"benchmarks/decode_variants.py --arch {args.arch} --variants {args.variants} "
-          f"--batch-sizes {args.batch_sizes} --prompt-len {args.prompt_len}`\n\n{HEADER}\n"
-          + "\n".join(lines) + "\n")
-    outs = [common.RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    md = report(args, env, bw, rows, batch_sizes)
     common.write(name, {"env": env, "gemv_bandwidth": bw, "args": vars(args), "rows": rows}, md, outs)
     print("\n" + md)
 
