@@ -46,8 +46,9 @@ def _kernel(op: str, what: str) -> None:
 #   so up to NORM_IN_XLA_ROWS rows the norm runs in XLA first; beyond (prompts) the fused
 #   prologue stays, as neither form was timed there against the other.
 GEMV_ROWS = 1
-# the norms the gemv takes fused (the others run in XLA first); benchmarks/decode_variants.py's
-# bf16-pallas-lnfused variant adds "layernorm" to time the fused LayerNorm end to end
+# the norms the gemv takes fused (the others run in XLA first). Fusing GPT-2 1.3B's LayerNorms
+# too (decode_variants' bf16-pallas-lnfused) removed their XLA kernels and gained nothing end to
+# end: 1.453 against 1.461 ms/token (H100, results/decode_variants-gpt2-ln-h100.md)
 GEMV_FUSED_NORMS = ("rmsnorm",)
 _NORM_NAMES = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
 NORM_IN_XLA_ROWS = 16

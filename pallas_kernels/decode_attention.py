@@ -31,7 +31,8 @@ _MASKED = -1e30  # finite: exp(_MASKED - m) is 0, never NaN
 _TARGET_PROGRAMS = 132  # one wave on an H200 (132 SMs): measured best for B*KVH < 132
 _TILE_BYTES = 32 * 1024  # K (or V) bytes per loop step: 128 keys of bf16 x 128
 # cache slots a split covers at least (0: one key block); fewer splits can mean one, and one
-# split needs no combine kernel (benchmarks/decode_variants.py's *-split256 variants time 256)
+# split needs no combine kernel. 256 (decode_variants' bf16-pallas-split256: GPT-2 1.3B's 256-slot
+# cache in one split) gained nothing end to end: 1.455 against 1.461 ms/token (H100)
 MIN_SPLIT_KEYS = 0
 
 
