@@ -60,6 +60,19 @@ VARIANTS = {  # name -> init_inference keywords
 }
 
 
+_ROUTING_DEFAULTS: dict = {}  # each constant's value as the module set it, read before any change
+
+
+def _routing_constants() -> dict:
+    """Variant key -> (module, name) of the routing constant it sets for that variant alone."""
+    from dsjax import pallas_ops
+    from pallas_kernels import decode_attention
+
+    return {"_int8_gemv_rows": (pallas_ops, "INT8_GEMV_ROWS"),
+            "_gemv_fused_norms": (pallas_ops, "GEMV_FUSED_NORMS"),
+            "_min_split_keys": (decode_attention, "MIN_SPLIT_KEYS")}
+
+
 def bench_variant(arch, name, batch_sizes, prompt_len, new_tokens, reps, bandwidth,
                   first=None) -> list[dict]:
     """One variant's rows; each printed as it is measured, against `first` ({batch: row} of the
@@ -68,14 +81,11 @@ def bench_variant(arch, name, batch_sizes, prompt_len, new_tokens, reps, bandwid
 
     import dsjax
 
-    from dsjax import pallas_ops
-    from pallas_kernels import decode_attention
-
     kw = dict(VARIANTS[name])
-    jax.clear_caches()  # the routing constants below are read while tracing: trace afresh
-    pallas_ops.INT8_GEMV_ROWS = kw.pop("_int8_gemv_rows", 0)
-    pallas_ops.GEMV_FUSED_NORMS = kw.pop("_gemv_fused_norms", ("rmsnorm",))
-    decode_attention.MIN_SPLIT_KEYS = kw.pop("_min_split_keys", 0)
+    jax.clear_caches()  # the routing constants are read while tracing: trace afresh
+    for key, (module, attr) in _routing_constants().items():
+        default = _ROUTING_DEFAULTS.setdefault(key, getattr(module, attr))
+        setattr(module, attr, kw.pop(key, default))
     engine = dsjax.init_inference(arch, dtype="bf16", max_out_tokens=prompt_len + new_tokens,
                                   progress=False, **kw)
     wbytes = weight_bytes_per_step(engine)
@@ -161,6 +171,13 @@ def main() -> None:
     name = "decode_variants" + (f"-{args.suffix}" if args.suffix else "")
     outs = [common.RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     rows = []
+
+    def save() -> str:
+        md = report(args, env, bw, rows, batch_sizes)
+        common.write(name, {"env": env, "gemv_bandwidth": bw, "args": vars(args), "rows": rows},
+                     md, outs)
+        return md
+
     for variant in args.variants.split(","):
         try:
             first = {}
@@ -172,13 +189,9 @@ def main() -> None:
         except Exception as e:  # record the failure, keep the other variants
             print(f"{variant} FAILED: {type(e).__name__}: {e}", flush=True)
             rows.append({"variant": variant, "error": f"{type(e).__name__}: {e}"})
-        md = report(args, env, bw, rows, batch_sizes)  # after each: a run cut short keeps it
-        common.write(name, {"env": env, "gemv_bandwidth": bw, "args": vars(args), "rows": rows},
-                     md, outs)
+        save()  # after each variant: a run cut short keeps what it measured
     bw["bytes_per_s_at_end"] = common.gemv_bandwidth()["bytes_per_s"]
-    md = report(args, env, bw, rows, batch_sizes)
-    common.write(name, {"env": env, "gemv_bandwidth": bw, "args": vars(args), "rows": rows}, md, outs)
-    print("\n" + md)
+    print("\n" + save())
 
 
 if __name__ == "__main__":

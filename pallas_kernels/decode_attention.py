@@ -231,9 +231,11 @@ def decode_attention(q, k, v, q_pos, *, scale: float, window: int | None = None,
         head_dim=Dh, alibi=alibi_slopes is not None, quantized=k_scale is not None)
     in_specs, out_specs = _block_specs(S, G, Dh, alibi=alibi_slopes is not None,
                                        quantized=k_scale is not None, split=ns > 1)
-    part = jax.ShapeDtypeStruct((B, KVH, ns, G), jnp.float32)
-    out_shape = ([jax.ShapeDtypeStruct((B, KVH, ns, G, Dh), jnp.float32), part, part] if ns > 1
-                 else [jax.ShapeDtypeStruct((B, KVH, G, Dh), q.dtype)])
+    if ns > 1:  # per split: o, m, l in float32
+        part = jax.ShapeDtypeStruct((B, KVH, ns, G), jnp.float32)
+        out_shape = [jax.ShapeDtypeStruct((B, KVH, ns, G, Dh), jnp.float32), part, part]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((B, KVH, G, Dh), q.dtype)]
     outs = pl.pallas_call(
         kernel,
         grid=(B, KVH, ns),
