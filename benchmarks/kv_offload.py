@@ -1,14 +1,15 @@
 """KV-cache offload: the caches of micro-batches not computing kept in pinned host memory.
 
     python benchmarks/kv_offload.py [--arch llama3-8b] [--batch 128] [--prompt-len 2048]
-        [--new-tokens 8] [--micro-batches 4] [--reps 1]
+        [--new-tokens 8] [--micro-batches 4] [--reps 1] [--dtype bf16] [--suffix ""]
 
-Runs the same greedy generate (random weights, bf16, Pallas flash attention for the prompt so
+Runs the same greedy generate (random weights, --dtype, Pallas flash attention for the prompt so
 that its scores are never materialized) with the M micro-batches' caches on the device and
 with them offloaded, each in its own process (JAX cannot reset its peak-memory counter), and
 reports the peak device memory (and the peak of loading alone), the cache size, the time of a
 full generate and of a prompt-only one (max_new_tokens=1), and whether all tokens agree.
-Writes results/kv_offload.{json,md} (and into $OUT when set).
+Writes results/kv_offload{suffix}.{json,md} (and into $OUT when set). With --dtype fp32 the
+two runs' tokens must agree row for row: bf16 rounding cannot then decide a near-tie.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def one(a) -> dict:
     from dsjax import bench
 
     engine = dsjax.init_inference(
-        a.arch, max_out_tokens=a.prompt_len + a.new_tokens, progress=False,
+        a.arch, dtype=a.dtype, max_out_tokens=a.prompt_len + a.new_tokens, progress=False,
         replace_with_kernel_inject=True, kernels={"linear": "xla"},
         pipeline_parallel={"pp_size": 1, "micro_batches": a.micro_batches,
                            "offload_kv": a.offload})
@@ -55,7 +56,8 @@ def one(a) -> dict:
     t0 = time.perf_counter()
     run(1)  # the prompt phase alone: the same programs, already compiled
     prompt_s = time.perf_counter() - t0
-    kv = 2 * cfg.num_layers * a.batch * cfg.kv_heads * (a.prompt_len + a.new_tokens) * cfg.dim_head * 2
+    kv = (2 * cfg.num_layers * a.batch * cfg.kv_heads * (a.prompt_len + a.new_tokens) * cfg.dim_head
+          * engine.inference_config.jnp_dtype.itemsize)
     return {"offload": a.offload, "peak_bytes": bench.peak_memory_bytes(), "load_peak_bytes": built_peak,
             "weight_bytes": engine.weight_bytes(), "kv_bytes": kv, "compile_s": compile_s,
             "generate_s": sorted(times)[len(times) // 2], "prompt_only_s": prompt_s,
@@ -95,6 +97,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (weights, compute, caches)")
+    p.add_argument("--suffix", default="")
     p.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -116,8 +120,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     env = common.environment()
     gb = lambda x: f"{x / 1e9:.1f}" if x else "-"  # noqa: E731
-    md = [f"# KV-cache offload, {a.arch}, batch {a.batch} in {a.micro_batches} micro-batches, "
-          f"prompt {a.prompt_len} + {a.new_tokens} new tokens", "",
+    md = [f"# KV-cache offload, {a.arch} ({a.dtype}), batch {a.batch} in {a.micro_batches} "
+          f"micro-batches, prompt {a.prompt_len} + {a.new_tokens} new tokens", "",
           f"{env['device']}, JAX {env['jax']}, commit {env['git_commit']}, {env['date']}.", "",
           "| KV caches | peak device GB | of which loading's peak | weights GB | all caches GB | "
           "generate s | prompt only s | error |", "|---|---|---|---|---|---|---|---|"]
@@ -141,7 +145,7 @@ def main() -> None:
                       f"of the {a.micro_batches} slots of {gb(slot)} GB (two stay on the device: "
                       "the one a tick works on, and the next, prefetched).")
     md = "\n".join(md) + "\n"
-    common.write("kv_offload", {"env": env, "args": vars(a), "rows": rows}, md,
+    common.write(f"kv_offload{a.suffix}", {"env": env, "args": vars(a), "rows": rows}, md,
                  [common.RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []))
     print(md)
 

@@ -1,9 +1,15 @@
 """Tensor and pipeline parallelism of one architecture on 1..4 GPUs, in one run.
 
     python benchmarks/parallel.py [--arch llama3-8b] [--part latency,throughput,copies]
-        [--prompt-len 128] [--new-tokens 32] [--micro-batch 8]
+        [--kernels xla,pallas] [--prompt-len 128] [--new-tokens 32] [--micro-batch 8]
 
+kernels: each layout runs once per kernel set, "xla" (XLA's GEMMs and attention) and "pallas"
+  (replace_with_kernel_inject: K-major weight slices, the decode gemv with its RMSNorm fused,
+  decode attention); rows of the Pallas set are named "... pallas".
 latency: bs-1 decode ms/token at TP 1/2/4 (and the all-reduce overhead per layer it implies).
+slices (one GPU is enough): bs-1 decode ms/token of one device's TP-T slice run as a one-device
+  model (tensor.local_config: H/T heads, the MLP and vocabulary / T) for T in --tp-sizes: what
+  a TP-T token costs a device without any collective, the lower bound of its latency.
 throughput: decode tokens/s at PP 2/4 with M = P micro-batches of `micro-batch` sequences,
   against the same pipeline with one micro-batch (of the same size, and of the same total
   batch) and against TP at the same GPU count and total batch.
@@ -39,19 +45,26 @@ from dsjax import engine as eng  # noqa: E402
 from dsjax import generate as gen  # noqa: E402
 from dsjax.config import InferenceConfig  # noqa: E402
 from dsjax.model import abstract_model, flatten  # noqa: E402
-from dsjax.parallel import pipeline  # noqa: E402
+from dsjax.parallel import pipeline, tensor  # noqa: E402
 from dsjax.parallel.mesh import Parallel  # noqa: E402
 
 
-def build(cfg, flat, par: Parallel, budget: int):
-    """An engine of the given layout on the shared host weights (flat is not consumed)."""
-    icfg = InferenceConfig(dtype="bfloat16", max_out_tokens=budget)
-    if not par.is_parallel:
-        params = eng.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
-        graphdef, _ = abstract_model(cfg, jnp.bfloat16)
-        return eng.InferenceEngine(cfg, icfg, graphdef, params, random_weights=True)
-    plan, graphdef, params = pipeline.build(cfg, par, par.mesh(), dict(flat), jnp.bfloat16)
-    return eng.InferenceEngine(cfg, icfg, graphdef, params, random_weights=True, plan=plan)
+def build(cfg, flat, par: Parallel, budget: int, kernels: str = "xla"):
+    """An engine of the given layout and kernel set on the shared host weights (flat is not
+    consumed); flat=None: random weights of cfg made on the device."""
+    icfg = InferenceConfig(dtype="bfloat16", max_out_tokens=budget, kernels=kernels)
+    plan = None
+    if flat is None:
+        params, graphdef = eng._random_params(cfg, jnp.bfloat16, 0), None
+    elif not par.is_parallel:
+        params, graphdef = eng.unflatten({k: jnp.asarray(v) for k, v in flat.items()}), None
+    else:
+        plan, graphdef, params = pipeline.build(cfg, par, par.mesh(), dict(flat), jnp.bfloat16,
+                                                icfg.impl)
+    if graphdef is None:
+        graphdef, _ = abstract_model(cfg, jnp.bfloat16, icfg.impl)
+    return eng.InferenceEngine(cfg, icfg, graphdef, eng.kernel_layout(params, icfg),
+                               random_weights=True, plan=plan)
 
 
 def device_bytes(engine) -> tuple[int, int, int]:
@@ -117,7 +130,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--tp-sizes", default="1,2,4", help="tensor-parallel degrees (latency part)")
+    p.add_argument("--kernels", default="xla,pallas", help="kernel sets, each run on every layout")
+    p.add_argument("--tp-sizes", default="1,2,4",
+                   help="tensor-parallel degrees (latency and slices parts)")
     p.add_argument("--pp-sizes", default="2,4", help="pipeline degrees (throughput part)")
     p.add_argument("--layers", type=int, help="override the architecture's layer count")
     p.add_argument("--suffix", default="")
@@ -140,7 +155,8 @@ def main() -> None:
     probe = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, 64))
     reference = {}  # TP1's logits on the probe prompt: every layout's must agree with them
 
-    def measure(name, par, batches):
+    def measure(name, par, batches, kernels, slice_of=None):
+        """slice_of=T: one device's TP-T slice as a one-device model (par is then TP1)."""
         try:
             par.check(cfg)
             par.mesh()
@@ -148,21 +164,27 @@ def main() -> None:
             print(f"skip {name}: {e}", flush=True)
             return None
         t = time.perf_counter()
-        engine = build(cfg, flat, par, budget)
+        if slice_of:
+            engine = build(tensor.local_config(cfg, slice_of), None, par, budget, kernels)
+        else:
+            engine = build(cfg, flat, par, budget, kernels)
         wb, table, head = device_bytes(engine)
         print(f"{name}: built in {time.perf_counter() - t:.0f} s, {wb / 1e9:.2f} GB per device",
               flush=True)
-        logits = np.asarray(engine(probe), np.float32)
-        reference.setdefault("logits", logits)
-        ref = reference["logits"]
-        err = float(np.linalg.norm(logits - ref) / np.linalg.norm(ref))
-        print(f"  {name}: logits vs {rows[0]['name'] if rows else name}'s, rel. L2 {err:.4f}",
-              flush=True)
+        err = float("nan")  # a slice is another model: nothing to compare its logits with
+        if not slice_of:
+            logits = np.asarray(engine(probe), np.float32)
+            reference.setdefault("logits", logits)
+            ref = reference["logits"]
+            err = float(np.linalg.norm(logits - ref) / np.linalg.norm(ref))
+            print(f"  {name}: logits vs {rows[0]['name'] if rows else name}'s, rel. L2 {err:.4f}",
+                  flush=True)
         out = []
         for B in batches:
             r = timing(engine, B, a.prompt_len, a.new_tokens, a.reps)
             r.update(name=name, tp=par.tp, pp=par.pp, micro_batches=par.micro_batches, logits_rel_l2=err,
-                     gpus=par.devices, bytes_per_device=wb, embedding_bytes=table, head_bytes=head)
+                     gpus=par.devices, bytes_per_device=wb, embedding_bytes=table, head_bytes=head,
+                     kernels=kernels, slice_of=slice_of)
             r["floor_ms"] = floor_ms(r, bw)
             r["floor_ratio"] = r["decode_ms_per_token"] / r["floor_ms"]
             print(f"  {name} B={B}: {r['decode_ms_per_token']:.2f} ms/token "
@@ -180,23 +202,28 @@ def main() -> None:
         return md
 
     b = a.micro_batch
-    layouts = []  # (name, layout, batch sizes, check copies)
+    tps = list(map(int, a.tp_sizes.split(",")))
+    layouts = []  # (name, layout, batch sizes, check copies, slice of TP-T)
     if "latency" in parts:
         layouts += [(f"TP{tp}", Parallel(tp=tp), [1] + [tp * b] * (tp > 1 and "throughput" in parts),
-                     tp == 1 and "copies" in parts) for tp in map(int, a.tp_sizes.split(","))]
+                     tp == 1 and "copies" in parts, None) for tp in tps]
+    if "slices" in parts:
+        layouts += [(f"TP{tp} slice, 1 GPU", Parallel(), [1], False, tp) for tp in tps if tp > 1]
     for P in map(int, a.pp_sizes.split(",")):
         if "throughput" in parts or "copies" in parts:
             layouts.append((f"PP{P} M=1", Parallel(pp=P, micro_batches=1),
-                            [b] + [P * b] * ("throughput" in parts), "copies" in parts))
+                            [b] + [P * b] * ("throughput" in parts), "copies" in parts, None))
         if "throughput" in parts:
-            layouts.append((f"PP{P} M={P}", Parallel(pp=P, micro_batches=P), [P * b], False))
-    for name, par, batches, copies in layouts:
-        got = measure(name, par, batches)
-        if got and copies:
-            env[f"copies {name}"] = large_copies(got[0], 8 << 20, a.prompt_len)
-        del got
-        gc.collect()
-        save()
+            layouts.append((f"PP{P} M={P}", Parallel(pp=P, micro_batches=P), [P * b], False, None))
+    for name, par, batches, copies, slice_of in layouts:
+        for kernels in a.kernels.split(","):
+            label = name + (" pallas" if kernels == "pallas" else "")
+            got = measure(label, par, batches, kernels, slice_of)
+            if got and copies:
+                env[f"copies {label}"] = large_copies(got[0], 8 << 20, a.prompt_len)
+            del got
+            gc.collect()
+            save()
     print(save())
 
 
@@ -218,28 +245,39 @@ def report(rows, env, a, layers: int) -> str:
                      f"{r.get('logits_rel_l2', float('nan')):.4f} |")
     by = {(r["name"], r["batch"]): r for r in rows}
     lines += ["", "## Ratios", ""]
-    tp1 = by.get(("TP1", 1))
+    ms = lambda name, batch=1: by[(name, batch)]["decode_ms_per_token"] if (name, batch) in by else None  # noqa: E731
+    if ms("TP1") and ms("TP1 pallas"):
+        lines.append(f"- TP1 pallas / TP1 (XLA): {ms('TP1 pallas') / ms('TP1'):.2f}")
     goals = {2: "0.6", 4: "0.4"}  # the issue's latency goals
-    for tp in sorted({r["tp"] for r in rows if r["pp"] == 1 and r["tp"] > 1}):
-        r = by.get((f"TP{tp}", 1))
-        if tp1 and r:
-            lines.append(f"- TP{tp} bs-1 latency / TP1: {r['decode_ms_per_token'] / tp1['decode_ms_per_token']:.2f}"
-                         f" (goal {goals.get(tp, '-')}); time beyond TP1/{tp}, per "
-                         f"collective ({2 * layers + 2} a token: 2 a layer, embedding, logits): "
-                         f"{(r['decode_ms_per_token'] - tp1['decode_ms_per_token'] / tp) / (2 * layers + 2) * 1e3:.1f} us")
     b = a.micro_batch
-    for P in sorted({r["pp"] for r in rows if r["pp"] > 1}):
-        mb, m1, m1big, tpP = (by.get((f"PP{P} M={P}", P * b)), by.get((f"PP{P} M=1", b)),
-                              by.get((f"PP{P} M=1", P * b)), by.get((f"TP{P}", P * b)))
-        if mb and m1:
-            lines.append(f"- PP{P}, M={P} x {b} vs one micro-batch of {b}: "
-                         f"{mb['tokens_per_s'] / m1['tokens_per_s']:.2f}x tokens/s (goal at PP4: 3x)")
-        if mb and m1big:
-            lines.append(f"- PP{P}, M={P} x {b} vs one micro-batch of {P * b} (same batch): "
-                         f"{mb['tokens_per_s'] / m1big['tokens_per_s']:.2f}x tokens/s")
-        if mb and tpP:
-            lines.append(f"- PP{P} micro-batched vs TP{P}, batch {P * b}: "
-                         f"{mb['tokens_per_s'] / tpP['tokens_per_s']:.2f}x tokens/s")
+    for sfx in dict.fromkeys(" pallas" if r.get("kernels") == "pallas" else "" for r in rows):
+        tp1 = ms("TP1" + sfx)
+        for tp in sorted({r["tp"] if not r.get("slice_of") else r["slice_of"] for r in rows}):
+            t, sl = ms(f"TP{tp}{sfx}"), ms(f"TP{tp} slice, 1 GPU{sfx}")
+            if tp1 and t and tp > 1 and by[(f"TP{tp}{sfx}", 1)]["pp"] == 1:
+                lines.append(f"- TP{tp}{sfx} bs-1 latency / TP1{sfx}: {t / tp1:.2f} (goal "
+                             f"{goals.get(tp, '-')}); time beyond TP1/{tp}, per collective "
+                             f"({2 * layers + 2} a token: 2 a layer, embedding, logits): "
+                             f"{(t - tp1 / tp) / (2 * layers + 2) * 1e3:.1f} us")
+            if tp1 and sl:
+                lines.append(f"- TP{tp}{sfx} slice on one GPU / TP1{sfx}: {sl / tp1:.2f} (a TP{tp} "
+                             f"token's cost to one device without collectives; goal for TP{tp} "
+                             f"with them: {goals.get(tp, '-')})")
+            if t and sl:
+                lines.append(f"- TP{tp}{sfx} minus its slice: {(t - sl) * 1e3:.0f} us a token "
+                             "(collectives and the waits for the slowest device)")
+        for P in sorted({r["pp"] for r in rows if r["pp"] > 1}):
+            mb, m1, m1big, tpP = (by.get((f"PP{P} M={P}{sfx}", P * b)), by.get((f"PP{P} M=1{sfx}", b)),
+                                  by.get((f"PP{P} M=1{sfx}", P * b)), by.get((f"TP{P}{sfx}", P * b)))
+            if mb and m1:
+                lines.append(f"- PP{P}{sfx}, M={P} x {b} vs one micro-batch of {b}: "
+                             f"{mb['tokens_per_s'] / m1['tokens_per_s']:.2f}x tokens/s (goal at PP4: 3x)")
+            if mb and m1big:
+                lines.append(f"- PP{P}{sfx}, M={P} x {b} vs one micro-batch of {P * b} (same batch): "
+                             f"{mb['tokens_per_s'] / m1big['tokens_per_s']:.2f}x tokens/s")
+            if mb and tpP:
+                lines.append(f"- PP{P}{sfx} micro-batched vs TP{P}, batch {P * b}: "
+                             f"{mb['tokens_per_s'] / tpP['tokens_per_s']:.2f}x tokens/s")
     for key in sorted(k for k in env if k.startswith("copies")):
         lines.append(f"- weight-sized copies (>= 8 MiB) in the compiled generate program, "
                      f"{key[7:]}: {len(env[key])} {[round(x / 2**20) for x in env[key][:6]]} MiB")

@@ -93,13 +93,12 @@ def init_inference(model, config: dict | None = None, *, dtype=None, tensor_para
     plan = None
     if mesh is None:
         params = _load(source, expected, icfg, seed=seed, progress=progress)
-        if _k_major(icfg):  # the decode GEMV's layout
-            params = unflatten(kmajor.k_major_flat(flatten(params)))
     else:
         flat = flatten(source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress,
                                    host=True))
         plan, graphdef, params = pipeline.build(cfg, par, mesh, flat, icfg.jnp_dtype, icfg.impl,
                                                 icfg.quant)
+    params = kernel_layout(params, icfg)
     log.info("dsjax: %s, %d layers, %s%s, budget %d tokens, kernels %s%s", cfg.family,
              cfg.num_layers, icfg.dtype, f", weights {_quant_name(icfg.quant)}" if icfg.quant else "",
              icfg.max_out_tokens, icfg.kernels, f", {par}" if plan else "")
@@ -132,9 +131,15 @@ def _load(source: _Source, expected: dict, icfg: InferenceConfig, *, seed, progr
     return unflatten(quantize_flat(flatten(params), icfg.quant))
 
 
+def kernel_layout(params: dict, icfg: InferenceConfig) -> dict:
+    """Placed params in the layout the engine's kernels read: K-major GEMM weights when its
+    linear op runs the Pallas kernels (over a mesh, each device transposes its own slice)."""
+    return unflatten(kmajor.k_major_flat(flatten(params))) if _k_major(icfg) else params
+
+
 def _k_major(icfg: InferenceConfig) -> bool:
-    """Whether a one-device engine holds its GEMM weights K-major (dsjax.kmajor): when its
-    linear op runs the Pallas kernels first."""
+    """Whether an engine holds its GEMM weights K-major (dsjax.kmajor): when its linear op runs
+    the Pallas kernels first."""
     return ops.preference_for(icfg.impl, "linear")[0] == "pallas"
 
 
@@ -427,7 +432,7 @@ class InferenceEngine:
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = self.pad_token_id if pad_token_id is None else pad_token_id
         self.config.check_ids([pad], "pad_token_id")
-        one_row = self.plan is None and _k_major(self.inference_config)  # see _pack
+        one_row = _k_major(self.inference_config)  # see _pack
         tokens, lengths = _pack(rows, budget, pad, groups=self.batch_groups,
                                 min_rows=1 if one_row else 2)
         fn, args, kw = self.generate_program(

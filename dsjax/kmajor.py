@@ -2,9 +2,10 @@
 
 A model's GEMM weights are [K, N] everywhere they are stored or sliced (checkpoints, tensor
 parallelism, quantization). The decode GEMV reads a weight fastest with each output's K inputs
-contiguous, [N, K] (benchmarks/results/gemv_variants.md), so a one-device engine whose linear
-op runs the Pallas kernels holds its layer GEMM weights (and an untied LM head) transposed in
-device memory: converted once when the engine is built, back to [K, N] when it is saved.
+contiguous, [N, K] (benchmarks/results/gemv_variants.md), so an engine whose linear op runs the
+Pallas kernels holds its layer GEMM weights (and an untied LM head) transposed in device memory:
+converted once when the engine is built, back to [K, N] when it is saved. Over a mesh each
+device transposes its own slice after the weights are sliced and placed (dsjax.parallel).
 
 INT8 weights go K-major too (codes [N, K]; scales and zero points as QuantizedWeight's,
 [K/G, N]): quant_matmul reads them in place (transpose_w). Per channel, on gate_up and down it
@@ -18,8 +19,12 @@ K-major form lost at one row on every shape (20.9 -> 30.6 us on qkv, 59.5 -> 73.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as PS
 
 from dsjax.quant import QuantizedWeight, QuantSpec, quantizable
 
@@ -54,12 +59,22 @@ class KMajorWeight:
 
 _GEMMS = QuantSpec(lm_head=True)  # quantizable(path, _GEMMS): layer GEMMs and an LM head
 
-_T = jax.jit(lambda w: w.T)
-_T_DONATED = jax.jit(lambda w: w.T, donate_argnums=0)  # the [K, N] copy is freed at once
-
-
 def _transpose(w):
-    return (_T if jax.default_backend() == "cpu" else _T_DONATED)(w)  # the CPU cannot donate
+    """[..., K, N] -> [..., N, K] (stage-stacked [P, K, N] weights of a mesh too). A sharded
+    array stays sharded the same way, each device transposing its own slice: the spec's last
+    two axes swap, so a column-parallel [K, N/T] slice becomes a [N/T, K] one."""
+    out = None
+    if isinstance(getattr(w, "sharding", None), NamedSharding):
+        spec = tuple(w.sharding.spec) + (None,) * (w.ndim - len(w.sharding.spec))
+        out = NamedSharding(w.sharding.mesh, PS(*spec[:-2], spec[-1], spec[-2]))
+    return _swap(out, jax.default_backend() != "cpu")(w)  # the CPU cannot donate
+
+
+@functools.lru_cache(maxsize=None)
+def _swap(out_sharding, donate: bool):
+    # donated: the [K, N] copy is freed at once
+    return jax.jit(lambda w: jnp.swapaxes(w, -1, -2), out_shardings=out_sharding,
+                   donate_argnums=0 if donate else ())
 
 
 def to_k_major(w):

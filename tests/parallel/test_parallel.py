@@ -149,6 +149,41 @@ def test_int8_kv_cache_and_kernel_injection():
     assert out.sequences == single.generate(ROWS[:2], max_new_tokens=3, eos_token_id=[]).sequences
 
 
+@pytest.mark.parametrize("tp,pp,quant", [(2, 2, None), (4, 1, {"bits": 8})],
+                         ids=["tp2xpp2", "tp4_int8_kv_heads_replicated"])
+def test_pallas_kernels_over_a_mesh(tp, pp, quant, caplog):
+    """All-Pallas (interpret mode) over a mesh: each device transposes its own weight slice to
+    the K-major layout the decode gemv reads (a column-parallel [K, N/T] slice becomes
+    [N/T, K], a row-parallel [K/T, N] one [N, K/T]), one sequence runs the gemv and the decode
+    attention kernel, and the tokens are the one-device XLA engine's (HF's, unquantized)."""
+    import logging
+
+    from dsjax import ops
+    from dsjax.kmajor import KMajorWeight
+
+    hf = gqa_llama()
+    rows = [ROWS[0]]
+    ops._ANNOUNCED.clear()
+    engine = _engine(hf, tp, pp, replace_with_kernel_inject=True, quant=quant)
+    qkv_columns = tp * (8 // tp + 2 * max(2 // tp, 1)) * 8  # KV heads replicated at tp 4
+    for name, (k, n), axis in (("attn.qkv", (64, qkv_columns), 0), ("mlp.down", (96, 64), 1)):
+        w = engine.params["layers"][0][name.split(".")[0]][name.split(".")[1]]["kernel"]
+        assert isinstance(w, KMajorWeight) and w.values.shape == (pp, n, k)
+        local = [n, k]
+        local[axis] //= tp
+        assert {s.data.shape for s in w.values.addressable_shards} == {(1, *local)}
+    with caplog.at_level(logging.INFO, logger="dsjax.ops"):
+        out = engine.generate(rows, max_new_tokens=N, eos_token_id=[])
+    kernel = "gemv kernel (float32, K-major, RMSNorm fused)" if quant is None else \
+        "quant_matmul kernel (int8, group 64, K-major)"
+    assert kernel in caplog.text and "decode_attention" in caplog.text
+    single = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=32, progress=False, quant=quant)
+    expected = single.generate(rows, max_new_tokens=N, eos_token_id=[]).sequences
+    assert out.sequences == expected
+    if quant is None:
+        assert expected == [hf_greedy(hf, rows[0], N)]
+
+
 # ----------------------------------------------------------------------------- layout
 
 def _layer_kernels(engine):
