@@ -184,6 +184,34 @@ def test_pallas_kernels_over_a_mesh(tp, pp, quant, caplog):
         assert expected == [hf_greedy(hf, rows[0], N)]
 
 
+def test_pallas_generate_lowers_for_cuda_over_a_mesh(monkeypatch):
+    """The multi-GPU program with the GPU kernels (not their interpreter) lowers for CUDA: the
+    Triton kernels inside shard_map, gemv and decode attention among them (this machine has no
+    GPU; the kernels' GPU runs are in benchmarks/)."""
+    import re
+
+    import jax.numpy as jnp
+
+    from dsjax import engine as eng
+    from dsjax import generate as gen
+    from dsjax import pallas_ops
+
+    monkeypatch.setattr(pallas_ops, "_interpret", lambda: False)
+    engine = dsjax.init_inference("tiny-llama", dtype="bf16", max_out_tokens=32, progress=False,
+                                  replace_with_kernel_inject=True,
+                                  tensor_parallel={"tp_size": 2}, pipeline_parallel={"pp_size": 2})
+    tokens, lengths = eng._pack([np.arange(5)], 32, 0, groups=engine.batch_groups, min_rows=1)
+    fn, args, kw = engine.generate_program(
+        jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(4),
+        jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(), capacity=32,
+        do_sample=False, return_logprobs=False, int8_cache=False)
+    exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args, **kw)
+    assert exported.platforms == ("cuda",) and exported.nr_devices == 4
+    names = set(re.findall(r'name = "(\w+)"', exported.mlir_module()))
+    assert {"gemv", "decode_attention", "flash_attention", "rotary_cache_write"} <= names
+
+
 # ----------------------------------------------------------------------------- layout
 
 def _layer_kernels(engine):
