@@ -53,16 +53,13 @@ def build(cfg, flat, par: Parallel, budget: int, kernels: str = "xla"):
     """An engine of the given layout and kernel set on the shared host weights (flat is not
     consumed); flat=None: random weights of cfg made on the device."""
     icfg = InferenceConfig(dtype="bfloat16", max_out_tokens=budget, kernels=kernels)
-    plan = None
-    if flat is None:
-        params, graphdef = eng._random_params(cfg, jnp.bfloat16, 0), None
-    elif not par.is_parallel:
-        params, graphdef = eng.unflatten({k: jnp.asarray(v) for k, v in flat.items()}), None
-    else:
+    if flat is not None and par.is_parallel:
         plan, graphdef, params = pipeline.build(cfg, par, par.mesh(), dict(flat), jnp.bfloat16,
                                                 icfg.impl)
-    if graphdef is None:
-        graphdef, _ = abstract_model(cfg, jnp.bfloat16, icfg.impl)
+    else:
+        plan, (graphdef, _) = None, abstract_model(cfg, jnp.bfloat16, icfg.impl)
+        params = (eng._random_params(cfg, jnp.bfloat16, 0) if flat is None else
+                  eng.unflatten({k: jnp.asarray(v) for k, v in flat.items()}))
     return eng.InferenceEngine(cfg, icfg, graphdef, eng.kernel_layout(params, icfg),
                                random_weights=True, plan=plan)
 
@@ -252,9 +249,9 @@ def report(rows, env, a, layers: int) -> str:
     b = a.micro_batch
     for sfx in dict.fromkeys(" pallas" if r.get("kernels") == "pallas" else "" for r in rows):
         tp1 = ms("TP1" + sfx)
-        for tp in sorted({r["tp"] if not r.get("slice_of") else r["slice_of"] for r in rows}):
+        for tp in sorted({r.get("slice_of") or r["tp"] for r in rows}):
             t, sl = ms(f"TP{tp}{sfx}"), ms(f"TP{tp} slice, 1 GPU{sfx}")
-            if tp1 and t and tp > 1 and by[(f"TP{tp}{sfx}", 1)]["pp"] == 1:
+            if tp1 and t and tp > 1:
                 lines.append(f"- TP{tp}{sfx} bs-1 latency / TP1{sfx}: {t / tp1:.2f} (goal "
                              f"{goals.get(tp, '-')}); time beyond TP1/{tp}, per collective "
                              f"({2 * layers + 2} a token: 2 a layer, embedding, logits): "

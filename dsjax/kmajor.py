@@ -59,6 +59,7 @@ class KMajorWeight:
 
 _GEMMS = QuantSpec(lm_head=True)  # quantizable(path, _GEMMS): layer GEMMs and an LM head
 
+
 def _transpose(w):
     """[..., K, N] -> [..., N, K] (stage-stacked [P, K, N] weights of a mesh too). A sharded
     array stays sharded the same way, each device transposing its own slice: the spec's last
