@@ -1,15 +1,19 @@
 """KV-cache offload: the caches of micro-batches not computing kept in pinned host memory.
 
     python benchmarks/kv_offload.py [--arch llama3-8b] [--batch 128] [--prompt-len 2048]
-        [--new-tokens 8] [--micro-batches 4] [--reps 1] [--dtype bf16] [--suffix ""]
+        [--new-tokens 8] [--micro-batches 4] [--reps 1] [--dtype bf16] [--matmul-precision P]
+        [--suffix ""]
 
 Runs the same greedy generate (random weights, --dtype, Pallas flash attention for the prompt so
 that its scores are never materialized) with the M micro-batches' caches on the device and
 with them offloaded, each in its own process (JAX cannot reset its peak-memory counter), and
 reports the peak device memory (and the peak of loading alone), the cache size, the time of a
 full generate and of a prompt-only one (max_new_tokens=1), and whether all tokens agree.
-Writes results/kv_offload{suffix}.{json,md} (and into $OUT when set). With --dtype fp32 the
-two runs' tokens must agree row for row: bf16 rounding cannot then decide a near-tie.
+Writes results/kv_offload{suffix}.{json,md} (and into $OUT when set). The two runs are
+different compiled programs, so rounding may differ and decide a near-tie between two tokens
+differently: the report gives the log-probability gap wherever a row first differs. With
+--dtype fp32, JAX's default matmul precision on the GPU still lets XLA use TF32;
+--matmul-precision highest rules that out too.
 """
 
 from __future__ import annotations
@@ -98,11 +102,17 @@ def main() -> None:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (weights, compute, caches)")
+    p.add_argument("--matmul-precision", default=None, choices=["default", "high", "highest"],
+                   help="jax_default_matmul_precision for both runs (unset: JAX's default)")
     p.add_argument("--suffix", default="")
     p.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
+        if a.matmul_precision:
+            import jax
+
+            jax.config.update("jax_default_matmul_precision", a.matmul_precision)
         print("RESULT " + json.dumps(one(a)), flush=True)
         return
     from benchmarks import common
@@ -122,7 +132,8 @@ def main() -> None:
     gb = lambda x: f"{x / 1e9:.1f}" if x else "-"  # noqa: E731
     md = [f"# KV-cache offload, {a.arch} ({a.dtype}), batch {a.batch} in {a.micro_batches} "
           f"micro-batches, prompt {a.prompt_len} + {a.new_tokens} new tokens", "",
-          f"{env['device']}, JAX {env['jax']}, commit {env['git_commit']}, {env['date']}.", "",
+          f"{env['device']}, JAX {env['jax']}, commit {env['git_commit']}, {env['date']}; "
+          f"matmul precision {a.matmul_precision or 'JAX default'}.", "",
           "| KV caches | peak device GB | of which loading's peak | weights GB | all caches GB | "
           "generate s | prompt only s | error |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -168,7 +168,7 @@ def main() -> None:
         wb, table, head = device_bytes(engine)
         print(f"{name}: built in {time.perf_counter() - t:.0f} s, {wb / 1e9:.2f} GB per device",
               flush=True)
-        err = float("nan")  # a slice is another model: nothing to compare its logits with
+        err = None  # a slice is another model: nothing to compare its logits with
         if not slice_of:
             logits = np.asarray(engine(probe), np.float32)
             reference.setdefault("logits", logits)
@@ -239,7 +239,7 @@ def report(rows, env, a, layers: int) -> str:
         lines.append(f"| {r['name']} | {r['gpus']} | {r['batch']} | {r['decode_ms_per_token']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['floor_ms']:.2f} | {r['floor_ratio']:.2f} | "
                      f"{r['bytes_per_device'] / 1e9:.2f} | {r['compile_s']:.0f} | "
-                     f"{r.get('logits_rel_l2', float('nan')):.4f} |")
+                     f"{'-' if r.get('logits_rel_l2') is None else format(r['logits_rel_l2'], '.4f')} |")
     by = {(r["name"], r["batch"]): r for r in rows}
     lines += ["", "## Ratios", ""]
     ms = lambda name, batch=1: by[(name, batch)]["decode_ms_per_token"] if (name, batch) in by else None  # noqa: E731
