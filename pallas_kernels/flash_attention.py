@@ -72,8 +72,8 @@ class BlockSizes:
 
 SHORT_PREFILL = 1024
 # head dim bound -> (sizes for T <= SHORT_PREFILL, sizes for longer T). The 128 row (serving
-# Dh 80, 96, 128) is the fastest of a sweep on one H200 (JAX 0.11.2, bf16, causal, KVH 8, at
-# T = 1024 and 4096: benchmarks/results/attention_prefill.md); the 64 and 256 rows are untuned.
+# Dh 80, 96, 128) is the fastest of a sweep at a short and a long prompt; the 64 and 256 rows
+# are untuned. Why: docs/decisions.md#flash-block-sizes
 _TUNED = {
     64: (BlockSizes(128, 64, 4, 2), BlockSizes(128, 64, 4, 3)),
     128: (BlockSizes(128, 64, 8, 2), BlockSizes(64, 64, 4, 3)),

@@ -4,25 +4,25 @@ LayerNorm prologue and the GEMM kernels' epilogue:
     y = act(norm(x) @ W + bias) [gated: act(gate) * up] + residual,   W = w.T, w [N, K]
 
 for the few rows of a decode step (M <= 8). w is bf16/fp16/fp32, or int8 codes with one
-float32 scale per output (W = q * s, symmetric per channel). What dsjax routes here
-(dsjax/pallas_ops.py, by measurement): float weights at one row with an RMSNorm or none; the
-int8 form and the fused LayerNorm are tested and timed but slower than the alternatives.
+float32 scale per output (W = q * s, symmetric per channel). dsjax/pallas_ops.py routes float
+weights at one row here, with an RMSNorm or none; the int8 form and the fused LayerNorm are
+tested but not routed, since the alternatives ran faster (why: docs/decisions.md#gemv-rows).
 
-Why this shape (measured on the H200, benchmarks/results/gemv_variants.md): a program owns
-`block_n` rows of w and walks their K-contiguous bytes in steps of `block_k`; x is loaded by a
-broadcast index straight into the weight tile's own register layout, so no step reshuffles x
-through shared memory behind a barrier (the [K, N] kernels of matmul.py do, which leaves their
-loads idle); products are accumulated elementwise in float32 [block_n, block_k] with one fused
-multiply-add each and summed once after the loop. There is no split-K: N / block_n programs
-fill the GPU, so bias, activation, gating and residual are applied in the kernel and one
-launch does the whole op. int8 codes become floats by the 2^23 + u trick (fusion.int8_floats).
+The shape: a program owns `block_n` rows of w and walks their K-contiguous bytes in steps of
+`block_k`; x is loaded by a broadcast index straight into the weight tile's own register
+layout, so no step reshuffles x through shared memory behind a barrier (the [K, N] kernels of
+matmul.py do, which leaves their loads idle); products are accumulated elementwise in float32
+[block_n, block_k] with one fused multiply-add each and summed once after the loop. There is
+no split-K: N / block_n programs fill the GPU, so bias, activation, gating and residual are
+applied in the kernel and one launch does the whole op. int8 codes become floats by the
+2^23 + u trick (fusion.int8_floats). Why this shape: docs/decisions.md#gemv-kernel-shape.
 
 RMSNorm / LayerNorm fused: before its weight loop each program reads its rows of x once more
 (K values from L2, short loops) for the row statistics, as the GEMM kernels' prologue does
 (fusion.Rows: a two-pass variance for LayerNorm); the weight loop then normalizes the x it
-loads anyway, (x - mean) * rstd * g [+ b], in float32 (fusion.apply_norm). (An earlier form
-accumulated the statistics and the weight sums g @ W, b @ W alongside the products: four more
-accumulator tiles, measured 0.75x of XLA's LayerNorm + GEMV at M = 1.)
+loads anyway, (x - mean) * rstd * g [+ b], in float32 (fusion.apply_norm). It does not
+accumulate the statistics and the weight sums g @ W, b @ W alongside the products: those four
+more accumulator tiles made the kernel slower (docs/decisions.md#gemv-norm-prologue).
 (The unfused path rounds the normed x to the activation dtype before its GEMM; this does not.)
 """
 
@@ -52,9 +52,9 @@ class BlockSizes:
 
     @classmethod
     def for_shape(cls, m: int, k: int, parts: int) -> BlockSizes:
-        """The H200's best M = 1 tile (4 rows x 512, 4 warps; gemv_variants.md), shrunk so
-        that the float32 accumulators (m rows x parts of [block_n, block_k]) stay within 64
-        registers a thread."""
+        """The M = 1 tile a sweep chose (4 rows x 512, 4 warps), shrunk so that the float32
+        accumulators (m rows x parts of [block_n, block_k]) stay within 64 registers a thread.
+        Why: docs/decisions.md#gemv-kernel-shape."""
         warps, bn, bk = 4, 4, min(512, pl.next_power_of_2(k))
         budget = 64 * 32 * warps  # accumulator elements a program can hold
         while bn > 1 and m * parts * bn * bk > budget:

@@ -47,9 +47,9 @@ class BlockSizes:
     def for_shape(cls, m: int, k: int, n: int, transpose_w: bool = False) -> BlockSizes:
         """m <= 4: the FMA GEMV form (block_m < 16), split-K to fill the GPU; m <= 16: the
         tensor-core form, split-K; larger m: a classic tiled GEMM. A weight stored [N, K]
-        (transpose_w) takes the tensor-core form from m = 1: its FMA form measured 2x slower
-        at m = 4 (results/gemm_kernels-kmajor.md), so only explicit block sizes reach the
-        transposed FMA form (tests, benchmarks). (For quant_matmul, k is the K extent of
+        (transpose_w) takes the tensor-core form from m = 1, where its FMA form was slower, so
+        only explicit block sizes reach the transposed FMA form (tests, benchmarks); why:
+        docs/decisions.md#matmul-block-sizes. (For quant_matmul, k is the K extent of
         `values`: K, or K/2 packed.)"""
         if m <= 4 and not transpose_w:  # per row a [block_k, block_n] f32 accumulator
             bm = pl.next_power_of_2(m)
