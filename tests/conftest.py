@@ -28,12 +28,24 @@ import dsjax  # noqa: E402
 INIT = 0.25
 
 
+def perturb(model, scale=0.5):
+    """Adds Gaussian noise of std `scale` to every parameter of a torch model, biases and norm
+    scales too: HF initialises those to 0 and 1, behind which a wrongly mapped tensor (two norms
+    swapped, a bias dropped or misordered) converts to the same numbers and a parity test cannot
+    see it. The model builders below perturb by INIT: greedy tokens still vary and fp32 logits
+    stay within the parity tests' 1e-4."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
 def gpt2_model(seed=0, **overrides):
     cfg = dict(vocab_size=96, n_positions=128, n_embd=32, n_layer=2, n_head=4,
                initializer_range=INIT, eos_token_id=None, bos_token_id=None)
     cfg.update(overrides)
     torch.manual_seed(seed)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
+    return perturb(transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)), INIT)
 
 
 def llama_model(seed=0, **overrides):
@@ -43,7 +55,7 @@ def llama_model(seed=0, **overrides):
                tie_word_embeddings=False)
     cfg.update(overrides)
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    return perturb(transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)), INIT)
 
 
 def hf_greedy(model, prompt, n, eos_token_id=None):

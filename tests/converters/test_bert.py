@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 import dsjax
 from dsjax import checkpoint
-from tests.conftest import INIT, torch, transformers
+from tests.conftest import INIT, perturb, torch, transformers
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 LENGTHS = [9, 6, 3]  # a right-padded batch of three rows
@@ -22,7 +22,7 @@ def bert(cls: str, seed: int = 0, **overrides):
                initializer_range=INIT, num_labels=3)
     cfg.update(overrides)
     torch.manual_seed(seed)
-    return getattr(transformers, cls)(transformers.BertConfig(**cfg)).eval()
+    return perturb(getattr(transformers, cls)(transformers.BertConfig(**cfg)), INIT)
 
 
 def batch(vocab=64):

@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import dsjax
-from tests.conftest import INIT, torch, transformers
+from tests.conftest import INIT, perturb, torch, transformers
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 BOS, EOS = 48, 49
@@ -23,7 +23,7 @@ def clip(seed=0, eos=EOS, projection_dim=16):
     torch.manual_seed(seed)
     cfg = transformers.CLIPConfig(text_config=dict(TEXT, eos_token_id=eos), vision_config=VISION,
                                   projection_dim=projection_dim)
-    model = transformers.CLIPModel(cfg).eval()
+    model = perturb(transformers.CLIPModel(cfg), INIT)
     with torch.no_grad():
         model.logit_scale.fill_(1.3)  # not the init value, so that it is really read
     return model
@@ -83,7 +83,7 @@ def test_pooling_rules():
 
 def _tower(cls, config):
     torch.manual_seed(1)
-    return getattr(transformers, cls)(config).eval()
+    return perturb(getattr(transformers, cls)(config), INIT)
 
 
 @pytest.mark.parametrize("cls", ["CLIPTextModel", "CLIPTextModelWithProjection"])

@@ -11,7 +11,8 @@ import transformers as tf
 
 import dsjax
 from dsjax import cli
-from tests.conftest import hf_greedy, hf_greedy_logprobs, hf_logits, prompt, word_tokenizer
+from tests.conftest import (hf_greedy, hf_greedy_logprobs, hf_logits, perturb, prompt,
+                            word_tokenizer)
 
 V = 96
 SMALL = dict(vocab_size=V, bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -50,13 +51,6 @@ def build(name, seed=0):
     cls, config_cls, cfg = CASES[name]
     torch.manual_seed(seed)
     return perturb(cls(config_cls(**cfg)))
-
-
-def perturb(model, scale=0.5):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=list(CASES))

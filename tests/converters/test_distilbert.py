@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import dsjax
-from tests.conftest import INIT, torch, transformers
+from tests.conftest import INIT, perturb, torch, transformers
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 LENGTHS = [8, 5, 2]
@@ -16,7 +16,7 @@ def distilbert(cls: str, seed: int = 0, **overrides):
                max_position_embeddings=32, initializer_range=INIT, num_labels=4)
     cfg.update(overrides)
     torch.manual_seed(seed)
-    return getattr(transformers, cls)(transformers.DistilBertConfig(**cfg)).eval()
+    return perturb(getattr(transformers, cls)(transformers.DistilBertConfig(**cfg)), INIT)
 
 
 def batch():

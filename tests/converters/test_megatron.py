@@ -23,7 +23,9 @@ def megatron_tensors(model, tp: int) -> tuple[dict, int]:
     """HF GPT-2 weights under Megatron's names and layouts, unsplit: {name: (tensor, axis)}.
 
     GPT-2's Conv1D weights are [in, out], Megatron's Linear [out, in]; GPT-2's c_attn outputs are
-    [q | k | v] (each heads-contiguous), Megatron's QKV rows [heads, 3, head_dim]."""
+    [q | k | v] (each heads-contiguous), Megatron's QKV rows [heads, 3, head_dim]. gpt2_model's
+    weights are perturbed, biases and norm scales included, so a misplaced or misordered tensor
+    (the QKV bias not reordered per head, two norms swapped) changes the logits."""
     sd, c = model.state_dict(), model.config
     H, D, V = c.n_head, c.n_embd, c.vocab_size
     qkv = lambda x: x.reshape(3, H, D // H, *x.shape[1:]).transpose(0, 1).reshape(x.shape)  # noqa: E731
