@@ -29,20 +29,8 @@ stages run in lockstep. A stage stores micro-batch m's cache in slot (m + s) mod
 a tick uses is the same on every stage and known when tracing: no cache is ever copied.
 Sampling streams (do_sample) differ from the single-device generate; greedy tokens are equal.
 
-KV offload (offload_kv, beyond open-source DeepSpeed): the M cache slots live in pinned host
-memory (JAX memory kinds) between their ticks, and the device holds two: the slot a tick works
-on and a spare buffer into which the same tick copies the next tick's slot while it computes.
-Transfers inside the one program over all ticks saved almost nothing (62.7 -> 61.0 GB peak with
-34.5 GB of caches on the H200: XLA's schedule kept slots on the device), so `generate_offloaded`
-runs the same ticks (`_prompt_tick`, `_token_tick`) as one program each from a Python loop; a
-tick's program sends its slot back to host memory and the two device buffers swap roles
-(donated, updated in place). The default path is untouched: one program, caches on device.
-Measured on the H200 (llama3-8b, batch 128 in 4 micro-batches, prompt 2048 + 8 new tokens,
-benchmarks/results/kv_offload.md): peak device memory 62.8 -> 40.9 GB with 34.5 GB of caches;
-generate 6.5 -> 16.4 s, the prompt phase as fast (6.4 -> 6.8 s) but each decode tick bound by
-moving its 8.6 GB slot in and out over PCIe (341 ms against 3.6 ms of compute). Tokens equal
-on the CPU (fp32 and bf16); on the GPU some rows differ after their first few tokens (bf16
-near-ties, presumably; unconfirmed).
+KV offload (offload_kv: the cache slots in pinned host memory between their ticks) runs these
+same ticks as one program each: dsjax/parallel/offload.py.
 """
 
 from __future__ import annotations
@@ -64,6 +52,7 @@ from dsjax.config import ModelConfig
 from dsjax.model import abstract_model, unflatten
 from dsjax.parallel import tensor
 from dsjax.parallel.mesh import Parallel
+from dsjax.policy import ONCE
 from dsjax.quant import QuantSpec, quantizable, quantize
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
@@ -94,12 +83,13 @@ class Plan:
 
 # ----------------------------------------------------------------------------- weights
 
-def build(cfg: ModelConfig, par: Parallel, mesh: Mesh, flat: dict, dtype, impl=("xla",),
+def build(cfg: ModelConfig, par: Parallel, mesh: Mesh, flat: dict, dtype, policy=None,
           quant: QuantSpec | None = None):
     """(plan, graphdef, params) of a model served over `mesh`, from its full single-device
-    parameters {path: host array} (consumed): each device's module and its slices."""
+    parameters {path: host array} (consumed): each device's module and its slices. `policy`
+    (the kernel policy) goes to abstract_model unchanged."""
     plan = Plan(cfg, par, mesh)
-    graphdef, _ = abstract_model(stage_config(cfg, par), dtype, impl,
+    graphdef, _ = abstract_model(stage_config(cfg, par), dtype, policy,
                                  shard=tensor.shard_for(cfg, par.tp))
     return plan, graphdef, place(flat, plan, quant)
 
@@ -163,7 +153,7 @@ def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, p
     micro-batches, lengths [dp, M, b]; specs: the params' in_specs as a hashable
     (treedef, leaves) pair (see `hashable_specs`). Returns (tokens, count, logprobs) shaped
     [dp, M, b, capacity], [dp, M, b], [dp, M, b, capacity]."""
-    gen.TRACES["parallel_generate"] += 1
+    ONCE.new_program()
     body = functools.partial(_generate_local, graphdef, plan=plan, capacity=capacity,
                              do_sample=do_sample, return_logprobs=return_logprobs,
                              int8_cache=int8_cache)
@@ -211,24 +201,54 @@ class _Stage:
         return jax.lax.psum(jnp.where(self.last, x, jnp.zeros((), x.dtype)), "pp")
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MicroBatches:
+    """The generation state of the M micro-batches on one device: each field has one entry per
+    micro-batch (b rows each, capacity = the token budget). The last stage writes a micro-batch's
+    tokens; stage 0 keeps the token it feeds next. A tick returns an updated copy (`put`)."""
+
+    buf: tuple[jax.Array, ...]  # [b] int32: the token stage 0 feeds on the micro-batch's next pass
+    count: tuple[jax.Array, ...]  # [b] int32: tokens generated per row (the last stage's)
+    done: tuple[jax.Array, ...]  # [b] bool: rows that stopped (a stop token, or a filler row)
+    out: tuple[jax.Array, ...]  # [b, capacity] int32: the generated tokens, pad_id after them
+    out_lp: tuple[jax.Array, ...]  # [b, capacity] float32: their log-probabilities
+
+    @classmethod
+    def create(cls, M: int, b: int, capacity: int, pad_id) -> MicroBatches:
+        per_mb = lambda make: tuple(make() for _ in range(M))  # noqa: E731
+        return cls(buf=per_mb(lambda: jnp.zeros((b,), jnp.int32)),
+                   count=per_mb(lambda: jnp.zeros((b,), jnp.int32)),
+                   done=per_mb(lambda: jnp.zeros((b,), bool)),
+                   out=per_mb(lambda: jnp.full((b, capacity), pad_id, jnp.int32)),
+                   out_lp=per_mb(lambda: jnp.zeros((b, capacity), jnp.float32)))
+
+    def put(self, m: int, **entries) -> MicroBatches:
+        """This state with micro-batch m's entry of each named field replaced."""
+        return dataclasses.replace(self, **{
+            name: tuple(value if i == m else x for i, x in enumerate(getattr(self, name)))
+            for name, value in entries.items()})
+
+
 def _record(row, value, step, ok):
     """row [b, capacity] with value [b] written at column `step` where ok."""
     return jnp.where(ok, jax.lax.dynamic_update_slice(row, value[:, None], (0, step)), row)
 
 
-def _prompt_phase(st: _Stage, tokens, lengths, caches, mbs: dict, pick, key, stop_ids):
+def _prompt_phase(st: _Stage, tokens, lengths, caches, mbs: MicroBatches, pick, key, stop_ids):
     """GPipe over the M prompt micro-batches (micro-batch tau - s on stage s at tick tau): fills
     each stage's cache slots and, on the last stage, samples each micro-batch's first token."""
     recv = jnp.zeros(tokens.shape[1:] + (st.model.cfg.hidden_size,), st.model.embed.embedding.dtype)
     for tau in range(st.M + st.P - 1):
-        recv, caches[tau % st.M] = _prompt_tick(st, tau, recv, tokens, lengths,
-                                                caches[tau % st.M], mbs, pick, key, stop_ids)
+        recv, caches[tau % st.M], mbs = _prompt_tick(st, tau, recv, tokens, lengths,
+                                                     caches[tau % st.M], mbs, pick, key, stop_ids)
     return caches, mbs
 
 
-def _prompt_tick(st: _Stage, tau: int, recv, tokens, lengths, old, mbs: dict, pick, key, stop_ids):
+def _prompt_tick(st: _Stage, tau: int, recv, tokens, lengths, old, mbs: MicroBatches, pick, key,
+                 stop_ids):
     """Prompt tick tau on slot tau mod M (its cache `old`): (what the next stage receives, the
-    slot's new cache); the last stage records its micro-batch's first token in mbs."""
+    slot's new cache, mbs with the last stage's micro-batch's first token recorded)."""
     P, M = st.P, st.M
     b, T = tokens.shape[1:]
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
@@ -243,14 +263,14 @@ def _prompt_tick(st: _Stage, tau: int, recv, tokens, lengths, old, mbs: dict, pi
         last = jnp.take_along_axis(h, (jnp.maximum(lengths[jl], 1) - 1)[:, None, None],
                                    axis=1)[:, 0]
         tok, lp = pick(st.head(last), jax.random.fold_in(key, jl), filler)
-        mbs["out"][jl] = _record(mbs["out"][jl], tok, 0, True)
-        mbs["out_lp"][jl] = _record(mbs["out_lp"][jl], lp, 0, True)
-        mbs["count"][jl] = (~filler).astype(jnp.int32)
-        mbs["done"][jl] = filler | gen.is_stop_token(tok, stop_ids)
+        mbs = mbs.put(jl, out=_record(mbs.out[jl], tok, 0, True),
+                      out_lp=_record(mbs.out_lp[jl], lp, 0, True),
+                      count=(~filler).astype(jnp.int32),
+                      done=filler | gen.is_stop_token(tok, stop_ids))
     recv, tok = st.pass_on((h, tok))
     if 0 <= jl < M:
-        mbs["buf"][jl] = tok
-    return recv, new
+        mbs = mbs.put(jl, buf=tok)
+    return recv, new, mbs
 
 
 def _start(st: _Stage, b: int, key, sampling, pad_id, *, capacity, do_sample, return_logprobs):
@@ -258,13 +278,7 @@ def _start(st: _Stage, b: int, key, sampling, pad_id, *, capacity, do_sample, re
     key = jax.random.fold_in(key, jax.lax.axis_index("dp"))  # replicas sample their own rows
     pick = functools.partial(gen.pick_token, sampling=sampling, pad_id=pad_id,
                              do_sample=do_sample, return_logprobs=return_logprobs)
-    per_mb = lambda make: [make() for _ in range(st.M)]  # noqa: E731
-    mbs = dict(buf=per_mb(lambda: jnp.zeros((b,), jnp.int32)),
-               count=per_mb(lambda: jnp.zeros((b,), jnp.int32)),
-               done=per_mb(lambda: jnp.zeros((b,), bool)),
-               out=per_mb(lambda: jnp.full((b, capacity), pad_id, jnp.int32)),
-               out_lp=per_mb(lambda: jnp.zeros((b, capacity), jnp.float32)))
-    return key, pick, mbs
+    return key, pick, MicroBatches.create(st.M, b, capacity, pad_id)
 
 
 def _new_cache(st: _Stage, b: int, capacity: int, int8_cache: bool) -> KVCache:
@@ -295,160 +309,52 @@ def _generate_local(graphdef, params, tokens, lengths, key, max_new_tokens, stop
 
     def round_(state):
         r, recv, caches, mbs, _ = state
-        caches, mbs = list(caches), {k: list(v) for k, v in mbs.items()}
+        caches = list(caches)
         for t in range(R):
-            recv, caches[t % M] = _token_tick(st, t, r, recv, caches[t % M], mbs, pick, key,
-                                              stop_ids, n_pass)
+            recv, caches[t % M], mbs = _token_tick(st, t, r, recv, caches[t % M], mbs, pick, key,
+                                                   stop_ids, n_pass)
         return r + 1, recv, caches, mbs, _all_done(st, mbs)
 
     recv = jnp.zeros((b, 1, model.cfg.hidden_size), model.embed.embedding.dtype)
     state = (jnp.int32(0), recv, caches, mbs, jnp.bool_(False))
     _, _, _, mbs, _ = jax.lax.while_loop(lambda s: (s[0] < rounds) & ~s[-1], round_, state)
-    result = (jnp.stack(mbs["out"]), jnp.stack(mbs["count"]), jnp.stack(mbs["out_lp"]))
+    result = (jnp.stack(mbs.out), jnp.stack(mbs.count), jnp.stack(mbs.out_lp))
     return tuple(st.from_last(x)[None] for x in result)
 
 
-def _token_tick(st: _Stage, t: int, r, recv, cache: KVCache, mbs: dict, pick, key, stop_ids,
-                n_pass):
+def _token_tick(st: _Stage, t: int, r, recv, cache: KVCache, mbs: MicroBatches, pick, key,
+                stop_ids, n_pass):
     """Tick t of round r on slot t mod M (its cache `cache`): (what the next stage receives, the
-    slot's new cache); the last stage records its micro-batch's token in mbs."""
+    slot's new cache, mbs with the last stage's micro-batch's token recorded)."""
     P, M, R = st.P, st.M, st.R
     b = cache.lengths.shape[0]
     j, k = (t - st.s) % R, r - (t < st.s).astype(jnp.int32)
     valid = (j < M) & (k >= 0) & (k < n_pass)
     pos = cache.lengths[:, None]
-    h, new = st.run(recv, mbs["buf"][min(t, M - 1)][:, None], pos, cache)
+    h, new = st.run(recv, mbs.buf[min(t, M - 1)][:, None], pos, cache)
     new = new.replace(lengths=cache.lengths + valid.astype(jnp.int32))
     tok, jl = jnp.zeros((b,), jnp.int32), (t - (P - 1)) % R  # the last stage's
     if jl < M:
         kl = r - int(t < P - 1)
-        ok, done = (kl >= 0) & (kl < n_pass), mbs["done"][jl]
+        ok, done = (kl >= 0) & (kl < n_pass), mbs.done[jl]
         tok, lp = pick(st.head(h[:, 0]), jax.random.fold_in(key, (r * R + t) * M + jl + M), done)
         step = jnp.clip(kl + 1, 0, cache.capacity - 1)
-        mbs["out"][jl] = _record(mbs["out"][jl], tok, step, ok)
-        mbs["out_lp"][jl] = _record(mbs["out_lp"][jl], lp, step, ok)
-        mbs["count"][jl] = mbs["count"][jl] + (ok & ~done).astype(jnp.int32)
-        mbs["done"][jl] = done | (ok & gen.is_stop_token(tok, stop_ids))
+        mbs = mbs.put(jl, out=_record(mbs.out[jl], tok, step, ok),
+                      out_lp=_record(mbs.out_lp[jl], lp, step, ok),
+                      count=mbs.count[jl] + (ok & ~done).astype(jnp.int32),
+                      done=done | (ok & gen.is_stop_token(tok, stop_ids)))
     recv, tok = st.pass_on((h, tok))
     if jl < M:  # stage 0 keeps it until micro-batch jl is due there again
-        mbs["buf"][jl] = jnp.where(ok, tok, mbs["buf"][jl])
-    return recv, new
+        mbs = mbs.put(jl, buf=jnp.where(ok, tok, mbs.buf[jl]))
+    return recv, new, mbs
 
 
-def _all_done(st: _Stage, mbs: dict):
+def _all_done(st: _Stage, mbs: MicroBatches):
     """Whether every row of every micro-batch of every replica has stopped (the last stages'
     word, on every device): replicas stop together, since devices that run different numbers of
     loop iterations would wait for each other in the collectives (XLA aborts on the CPU)."""
-    done = st.from_last(jnp.all(jnp.stack(mbs["done"])).astype(jnp.int32))
+    done = st.from_last(jnp.all(jnp.stack(mbs.done)).astype(jnp.int32))
     return (jax.lax.pmin(done, "dp") if st.plan.par.dp > 1 else done) > 0
-
-
-# ----------------------------------------------------------------------------- KV offload
-
-_ROWS = PS(("dp", "pp", "tp"))  # a value each device keeps between programs: its own rows
-
-
-def generate_offloaded(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
-                       sampling: gen.Sampling, *, plan: Plan, specs, capacity: int,
-                       do_sample: bool, return_logprobs: bool, int8_cache: bool = False):
-    """`generate` with the cache slots in pinned host memory: the same ticks, each its own
-    program, run from this Python loop. Two slot buffers stay on the device: the one a tick
-    works on, and a spare that the tick fills with the next tick's slot from the host while it
-    computes; it then sends its own slot to the host and the two buffers swap roles. The
-    arguments and the result are `generate`'s."""
-    par = plan.par
-    P, M = par.pp, par.micro_batches
-    R, n_pass = max(M, P), int(max_new_tokens) - 1
-    ticks = [("prompt", tau, 0) for tau in range(M + P - 1)] + [
-        ("token", t, r) for r in range(_rounds(n_pass, M, P, R) if n_pass > 0 else 0)
-        for t in range(R)]
-    inputs = (tokens, lengths, key, max_new_tokens, stop_ids, pad_id, sampling)
-    static = dict(plan=plan, specs=specs, capacity=capacity, do_sample=do_sample,
-                  return_logprobs=return_logprobs, int8_cache=int8_cache)
-    host, work, spare, carry = [None] * M, None, None, None
-    for phase, t, r in ticks:
-        slot, nxt, keep = _slots(phase, t, M, P)
-        if work is None:  # a fresh slot: it takes the idle buffer
-            work, spare = spare, None
-        incoming = None if nxt is None else host[nxt]
-        if nxt is not None:
-            host[nxt] = None  # a slot lives in one place: freed once the tick has read it
-        work, spare, carry, done, out = _offload_tick(
-            graphdef, params, work, spare, incoming, carry, jnp.int32(r), *inputs, phase=phase,
-            t=t, **static)
-        del incoming
-        if not keep:
-            host[slot], work, spare = out, spare, work
-        if phase == "prompt" and t == M + P - 2:  # the token phase starts from nothing received
-            recv = carry["recv"]
-            carry["recv"] = jnp.zeros((recv.shape[0], 1, recv.shape[2]), recv.dtype,
-                                      device=recv.sharding)
-        if phase == "token" and t == R - 1 and np.all(np.asarray(done)):
-            break
-    last = lambda x: np.asarray(x).reshape(par.dp, P, par.tp, -1, *x.shape[1:])[:, -1, 0]  # noqa: E731
-    return tuple(np.stack([last(x) for x in carry["mbs"][name]], axis=1)
-                 for name in ("out", "count", "out_lp"))
-
-
-def _slots(phase: str, t: int, M: int, P: int):
-    """(the slot that tick t of `phase` works on, the slot the next tick needs from host memory
-    or None, whether the next tick works on this same slot, which then stays on the device)."""
-    if phase == "token":
-        return t % M, (t + 1) % M, False
-    if t + 1 < M:  # the next prompt tick starts a fresh slot
-        return t, None, False
-    nxt = (t + 1) % M if t + 1 < M + P - 1 else 0  # token tick 0 works on slot 0
-    return t % M, (None if nxt == t % M else nxt), nxt == t % M
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "specs", "phase", "t", "capacity",
-                                             "do_sample", "return_logprobs", "int8_cache"),
-                   donate_argnames=("work", "spare", "carry"), keep_unused=True)
-def _offload_tick(graphdef, params, work, spare, incoming, carry, r, tokens, lengths, key,
-                  max_new_tokens, stop_ids, pad_id, sampling, *, plan: Plan, specs, phase: str,
-                  t: int, capacity: int, do_sample: bool, return_logprobs: bool,
-                  int8_cache: bool):
-    """One tick of generate_offloaded: (work, spare, carry, done, out) = the tick's slot on the
-    device, the spare buffer (now holding `incoming`'s slot, if any), the per-device state
-    (hidden state received, micro-batches' tokens), whether every row has stopped, and the
-    tick's slot in pinned host memory. work, spare, carry and done hold each device's rows."""
-    gen.TRACES["parallel_offload_tick"] += 1
-    body = functools.partial(_offload_tick_local, graphdef, plan=plan, phase=phase, t=t,
-                             capacity=capacity, do_sample=do_sample,
-                             return_logprobs=return_logprobs, int8_cache=int8_cache)
-    batch = PS("dp")
-    fn = jax.shard_map(body, mesh=plan.mesh, in_specs=(
-        jax.tree.unflatten(*specs), _ROWS, _ROWS, PS(), batch, batch, PS(), PS(), PS(), PS(),
-        PS()), out_specs=_ROWS, check_vma=False)
-    rows = NamedSharding(plan.mesh, _ROWS)
-    if incoming is not None:  # issued first: the copy overlaps the tick's compute
-        spare = jax.device_put(incoming, rows)
-    work, carry, done = fn(params, work, carry, r, tokens, lengths, key, max_new_tokens, stop_ids,
-                           pad_id, sampling)
-    keep = _slots(phase, t, plan.par.micro_batches, plan.par.pp)[2]
-    out = None if keep else jax.device_put(work, rows.with_memory_kind("pinned_host"))
-    return work, spare, carry, done, out
-
-
-def _offload_tick_local(graphdef, params, work, carry, r, tokens, lengths, key, max_new_tokens,
-                        stop_ids, pad_id, sampling, *, plan: Plan, phase, t, capacity, do_sample,
-                        return_logprobs, int8_cache):
-    st = _Stage(graphdef, params, plan)
-    tokens, lengths = tokens[0], lengths[0]  # [M, b, T], [M, b]
-    b, T = tokens.shape[1:]
-    key, pick, mbs = _start(st, b, key, sampling, pad_id, capacity=capacity, do_sample=do_sample,
-                            return_logprobs=return_logprobs)
-    if carry is None:  # the first tick
-        carry = dict(recv=jnp.zeros((b, T, st.model.cfg.hidden_size),
-                                    st.model.embed.embedding.dtype), mbs=mbs)
-    recv, mbs = carry["recv"], {k: list(v) for k, v in carry["mbs"].items()}
-    if phase == "prompt":
-        old = _new_cache(st, b, capacity, int8_cache) if t < st.M else work
-        recv, work = _prompt_tick(st, t, recv, tokens, lengths, old, mbs, pick, key, stop_ids)
-    else:
-        recv, work = _token_tick(st, t, r, recv, work, mbs, pick, key, stop_ids,
-                                 max_new_tokens - 1)
-    return work, dict(recv=recv, mbs=mbs), _all_done(st, mbs)[None]
 
 
 # ----------------------------------------------------------------------------- forward
@@ -456,7 +362,7 @@ def _offload_tick_local(graphdef, params, work, carry, r, tokens, lengths, key, 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "specs"))
 def forward(graphdef, params, tokens, attention_mask, *, plan: Plan, specs):
     """gen.forward over the mesh: tokens, attention_mask [dp, B, T] -> logits [dp, B, T, V]."""
-    gen.TRACES["parallel_forward"] += 1
+    ONCE.new_program()
     batch = PS("dp")
     fn = jax.shard_map(functools.partial(_forward_local, graphdef, plan=plan), mesh=plan.mesh,
                        in_specs=(jax.tree.unflatten(*specs), batch, batch), out_specs=batch,

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from dsjax.parallel import pipeline
+from dsjax.parallel import offload, pipeline
 from tests.conftest import hf_greedy, prompt
 from tests.parallel.test_parallel import ROWS, V, _engine, gqa_llama
 
@@ -33,33 +33,10 @@ def _pair(hf, tp, pp, M, **kw):
             for off in (False, True)]
 
 
-class _Ticks:
-    """Spies on the offload tick programs: their count, and after each the cache-slot arrays
-    alive on the device and in pinned host memory (counted in slots)."""
-
-    def __init__(self, monkeypatch):
-        self.calls, self.on_device, self.on_host, self.args = [], [], [], None
-        self._tick = pipeline._offload_tick
-        monkeypatch.setattr(pipeline, "_offload_tick", self)
-
-    def __call__(self, *args, **kw):
-        out = self._tick(*args, **kw)
-        work = out[0]
-        leaves = jax.tree.leaves(work)
-        shape = leaves[0].shape  # a layer's K: [devices x b, kv heads, capacity, head dim]
-        live = [a for a in jax.live_arrays() if a.shape == shape and a.dtype == leaves[0].dtype]
-        per_slot = sum(leaf.shape == shape for leaf in leaves)
-        kinds = [a.sharding.memory_kind for a in live]
-        self.calls.append((kw["phase"], kw["t"]))
-        self.on_device.append(kinds.count("device") / per_slot)
-        self.on_host.append(kinds.count("pinned_host") / per_slot)
-        if kw["phase"] == "token" and self.args is None:
-            self.args = args, kw
-        return out
-
-    def compiled_token_tick(self):
-        args, kw = self.args
-        return self._tick.lower(*args, **kw).compile()
+def _recorded(engine, rows, **kw):
+    """(engine.generate(rows, **kw), its offload tick programs as offload.Tick records)."""
+    with offload.record_ticks() as ticks:
+        return engine.generate(rows, **kw), ticks
 
 
 CASES = [(1, 1, 2, {}), (2, 1, 4, {}), (1, 2, 2, {}), (2, 2, 4, {}), (1, 4, 2, {}),
@@ -69,39 +46,39 @@ CASES = [(1, 1, 2, {}), (2, 1, 4, {}), (1, 2, 2, {}), (2, 2, 4, {}), (1, 4, 2, {
 @pytest.mark.parametrize("tp,pp,M,kw", CASES,
                          ids=["pp1-m2", "tp2-pp1-m4", "pp2-m2", "tp2-pp2-m4", "pp4-m2-idle-ticks",
                               "dp2-pp2-m2"])
-def test_offload_gives_the_same_tokens_and_logprobs(hf, monkeypatch, tp, pp, M, kw):
+def test_offload_gives_the_same_tokens_and_logprobs(hf, tp, pp, M, kw):
     plain, offloaded = _pair(hf, tp, pp, M, **kw)
     ref = plain.generate(PADDED, max_new_tokens=N, eos_token_id=[], return_logprobs=True)
-    ticks = _Ticks(monkeypatch)
-    out = offloaded.generate(PADDED, max_new_tokens=N, eos_token_id=[], return_logprobs=True)
+    out, ticks = _recorded(offloaded, PADDED, max_new_tokens=N, eos_token_id=[],
+                           return_logprobs=True)
     assert ref.sequences == [hf_greedy(hf, r, N) for r in PADDED]
     assert out.sequences == ref.sequences
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
     _check_idle_slots_in_pinned_host_memory(ticks, M)
 
 
-def _check_idle_slots_in_pinned_host_memory(ticks: _Ticks, M: int):
+def _check_idle_slots_in_pinned_host_memory(ticks: list[offload.Tick], M: int):
     """After every tick at most two slots are on the device (the one worked on and the next,
     prefetched) and the others in pinned host memory; a token tick's compiled program takes the
     next slot from host memory (S(5) layouts), gives its own slot back to host memory and works
     in place on the two donated device buffers."""
-    token = [i for i, (phase, _) in enumerate(ticks.calls) if phase == "token"]
-    assert max(ticks.on_device) <= 2
+    token = [tick for tick in ticks if tick.phase == "token"]
+    assert max(tick.on_device for tick in ticks) <= 2
     # after a token tick: the two device buffers, the M - 1 idle slots and the tick's own slot
     # just sent to host memory (the slot it prefetched is freed there once the tick has run)
-    assert [ticks.on_device[i] for i in token] == [2] * len(token)
-    assert all(ticks.on_host[i] >= M for i in token)
-    text = ticks.compiled_token_tick().as_text()
+    assert [tick.on_device for tick in token] == [2] * len(token)
+    assert all(tick.on_host >= M for tick in token)
+    text = token[0].lower().compile().as_text()
     layout = re.search(r"entry_computation_layout=(.*)", text).group(1)
     params, results = layout.split(")->")
-    per_slot = len(jax.tree.leaves(ticks.args[0][2]))  # the work buffers' leaves
+    per_slot = len(jax.tree.leaves(token[0].args[2]))  # the work buffers' leaves
     assert params.count("S(5)") == per_slot  # the incoming slot
     assert results.count("S(5)") == per_slot  # the tick's own slot, sent back
     aliased = re.search(r"input_output_alias=\{(.*?)\}, entry", text).group(1)
     assert aliased.count("may-alias") >= 2 * per_slot  # work and spare updated in place
 
 
-def test_offload_stops_at_eos_like_the_plain_engine(hf, monkeypatch):
+def test_offload_stops_at_eos_like_the_plain_engine(hf):
     """Every row stops at its first stop token (each meets one by its second token); the
     offloaded loop ends with the round in which the last row stopped (eight rows: no filler
     rows; test_fillers.py covers those)."""
@@ -110,13 +87,13 @@ def test_offload_stops_at_eos_like_the_plain_engine(hf, monkeypatch):
     expected = [hf_greedy(hf, r, N) for r in rows]
     stops = sorted({e[1] for e in expected})
     ref = plain.generate(rows, max_new_tokens=N, eos_token_id=stops, return_logprobs=True)
-    ticks = _Ticks(monkeypatch)
-    out = offloaded.generate(rows, max_new_tokens=N, eos_token_id=stops, return_logprobs=True)
+    out, ticks = _recorded(offloaded, rows, max_new_tokens=N, eos_token_id=stops,
+                           return_logprobs=True)
     cut = [min(e.index(s) for s in stops if s in e) + 1 for e in expected]
     assert out.sequences == ref.sequences == [e[:n] for e, n in zip(expected, cut)]
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
     all_rounds = pipeline._rounds(N - 1, 2, 2, 2)
-    assert len(ticks.calls) < (2 + 2 - 1) + all_rounds * 2
+    assert len(ticks) < (2 + 2 - 1) + all_rounds * 2
 
 
 def test_offload_sampling_draws_the_same_tokens(hf):
