@@ -7,17 +7,22 @@ every run makes exactly `new_tokens` tokens. The first call compiles (its wall t
 median of `reps` calls that generate one token; decode ms/token = (P50 T(n) - P50 T(1)) / (n - 1),
 which removes the prompt phase. The floor of one decode step is the bytes it must read (the
 weights, and K/V over the mean context) / the bandwidth of a bf16 GEMV measured in the same run.
+
+The measure itself (`time_generate`, `decode_ms_per_token`, `timing`) is the one every GPU script
+in benchmarks/ uses too (through benchmarks/harness.py), so their figures mean the same.
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import importlib.metadata
 import json
 import math
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +71,50 @@ def median_time(fn, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+# ----------------------------------------------------------------------------- the decode measure
+
+def random_prompts(vocab: int, batch: int, prompt_len: int, seed: int = 0) -> np.ndarray:
+    """Random token ids [batch, prompt_len], a function of (seed, batch) alone: every system and
+    every variant of a run gets the same prompts at the same batch size."""
+    return np.random.default_rng([seed, batch]).integers(0, vocab, (batch, prompt_len))
+
+
+def time_generate(generate, new_tokens: int, warmup: int, reps: int) -> dict:
+    """generate(n) makes exactly n tokens and returns them on the host (so it has blocked).
+    `warmup` untimed calls of new_tokens, `reps` timed ones, one untimed one-token call (its own
+    warm-up), `reps` timed one-token calls. The times (ms) and the last timed call's tokens."""
+    def timed(n):
+        t0 = time.perf_counter()
+        out = generate(n)
+        return (time.perf_counter() - t0) * 1e3, out
+
+    for _ in range(warmup):
+        generate(new_tokens)
+    full = [timed(new_tokens) for _ in range(reps)]
+    generate(1)
+    first = [timed(1)[0] for _ in range(reps)]
+    return {"full_ms": [t for t, _ in full], "first_ms": first,
+            "tokens": np.asarray(full[-1][1]).tolist()}
+
+
+def decode_ms_per_token(full_ms, first_ms, new_tokens: int) -> float:
+    """THE decode time per token: (P50 T(n) - P50 T(1)) / (n - 1). The prompt phase and the
+    per-call overhead cancel out; what is left is one decode step of the whole batch."""
+    return (percentile(full_ms, 50) - percentile(first_ms, 50)) / (new_tokens - 1)
+
+
+def timing(measured: dict, new_tokens: int) -> dict:
+    """A row's figures from time_generate()'s times: latency statistics of the full generate,
+    ms/token = P50 / n, decode ms/token, TTFT = P50 of the one-token calls, and tokens/s =
+    batch x n / mean."""
+    lat = latency_stats(measured["full_ms"])
+    return {"latency_ms": lat, "ms_per_token": lat["p50"] / new_tokens,
+            "decode_ms_per_token": decode_ms_per_token(measured["full_ms"], measured["first_ms"],
+                                                       new_tokens),
+            "tokens_per_s": len(measured["tokens"]) * new_tokens / (lat["mean"] / 1e3),
+            "ttft_ms": percentile(measured["first_ms"], 50)}
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -149,42 +198,28 @@ def run(engine, batch_sizes, prompt_len: int, new_tokens: int, reps: int = 10, w
     bandwidth = bandwidth or gemv_bandwidth()
     wbytes, cfg = weight_bytes_per_step(engine), engine.config
     bar = _progress(len(batch_sizes) * (max(warmup, 1) + 2 * reps + 1), progress)
+
+    def generate(prompts, n):
+        tokens = engine.generate(prompts, max_new_tokens=n, eos_token_id=[]).tokens
+        bar.update()
+        return tokens
+
     rows = []
     for bs in batch_sizes:
-        prompts = np.random.default_rng([seed, bs]).integers(0, cfg.vocab_size, (bs, prompt_len))
+        call = functools.partial(generate, random_prompts(cfg.vocab_size, bs, prompt_len, seed))
         bar.set_postfix(batch=bs)
-        call = functools.partial(_timed_generate, engine, prompts, bar=bar)  # call(n) -> seconds
-        compile_s = call(new_tokens)
-        for _ in range(max(warmup, 1) - 1):
-            call(new_tokens)
-        full = [call(new_tokens) * 1e3 for _ in range(reps)]
-        call(1)  # the one-token call's own warm-up (max_new_tokens is traced: no recompile)
-        first = [call(1) * 1e3 for _ in range(reps)]
-        rows.append(_row(bs, prompt_len, new_tokens, full, first, compile_s, wbytes,
-                         kv_bytes_per_step(cfg, bs, prompt_len + new_tokens // 2, kv_itemsize(engine)),
-                         bandwidth["bytes_per_s"]))
+        t0 = time.perf_counter()
+        call(new_tokens)  # compiles (max_new_tokens is traced: the one-token calls reuse it)
+        compile_s = time.perf_counter() - t0
+        measured = time_generate(call, new_tokens, max(warmup, 1) - 1, reps)
+        kv = kv_bytes_per_step(cfg, bs, prompt_len + new_tokens // 2, kv_itemsize(engine))
+        floor = roofline(wbytes, kv, bandwidth["bytes_per_s"])
+        row = {"batch": bs, "prompt_len": prompt_len, "new_tokens": new_tokens,
+               **timing(measured, new_tokens), "compile_s": compile_s,
+               "peak_memory_bytes": peak_memory_bytes(), **floor}
+        rows.append(dict(row, over_floor=row["decode_ms_per_token"] / floor["floor_ms"]))
     bar.close()
     return rows
-
-
-def _timed_generate(engine, prompts, n: int, bar) -> float:
-    """Seconds of one generate of exactly n tokens (it returns host arrays: no async tail)."""
-    t0 = time.perf_counter()
-    engine.generate(prompts, max_new_tokens=n, eos_token_id=[])
-    elapsed = time.perf_counter() - t0
-    bar.update()
-    return elapsed
-
-
-def _row(bs, prompt_len, new_tokens, full_ms, first_ms, compile_s, wbytes, kv, bytes_per_s) -> dict:
-    stats, ttft = latency_stats(full_ms), statistics.median(first_ms)
-    decode = (stats["p50"] - ttft) / (new_tokens - 1)
-    floor = roofline(wbytes, kv, bytes_per_s)
-    return {"batch": bs, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "latency_ms": stats, "ms_per_token": stats["p50"] / new_tokens,
-            "decode_ms_per_token": decode, "tokens_per_s": bs * new_tokens / (stats["mean"] / 1e3),
-            "ttft_ms": ttft, "compile_s": compile_s, "peak_memory_bytes": peak_memory_bytes(),
-            **floor, "over_floor": decode / floor["floor_ms"]}
 
 
 # ----------------------------------------------------------------------------- reports
@@ -234,7 +269,8 @@ def _definitions(env: dict, args: dict) -> str:
 
 
 def environment() -> dict:
-    """Date, git commit (or $DSJAX_COMMIT), JAX version, device kind and count."""
+    """Date, git commit (or $DSJAX_COMMIT), device kind and count, and the versions of Python
+    and the packages a figure depends on (None: not installed; read without importing them)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, text=True,
                                 capture_output=True, cwd=Path(__file__).parent).stdout.strip()
@@ -246,7 +282,16 @@ def environment() -> dict:
         "jax": jax.__version__,
         "device": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
+        "python": sys.version.split()[0],
+        **{name: _version(name) for name in ("jaxlib", "flax", "transformers", "torch")},
     }
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def write(out_dir, name: str, payload: dict, markdown: str) -> tuple[Path, Path]:

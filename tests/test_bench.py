@@ -40,6 +40,35 @@ def test_latency_stats():
     assert s == {"p50": 2.0, "p95": pytest.approx(2.9), "mean": 2.0, "min": 1.0, "max": 3.0, "n": 3}
 
 
+def test_the_decode_measure():
+    """The one decode measure every benchmark uses: the calls it makes, and (P50 T(n) - P50 T(1))
+    / (n - 1) with P50 the median."""
+    calls = []
+
+    def generate(n):
+        calls.append(n)
+        return np.full((2, n), len(calls))
+
+    measured = bench.time_generate(generate, 5, warmup=1, reps=2)
+    assert calls == [5, 5, 5, 1, 1, 1]  # a warm-up, 2 timed, the one-token warm-up, 2 timed
+    assert len(measured["full_ms"]) == len(measured["first_ms"]) == 2
+    assert measured["tokens"] == [[3] * 5] * 2  # the last timed full call's
+    assert bench.decode_ms_per_token([30.0, 10.0, 20.0], [4.0, 2.0, 3.0], 3) == (20 - 3) / 2
+    assert bench.decode_ms_per_token([10.0, 20.0], [1.0, 3.0], 6) == (15 - 2) / 5
+    row = bench.timing({"full_ms": [30.0, 10.0, 20.0], "first_ms": [4.0, 2.0, 3.0],
+                        "tokens": [[0] * 3] * 2}, 3)
+    assert row["decode_ms_per_token"] == (20 - 3) / 2 and row["ttft_ms"] == 3.0
+    assert row["ms_per_token"] == pytest.approx(20 / 3)
+    assert row["tokens_per_s"] == pytest.approx(2 * 3 / 0.020)  # batch x tokens / mean
+
+
+def test_random_prompts_depend_on_seed_and_batch_alone():
+    a = bench.random_prompts(512, 2, 8, seed=0)
+    assert a.shape == (2, 8) and 0 <= a.min() and a.max() < 512
+    np.testing.assert_array_equal(a, np.random.default_rng([0, 2]).integers(0, 512, (2, 8)))
+    assert not np.array_equal(a, bench.random_prompts(512, 2, 8, seed=1))
+
+
 def test_weight_bytes_per_step(tiny):
     assert bench.weight_bytes_per_step(tiny) == TINY_READ * 2  # bf16
     assert tiny.num_params() == TINY_READ + 256 * 64
