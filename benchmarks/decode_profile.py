@@ -1,10 +1,13 @@
 """Where a dsjax decode step spends its time on the GPU: a profiler trace of one generate call,
 summarised per kernel (count per step, total time), with the GPU-busy fraction.
 
-    python benchmarks/decode_profile.py --arch gpt2-1.3b --batch 1 [--kernels on] [--hlo OUT_FILE]
+    python benchmarks/decode_profile.py --arch gpt2-1.3b --batch 1 [--variant dsjax-pallas]
+        [--tp 2] [--layers 8] [--json OUT_FILE] [--hlo OUT_FILE]
 
-Random weights (built in JAX, no torch). Prints decode ms/token against the weight-read floor
-and the top kernels; `--hlo` writes the optimized HLO of the jitted generate for reading.
+Random weights (built in JAX, no torch). --variant: a dsjax engine variant of
+benchmarks/harness.py (a KernelPolicy and init_inference keywords; `--kernels on` is the older
+spelling of dsjax-pallas). Prints decode ms/token (dsjax.bench's measure) against the
+weight-read floor and the top kernels; `--hlo` writes the optimized HLO of the jitted generate.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import jax  # noqa: E402
 
-from benchmarks import common  # noqa: E402
-from benchmarks.decode_latency import weight_bytes_per_step  # noqa: E402
-from dsjax.bench import kv_bytes_per_step, kv_itemsize  # noqa: E402
+import dsjax  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from dsjax import presets  # noqa: E402
 
 
 _COLLECTIVE = re.compile(r"nccl|psum|all.?reduce|all.?gather|collective|one.?shot", re.I)
@@ -95,39 +98,37 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (profiles GPU 0)")
     p.add_argument("--layers", type=int, help="override the architecture's layer count")
+    p.add_argument("--variant", choices=list(harness.DSJAX_VARIANTS), default=None,
+                   help="the engine variant (default dsjax-xla)")
     p.add_argument("--kernels", choices=("on", "off"), default="off",
-                   help="on: replace_with_kernel_inject (the Pallas kernels)")
+                   help="on: --variant dsjax-pallas (replace_with_kernel_inject)")
     p.add_argument("--json", default=None, help="write the per-step summary here")
     p.add_argument("--hlo", default=None, help="write the optimized HLO of generate here")
     args = p.parse_args()
-
-    import jax
-    import jax.numpy as jnp
-
-    import dsjax
-    from dsjax import generate as gen
+    variant = args.variant or ("dsjax-pallas" if args.kernels == "on" else "dsjax-xla")
 
     model = args.arch
     if args.layers:  # the same layers, fewer of them
-        model = dataclasses.replace(dsjax.engine._open(args.arch).config, num_layers=args.layers)
+        model = dataclasses.replace(presets.model_config(args.arch), num_layers=args.layers)
     engine = dsjax.init_inference(model, dtype="bf16", max_out_tokens=args.prompt_len + args.new_tokens,
                                   tensor_parallel={"tp_size": args.tp}, progress=False,
-                                  replace_with_kernel_inject=args.kernels == "on")
-    prompts = np.random.default_rng(0).integers(0, engine.config.vocab_size,
-                                                (args.batch, args.prompt_len)).tolist()
-    run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[])  # noqa: E731
+                                  **harness.DSJAX_VARIANTS[variant][1])
+    prompts = harness.random_prompts(engine.config.vocab_size, args.batch, args.prompt_len)
+    run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[]).tokens  # noqa: E731
     run(args.new_tokens)
-    decode_ms = common.decode_timing(run, args.new_tokens, 5)["decode_ms_per_token"]
-    bw = common.gemv_bandwidth()["bytes_per_s"]
-    floor_ms = weight_bytes_per_step(engine) / bw * 1e3  # bytes on one device
-    print(f"{args.arch} bs {args.batch}, kernels {args.kernels}: decode {decode_ms:.3f} "
-          f"ms/token, floor {floor_ms:.3f} ms ({decode_ms / floor_ms:.2f}x); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    measured = harness.time_generate(run, args.new_tokens, warmup=1, reps=5)
+    decode_ms = harness.timing(measured, args.new_tokens)["decode_ms_per_token"]
+    bw = harness.gemv_bandwidth()["bytes_per_s"]
+    floor_ms = harness.weight_bytes_per_step(engine) / bw * 1e3  # bytes on one device
+    print(f"{args.arch} bs {args.batch}, {variant}: decode {decode_ms:.3f} ms/token, floor "
+          f"{floor_ms:.3f} ms ({decode_ms / floor_ms:.2f}x); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+          flush=True)
 
     traces = {}
     for n in (1, args.new_tokens):  # the difference is the decode steps alone
         with tempfile.TemporaryDirectory() as d:
             jax.profiler.start_trace(d, create_perfetto_trace=True)
-            jax.block_until_ready(run(n).tokens)
+            run(n)
             jax.profiler.stop_trace()
             traces[n] = kernel_summary(Path(d))
     if "error" in traces[1] or "error" in traces[args.new_tokens]:
@@ -143,8 +144,8 @@ def main() -> None:
             print(f"  {k['us']:8.1f} us/step  {k['per_step']:6.1f}/step  {k['name']}")
         # decode steps i = 1 .. n - 1 (the difference of the runs): step i sees prompt + i keys
         mean_ctx = args.prompt_len + args.new_tokens / 2
-        att = attention_rate(d, kv_bytes_per_step(engine.config, args.batch, mean_ctx,
-                                                  kv_itemsize(engine)))
+        att = attention_rate(d, harness.kv_bytes_per_step(engine.config, args.batch, mean_ctx,
+                                                          harness.kv_itemsize(engine)))
         if att["bytes_per_s"]:
             print(f"decode_attention kernel: {att['us_per_step']:.1f} us/step in "
                   f"{att['kernels_per_step']:.0f} kernels for {att['kv_bytes_per_step'] / 1e6:.1f} "
@@ -153,19 +154,12 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(
                 {"arch": args.arch, "layers": engine.config.num_layers, "tp": args.tp,
-                 "kernels": args.kernels,
+                 "variant": variant, "kernels": engine.inference_config.kernels.describe(),
                  "batch": args.batch, "decode_ms_per_token": decode_ms, "floor_ms": floor_ms,
-                 "xla_flags": os.environ.get("XLA_FLAGS", ""), **common.environment(),
-                 "gemv_bytes_per_s": bw, "attention": att, "per_step": d}, indent=1))
+                 **harness.environment(), "gemv_bytes_per_s": bw, "attention": att, "per_step": d},
+                indent=1))
     if args.hlo:
-        tokens, lengths = (jnp.asarray(a) for a in
-                           __import__("dsjax.engine", fromlist=["_pack"])._pack(
-                               [np.asarray(r) for r in prompts], engine.inference_config.max_out_tokens, 0))
-        lowered = gen.generate.lower(
-            engine.graphdef, engine.params, tokens, lengths, jax.random.key(0), jnp.int32(8),
-            jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(),
-            capacity=engine.inference_config.max_out_tokens, do_sample=False, return_logprobs=False)
-        Path(args.hlo).write_text(lowered.compile().as_text())
+        Path(args.hlo).write_text(harness.compiled_generate(engine, args.prompt_len, args.batch).as_text())
 
 
 if __name__ == "__main__":

@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -40,10 +38,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import elapsed  # noqa: E402
 from dsjax import ops  # noqa: E402
-from dsjax.quant import QuantizedWeight  # noqa: E402
-from pallas_kernels import fusion  # noqa: E402
+from dsjax.numerics import NormSpec, apply_norm  # noqa: E402
+from dsjax.weights import QuantizedWeight  # noqa: E402
 from pallas_kernels import gemv as gv  # noqa: E402
 from pallas_kernels import matmul as mm  # noqa: E402
 from pallas_kernels import quant_matmul as qm  # noqa: E402
@@ -52,28 +51,32 @@ SHAPES = {"qkv": (4096, 6144), "out": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096)}
 NORMED = ("qkv", "gate_up")  # the GEMMs a norm precedes in a LLaMA block
 BF16 = jnp.bfloat16
-T0 = time.perf_counter()
-
-
-def elapsed() -> float:
-    return time.perf_counter() - T0
 
 
 # ----------------------------------------------------------------------------- ops under test
 
+def RMS(g, plus_one=False):  # noqa: N802
+    return NormSpec(g, None, "rmsnorm", 1e-5, plus_one)
+
+
+def LN(g, b):  # noqa: N802
+    return NormSpec(g, b, "layernorm", 1e-5)
+
+
 def rms(x, g):
-    return fusion.normalize(x, g, None, fusion.NormConfig("rmsnorm", 1e-5, False))
+    return apply_norm(x, RMS(g))
 
 
 def ln(x, g, b):
-    return fusion.normalize(x, g, b, fusion.NormConfig("layernorm", 1e-5, False))
+    return apply_norm(x, LN(g, b))
 
 
 def op_for(name: str, K: int, bs=None):
     """name -> (fn(x, *weights), weight kind)."""
     q = functools.partial(qm.quant_matmul, block_sizes=bs)
-    nm = functools.partial(mm.norm_matmul, norm_kind="rmsnorm", eps=1e-5, plus_one=False,
-                           block_sizes=bs)
+
+    def nm(x, g, w, **kw):  # RMSNorm + GEMM in one kernel
+        return mm.norm_matmul(x, RMS(g), w, block_sizes=bs, **kw)
     table = {
         "xla_bf16": (lambda x, w: x @ w, "bf16"),
         "pallas_bf16": (lambda x, w: mm.matmul(x, w, block_sizes=bs), "bf16"),
@@ -84,21 +87,17 @@ def op_for(name: str, K: int, bs=None):
         "pallas_int8_g128": (lambda x, v, s: q(x, v, s, bits=8, group_size=128), "int8_g128"),
         "pallas_int4_g128": (lambda x, v, s: q(x, v, s, bits=4, group_size=128), "int4_g128"),
         "xla_norm": (lambda x, g, w: rms(x, g) @ w, "norm"),
-        "pallas_norm": (lambda x, g, w: nm(x, g, None, w), "norm"),
+        "pallas_norm": (lambda x, g, w: nm(x, g, w), "norm"),
         "xla_norm_gated": (lambda x, g, w: _xla_gated(rms(x, g) @ w), "norm"),
-        "pallas_norm_gated": (lambda x, g, w: nm(x, g, None, w, gated=True, activation="silu"),
-                              "norm"),
+        "pallas_norm_gated": (lambda x, g, w: nm(x, g, w, gated=True, activation="silu"), "norm"),
         "xla_ln": (lambda x, g, b, w: ln(x, g, b) @ w, "ln"),
         # K-major weights (kind *_t): the decode GEMV, and quant_matmul over [N, K] codes
         "gemv_bf16": (lambda x, wt: gv.gemv(x, wt), "bf16_t"),
         "gemv_int8": (lambda x, vt, s: gv.gemv(x, vt, s), "int8_pc_t"),
-        "gemv_norm": (lambda x, g, wt: gv.gemv(x, wt, norm=(g, None, "rmsnorm", 1e-5, False)),
-                      "norm_t"),
-        "gemv_norm_gated": (lambda x, g, wt: gv.gemv(
-            x, wt, norm=(g, None, "rmsnorm", 1e-5, False), gated=True, activation="silu"),
-            "norm_t"),
-        "gemv_ln": (lambda x, g, b, wt: gv.gemv(x, wt, norm=(g, b, "layernorm", 1e-5, False)),
-                    "ln_t"),
+        "gemv_norm": (lambda x, g, wt: gv.gemv(x, wt, norm=RMS(g)), "norm_t"),
+        "gemv_norm_gated": (lambda x, g, wt: gv.gemv(x, wt, norm=RMS(g), gated=True, activation="silu"),
+                            "norm_t"),
+        "gemv_ln": (lambda x, g, b, wt: gv.gemv(x, wt, norm=LN(g, b)), "ln_t"),
         "pallas_int8_pc_t": (lambda x, vt, s: q(x, vt, s[None, :], bits=8, group_size=K,
                                                 transpose_w=True), "int8_pc_t"),
         "pallas_bf16_t": (lambda x, wt: mm.matmul(x, wt, transpose_w=True, block_sizes=bs),
@@ -107,10 +106,9 @@ def op_for(name: str, K: int, bs=None):
                                                   transpose_w=True), "int8_g128_t"),
         "pallas_int4_g128_t": (lambda x, vt, s: q(x, vt, s, bits=4, group_size=128,
                                                   transpose_w=True), "int4_g128_t"),
-        "pallas_norm_t": (lambda x, g, wt: nm(x, g, None, wt, transpose_w=True), "norm_t"),
-        "pallas_ln_t": (lambda x, g, b, wt: mm.norm_matmul(
-            x, g, b, wt, norm_kind="layernorm", eps=1e-5, plus_one=False, transpose_w=True,
-            block_sizes=bs), "ln_t"),
+        "pallas_norm_t": (lambda x, g, wt: nm(x, g, wt, transpose_w=True), "norm_t"),
+        "pallas_ln_t": (lambda x, g, b, wt: mm.norm_matmul(x, LN(g, b), wt, transpose_w=True,
+                                                           block_sizes=bs), "ln_t"),
     }
     return table[name]
 
@@ -165,18 +163,11 @@ class Pool:
         return v, jax.random.uniform(k3, (K // G, N), jnp.float32, 0.5, 1.5) / (64 * K ** 0.5)
 
 
-def time_op(fn, weights, M: int, K: int, reps: int = 7, inner: int = 4) -> tuple[float, float]:
-    """(median, min) seconds per op: one jit runs the op once per weight (all distinct, so L2
-    never holds the next one and XLA can merge nothing), `inner` jit calls are queued per
-    measurement so that host dispatch overlaps the GPU."""
+def time_op(fn, weights, M: int, K: int) -> tuple[float, float]:
+    """(median, min) seconds per op (harness.time_in_jit: one jit over all the distinct weights,
+    each with its own x [M, K], 4 jits queued, 7 reps)."""
     xs = [jax.random.normal(jax.random.key(i), (M, K), BF16) for i in range(len(weights))]
-    f = jax.jit(lambda xs, ws: [fn(x, *w) for x, w in zip(xs, ws)])
-    jax.block_until_ready(f(xs, weights))
-
-    def run():
-        jax.block_until_ready([f(xs, weights) for _ in range(inner)])
-    t, times = common.median_time(run, reps, warmup=1)
-    return t / (inner * len(weights)), min(times) / (inner * len(weights))
+    return harness.time_in_jit(fn, [(x, *w) for x, w in zip(xs, weights)])
 
 
 CALLS = 16  # ops (and distinct weights) per timed jit
@@ -209,25 +200,20 @@ def correctness(ms) -> dict:
                 "matmul_transposed": (lambda: mm.matmul(x, w.T, transpose_w=True),
                                       lambda: mm.matmul_reference(x, w.T, transpose_w=True)),
                 "norm_matmul_ln": (
-                    lambda: mm.norm_matmul(x, g, nb, w, norm_kind="layernorm", eps=1e-5,
-                                           plus_one=False, return_normed=True),
-                    lambda: mm.norm_matmul_reference(x, g, nb, w, norm_kind="layernorm",
-                                                     eps=1e-5, plus_one=False,
-                                                     return_normed=True)),
+                    lambda: mm.norm_matmul(x, LN(g, nb), w, return_normed=True),
+                    lambda: mm.norm_matmul_reference(x, LN(g, nb), w, return_normed=True)),
             }
             if M <= gv.MAX_ROWS:  # the decode GEMV over K-major weights
                 qt = qm.random_weight(rng, K, N, bits=8, symmetric=True, group_size=K)
                 vt, st = qt[0].T, qt[1][0]
-                ln_norm = (g, nb, "layernorm", 1e-5, False)
+                ln_norm = LN(g, nb)
                 cases["gemv_ln_bias_gelu"] = (
                     lambda: gv.gemv(x, w.T, None, b, norm=ln_norm, activation="gelu"),
                     lambda: gv.gemv_reference(x, w.T, None, b, norm=ln_norm, activation="gelu"))
                 cases["gemv_int8_rms_gated_res"] = (
-                    lambda: gv.gemv(x, vt, st, b, r, norm=(g, None, "rmsnorm", 1e-5, True),
-                                    gated=True, activation="silu"),
-                    lambda: gv.gemv_reference(x, vt, st, b, r,
-                                              norm=(g, None, "rmsnorm", 1e-5, True),
-                                              gated=True, activation="silu"))
+                    lambda: gv.gemv(x, vt, st, b, r, norm=RMS(g, True), gated=True, activation="silu"),
+                    lambda: gv.gemv_reference(x, vt, st, b, r, norm=RMS(g, True), gated=True,
+                                              activation="silu"))
                 cases["int8_sym_k_major"] = (
                     lambda: qm.quant_matmul(x, vt, st[None], bits=8, group_size=K,
                                             transpose_w=True),
@@ -238,7 +224,7 @@ def correctness(ms) -> dict:
             for bits, sym, G in quant:
                 vals, sc, zs = qm.random_weight(rng, K, N, bits=bits, symmetric=sym, group_size=G)
                 kw = dict(bits=bits, group_size=G, bias=b, activation="silu", gated=True,
-                          norm=(g, None, "rmsnorm", 1e-5, True))
+                          norm=RMS(g, True))
                 cases[f"int{bits}_{'sym' if sym else 'asym'}_g{G}"] = (
                     functools.partial(qm.quant_matmul, x, vals, sc, zs, **kw),
                     functools.partial(qm.quant_matmul_reference, x, vals, sc, zs, **kw))
@@ -528,18 +514,6 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path)
 
 
-def _smi() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(
-            ["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.draw,"
-             "temperature.gpu,utilization.gpu,memory.used", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unavailable"
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,2,4,8,16,64,256")
@@ -557,20 +531,20 @@ def main() -> None:
     a = p.parse_args()
     shapes, ms = a.shapes.split(","), [int(m) for m in a.ms.split(",")]
     name = "gemm_kernels" + (f"-{a.suffix}" if a.suffix else "")
-    out_dirs = [common.RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    payload = dict(env=common.environment(), correctness={}, rows=[], sweep=[], goals={})
-    payload["env"]["nvidia_smi"] = _smi()
+    payload = dict(env=harness.environment(), correctness={}, rows=[], sweep=[], goals={})
+    payload["env"]["nvidia_smi"] = harness.nvidia_smi(
+        "clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used")
     print(payload["env"], flush=True)
     if a.check_ms:
         payload["correctness"] = correctness([int(m) for m in a.check_ms.split(",")])
-    payload["ceiling"] = common.gemv_bandwidth()
+    payload["ceiling"] = harness.gemv_bandwidth()
     ceiling = payload["ceiling"]["bytes_per_s"]
     print(f"[{elapsed():.0f}s] ceiling {payload['ceiling']}", flush=True)
 
     def sink(rows):
         payload["rows"], payload["goals"] = rows, goals(rows)
         payload["speedups"] = speedups(rows)
-        common.write(name, payload, markdown(payload), out_dirs)
+        harness.save(name, payload, markdown(payload))
 
     tuned = None
     if a.sweep:
@@ -580,7 +554,7 @@ def main() -> None:
     if a.explore:
         payload["sweep"], _ = sweep(shapes, a.sweep_budget_s)
         sink(payload["rows"])
-    for d in out_dirs:
+    for d in dict.fromkeys(p.parent for p in harness.save(name, payload, markdown(payload))):
         plot(payload["rows"], d / f"{name}.png")
     print(markdown(payload), flush=True)
     print(summary(payload), flush=True)

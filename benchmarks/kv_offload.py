@@ -8,7 +8,9 @@ Runs the same greedy generate (random weights, --dtype, Pallas flash attention f
 that its scores are never materialized) with the M micro-batches' caches on the device and
 with them offloaded, each in its own process (JAX cannot reset its peak-memory counter), and
 reports the peak device memory (and the peak of loading alone), the cache size, the time of a
-full generate and of a prompt-only one (max_new_tokens=1), and whether all tokens agree.
+full generate and of a prompt-only one (max_new_tokens=1), and whether all tokens agree; of
+the offloaded run, from its tick records (dsjax.parallel.offload.record_ticks), the most cache
+slots alive on the device after any tick and the compiled memory statistics of a token tick.
 Writes results/kv_offload{suffix}.{json,md} (and into $OUT when set). The two runs are
 different compiled programs, so rounding may differ and decide a near-tie between two tokens
 differently: the report gives the log-probability gap wherever a row first differs. With
@@ -19,6 +21,7 @@ differently: the report gives the log-probability gap wherever a row first diffe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -29,28 +32,28 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import dsjax  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from dsjax.parallel.offload import record_ticks  # noqa: E402
+
 
 def one(a) -> dict:
-    import hashlib
-
-    import numpy as np
-
-    import dsjax
-    from dsjax import bench
-
+    """One process's run: with the caches on the device, or offloaded (a.offload)."""
     engine = dsjax.init_inference(
         a.arch, dtype=a.dtype, max_out_tokens=a.prompt_len + a.new_tokens, progress=False,
-        replace_with_kernel_inject=True, kernels={"linear": "xla"},
-        pipeline_parallel={"pp_size": 1, "micro_batches": a.micro_batches,
-                           "offload_kv": a.offload})
+        kernels=harness.ATTENTION,  # Pallas flash attention: the prompt's scores never materialized
+        pipeline_parallel={"pp_size": 1, "micro_batches": a.micro_batches, "offload_kv": a.offload})
     cfg = engine.config
-    built_peak = bench.peak_memory_bytes()  # loading random weights has its own peak
-    token_tick = _spy_on_a_token_tick() if a.offload else None
-    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (a.batch, a.prompt_len))
+    built_peak = harness.peak_memory_bytes()  # loading random weights has its own peak
+    prompts = harness.random_prompts(cfg.vocab_size, a.batch, a.prompt_len)
     run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[],  # noqa: E731
                                     return_logprobs=True)
     t0 = time.perf_counter()
-    first = run(a.new_tokens)
+    with record_ticks() as ticks:  # the offloaded run's tick programs (none without offload)
+        first = run(a.new_tokens)
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(a.reps):
@@ -62,35 +65,25 @@ def one(a) -> dict:
     prompt_s = time.perf_counter() - t0
     kv = (2 * cfg.num_layers * a.batch * cfg.kv_heads * (a.prompt_len + a.new_tokens) * cfg.dim_head
           * engine.inference_config.jnp_dtype.itemsize)
-    return {"offload": a.offload, "peak_bytes": bench.peak_memory_bytes(), "load_peak_bytes": built_peak,
+    return {"offload": a.offload, "peak_bytes": harness.peak_memory_bytes(), "load_peak_bytes": built_peak,
             "weight_bytes": engine.weight_bytes(), "kv_bytes": kv, "compile_s": compile_s,
             "generate_s": sorted(times)[len(times) // 2], "prompt_only_s": prompt_s,
             "tokens": [row[:8] for row in out.sequences[:4]],
             "tokens_sha1": hashlib.sha1(json.dumps(out.sequences).encode()).hexdigest(),
             "sequences": out.sequences, "logprobs": np.round(out.logprobs, 4).tolist(),
             "deterministic": first.sequences == out.sequences,
-            "token_tick_memory": token_tick and token_tick()}
+            "slots_on_device_max": max((t.on_device for t in ticks), default=None),
+            "token_tick_memory": _tick_memory(ticks)}
 
 
-def _spy_on_a_token_tick():
-    """The offloaded engine's per-tick program: returns a function giving the compiled memory
-    statistics of a token tick (device and host arguments, outputs, aliases, temporaries)."""
-    from dsjax.parallel import pipeline
-
-    tick, seen = pipeline._offload_tick, []
-
-    def spy(*args, **kw):
-        if kw["phase"] == "token" and not seen:
-            seen.append((args, kw))
-        return tick(*args, **kw)
-
-    def stats():
-        args, kw = seen[0]
-        m = tick.lower(*args, **kw).compile().memory_analysis()
-        return {k: getattr(m, k) for k in dir(m) if k.endswith("_in_bytes")}
-
-    pipeline._offload_tick = spy
-    return stats
+def _tick_memory(ticks) -> dict | None:
+    """The compiled memory statistics of the first token tick's program (device and host
+    arguments, outputs, aliases, temporaries), or None without offload."""
+    token = next((t for t in ticks if t.phase == "token"), None)
+    if token is None:
+        return None
+    m = token.lower().compile().memory_analysis()
+    return {k: getattr(m, k) for k in dir(m) if k.endswith("_in_bytes")}
 
 
 def main() -> None:
@@ -110,13 +103,9 @@ def main() -> None:
     a = p.parse_args()
     if a.one:
         if a.matmul_precision:
-            import jax
-
             jax.config.update("jax_default_matmul_precision", a.matmul_precision)
         print("RESULT " + json.dumps(one(a)), flush=True)
         return
-    from benchmarks import common
-
     rows = []
     for offload in (False, True):
         cmd = [sys.executable, __file__, "--one", *sys.argv[1:]] + ["--offload"] * offload
@@ -128,7 +117,7 @@ def main() -> None:
         else:
             rows.append(json.loads(lines[0][7:]))
         print(rows[-1], flush=True)
-    env = common.environment()
+    env = harness.environment()
     gb = lambda x: f"{x / 1e9:.1f}" if x else "-"  # noqa: E731
     md = [f"# KV-cache offload, {a.arch} ({a.dtype}), batch {a.batch} in {a.micro_batches} "
           f"micro-batches, prompt {a.prompt_len} + {a.new_tokens} new tokens", "",
@@ -155,9 +144,11 @@ def main() -> None:
             md.append(f"Offload saves {gb(saved)} GB of peak device memory: {saved / slot:.2f} "
                       f"of the {a.micro_batches} slots of {gb(slot)} GB (two stay on the device: "
                       "the one a tick works on, and the next, prefetched).")
+        if rows[1].get("slots_on_device_max") is not None:
+            md.append(f"The offloaded run's tick records: at most {rows[1]['slots_on_device_max']:g} "
+                      f"cache slots alive on the device after any tick.")
     md = "\n".join(md) + "\n"
-    common.write(f"kv_offload{a.suffix}", {"env": env, "args": vars(a), "rows": rows}, md,
-                 [common.RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []))
+    harness.save(f"kv_offload{a.suffix}", {"env": env, "args": vars(a), "rows": rows}, md)
     print(md)
 
 

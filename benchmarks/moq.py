@@ -40,7 +40,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import dsjax  # noqa: E402
-from benchmarks import common  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from dsjax import checkpoint  # noqa: E402
 from dsjax.config import ModelConfig  # noqa: E402
 from dsjax.model import random_params  # noqa: E402
@@ -408,11 +408,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     result = run(args)
-    env = common.environment()
+    env = harness.environment()
     result["environment"], result["total_seconds"] = env, time.perf_counter() - t0
     name = "moq_quick" if args.quick else "moq"
-    out_dir = args.out or (Path(tempfile.gettempdir()) if args.quick else common.RESULTS)
-    common.write(name, result, markdown(result, env), [out_dir])
+    out_dir = args.out or (Path(tempfile.gettempdir()) if args.quick else harness.RESULTS)
+    harness.save(name, result, markdown(result, env), out_dir)
     plot(result, out_dir / f"{name}.png")
     print(markdown(result, env))
     print(f"total {result['total_seconds']:.0f} s; wrote {out_dir}/{name}.*")

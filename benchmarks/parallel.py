@@ -16,10 +16,12 @@ throughput: decode tokens/s at PP 2/4 with M = P micro-batches of `micro-batch` 
 copies: whether the stage-stacked [P, ...] layer arrays bring back per-step weight copies
   (DESIGN.md): weight-sized copies in the compiled decode program, and the ms/token of a
   one-micro-batch pipeline (which reads the same weights per token as one GPU) against TP1.
-Random weights (the built-in architecture, bf16) made once on the host and sliced for every
-layout; every layout's logits on a probe prompt are compared with one device's in fp32 (XLA,
-full matmul precision) on the same weights. Decode ms/token = (T(n) - T(1)) / (n - 1), medians. Floors: the bytes one device reads
-per tick (its weight slices) x ticks per token / the bf16 GEMV bandwidth measured here.
+Random weights (the built-in architecture, bf16) made once on the host; every layout is an
+engine built from them (dsjax.engine.build_engine with the layout and the kernel set's
+KernelPolicy), and its logits on a probe prompt are compared with one device's in fp32 (XLA,
+full matmul precision). Decode ms/token = (P50 T(n) - P50 T(1)) / (n - 1) (dsjax.bench's
+measure). Floors: the bytes one device reads per tick (its weight slices) x ticks per token /
+the bf16 GEMV bandwidth measured here.
 Writes results/parallel.{json,md,png}.
 """
 
@@ -41,28 +43,29 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
-from dsjax import engine as eng  # noqa: E402
-from dsjax import generate as gen  # noqa: E402
+import dsjax  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from dsjax import presets  # noqa: E402
 from dsjax.config import InferenceConfig  # noqa: E402
-from dsjax.model import abstract_model, flatten  # noqa: E402
-from dsjax.parallel import pipeline, tensor  # noqa: E402
+from dsjax.engine import build_engine  # noqa: E402
+from dsjax.parallel import tensor  # noqa: E402
 from dsjax.parallel.mesh import Parallel  # noqa: E402
+from dsjax.policy import KernelPolicy  # noqa: E402
+
+KERNELS = {"xla": KernelPolicy(), "pallas": KernelPolicy.pallas()}  # --kernels names
 
 
-def build(cfg, flat, par: Parallel, budget: int, kernels: str = "xla", dtype: str = "bfloat16"):
-    """An engine of the given layout and kernel set on the shared host weights (flat is not
-    consumed; cast to dtype on the device); flat=None: random weights of cfg made on the device."""
-    icfg = InferenceConfig(dtype=dtype, max_out_tokens=budget, kernels=kernels)
-    if flat is not None and par.is_parallel:
-        plan, graphdef, params = pipeline.build(cfg, par, par.mesh(), dict(flat), jnp.bfloat16,
-                                                icfg.impl)
-    else:
-        plan, (graphdef, _) = None, abstract_model(cfg, icfg.jnp_dtype, icfg.impl)
-        params = (eng._random_params(cfg, icfg.jnp_dtype, 0) if flat is None else
-                  eng.unflatten({k: jnp.asarray(v).astype(icfg.jnp_dtype) for k, v in flat.items()}))
-    return eng.InferenceEngine(cfg, icfg, graphdef, eng.kernel_layout(params, icfg),
-                               random_weights=True, plan=plan)
+def build(cfg, params, par: Parallel, budget: int, kernels: str = "xla", dtype: str = "bfloat16"):
+    """An engine of the given layout and kernel set on the shared host weights (params: nested
+    host arrays, not consumed; cast to dtype on the device); params=None: random weights of cfg
+    made on the device."""
+    icfg = InferenceConfig(dtype=dtype, max_out_tokens=budget, kernels=KERNELS[kernels])
+    if params is None:
+        return dsjax.init_inference(cfg, dtype=icfg.jnp_dtype, max_out_tokens=budget,
+                                    kernels=icfg.kernels, progress=False)
+    if not par.is_parallel:  # one device: the engine takes its params placed, in its dtype
+        params = jax.tree.map(lambda v: jnp.asarray(v, icfg.jnp_dtype), params)
+    return build_engine(cfg, params, inference=icfg, parallel=par)
 
 
 def device_bytes(engine) -> tuple[int, int, int]:
@@ -86,15 +89,14 @@ def floor_ms(row: dict, bytes_per_s: float) -> float:
 
 
 def timing(engine, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict:
-    prompts = np.random.default_rng(batch).integers(0, engine.config.vocab_size, (batch, prompt_len))
-    run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[])  # noqa: E731
+    """dsjax.bench's measure after a compiling call; tokens/s of the decode steps alone."""
+    prompts = harness.random_prompts(engine.config.vocab_size, batch, prompt_len)
+    run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[]).tokens  # noqa: E731
     t0 = time.perf_counter()
     run(new_tokens)
     compile_s = time.perf_counter() - t0
-    run(1)
-    out = common.decode_timing(run, new_tokens, reps)
-    out.update(batch=batch, compile_s=compile_s,
-               tokens_per_s=batch / out["decode_ms_per_token"] * 1e3)
+    out = harness.timing(harness.time_generate(run, new_tokens, warmup=1, reps=reps), new_tokens)
+    out.update(batch=batch, compile_s=compile_s, tokens_per_s=batch / out["decode_ms_per_token"] * 1e3)
     return out
 
 
@@ -104,16 +106,8 @@ _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "s8": 1, "u8": 1, "pred": 1}
 
 def large_copies(engine, min_bytes: int, prompt_len: int) -> list[int]:
     """Sizes of the copies of at least min_bytes in the compiled generate program."""
-    rows = [np.zeros(prompt_len, np.int32)] * 2
-    budget = engine.inference_config.max_out_tokens
-    tokens, lengths = eng._pack(rows, budget, 0, groups=engine.batch_groups)
-    fn, args, kw = engine.generate_program(
-        jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(8),
-        jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(), capacity=budget,
-        do_sample=False, return_logprobs=False, int8_cache=False)
-    lowered = fn.lower(*args, **kw)
     sizes = []
-    for dtype, dims in _COPY.findall(lowered.compile().as_text()):
+    for dtype, dims in _COPY.findall(harness.compiled_generate(engine, prompt_len).as_text()):
         n = int(np.prod([int(d) for d in dims.split(",") if d])) * _BYTES.get(dtype, 4)
         if n >= min_bytes:
             sizes.append(n)
@@ -134,25 +128,24 @@ def main() -> None:
     p.add_argument("--pp-sizes", default="2,4", help="pipeline degrees (throughput part)")
     p.add_argument("--layers", type=int, help="override the architecture's layer count")
     p.add_argument("--suffix", default="")
-    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--out", type=Path, default=harness.RESULTS)
     a = p.parse_args()
     parts = a.part.split(",")
     budget = a.prompt_len + a.new_tokens
-    n_gpu = jax.device_count()
-    env = {**common.environment(), "gemv_bandwidth": common.gemv_bandwidth(), "devices": n_gpu,
-           "xla_flags": os.environ.get("XLA_FLAGS", ""), "nccl_proto": os.environ.get("NCCL_PROTO", "")}
+    env = {**harness.environment(), "gemv_bandwidth": harness.gemv_bandwidth(),
+           "devices": jax.device_count(), "nccl_proto": os.environ.get("NCCL_PROTO", "")}
     bw = env["gemv_bandwidth"]["bytes_per_s"]
-    cfg = eng._open(a.arch).config
+    cfg = presets.model_config(a.arch)
     if a.layers:  # the same layers, fewer of them: a quicker look at per-layer costs
         cfg = dataclasses.replace(cfg, num_layers=a.layers)
     t0 = time.perf_counter()
-    flat = {k: np.asarray(v) for k, v in flatten(eng._random_params(cfg, jnp.bfloat16, 0)).items()}
-    print(f"host weights {sum(v.nbytes for v in flat.values()) / 1e9:.1f} GB in "
+    params = harness.host_random_params(cfg)
+    print(f"host weights {sum(v.nbytes for v in jax.tree.leaves(params)) / 1e9:.1f} GB in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     probe = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, 64))
     with jax.default_matmul_precision("highest"):  # what every layout's bf16 logits approximate
-        exact = build(cfg, flat, Parallel(), budget, "xla", dtype="float32")
+        exact = build(cfg, params, Parallel(), budget, "xla", dtype="float32")
         reference = np.asarray(exact(probe), np.float32)
     del exact
     gc.collect()
@@ -169,7 +162,7 @@ def main() -> None:
         if slice_of:
             engine = build(tensor.local_config(cfg, slice_of), None, par, budget, kernels)
         else:
-            engine = build(cfg, flat, par, budget, kernels)
+            engine = build(cfg, params, par, budget, kernels)
         wb, table, head = device_bytes(engine)
         print(f"{name}: built in {time.perf_counter() - t:.0f} s, {wb / 1e9:.2f} GB per device",
               flush=True)
@@ -195,9 +188,8 @@ def main() -> None:
 
     def save():  # after every layout, so that a run cut short keeps what it measured
         md = report(rows, env, a, cfg.num_layers)
-        common.write(f"parallel{a.suffix}", {"env": env, "args": {**vars(a), "out": str(a.out)},
-                                              "rows": rows}, md,
-                     [a.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []))
+        harness.save(f"parallel{a.suffix}", {"env": env, "args": {**vars(a), "out": str(a.out)},
+                                             "rows": rows}, md, a.out)
         return md
 
     b = a.micro_batch

@@ -2,6 +2,7 @@
 with a tiny model: the statistics it derives, the token comparison, the report, the DeepSpeed
 subprocess protocol (with a stand-in deepspeed package) and the deadline. No timing assertions."""
 
+import dataclasses
 import json
 import math
 import time
@@ -9,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks import compare, plot_compare
+from benchmarks import compare, harness, plot_compare
+from dsjax.policy import KernelPolicy
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -142,6 +144,35 @@ def test_report_markdown_format():
     assert "- HF static cache + torch.compile: not compiled" in md
 
 
+def test_report_against_the_first_variant():
+    """Without HF eager the first system is the reference: its name heads the two columns."""
+    rows = [_ok("dsjax-xla", 1, 5.0, True), _ok("dsjax-int8", 1, 4.0, False, [2, 4])]
+    payload = _payload(rows)
+    payload["args"].update(systems=["dsjax-xla", "dsjax-int8"], reference="dsjax-xla", own_floor=True)
+    payload.update(notes={})
+    payload["env"].pop("deepspeed_process")
+    md = compare.report_markdown(payload)
+    assert md.startswith("# tiny-gpt2: dsjax variants on the same workload")
+    assert "each dsjax variant's own weights and K/V cache" in md and "torch" not in md
+    header, _, *table = _table(md)
+    assert header[-2:] == ["P50 vs dsjax-xla", "tokens = dsjax-xla"]
+    assert [r[0] for r in table] == ["dsjax XLA", "dsjax INT8 weights (XLA)"]
+    assert table[1][-2:] == ["1.25x", "no: from token 3; 1/2 rows equal"]
+
+
+def test_variants_are_whole_kernel_policies_and_take_their_former_names():
+    for name, (label, options) in harness.DSJAX_VARIANTS.items():
+        assert compare.SYSTEMS[name] == (label, options)
+        assert isinstance(options["kernels"], KernelPolicy)
+        assert set(options) <= {"kernels", "quant", "kv_cache_dtype"}
+    assert harness.DSJAX_VARIANTS["dsjax-pallas"][1]["kernels"] == KernelPolicy.pallas()
+    assert harness.DSJAX_VARIANTS["dsjax-int8-pallas-gemv1"][1]["kernels"] == dataclasses.replace(
+        KernelPolicy.pallas(), int8_gemv_rows=1)
+    a = compare.parse_args(["--systems", "bf16-pallas,int8-xla,attn-pallas"])
+    assert a.systems == ["dsjax-pallas", "dsjax-int8", "dsjax-kernels"] and a.reference == "dsjax-pallas"
+    assert compare.parse_args(["--systems", "dsjax-xla,hf-eager"]).reference == "hf-eager"
+
+
 def test_error_line_is_type_and_first_line():
     assert compare.error_line(RuntimeError("first\nsecond")) == "RuntimeError: first"
     assert compare.error_line(KeyError()) == "KeyError"
@@ -183,6 +214,47 @@ def test_end_to_end_same_weights_and_a_deepspeed_process(tmp_path, monkeypatch):
     assert payload["args"]["systems"][0] == "hf-eager"
     header, _, *table = _table(md)
     assert len(table) == 6 and all(t[header.index("tokens = HF eager")] != "n/a" for t in table)
+
+
+def test_dsjax_variants_alone(tmp_path, monkeypatch):
+    """Variants without HF or DeepSpeed: no torch model (each engine makes the preset's random
+    weights), the first variant's tokens are the reference, each floor counts its own weights
+    (--own-floor), and every variant's policy is recorded."""
+    def no_torch(*args, **kwargs):
+        raise AssertionError("no HF model is needed")
+
+    monkeypatch.setattr(compare.presets, "hf_torch_model", no_torch)
+    out = tmp_path / "out"
+    argv = QUICK + ["--systems", "dsjax-xla,int8-xla", "--own-floor", "--name", "variants", "--out", str(out)]
+    assert compare.main(argv) == 0
+    payload = json.loads((out / "variants.json").read_text())
+    rows = {r["system"]: r for r in payload["rows"]}
+    assert all(r["status"] == "ok" and r["compile_s"] > 0 for r in rows.values())
+    xla, int8 = rows["dsjax-xla"], rows["dsjax-int8"]
+    assert xla["tokens_equal_hf"] is True and int8["tokens_equal_hf"] is not None
+    assert int8["weight_bytes"] < xla["weight_bytes"] and int8["kv_bytes"] == xla["kv_bytes"]
+    policy = json.loads(json.dumps(dataclasses.asdict(KernelPolicy())))  # tuples become lists
+    assert payload["variants"]["dsjax-int8"] == {"kernels": policy, "quant": {"bits": 8}}
+    assert payload["args"]["reference"] == "dsjax-xla" and payload["env"]["gemv_bandwidth_at_end"]
+    assert "--own-floor --name variants" in payload["args"]["command"]
+    assert (out / "variants.md").read_text().startswith("# tiny-gpt2: dsjax variants")
+
+
+def test_logits_against_hf_float32(tmp_path):
+    """--logits: one prompt's logits of HF at --dtype and of each dsjax variant against a
+    float32 copy of the HF model (the timed HF model itself is left in bf16)."""
+    out = tmp_path / "out"
+    assert compare.main(QUICK + ["--systems", "hf-eager,dsjax-xla", "--logits", "--out", str(out)]) == 0
+    payload = json.loads((out / "compare-tiny-gpt2.json").read_text())
+    got = payload["logits"]["systems"]
+    assert set(got) == {"hf-eager", "dsjax-xla"}
+    for e in got.values():
+        assert 0 < e["rel_l2_vs_fp32"] < 0.05 and 0 <= e["argmax_agreement_vs_fp32"] <= 1
+    assert payload["logits"]["median_top2_gap_over_logit_std"] > 0
+    assert {r["status"] for r in payload["rows"]} == {"ok"}
+    md = (out / "compare-tiny-gpt2.md").read_text()
+    assert "One prompt's logits against HF transformers in float32" in md
+    assert "| HF transformers eager (bf16) |" in md and "| dsjax XLA |" in md
 
 
 def test_failures_and_the_deadline_are_rows(tmp_path):

@@ -1,6 +1,10 @@
 """Which Pallas-Triton loop reads a decode GEMV's weights fastest (one GPU, M = 1).
 
-    python benchmarks/gemv_variants.py [--shapes gate_up,qkv,down] [--budget-s 420]
+    python benchmarks/experiments/gemv_variants.py [--shapes gate_up,qkv,down] [--budget-s 420]
+
+An experiment, not a benchmark of the library: its candidate kernels below are the prototypes
+from which pallas_kernels/gemv.py was written (the library kernel is timed by
+benchmarks/gemm_kernels.py). Kept to reproduce results/gemv_variants*.md.
 
 The GEMM kernels of pallas_kernels/ read int8 weights at ~2e12 elements/s whatever their width
 (results/gemm_kernels.md), short of XLA's bf16 GEMV at M = 1. This script times candidate loop
@@ -43,13 +47,11 @@ import argparse
 import concurrent.futures
 import dataclasses
 import functools
-import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -57,9 +59,10 @@ from jax import lax  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import elapsed  # noqa: E402
 from dsjax import ops  # noqa: E402
-from dsjax.quant import QuantizedWeight  # noqa: E402
+from dsjax.weights import QuantizedWeight  # noqa: E402
 from pallas_kernels import fusion  # noqa: E402
 from pallas_kernels import gemv as gv_lib  # noqa: E402
 from pallas_kernels import matmul as mm  # noqa: E402
@@ -68,11 +71,6 @@ from pallas_kernels import quant_matmul as qm  # noqa: E402
 SHAPES = {"qkv": (4096, 6144), "out": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096), "ceiling": (8192, 28672)}  # ceiling: DESIGN.md's GEMV shape
 BF16, F32 = jnp.bfloat16, jnp.float32
-T0 = time.perf_counter()
-
-
-def elapsed() -> float:
-    return time.perf_counter() - T0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +284,7 @@ class Bench:
 
         def go():
             jax.block_until_ready([compiled(self.xs, ws) for _ in range(inner)])
-        t, times = common.median_time(go, reps, warmup=1)
+        t, times = harness.median_time(go, reps, warmup=1)
         us = t / (inner * CALLS) * 1e6
         return dict(us=us, tb_s=self.bytes / us / 1e6, rel_err=err)
 
@@ -314,9 +312,8 @@ def main() -> None:
                 jax.block_until_ready(compiled(b.xs, b.weights(c)))
             print(shape, kind, name, b.run(c, compiled, reps=1, inner=1))
         return
-    out_dirs = [common.RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    payload = dict(env=common.environment(), rows=[])
-    payload["ceiling"] = common.gemv_bandwidth()
+    payload = dict(env=harness.environment(), rows=[])
+    payload["ceiling"] = harness.gemv_bandwidth()
     print(f"[{elapsed():.0f}s] {payload['env']}\nceiling {payload['ceiling']}", flush=True)
     cands = a.only.split(",") if a.only else ["xla", "pallas_now", "gemv"] + candidates()
     pool = concurrent.futures.ThreadPoolExecutor(a.threads)
@@ -341,7 +338,7 @@ def main() -> None:
                 payload["rows"].append(row)
                 print(f"[{elapsed():.0f}s] {row}", flush=True)
             del b
-            common.write("gemv_variants" + a.suffix, payload, markdown(payload), out_dirs)
+            harness.save("gemv_variants" + a.suffix, payload, markdown(payload))
     print(markdown(payload, best_only=True), flush=True)
 
 
