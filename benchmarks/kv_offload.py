@@ -9,8 +9,8 @@ that its scores are never materialized) with the M micro-batches' caches on the 
 with them offloaded, each in its own process (JAX cannot reset its peak-memory counter), and
 reports the peak device memory (and the peak of loading alone), the cache size, the time of a
 full generate and of a prompt-only one (max_new_tokens=1), and whether all tokens agree; of
-the offloaded run, from its tick records (dsjax.parallel.offload.record_ticks), the most cache
-slots alive on the device after any tick and the compiled memory statistics of a token tick.
+the offloaded run, from its tick records (engine.runner.record_ticks()), the most cache slots
+alive on the device after any tick and the compiled memory statistics of a token tick.
 Writes results/kv_offload{suffix}.{json,md} (and into $OUT when set). The two runs are
 different compiled programs, so rounding may differ and decide a near-tie between two tokens
 differently: the report gives the log-probability gap wherever a row first differs. With
@@ -37,7 +37,6 @@ import numpy as np  # noqa: E402
 
 import dsjax  # noqa: E402
 from benchmarks import harness  # noqa: E402
-from dsjax.parallel.offload import record_ticks  # noqa: E402
 
 
 def one(a) -> dict:
@@ -52,7 +51,7 @@ def one(a) -> dict:
     run = lambda n: engine.generate(prompts, max_new_tokens=n, eos_token_id=[],  # noqa: E731
                                     return_logprobs=True)
     t0 = time.perf_counter()
-    with record_ticks() as ticks:  # the offloaded run's tick programs (none without offload)
+    with engine.runner.record_ticks() as ticks:  # offloaded tick programs (none without offload)
         first = run(a.new_tokens)
     compile_s = time.perf_counter() - t0
     times = []

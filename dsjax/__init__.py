@@ -6,11 +6,14 @@
 
 from dsjax.config import EncoderConfig, ImageConfig, InferenceConfig, ModelConfig, RopeScaling
 from dsjax.encoders import CLIPOutput, EmbeddingOutput
-from dsjax.engine import GenerationOutput, InferenceEngine, convert_checkpoint, init_inference
+from dsjax.engine import build_engine, convert_checkpoint, init_inference
+from dsjax.engines import DecoderEngine, EncoderEngine, GenerationOutput, InferenceEngine
+from dsjax.policy import KernelPolicy
 from dsjax.quant import QuantSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["CLIPOutput", "EmbeddingOutput", "EncoderConfig", "GenerationOutput", "ImageConfig",
-           "InferenceConfig", "InferenceEngine", "ModelConfig", "QuantSpec", "RopeScaling",
-           "convert_checkpoint", "init_inference"]
+__all__ = ["CLIPOutput", "DecoderEngine", "EmbeddingOutput", "EncoderConfig", "EncoderEngine",
+           "GenerationOutput", "ImageConfig", "InferenceConfig", "InferenceEngine", "KernelPolicy",
+           "ModelConfig", "QuantSpec", "RopeScaling", "build_engine", "convert_checkpoint",
+           "init_inference"]

@@ -14,6 +14,7 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.policy import KernelPolicy
 from dsjax.quant.weights import QuantSpec
 
 NORMS = ("layernorm", "rmsnorm")
@@ -265,40 +266,26 @@ def dtype_name(dtype) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig:
-    """How a model is served: compute dtype, token budget, kernels, weight and cache formats
-    (parallelism: dsjax.parallel.mesh.Parallel)."""
+    """How a model is served: compute dtype, token budget, the kernel policy, weight and cache
+    formats (parallelism: dsjax.parallel.mesh.Parallel)."""
 
     dtype: str = "bfloat16"
     max_out_tokens: int = 1024  # prompt + new tokens per sequence; the KV cache capacity
-    kernels: Literal["xla", "pallas"] = "xla"  # "pallas": replace_with_kernel_inject=True
+    kernels: KernelPolicy = KernelPolicy()  # which implementation each op runs (dsjax.policy)
     quant: QuantSpec | None = None  # weight-only quantization of the GEMM weights
     kv_cache_dtype: Literal["auto", "int8"] = "auto"  # auto: the compute dtype
-    op_kernels: tuple[tuple[str, str], ...] = ()  # per-op overrides of `kernels`, e.g. linear=xla
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(resolve_dtype(self.dtype)).name)
         if self.max_out_tokens < 2:
             raise ValueError(f"max_out_tokens must be >= 2, got {self.max_out_tokens}")
-        _check_choice("kernels", self.kernels, ("xla", "pallas"))
+        if not isinstance(self.kernels, KernelPolicy):
+            raise TypeError(f"InferenceConfig.kernels must be a KernelPolicy, got {self.kernels!r}")
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "int8"))
-        from dsjax.ops import OPS
-
-        for op, kernels in self.op_kernels:
-            _check_choice("kernels op", op, OPS)
-            _check_choice(f"kernels[{op!r}]", kernels, ("xla", "pallas"))
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
-
-    @property
-    def impl(self) -> tuple:
-        """The ops preference: Pallas kernels first (logged fallback to XLA), or XLA alone; with
-        per-op overrides, ((op, names), ...) pairs (see dsjax.ops.preference_for)."""
-        names = lambda k: ("pallas", "xla") if k == "pallas" else ("xla",)  # noqa: E731
-        if not self.op_kernels:
-            return names(self.kernels)
-        return (("*", names(self.kernels)),) + tuple((op, names(k)) for op, k in self.op_kernels)
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,8 @@ import numpy as np
 from flax import nnx
 
 from dsjax.config import ImageConfig, ModelConfig
+from dsjax.policy import ONCE, KernelPolicy
+from dsjax.prompts import bucket, token_rows
 from dsjax.model import Linear, Norm, Transformer, _normal
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature (HF logit_scale_init_value)
@@ -30,11 +31,11 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature (HF logit_sc
 class PatchEmbed(nnx.Module):
     """Images [B, C, S, S] -> [class token | patch embeddings] [B, 1 + N, D]."""
 
-    def __init__(self, image: ImageConfig, dim: int, *, dtype, rngs: nnx.Rngs, impl):
+    def __init__(self, image: ImageConfig, dim: int, *, dtype, rngs: nnx.Rngs, policy):
         p = image.patch_size
         self.image = image
         self.proj = Linear(image.num_channels * p * p, dim, bias=False, dtype=dtype, rngs=rngs,
-                           impl=impl)  # the stride-p conv as a map of flattened [C, p, p] patches
+                           policy=policy)  # the stride-p conv as a map of flattened [C, p, p] patches
         self.class_embedding = nnx.Param(_normal(rngs, (dim,), dtype))  # [D]
 
     def __call__(self, pixels):
@@ -52,12 +53,12 @@ class Pooler(nnx.Module):
     """hidden [B, T, D] (and per-row token index [B]) -> pooler_output [B, D]; see
     EncoderConfig.pooler for the kinds."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, impl):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, policy):
         self.kind = cfg.encoder.pooler
         D = cfg.hidden_size
         dense = self.kind in ("tanh", "relu")
-        self.dense = Linear(D, D, bias=True, dtype=dtype, rngs=rngs, impl=impl) if dense else None
-        self.norm = Norm(cfg, D, dtype=dtype, impl=impl) if self.kind == "class" else None
+        self.dense = Linear(D, D, bias=True, dtype=dtype, rngs=rngs, policy=policy) if dense else None
+        self.norm = Norm(cfg, D, dtype=dtype, policy=policy) if self.kind == "class" else None
 
     def __call__(self, hidden, index):
         if self.kind in ("eos", "argmax"):
@@ -73,10 +74,10 @@ class MLMHead(nnx.Module):
     """BERT's and DistilBERT's masked-LM head: dense, activation, LayerNorm, then the body's
     vocabulary matrix (tied embedding or its own) plus a bias."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, impl):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, policy):
         D = cfg.hidden_size
-        self.dense = Linear(D, D, bias=True, dtype=dtype, rngs=rngs, impl=impl)
-        self.norm = Norm(cfg, D, dtype=dtype, impl=impl)
+        self.dense = Linear(D, D, bias=True, dtype=dtype, rngs=rngs, policy=policy)
+        self.norm = Norm(cfg, D, dtype=dtype, policy=policy)
         self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), dtype))  # [V]
         self.act = cfg.activation
 
@@ -89,11 +90,11 @@ class Encoder(nnx.Module):
     """A body and the family modules ModelConfig.encoder asks for (None where absent)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                 impl: Sequence[str] = ("xla",)):
-        enc, D, impl = cfg.encoder, cfg.hidden_size, tuple(impl)
+                 policy: KernelPolicy | None = None):
+        enc, D, policy = cfg.encoder, cfg.hidden_size, policy or KernelPolicy()
         if enc is None:
             raise ValueError(f"{cfg.family}: ModelConfig.encoder is None; build a Transformer")
-        kw = dict(dtype=dtype, rngs=rngs, impl=impl)
+        kw = dict(dtype=dtype, rngs=rngs, policy=policy)
         self.cfg = cfg
         self.body = Transformer(cfg, **kw)
         self.patches = PatchEmbed(enc.image, D, **kw) if enc.image else None
@@ -136,17 +137,24 @@ class Encoder(nnx.Module):
                 "logits": f32(logits), "embeds": f32(embeds)}
 
 
+def module_for(cfg: ModelConfig) -> type[nnx.Module]:
+    """Encoders (BERT, DistilBERT, CLIP) wrap the Transformer body with their own heads."""
+    return Encoder if cfg.encoder else Transformer
+
+
 # ----------------------------------------------------------------------------- jitted calls
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def encode_text(graphdef, params, tokens, key_mask, token_types, pool_index) -> dict:
     """The text tower's outputs (float32); see Encoder.encode_text."""
+    ONCE.new_program()
     return nnx.merge(graphdef, params).encode_text(tokens, key_mask, token_types, pool_index)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def encode_image(graphdef, params, pixels) -> dict:
     """The image tower's outputs (float32): the model itself, or its `vision` tower."""
+    ONCE.new_program()
     model = nnx.merge(graphdef, params)
     return (model if model.patches is not None else model.vision).encode_image(pixels)
 
@@ -216,24 +224,6 @@ class TextBatch:
     mask: np.ndarray  # [rows, tokens] int32
 
 
-def token_rows(x, what: str) -> list[np.ndarray]:
-    """A token list, a list of token lists, or a [B, T] / [T] array -> list of 1-D int rows."""
-    if isinstance(x, (list, tuple)) and x and isinstance(x[0], (int, np.integer)):
-        x = [x]
-    if isinstance(x, (list, tuple)):
-        rows = [np.asarray(r).reshape(-1) for r in x]
-    else:
-        a = np.asarray(x)
-        if a.ndim not in (1, 2):
-            raise ValueError(f"{what} must be [batch, tokens] or [tokens], got shape {a.shape}")
-        rows = list(a[None] if a.ndim == 1 else a)
-    if not rows or any(r.size == 0 for r in rows):
-        raise ValueError(f"{what}: every row needs at least one token")
-    if any(not np.issubdtype(r.dtype, np.integer) for r in rows):
-        raise ValueError(f"{what} must hold integers")
-    return rows
-
-
 def pool_index(cfg: ModelConfig, rows: list[np.ndarray]) -> np.ndarray:
     """[B] the token each row pools, by HF CLIPTextModel's rule: the first eos_token_id (row 0
     if none), or, for the legacy eos_token_id == 2 configs, the first largest id."""
@@ -247,8 +237,6 @@ def pool_index(cfg: ModelConfig, rows: list[np.ndarray]) -> np.ndarray:
 
 def pack_text(cfg: ModelConfig, input_ids, attention_mask=None, token_type_ids=None) -> TextBatch:
     """Checks and pads an encoder's text inputs; see InferenceEngine.embed for the forms."""
-    from dsjax.generate import bucket
-
     rows = token_rows(input_ids, "input_ids")
     B, T = len(rows), max(r.size for r in rows)
     if attention_mask is None:
@@ -298,8 +286,6 @@ def _token_types(cfg: ModelConfig, token_type_ids, rows, shape) -> np.ndarray | 
 def pack_pixels(image: ImageConfig, pixel_values) -> tuple[jax.Array, int]:
     """[B, C, S, S] or [C, S, S] pixel values (already normalized, as HF's image processor
     gives them) -> (float32 [B', C, S, S] padded to a bucketed batch, B)."""
-    from dsjax.generate import bucket
-
     x = np.asarray(pixel_values, np.float32)
     x = x[None] if x.ndim == 3 else x
     if x.ndim != 4:

@@ -8,7 +8,6 @@ Sampling runs on the device; the host sees the result once, after the loop.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 
@@ -17,15 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.cache import KVCache
-
-# Incremented when a function is traced (i.e. compiled for new shapes); tests read it.
-TRACES: collections.Counter = collections.Counter()
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Next power of two >= n (at least `minimum`): prompt lengths and batch sizes compile once
-    per bucket instead of once per value."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
+from dsjax.policy import ONCE
 
 
 @jax.tree_util.register_dataclass
@@ -94,6 +85,24 @@ def decode_step(model, tokens, cache: KVCache):
     return model.logits(hidden[:, 0]), cache.replace(lengths=cache.lengths + 1)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """The decode loop's carry: B rows, C = capacity."""
+
+    step: jax.Array  # [] int32, the index of the next new token
+    token: jax.Array  # [B] int32, the last token picked
+    done: jax.Array  # [B] bool, stopped (or a filler row)
+    count: jax.Array  # [B] int32, tokens generated so far (the stop token included)
+    out: jax.Array  # [B, C] int32 new tokens, pad_id after each row's end
+    out_lp: jax.Array  # [B, C] float32 their log-probabilities
+    cache: KVCache
+    key: jax.Array  # the PRNG key
+
+    def replace(self, **changes) -> DecodeState:
+        return dataclasses.replace(self, **changes)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "do_sample", "return_logprobs",
                                              "int8_cache"))
 def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
@@ -102,12 +111,12 @@ def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, p
     """Prefill + `lax.while_loop` decode.
 
     tokens [B, T] right-padded prompts, lengths [B] (0: a filler row that only pads the batch
-    to its bucket: finished from the start, so it never holds up an early stop); max_new_tokens, pad_id: [] int32;
-    stop_ids [E] int32 (-1 entries never match); int8_cache: K/V stored as int8 with per-token
-    scales. Returns (new tokens [B, capacity] padded with
-    pad_id, count [B] of tokens generated including the stop token, logprobs [B, capacity]).
+    to its bucket: finished from the start, so it never holds up an early stop); max_new_tokens,
+    pad_id: [] int32; stop_ids [E] int32 (-1 entries never match); int8_cache: K/V stored as
+    int8 with per-token scales. Returns (new tokens [B, capacity] padded with pad_id, count [B]
+    of tokens generated including the stop token, logprobs [B, capacity]).
     """
-    TRACES["generate"] += 1
+    ONCE.new_program()
     model = nnx.merge(graphdef, params)
     B = tokens.shape[0]
     cache = KVCache.create(model.cfg, B, capacity, model.embed.embedding.dtype,
@@ -118,39 +127,37 @@ def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, p
     def pick(logits, key, done):
         return pick_token(logits, key, done, sampling, pad_id, do_sample, return_logprobs)
 
-    def is_stop(tok):
-        return is_stop_token(tok, stop_ids)
-
     key, sub = jax.random.split(key)
     tok, lp = pick(logits, sub, filler)
-    out = jnp.full((B, capacity), pad_id, jnp.int32).at[:, 0].set(tok)
-    out_lp = jnp.zeros((B, capacity), jnp.float32).at[:, 0].set(lp)
-    state = (jnp.int32(1), tok, filler | is_stop(tok), (~filler).astype(jnp.int32), out, out_lp,
-             cache, key)
+    state = DecodeState(
+        step=jnp.int32(1), token=tok, done=filler | is_stop_token(tok, stop_ids),
+        count=(~filler).astype(jnp.int32),
+        out=jnp.full((B, capacity), pad_id, jnp.int32).at[:, 0].set(tok),
+        out_lp=jnp.zeros((B, capacity), jnp.float32).at[:, 0].set(lp), cache=cache, key=key)
 
-    def cond(state):
-        step, _, done, *_ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def cond(s: DecodeState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
-    def body(state):
-        step, tok, done, count, out, out_lp, cache, key = state
-        logits, cache = decode_step(model, tok, cache)
-        key, sub = jax.random.split(key)
-        tok, lp = pick(logits, sub, done)
-        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
-        out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, step))
-        count = count + (~done).astype(jnp.int32)
-        return step + 1, tok, done | is_stop(tok), count, out, out_lp, cache, key
+    def body(s: DecodeState):
+        logits, cache = decode_step(model, s.token, s.cache)
+        key, sub = jax.random.split(s.key)
+        tok, lp = pick(logits, sub, s.done)
+        return s.replace(
+            step=s.step + 1, token=tok, done=s.done | is_stop_token(tok, stop_ids),
+            count=s.count + (~s.done).astype(jnp.int32),
+            out=jax.lax.dynamic_update_slice(s.out, tok[:, None], (0, s.step)),
+            out_lp=jax.lax.dynamic_update_slice(s.out_lp, lp[:, None], (0, s.step)),
+            cache=cache, key=key)
 
-    _, _, _, count, out, out_lp, _, _ = jax.lax.while_loop(cond, body, state)
-    return out, count, out_lp
+    final = jax.lax.while_loop(cond, body, state)
+    return final.out, final.count, final.out_lp
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def forward(graphdef, params, tokens, attention_mask):
     """Full-sequence logits [B, T, V] (float32) with an HF-style padding mask [B, T] (any side):
     positions count real tokens only, padded keys are masked."""
-    TRACES["forward"] += 1
+    ONCE.new_program()
     model = nnx.merge(graphdef, params)
     mask = attention_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)

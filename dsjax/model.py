@@ -1,15 +1,16 @@
 """ONE generic transformer (Flax NNX) for every family; ModelConfig says which quirks apply.
 
 Shapes: B batch, T new tokens, S cache slots, D hidden, H query heads, K kv heads, Dh head dim.
-Each layer owns its arrays (`layers` is a list of Blocks, looped over in Python inside the jit):
-stacked [layers, ...] arrays made XLA copy each layer's weights on every decode step.
+Each layer owns its arrays (`layers` is a list of Blocks, looped over in Python inside the jit),
+since XLA copies a stacked [layers, ...] array's slice on every step
+(docs/decisions.md#per-layer-arrays). The KernelPolicy every module holds is part of the graphdef,
+so it is static under jit.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,8 @@ from dsjax import cache as kv_cache
 from dsjax import ops
 from dsjax.config import ModelConfig
 from dsjax.parallel.tensor import Shard
+from dsjax.policy import KernelPolicy
+from dsjax.weights import DenseWeight
 
 _INIT_STD = 0.02
 
@@ -30,27 +33,28 @@ def _normal(rngs: nnx.Rngs, shape, dtype):
 
 class Linear(nnx.Module):
     """x @ kernel + bias, with the fusions ops.linear offers (a norm in front; activation,
-    gating and residual behind). The kernel is an array or, once quantized, a QuantizedWeight:
-    ops decides how to multiply, this code does not branch on precision.
+    gating and residual behind). The kernel is a stored [K, N] array or a weight of
+    dsjax.weights (quantized, or K-major for the kernels): ops decides how to multiply, this code
+    does not branch on precision or layout.
 
     A row-parallel Linear (`reduce`, tensor parallelism) holds a slice of the input rows: its
     partial products are summed over the devices, then the bias and residual are added once.
     partial=True returns the partial product alone (the caller sums it, see Block)."""
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs, impl,
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs, policy,
                  reduce: Shard | None = None):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))  # [in, out]
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
-        self.impl, self.reduce = impl, reduce
+        self.policy, self.reduce = policy, reduce
 
     def __call__(self, x, *, norm: ops.NormSpec | None = None, activation: str | None = None,
                  gated: bool = False, residual=None, partial: bool = False):
         bias = None if self.bias is None else self.bias[...]
         if self.reduce is None:
             return ops.linear(x, self.kernel.get_value(), bias, residual, norm=norm,
-                              activation=activation, gated=gated, impl=self.impl)
+                              activation=activation, gated=gated, policy=self.policy)
         y = ops.linear(x, self.kernel.get_value(), norm=norm, activation=activation, gated=gated,
-                       impl=self.impl)
+                       policy=self.policy)
         return y if partial else self.add_bias(self.reduce.psum(y), residual)
 
     def add_bias(self, y, residual=None):
@@ -59,17 +63,19 @@ class Linear(nnx.Module):
 
 
 class Norm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dim: int, *, dtype, impl):
+    def __init__(self, cfg: ModelConfig, dim: int, *, dtype, policy):
         self.scale = nnx.Param(jnp.full((dim,), 0.0 if cfg.norm_plus_one else 1.0, dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), dtype)) if cfg.norm == "layernorm" else None
-        self.kind, self.eps, self.plus_one, self.impl = cfg.norm, cfg.norm_eps, cfg.norm_plus_one, impl
+        self.kind, self.eps, self.plus_one = cfg.norm, cfg.norm_eps, cfg.norm_plus_one
+        self.policy = policy
 
     def spec(self) -> ops.NormSpec:
         bias = None if self.bias is None else self.bias[...]
-        return ops.NormSpec(self.scale[...], bias, self.kind, self.eps, self.plus_one)
+        return ops.NormSpec(self.scale[...], bias, kind=self.kind, eps=self.eps,
+                            plus_one=self.plus_one)
 
     def __call__(self, x):
-        return ops.norm(x, self.spec(), impl=self.impl)
+        return ops.norm(x, self.spec(), policy=self.policy)
 
 
 class Embed(nnx.Module):
@@ -129,14 +135,14 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- blocks
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, impl,
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, policy,
                  shard: Shard | None = None):
-        self.cfg, self.window, self.impl, self.shard = cfg, cfg.layer_window(layer), impl, shard
+        self.cfg, self.window, self.policy, self.shard = cfg, cfg.layer_window(layer), policy, shard
         H, K, Dh = cfg.num_heads, cfg.kv_heads, cfg.dim_head
         self.qkv = Linear(cfg.hidden_size, (H + 2 * K) * Dh, bias=cfg.qkv_bias, dtype=dtype,
-                          rngs=rngs, impl=impl)  # columns [q heads | k heads | v heads]
+                          rngs=rngs, policy=policy)  # columns [q heads | k heads | v heads]
         self.out = Linear(H * Dh, cfg.hidden_size, bias=cfg.out_bias, dtype=dtype, rngs=rngs,
-                          impl=impl, reduce=shard)
+                          policy=policy, reduce=shard)
 
     def slopes(self):
         """This layer's ALiBi slopes (its tensor slice of them), or None."""
@@ -152,7 +158,7 @@ class Attention(nnx.Module):
         the layer's kv: its updated cache (KVCache.layer), or this block's own keys without one."""
         cfg = self.cfg
         heads = (cfg.num_heads, cfg.kv_heads, cfg.dim_head)
-        attn = dict(scale=cfg.scale, window=self.window, impl=self.impl,
+        attn = dict(scale=cfg.scale, window=self.window, policy=self.policy,
                     alibi_slopes=self.slopes())
         qkv = self.qkv(x, norm=norm)  # [B, T, (H + 2K) Dh]
         if kv is None:  # attend within this block
@@ -161,17 +167,19 @@ class Attention(nnx.Module):
             kv = (k, v)
         else:  # write into the cache (slot index == position), attend over all of it
             q, kv = ops.write_kv(qkv, kv, positions, write_at, heads=heads, rotary=rotary(cfg),
-                                 impl=self.impl)
+                                 policy=self.policy)
             o = ops.cache_attention(q, kv, positions, **attn)
         return self.out(o, residual=residual, partial=partial), kv
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, impl, shard: Shard | None = None):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, policy,
+                 shard: Shard | None = None):
         width = cfg.intermediate_size * (2 if cfg.gated_mlp else 1)  # gated: [gate | up]
-        self.up = Linear(cfg.hidden_size, width, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, impl=impl)
+        self.up = Linear(cfg.hidden_size, width, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs,
+                         policy=policy)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype,
-                           rngs=rngs, impl=impl, reduce=shard)
+                           rngs=rngs, policy=policy, reduce=shard)
         self.act, self.gated = cfg.activation, cfg.gated_mlp
 
     def __call__(self, x, *, norm=None, residual=None, partial=False):
@@ -183,13 +191,14 @@ class Block(nnx.Module):
     """Pre-norm blocks hand their norms to the next matmul (ops may fuse them) and their
     residuals to the projection that ends each branch."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, impl,
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, policy,
                  shard: Shard | None = None):
         self.cfg, self.shard = cfg, shard
-        self.attn_norm = Norm(cfg, cfg.hidden_size, dtype=dtype, impl=impl)
-        self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs, impl=impl, shard=shard)
-        self.mlp_norm = None if cfg.shared_norm else Norm(cfg, cfg.hidden_size, dtype=dtype, impl=impl)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, impl=impl, shard=shard)
+        self.attn_norm = Norm(cfg, cfg.hidden_size, dtype=dtype, policy=policy)
+        self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs, policy=policy, shard=shard)
+        self.mlp_norm = (None if cfg.shared_norm else
+                         Norm(cfg, cfg.hidden_size, dtype=dtype, policy=policy))
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, policy=policy, shard=shard)
 
     def __call__(self, x, positions, kv, write_at, key_mask):
         cfg = self.cfg
@@ -216,30 +225,30 @@ class Transformer(nnx.Module):
     (dsjax.parallel.tensor.local_config): its heads, MLP width and vocabulary rows."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                 impl: Sequence = ("xla",), shard: Shard | None = None):
-        impl = tuple(impl)  # names, or ((op, names), ...): see ops.preference_for
+                 policy: KernelPolicy | None = None, shard: Shard | None = None):
+        policy = policy or KernelPolicy()
         self.cfg, self.shard = cfg, shard
         D = cfg.hidden_size
         E = cfg.embed_proj_dim or D
         # vocab_size 0: an image tower, fed only through inputs_embeds
         self.embed = (Embed(cfg.vocab_size, E, dtype=dtype, rngs=rngs, shard=shard)
                       if cfg.vocab_size else None)
-        self.project_in = (Linear(E, D, bias=False, dtype=dtype, rngs=rngs, impl=impl)
+        self.project_in = (Linear(E, D, bias=False, dtype=dtype, rngs=rngs, policy=policy)
                            if cfg.embed_proj_dim else None)
-        self.project_out = (Linear(D, E, bias=False, dtype=dtype, rngs=rngs, impl=impl)
+        self.project_out = (Linear(D, E, bias=False, dtype=dtype, rngs=rngs, policy=policy)
                             if cfg.embed_proj_dim else None)
         self.pos_embed = (Embed(cfg.max_position_embeddings + cfg.position_offset, D, dtype=dtype,
                                 rngs=rngs) if cfg.positions == "learned" else None)
         self.type_embed = (Embed(cfg.type_vocab_size, D, dtype=dtype, rngs=rngs)
                            if cfg.type_vocab_size else None)
-        self.embed_norm = Norm(cfg, D, dtype=dtype, impl=impl) if cfg.embedding_norm else None
-        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs, impl=impl, shard=shard)
+        self.embed_norm = Norm(cfg, D, dtype=dtype, policy=policy) if cfg.embedding_norm else None
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs, policy=policy, shard=shard)
                                 for i in range(cfg.num_layers)])
-        self.final_norm = Norm(cfg, D, dtype=dtype, impl=impl) if cfg.final_norm else None
+        self.final_norm = Norm(cfg, D, dtype=dtype, policy=policy) if cfg.final_norm else None
         self.lm_head = (None if cfg.tie_word_embeddings else
                         Linear(E, cfg.vocab_size, bias=cfg.lm_head_bias, dtype=dtype, rngs=rngs,
-                               impl=impl))
-        self.impl = impl
+                               policy=policy))
+        self.policy = policy
 
     def __call__(self, tokens, positions, cache: kv_cache.KVCache | None = None, key_mask=None,
                  token_types=None, inputs_embeds=None):
@@ -294,7 +303,8 @@ class Transformer(nnx.Module):
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""
         if self.lm_head is None:
-            out = ops.linear(hidden, self.embed.embedding[...], kernel_nk=True, impl=self.impl)
+            table = DenseWeight(self.embed.embedding[...], k_major=True)  # [V, D]: an [N, K] weight
+            out = ops.linear(hidden, table, policy=self.policy)
         else:
             out = self.lm_head(hidden)
         if self.shard is not None:
@@ -328,11 +338,11 @@ def unflatten(flat: dict[str, jax.Array]) -> dict:
     return nested
 
 
-def abstract_model(cfg: ModelConfig, dtype=jnp.float32, impl: Sequence[str] = ("xla",),
+def abstract_model(cfg: ModelConfig, dtype=jnp.float32, policy: KernelPolicy | None = None,
                    module: type[nnx.Module] = Transformer, **kwargs):
     """(graphdef, {path: ShapeDtypeStruct}) of `module` (the Transformer, or a family wrapper
     around it such as dsjax.encoders.Encoder) without allocating any weights."""
-    model = nnx.eval_shape(lambda: module(cfg, dtype=dtype, rngs=nnx.Rngs(0), impl=impl, **kwargs))
+    model = nnx.eval_shape(lambda: module(cfg, dtype=dtype, rngs=nnx.Rngs(0), policy=policy, **kwargs))
     graphdef, state = nnx.split(model)
     return graphdef, flatten(nnx.to_pure_dict(state))
 

@@ -52,6 +52,14 @@ def hf_config(name: str) -> dict:
         raise ValueError(f"unknown built-in architecture {name!r}; known: {', '.join(PRESETS)}") from None
 
 
+def model_config(name: str):
+    """The dsjax ModelConfig of a built-in architecture (through its family's converter)."""
+    import converters
+
+    hf = hf_config(name)
+    return converters.policy_for(hf).make_config(hf)
+
+
 def hf_torch_model(name: str, seed: int = 0, dtype=None, device: str = "cpu"):
     """The HF transformers torch model of a preset with seeded random weights (needs torch),
     initialised directly on `device` in `dtype` (default float32)."""

@@ -27,13 +27,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-_MASKED = -1e30  # finite: exp(_MASKED - m) is 0, never NaN
-_TARGET_PROGRAMS = 132  # one wave on an H200 (132 SMs): measured best for B*KVH < 132
+from dsjax.numerics import MASKED, next_pow2
+
+_MASKED = MASKED  # finite: exp(_MASKED - m) is 0, never NaN
+_TARGET_PROGRAMS = 132  # one wave on an H100/H200 (132 SMs): docs/decisions.md#decode-split-count
 _TILE_BYTES = 32 * 1024  # K (or V) bytes per loop step: 128 keys of bf16 x 128
-# cache slots a split covers at least (0: one key block); fewer splits can mean one, and one
-# split needs no combine kernel. 256 (decode_variants' bf16-pallas-split256: GPT-2 1.3B's 256-slot
-# cache in one split) gained nothing end to end: 1.455 against 1.461 ms/token (H100)
-MIN_SPLIT_KEYS = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,38 +48,18 @@ class BlockSizes:
     def default(cls, head_dim: int, kv_dtype) -> BlockSizes:
         """32 KiB K and V tiles (3 stages: 192 KiB of shared memory), 32 to 128 keys: bf16 up
         to Dh 128 and int8 take 128 keys, bf16 Dh 256 and fp32 Dh 128 64, fp32 Dh 256 32."""
-        row_bytes = _next_pow2(head_dim) * jnp.dtype(kv_dtype).itemsize
+        row_bytes = next_pow2(head_dim) * jnp.dtype(kv_dtype).itemsize
         return cls(block_k=min(128, max(32, _TILE_BYTES // row_bytes)))
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def num_splits_for(batch: int, kv_heads: int, capacity: int, block_k: int) -> int:
+def num_splits_for(batch: int, kv_heads: int, capacity: int, block_k: int,
+                   min_split_keys: int = 0) -> int:
     """Splits per (b, kv head): at most one wave of programs (rounded down: one program fits an
-    SM, so rounding up starts a nearly empty second wave), at most one per key block. (H200,
-    Dh 128 bf16: B=1 at 4k-32k keys is fastest at 16 splits of 8 kv heads; B*KVH >= 128 at 1.)"""
+    SM, so rounding up starts a nearly empty second wave), at most one per key block, and each
+    covering at least min_split_keys cache slots (0: one key block; fewer splits can mean one,
+    which needs no combine kernel: docs/decisions.md#decode-split-minimum)."""
     want = max(1, _TARGET_PROGRAMS // (batch * kv_heads))
-    return max(1, min(want, -(-capacity // max(block_k, MIN_SPLIT_KEYS))))
-
-
-# ----------------------------------------------------------------------------- quantization
-
-def round_half_away(x):
-    """Round to nearest, ties away from zero (lowers to Triton: floor, abs and select only)."""
-    r = jnp.floor(jnp.abs(x) + 0.5)
-    return jnp.where(x < 0, -r, r)
-
-
-def quantize_kv(x):
-    """x [..., Dh] -> (int8 [..., Dh], float32 scale [...]) with x ~= int8 * scale; symmetric,
-    scale = max|x| / 127 per row (1 for an all-zero row)."""
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=-1)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(round_half_away(xf / scale[..., None]), -127, 127)
-    return q.astype(jnp.int8), scale
+    return max(1, min(want, -(-capacity // max(block_k, min_split_keys))))
 
 
 # ----------------------------------------------------------------------------- reference
@@ -185,7 +163,7 @@ def _block_specs(S, G, Dh, *, alibi, quantized, split):
     """Blocks of program (b, h, j): a whole kv head's cache rows, its G query heads padded to
     Gp >= 16 rows (tl.dot's minimum) and Dh to a power of two (masked, never copied); outputs
     per split (o, m, l), or without `split` o alone."""
-    gp, dp = max(16, _next_pow2(G)), _next_pow2(Dh)
+    gp, dp = max(16, next_pow2(G)), next_pow2(Dh)
     per_b = pl.BlockSpec((None,), lambda b, h, j: (b,))
     q = pl.BlockSpec((None, None, gp, dp), lambda b, h, j: (b, h, 0, 0))
     kv = pl.BlockSpec((None, None, S, dp), lambda b, h, j: (b, h, 0, 0))
@@ -203,16 +181,19 @@ def _combine(o, m, l):
     return jnp.sum(o * w[..., None], axis=2) / jnp.sum(l * w, axis=2)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "window", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "window", "block_sizes", "min_split_keys",
+                                             "interpret"))
 def decode_attention(q, k, v, q_pos, *, scale: float, window: int | None = None,
                      alibi_slopes=None, k_scale=None, v_scale=None,
-                     block_sizes: BlockSizes | None = None, interpret: bool = False):
+                     block_sizes: BlockSizes | None = None, min_split_keys: int = 0,
+                     interpret: bool = False):
     """Attention of one new query per sequence over its KV cache.
 
     q: [B, H, Dh]; k, v: [B, KVH, S, Dh] (the dsjax.cache layout), bf16/fp16/fp32, or int8 with
     k_scale, v_scale float32 [B, KVH, S]; q_pos: [B] int32, the slot of the query's own key;
     alibi_slopes: [H] or None (score += slope * (key pos - query pos)). Returns [B, H * Dh] in
-    q.dtype; softmax and accumulation in float32.
+    q.dtype; softmax and accumulation in float32. min_split_keys: see num_splits_for (used when
+    block_sizes leaves num_splits None).
     """
     B, H, Dh = q.shape
     _, KVH, S, _ = k.shape
@@ -220,7 +201,7 @@ def decode_attention(q, k, v, q_pos, *, scale: float, window: int | None = None,
     if (k_scale is None) != (v_scale is None) or (k_scale is None) != (k.dtype != jnp.int8):
         raise ValueError("an int8 cache needs k_scale and v_scale; other caches take neither")
     bs = block_sizes or BlockSizes.default(Dh, k.dtype)
-    ns = bs.num_splits or num_splits_for(B, KVH, S, bs.block_k)
+    ns = bs.num_splits or num_splits_for(B, KVH, S, bs.block_k, min_split_keys)
     inputs = [q_pos.astype(jnp.int32), q.reshape(B, KVH, G, Dh), k, v]
     if alibi_slopes is not None:
         inputs.append(jnp.asarray(alibi_slopes, jnp.float32).reshape(KVH, G))

@@ -27,7 +27,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-MASK_VALUE = -1e30  # == dsjax.ops._MASKED: finite, so a fully masked row averages V
+from dsjax.numerics import MASKED
+
+MASK_VALUE = MASKED  # finite, so a fully masked row averages V (as the XLA path does)
 _LOG2E = math.log2(math.e)
 SMEM_BUDGET = 200 * 1024  # of the H200's 227 KiB per block, leaving Triton some headroom
 

@@ -1,8 +1,8 @@
 """Shared pieces of the GEMM kernels: activations, the norm prologue, the epilogue, tile I/O.
 
-The math (`ACTIVATIONS`, `apply_norm`, `finish`, `epilogue`, `normalize`) works on plain arrays,
-so the kernels (on loaded tiles) and the references (on whole arrays) run the same code. The
-tile helpers (`load_tile`, `store_tile`, `Rows`) work on Pallas refs inside a Triton kernel;
+The math (`ACTIVATIONS` with an erf Triton can lower, `apply_norm`, `finish`, `epilogue`) is what
+the kernels run on loaded tiles (and their split-K tails on whole arrays); the references use
+dsjax.numerics, the XLA path's own math. The tile helpers (`load_tile`, `store_tile`, `Rows`) work on Pallas refs inside a Triton kernel;
 masks are built only for the dims that need them, so aligned shapes load unmasked.
 """
 
@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from dsjax import numerics
 
 # ----------------------------------------------------------------------------- activations
 
@@ -51,9 +53,7 @@ ACTIVATIONS = {
 }
 
 
-def check_activation(name: str | None) -> None:
-    if name is not None and name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+check_activation = numerics.check_activation  # the kernels take the activations the XLA path has
 
 
 # ----------------------------------------------------------------------------- epilogue math
@@ -93,6 +93,11 @@ class NormConfig:
         if self.kind not in ("layernorm", "rmsnorm"):
             raise ValueError(f"norm kind must be 'layernorm' or 'rmsnorm', not {self.kind!r}")
 
+    @classmethod
+    def of(cls, spec) -> NormConfig | None:
+        """The static part of a dsjax.numerics.NormSpec (None: no norm)."""
+        return None if spec is None else cls(spec.kind, float(spec.eps), bool(spec.plus_one))
+
 
 def apply_norm(x, mean, rstd, scale, bias, *, plus_one: bool):
     """float32 x [.., K], mean/rstd [.., 1] (mean None for RMSNorm), scale/bias [K] -> float32."""
@@ -101,15 +106,6 @@ def apply_norm(x, mean, rstd, scale, bias, *, plus_one: bool):
     scale = scale.astype(jnp.float32)
     y = (x * rstd) * (scale + 1.0 if plus_one else scale)
     return y if bias is None else y + bias.astype(jnp.float32)
-
-
-def normalize(x, scale, bias, norm: NormConfig):
-    """Whole-array norm in float32 with a two-pass variance, cast back to x.dtype."""
-    xf = x.astype(jnp.float32)  # [..., K]
-    mean = jnp.mean(xf, axis=-1, keepdims=True) if norm.kind == "layernorm" else None
-    xc = xf if mean is None else xf - mean
-    rstd = lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + norm.eps)
-    return apply_norm(xf, mean, rstd, scale, bias, plus_one=norm.plus_one).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- tile I/O (kernels)

@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dsjax import numerics
 from pallas_kernels import fusion
 
 MAX_ROWS = 8  # more rows than this are a GEMM (matmul.py / quant_matmul.py)
@@ -170,8 +171,8 @@ def gemv(x, w, scales=None, bias=None, residual=None, *, norm=None, activation=N
 
     w: [N, K] float, or int8 codes with `scales` float32 [N] (W = q * s per output); gated: w
     holds the gate rows then the up rows ([2I, K]) and the result is act(gate) * up [..., I];
-    norm: None or (scale [K], bias [K] | None, kind, eps, plus_one), kind "rmsnorm" or
-    "layernorm" (a bias is added after the scale in both). At most MAX_ROWS rows of x."""
+    norm: None or a dsjax.numerics.NormSpec (RMSNorm or LayerNorm; a bias is added after the
+    scale in both). At most MAX_ROWS rows of x."""
     fusion.check_activation(activation)
     *lead, K = x.shape
     x2 = x.reshape(-1, K)
@@ -188,10 +189,8 @@ def gemv(x, w, scales=None, bias=None, residual=None, *, norm=None, activation=N
         raise ValueError(f"scales must be [N] = [{Nw}], not {scales.shape}")
     if gated and Nw % 2:
         raise ValueError(f"a gated [gate; up] weight needs an even row count, not {Nw}")
-    norm_cfg = g = nb = None
-    if norm is not None:
-        g, nb, kind, eps, plus_one = norm
-        norm_cfg = fusion.NormConfig(kind, float(eps), bool(plus_one))
+    norm_cfg = fusion.NormConfig.of(norm)
+    g, nb = (None, None) if norm is None else (norm.scale, norm.bias)
     n_out = Nw // 2 if gated else Nw
     bs = block_sizes or BlockSizes.for_shape(M, K, 2 if gated else 1)
     s = _Spec(bn=bs.block_n, bk=min(bs.block_k, pl.next_power_of_2(K)), m=M, k=K, n_out=n_out,
@@ -220,10 +219,9 @@ def gemv_reference(x, w, scales=None, bias=None, residual=None, *, norm=None, ac
     fusion.check_activation(activation)
     xf = x.astype(jnp.float32)
     if norm is not None:
-        g, nb, kind, eps, plus_one = norm
-        xf = fusion.normalize(xf, g, nb, fusion.NormConfig(kind, float(eps), bool(plus_one)))
+        xf = numerics.apply_norm(xf, norm)
     wf = w.astype(jnp.float32)
     if scales is not None:
         wf = wf * scales[:, None]
     y = jnp.einsum("...k,nk->...n", xf, wf, precision=lax.Precision.HIGHEST)
-    return fusion.epilogue(y, bias, residual, activation=activation, gated=gated).astype(x.dtype)
+    return numerics.epilogue(y, bias, residual, activation=activation, gated=gated).astype(x.dtype)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dsjax import numerics
 from pallas_kernels import fusion
 from pallas_kernels.fusion import NormConfig
 
@@ -196,18 +197,17 @@ def matmul(x, w, bias=None, residual=None, *, activation=None, gated=False, tran
                  block_sizes=block_sizes, interpret=interpret)
 
 
-def norm_matmul(x, norm_scale, norm_bias, w, bias=None, *, norm_kind, eps, plus_one,
-                activation=None, gated=False, transpose_w=False, return_normed=False,
-                block_sizes: BlockSizes | None = None, interpret=False):
+def norm_matmul(x, norm, w, bias=None, *, activation=None, gated=False, transpose_w=False,
+                return_normed=False, block_sizes: BlockSizes | None = None, interpret=False):
     """matmul(norm(x), w, bias) with the LayerNorm/RMSNorm of x fused in as a prologue.
 
     The norm runs in float32 and is cast back to x.dtype before the GEMM (as the unfused
-    path does). transpose_w: w is stored [N, K]. return_normed: also return norm(x) [..., K].
+    path does). norm: a dsjax.numerics.NormSpec. transpose_w: w is stored [N, K].
+    return_normed: also return norm(x) [..., K].
     """
-    norm = NormConfig(norm_kind, float(eps), bool(plus_one))
-    return _gemm(x, w, bias, None, norm_scale, norm_bias, norm=norm, activation=activation,
-                 gated=gated, transpose_w=transpose_w, return_normed=return_normed,
-                 block_sizes=block_sizes, interpret=interpret)
+    return _gemm(x, w, bias, None, norm.scale, norm.bias, norm=NormConfig.of(norm),
+                 activation=activation, gated=gated, transpose_w=transpose_w,
+                 return_normed=return_normed, block_sizes=block_sizes, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------- references
@@ -218,11 +218,11 @@ def matmul_reference(x, w, bias=None, residual=None, *, activation=None, gated=F
     fusion.check_activation(activation)
     y = jnp.einsum("...k,nk->...n" if transpose_w else "...k,kn->...n", x, w.astype(x.dtype),
                    preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
-    return fusion.epilogue(y, bias, residual, activation=activation, gated=gated).astype(x.dtype)
+    return numerics.epilogue(y, bias, residual, activation=activation, gated=gated).astype(x.dtype)
 
 
-def norm_matmul_reference(x, norm_scale, norm_bias, w, bias=None, *, norm_kind, eps, plus_one,
-                          activation=None, gated=False, transpose_w=False, return_normed=False):
-    xn = fusion.normalize(x, norm_scale, norm_bias, NormConfig(norm_kind, float(eps), plus_one))
+def norm_matmul_reference(x, norm, w, bias=None, *, activation=None, gated=False,
+                          transpose_w=False, return_normed=False):
+    xn = numerics.apply_norm(x, norm)
     y = matmul_reference(xn, w, bias, activation=activation, gated=gated, transpose_w=transpose_w)
     return (y, xn) if return_normed else y

@@ -32,6 +32,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dsjax import numerics
 from pallas_kernels import fusion, matmul
 from pallas_kernels.fusion import NormConfig
 
@@ -205,7 +206,7 @@ def quant_matmul(x, values, scales, zeros=None, *, bits, group_size, bias=None, 
                  activation=None, gated=False, norm=None, transpose_w=False,
                  block_sizes: BlockSizes | None = None, interpret=False):
     """act(norm(x) [..., K] @ W + bias) [gated: act(gate) * up] + residual, W dequantized on
-    the fly from (values, scales, zeros). norm: None or (scale, bias|None, kind, eps, plus_one).
+    the fly from (values, scales, zeros). norm: None or a dsjax.numerics.NormSpec.
     transpose_w: values stored [N, K] ([N, K/2] packed). Returns [..., N] (gated: [..., N/2]) in x.dtype."""
     fusion.check_activation(activation)
     K, Nw = _check(x, values, scales, zeros, bits, group_size, transpose_w)
@@ -225,10 +226,8 @@ def quant_matmul(x, values, scales, zeros=None, *, bits, group_size, bias=None, 
     splits = pl.cdiv(pl.cdiv(rows_v, per_iter), steps)
     partial = splits > 1
     cols = Nw if partial else n_out
-    norm_cfg, ns, nb = None, None, None
-    if norm is not None:
-        ns, nb, kind, eps, plus_one = norm
-        norm_cfg = NormConfig(kind, float(eps), bool(plus_one))
+    norm_cfg = NormConfig.of(norm)
+    ns, nb = (None, None) if norm is None else (norm.scale, norm.bias)
     s = _Spec(bits=bits, asym=zeros is not None, group=G, half=K // 2 if bits == 4 else 0,
               bm=bs.block_m, bn=bs.block_n, bk=step, unroll=bs.unroll, steps=steps, n_out=cols,
               mask_k=splits * steps * per_iter != rows_v, mask_n=cols % bs.block_n != 0,
@@ -258,16 +257,6 @@ def quant_matmul(x, values, scales, zeros=None, *, bits, group_size, bias=None, 
 
 # ----------------------------------------------------------------------------- reference
 
-def dequantize_reference(values, scales, zeros=None, *, bits, group_size):
-    """W [K, N] float32 from the packed format (plain jnp; the kernel never builds this)."""
-    q = values.astype(jnp.int32)
-    if bits == 4:
-        q = jnp.concatenate([q & 15, q >> 4], axis=0)  # rows [0, K/2) then [K/2, K)
-    K, N = q.shape
-    zero = (8.0 if bits == 4 else 0.0) if zeros is None else jnp.repeat(zeros, group_size, 0)
-    return (q.astype(jnp.float32) - zero) * jnp.repeat(scales, group_size, 0)
-
-
 def random_weight(rng, K: int, N: int, *, bits: int, symmetric: bool, group_size: int):
     """Random (values, scales, zeros) in this kernel's format, scaled so that x @ W stays O(1)
     for unit x (for tests and benchmarks; real weights come from dsjax.quant.quantize)."""
@@ -289,9 +278,8 @@ def quant_matmul_reference(x, values, scales, zeros=None, *, bits, group_size, b
     fusion.check_activation(activation)
     values = values.T if transpose_w else values
     if norm is not None:
-        ns, nb, kind, eps, plus_one = norm
-        x = fusion.normalize(x, ns, nb, NormConfig(kind, float(eps), bool(plus_one)))
-    w = dequantize_reference(values, scales, zeros, bits=bits, group_size=group_size)
+        x = numerics.apply_norm(x, norm)
+    w = numerics.dequantize(values, scales, zeros, bits=bits, group_size=group_size)
     y = jnp.einsum("...k,kn->...n", x.astype(jnp.float32), w,
                    precision=jax.lax.Precision.HIGHEST)
-    return fusion.epilogue(y, bias, residual, activation=activation, gated=gated).astype(x.dtype)
+    return numerics.epilogue(y, bias, residual, activation=activation, gated=gated).astype(x.dtype)

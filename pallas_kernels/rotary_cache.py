@@ -8,7 +8,7 @@ Grid (B, T blocks, H + 2 KVH): program (b, t, n) reads head n's [bt, Dh] tile on
 first rot_dim features (q and k heads) at angle position * inv_freq in float32, and stores it:
 q heads to the q output [B, T, H, Dh], k and v heads into the caches [B, KVH, S, Dh] at slots
 write_at[b] + t (in place: the caches are aliased to the outputs). With int8 caches each k/v row
-is quantized (dsjax-style symmetric per token per head, see decode_attention.quantize_kv) and its
+is quantized (dsjax-style symmetric per token per head, see dsjax.numerics.quantize_kv) and its
 scale stored in k_scale / v_scale [B, KVH, S].
 
 A head is handled as tiles of contiguous features: the two rotated halves (a, b) and the
@@ -30,11 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.decode_attention import quantize_kv, round_half_away
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+from dsjax.numerics import next_pow2, quantize_kv, rotate, round_half_away
 
 
 # ----------------------------------------------------------------------------- reference
@@ -43,16 +39,7 @@ def _rotate_reference(x, positions, rot_dim: int, layout: str, inv_freq):
     """x [B, T, N, Dh] with its first rot_dim features rotated by positions [B, T]."""
     if not rot_dim or inv_freq is None:
         return x
-    ang = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
-    cos, sin = jnp.cos(ang)[:, :, None], jnp.sin(ang)[:, :, None]  # [B, T, 1, R]
-    xr = x[..., :rot_dim].astype(jnp.float32)
-    if layout == "half":
-        x1, x2 = jnp.split(xr, 2, axis=-1)
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    else:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(xr.shape)
-    return jnp.concatenate([out.astype(x.dtype), x[..., rot_dim:]], axis=-1)
+    return rotate(x, positions, inv_freq, rot_dim, layout)
 
 
 def rotary_cache_write_reference(qkv, k_cache, v_cache, positions, write_at, *, num_heads,
@@ -188,7 +175,7 @@ def rotary_cache_write(qkv, k_cache, v_cache, positions, write_at, *, num_heads:
     has_rotary = bool(rot_dim) and inv_freq is not None
     pair_view = has_rotary and layout == "interleaved"
     view = (lambda x: x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)) if pair_view else (lambda x: x)
-    bt = block_t or min(_next_pow2(T), 32)
+    bt = block_t or min(next_pow2(T), 32)
     inputs = [positions.astype(jnp.int32), write_at.astype(jnp.int32)]
     if has_rotary:
         inputs.append(jnp.asarray(inv_freq, jnp.float32))

@@ -35,7 +35,7 @@ TINY = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=1, 
      "activation quantization"),
     ({"max_out_tokens": 1}, ValueError, "max_out_tokens"),
     ({"kv_cache_dtype": "fp8"}, ValueError, "kv_cache_dtype='fp8' is not one of"),
-    ({"kernels": {"lineer": "xla"}}, ValueError, "kernels op='lineer' is not one of"),
+    ({"kernels": {"lineer": "xla"}}, ValueError, r"unknown kernels keys \['lineer'\]"),
     ({"kernels": {"linear": "cuda"}}, ValueError, "kernels\\['linear'\\]='cuda'"),
     ({"config": {"max_tokens": 5}}, ValueError, "unknown init_inference config key 'max_tokens'"),
 ])

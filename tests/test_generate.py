@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dsjax import generate as gen
+from dsjax.prompts import bucket
 from tests.conftest import hf_greedy, hf_greedy_logprobs, prompt
 
 
@@ -44,11 +45,8 @@ def test_stop_token_ends_each_sequence(gpt2_pair):
 def filler_rows_finished(engine, prompts, **kw):
     """generate()'s packed program on `prompts` with a stop token that ends every row early:
     (number of real rows, counts, tokens) of all packed rows, filler rows included."""
-    from dsjax import engine as eng
-
     budget = engine.inference_config.max_out_tokens
-    tokens, lengths = eng._pack([np.asarray(p) for p in prompts], budget, 0,
-                                groups=engine.batch_groups)
+    tokens, lengths = engine.pack(prompts, pad=0)
     fn, args, kwargs = engine.generate_program(
         jax.numpy.asarray(tokens), jax.numpy.asarray(lengths), jax.random.key(0),
         jax.numpy.int32(16), jax.numpy.asarray(kw["stop"], jax.numpy.int32), jax.numpy.int32(0),
@@ -115,23 +113,23 @@ def test_logprobs_are_hfs(llama_pair):
 def test_no_recompile_for_same_bucket(gpt2_pair):
     _, engine = gpt2_pair
     engine.generate([prompt(20, 5)], max_new_tokens=4)
-    before = gen.TRACES["generate"]
+    before = gen.generate._cache_size()  # compiled programs
     engine.generate([prompt(21, 5)], max_new_tokens=4)  # same shapes
     engine.generate([prompt(22, 9)], max_new_tokens=7)  # other length, same bucket (16)
     engine.generate([prompt(23, 3)], max_new_tokens=2, do_sample=False, eos_token_id=[5])
-    assert gen.TRACES["generate"] == before
+    assert gen.generate._cache_size() == before
     engine.generate([prompt(24, 70)], max_new_tokens=4)  # bucket 128, used by no other test
-    assert gen.TRACES["generate"] == before + 1
+    assert gen.generate._cache_size() == before + 1
 
 
 def test_budget_checked_before_compute(gpt2_pair):
     _, engine = gpt2_pair
-    before = dict(gen.TRACES)
+    before = gen.generate._cache_size()
     with pytest.raises(ValueError, match=r"100 tokens \+ max_new_tokens=40 = 140 .* max_out_tokens=128"):
         engine.generate([prompt(25, 100)], max_new_tokens=40)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         engine.generate([prompt(25, 10)], max_new_tokens=0)
-    assert dict(gen.TRACES) == before
+    assert gen.generate._cache_size() == before
 
 
 def test_bad_requests(gpt2_pair):
@@ -151,5 +149,5 @@ def test_bad_requests(gpt2_pair):
 
 
 def test_bucket():
-    assert [gen.bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
-    assert [gen.bucket(n, minimum=1) for n in (1, 2, 3, 5)] == [1, 2, 4, 8]
+    assert [bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+    assert [bucket(n, minimum=1) for n in (1, 2, 3, 5)] == [1, 2, 4, 8]

@@ -1,4 +1,4 @@
-"""K-major weights (dsjax.kmajor): the layout conversions, and a kernel-injected engine that
+"""K-major weights (dsjax.weights): the layout conversions, and a kernel-injected engine that
 holds its GEMM weights K-major, computes like the XLA engine and saves the stored layout."""
 
 import logging
@@ -8,31 +8,32 @@ import jax.numpy as jnp
 import numpy as np
 
 import dsjax
-from dsjax import kmajor, ops, pallas_ops
-from dsjax.kmajor import KMajorWeight
+from dsjax import KernelPolicy, ops
 from dsjax.model import flatten
 from dsjax.quant import QuantizedWeight, QuantSpec, quantize
+from dsjax.weights import DenseWeight, to_k_major, to_stored
 from tests.conftest import llama_model, prompt
+from tests.programs import generate_kernels
 
 
 def test_conversions_round_trip():
     w = jnp.asarray(np.random.default_rng(0).standard_normal((12, 20)), jnp.float32)
-    km = kmajor.to_k_major(w)
-    assert isinstance(km, KMajorWeight) and km.values.shape == (20, 12) and km.shape == (12, 20)
-    assert km.nbytes == w.nbytes
-    np.testing.assert_array_equal(kmajor.to_k_n(km), w)
+    km = to_k_major(w)
+    assert isinstance(km, DenseWeight) and km.k_major and km.values.shape == (20, 12)
+    assert km.shape == (12, 20) and km.nbytes == w.nbytes
+    np.testing.assert_array_equal(to_stored(km), w)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 12)), jnp.float32)
     b = jnp.linspace(-1, 1, 10).repeat(2)
     for spec in (QuantSpec(bits=8), QuantSpec(bits=8, group_size=4),
                  QuantSpec(bits=8, group_size=6, symmetric=False)):
         q = quantize(w, spec)  # int8 codes [N, K], scales (and zeros) [K/G, N] as they were
-        kq = kmajor.to_k_major(q)
-        assert isinstance(kq, KMajorWeight) and kq.values.shape == (20, 12)
-        assert kq.scales is q.scales and kq.zeros is q.zeros
+        kq = to_k_major(q)
+        assert isinstance(kq, QuantizedWeight) and kq.k_major and kq.values.shape == (20, 12)
+        assert kq.scales is q.scales and kq.zeros is q.zeros and kq.shape == q.shape
         assert kq.group_size == q.group_size and kq.nbytes == q.nbytes
-        back = kmajor.to_k_n(kq)
-        assert isinstance(back, QuantizedWeight) and (back.bits, back.group_size) == (
-            8, q.group_size)
+        back = to_stored(kq)
+        assert isinstance(back, QuantizedWeight) and not back.k_major
+        assert (back.bits, back.group_size) == (8, q.group_size)
         for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(q)):
             np.testing.assert_array_equal(got, want)
         # the XLA fallback contracts K-major codes like the [K, N] QuantizedWeight
@@ -40,7 +41,7 @@ def test_conversions_round_trip():
             ops.linear_xla(x, kq, b, activation="silu", gated=True),
             ops.linear_xla(x, q, b, activation="silu", gated=True), rtol=1e-5, atol=1e-5)
     q = quantize(w, QuantSpec(bits=4))  # quant_matmul reads int4 [K/2, N]: unchanged
-    assert kmajor.to_k_major(q) is q and kmajor.to_k_n(q) is q
+    assert to_k_major(q) is q and to_stored(q) is q
 
 
 def _assert_saves_stored_layout(pallas, xla, tmp_path, kw):
@@ -53,7 +54,7 @@ def _assert_saves_stored_layout(pallas, xla, tmp_path, kw):
 
 
 def _k_major_paths(engine):
-    return {k for k, v in flatten(engine.params).items() if isinstance(v, KMajorWeight)}
+    return {k for k, v in flatten(engine.params).items() if getattr(v, "k_major", False)}
 
 
 def test_engine_holds_k_major_weights_and_saves_the_stored_layout(tmp_path):
@@ -78,12 +79,10 @@ def test_engine_holds_k_major_weights_and_saves_the_stored_layout(tmp_path):
     assert isinstance(flatten(q.params)["layers.0.mlp.up.kernel"], QuantizedWeight)
 
 
-def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path, caplog,
-                                                                     monkeypatch):
+def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path, caplog):
     """Per-channel int8: K-major codes that quant_matmul reads in place (prompt rows and one-row
-    decode steps), or the int8 gemv at one row (INT8_GEMV_ROWS = 1); tokens and logits as the
+    decode steps), or the int8 gemv at one row (int8_gemv_rows=1); tokens and logits as the
     XLA int8 engine's; save() writes [K, N]."""
-    ops._ANNOUNCED.clear()
     hf = llama_model(num_hidden_layers=1)
     kw = dict(dtype="fp32", max_out_tokens=48, progress=False, quant={"bits": 8})
     xla = dsjax.init_inference(hf, **kw)
@@ -96,24 +95,23 @@ def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path, c
         np.testing.assert_allclose(np.asarray(pallas(ids)), np.asarray(xla(ids)), atol=2e-4,
                                    rtol=2e-4)
         got = pallas.generate(one, max_new_tokens=4).tokens  # one row a step
-    assert "quant_matmul kernel (int8, group 32, K-major)" in caplog.text  # no fallback
-    assert "falling back" not in caplog.text.replace("no norm kernel: falling back", "")
+    assert "falling back" not in caplog.text
+    kernels = generate_kernels(pallas, [one])  # the float LM head alone runs the gemv
+    assert kernels["quant8_matmul"] and kernels["gemv"] == 2  # prompt and loop
     want = xla.generate(one, max_new_tokens=4).tokens
     np.testing.assert_array_equal(got, want)
-    monkeypatch.setattr(pallas_ops, "INT8_GEMV_ROWS", 1)
-    jax.clear_caches()  # else the same generate program is reused, traced with the old route
+    gemv_engine = dsjax.init_inference(hf, kernels=KernelPolicy.pallas(int8_gemv_rows=1), **kw)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="dsjax.ops"):
-        gemv_engine = dsjax.init_inference(hf, replace_with_kernel_inject=True, **kw)
+    with caplog.at_level(logging.INFO, logger="dsjax.ops"):  # a new policy: a new program
         np.testing.assert_array_equal(gemv_engine.generate(one, max_new_tokens=4).tokens, want)
     assert "gemv kernel (int8, K-major, RMSNorm fused)" in caplog.text
+    assert generate_kernels(gemv_engine, [one])["gemv"] > kernels["gemv"]
     _assert_saves_stored_layout(pallas, xla, tmp_path, kw)
 
 
 def test_grouped_asymmetric_int8_engine_reads_k_major_codes(tmp_path, caplog):
     """int8 in groups of 16 with zero points: K-major codes through quant_matmul, logits and
     tokens as the XLA engine's over the same [K, N] codes; save() writes them back."""
-    ops._ANNOUNCED.clear()
     hf = llama_model(num_hidden_layers=1)
     kw = dict(dtype="fp32", max_out_tokens=48, progress=False,
               quant={"bits": 8, "group_size": 16, "symmetric": False})
@@ -128,7 +126,8 @@ def test_grouped_asymmetric_int8_engine_reads_k_major_codes(tmp_path, caplog):
         np.testing.assert_allclose(np.asarray(pallas(ids)), np.asarray(xla(ids)), atol=2e-4,
                                    rtol=2e-4)
         got = pallas.generate(one, max_new_tokens=4).tokens
-    assert "quant_matmul kernel (int8, group 16, K-major)" in caplog.text
-    assert "falling back" not in caplog.text.replace("no norm kernel: falling back", "")
+    assert "falling back" not in caplog.text
+    kernels = generate_kernels(pallas, [one])
+    assert kernels["quant8_matmul"] and kernels["gemv"] == 2  # the float LM head alone
     np.testing.assert_array_equal(got, xla.generate(one, max_new_tokens=4).tokens)
     _assert_saves_stored_layout(pallas, xla, tmp_path, kw)

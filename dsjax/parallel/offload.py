@@ -11,13 +11,13 @@ device buffers swap roles (donated, updated in place). The default path (`pipeli
 is untouched: one program, caches on the device.
 Measurements and trade-offs: docs/decisions.md#kv-offload-per-tick-programs
 
-`record_ticks()` observes runs, through the engine too: one `Tick` per tick program (the slot it
-worked on, the slots it sent to and fetched from host memory, where the slots were after it).
+A run can be observed: given a `ticks` list (an engine's `runner.record_ticks()` passes one),
+it appends one `Tick` per tick program (the slot it worked on, the slots it sent to and fetched
+from host memory, where the slots were after it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 
@@ -33,7 +33,6 @@ from dsjax.parallel.pipeline import (Plan, _all_done, _new_cache, _prompt_tick, 
 from dsjax.policy import ONCE
 
 _ROWS = PS(("dp", "pp", "tp"))  # a value each device keeps between programs: its own rows
-_RECORDERS: list[list] = []  # the lists of the open record_ticks() blocks, innermost last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +55,6 @@ class Tick:
         return _offload_tick.lower(*self.args, **self.static)
 
 
-@contextlib.contextmanager
-def record_ticks():
-    """Within this block, every generate_offloaded call not given its own `ticks` list appends
-    one Tick per tick program to the list it yields."""
-    ticks: list[Tick] = []
-    _RECORDERS.append(ticks)
-    try:
-        yield ticks
-    finally:
-        _RECORDERS.pop()
-
-
 def generate_offloaded(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
                        sampling: gen.Sampling, *, plan: Plan, specs, capacity: int,
                        do_sample: bool, return_logprobs: bool, int8_cache: bool = False,
@@ -76,8 +63,8 @@ def generate_offloaded(graphdef, params, tokens, lengths, key, max_new_tokens, s
     own program, run from this Python loop. Two slot buffers stay on the device: the one a tick
     works on, and a spare that the tick fills with the next tick's slot from the host while it
     computes; it then sends its own slot to the host and the two buffers swap roles. The
-    arguments and the result are `generate`'s; `ticks` (default: the innermost record_ticks()
-    list, if any) receives one Tick per tick program."""
+    arguments and the result are `generate`'s; `ticks`, if given, receives one Tick per tick
+    program."""
     par = plan.par
     P, M = par.pp, par.micro_batches
     R, n_pass = max(M, P), int(max_new_tokens) - 1
@@ -87,8 +74,6 @@ def generate_offloaded(graphdef, params, tokens, lengths, key, max_new_tokens, s
     inputs = (tokens, lengths, key, max_new_tokens, stop_ids, pad_id, sampling)
     static = dict(plan=plan, specs=specs, capacity=capacity, do_sample=do_sample,
                   return_logprobs=return_logprobs, int8_cache=int8_cache)
-    if ticks is None and _RECORDERS:
-        ticks = _RECORDERS[-1]
     host, work, spare, carry = [None] * M, None, None, None
     for phase, t, r in schedule:
         slot, nxt, keep = _slots(phase, t, M, P)

@@ -1,16 +1,16 @@
 """MoQ (Mixture-of-Quantization): DeepSpeed's quantization-aware training with a bit schedule,
 as pure, jit-compatible functions of the schedule state (no host sync per step).
 
-The rules (DeepSpeed's deepspeed/runtime/quantize.py and compression scheduler; the seeds 002 and
-000 section 3.3 describe them):
+The rules (DeepSpeed's deepspeed/runtime/quantize.py and compression scheduler; DeepSpeed's MoQ
+tutorial and the DeepSpeed-Inference paper describe them):
 
 * Bits. Each quantized weight starts at `start_bits` and loses one bit whenever q, the index of
   the quantized step, reaches its current period; the period starts at `quantize_period` P and
   doubles after every drop, until `target_bits`. DeepSpeed counts q from the offset and never
   resets it, so the drops fall at q = P, 2P, 4P, 8P, ...: quantized step P is the first one at
-  start_bits - 1, step 2P the first at start_bits - 2. The seed article 002 reads the period
-  as the time *between* drops ("P steps, drop, then 2P more, ..."), which would put them at
-  P, 3P, 7P, 15P. dsjax follows DeepSpeed's code.
+  start_bits - 1, step 2P the first at start_bits - 2. A reading of the period as the time
+  *between* drops ("P steps, drop, then 2P more, ...") would put them at P, 3P, 7P,
+  15P; dsjax follows DeepSpeed's code.
 * Offset. The first `schedule_offset` counted steps train in full precision; quantized step 1
   is the next one. (DeepSpeed: with offset 0 it quantizes once before the first forward pass,
   exactly so; with an offset O >= 1 its scheduler lets one more full-precision step through,

@@ -8,7 +8,7 @@ export to the quantized-weight pytrees that init_inference serves (saved with or
     trainer.save(state, "out")
     engine = dsjax.init_inference("out")           # int8 / int4 weights, MoQ's own grid
 
-ds_config holds DeepSpeed's `quantize_training` block (the seeds' form) or
+ds_config holds DeepSpeed's `quantize_training` block (its MoQ tutorial's form) or
 `compression_training.weight_quantization`; see dsjax.quant.moq for the rules. Weights are the
 block GEMM kernels (QuantSpec's choice; the LM head too with lm_head=True). The optimizer sees
 every parameter; a step whose gradients are not finite is skipped and not counted.
@@ -30,7 +30,7 @@ from flax import nnx
 
 from dsjax import checkpoint
 from dsjax.config import ModelConfig
-from dsjax.engine import module_for
+from dsjax.encoders import module_for
 from dsjax.model import abstract_model, flatten, unflatten
 from dsjax.quant.moq import (BitSchedule, EigenvalueSchedule, MoQConfig, WeightPlan,
                              advance_schedule, drops_due, export_weight, init_schedule,
@@ -94,7 +94,7 @@ def _mixing(block, where: str) -> float | None:
 
 
 def _quantize_training(block: dict) -> MoQConfig | None:
-    """The seeds' block. Defaults as DeepSpeed's parser: start 16 bits, period 1000, offset 1000."""
+    """DeepSpeed's quantize_training block. Defaults as DeepSpeed's parser: start 16 bits, period 1000, offset 1000."""
     block = _known(block, _QUANTIZE_TRAINING, "quantize_training")
     if not block.get("enabled", False):
         return None

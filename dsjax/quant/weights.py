@@ -1,45 +1,16 @@
-"""Weight-only quantization: quantized-weight pytrees, quantize / dequantize, and the walk that
-quantizes a converted model's GEMM weights.
-
-Layout (the Pallas `quant_matmul` kernel reads exactly this): a logical weight W [K, N] is cut
-along K into groups of G rows (G = K: one scale per output channel).
-  8 bits: values int8 [K, N] (symmetric: W = q * s) or uint8 [K, N] (asymmetric: W = (q - z) * s)
-  4 bits: values uint8 [K/2, N]; byte r holds row r in its low nibble and row r + K/2 in its high
-          nibble, u in [0, 15]; symmetric: W = (u - 8) * s, asymmetric: W = (u - z) * s
-  scales, zeros: float32 [K/G, N] (zeros only when asymmetric; integer-valued)
-"""
+"""Weight-only quantization: the QuantSpec, quantize / dequantize, and the walk that quantizes a
+converted model's GEMM weights. The QuantizedWeight layout (the one the Pallas `quant_matmul`
+kernel reads) is described in dsjax.weights."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedWeight:
-    values: jax.Array  # int8/uint8 [K, N], or uint8 [K/2, N] packed 4-bit
-    scales: jax.Array  # float32 [K/G, N]
-    zeros: jax.Array | None  # float32 [K/G, N], or None when symmetric
-    bits: int = dataclasses.field(metadata=dict(static=True))
-    group_size: int = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The logical [K, N] of the weight this stands for."""
-        rows, cols = self.values.shape
-        return (rows * 2 if self.bits == 4 else rows), cols
-
-    @property
-    def symmetric(self) -> bool:
-        return self.zeros is None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
+from dsjax import numerics
+from dsjax.weights import QuantizedWeight, is_gemm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,22 +118,14 @@ def pack_int4(codes):
 
 def dequantize(qw: QuantizedWeight, dtype=jnp.float32):
     """QuantizedWeight -> W [K, N] in dtype (a reference; the kernels never materialize it)."""
-    q = qw.values
-    if qw.bits == 4:
-        q = jnp.concatenate([q & 0xF, q >> 4], axis=0)
-    K, N = qw.shape
-    zero = (8.0 if qw.bits == 4 else 0.0) if qw.zeros is None else qw.zeros[:, None]
-    wg = (q.astype(jnp.float32).reshape(K // qw.group_size, qw.group_size, N) - zero)
-    return (wg * qw.scales[:, None]).reshape(K, N).astype(dtype)
-
-
-# Block GEMM weights (and optionally an untied LM head) by flat parameter path.
-_LAYER_KERNEL = re.compile(r"(^|\.)layers\.\d+\.(attn\.(qkv|out)|mlp\.(up|down))\.kernel$")
-_LM_HEAD = re.compile(r"(^|\.)lm_head\.kernel$")
+    values = qw.values.T if qw.k_major else qw.values
+    return numerics.dequantize(values, qw.scales, qw.zeros, bits=qw.bits,
+                               group_size=qw.group_size, dtype=dtype)
 
 
 def quantizable(path: str, spec: QuantSpec) -> bool:
-    return bool(_LAYER_KERNEL.search(path) or (spec.lm_head and _LM_HEAD.search(path)))
+    """Block GEMM weights (and, with spec.lm_head, an untied LM head) by flat parameter path."""
+    return is_gemm(path, lm_head=spec.lm_head)
 
 
 _quantize_jit = jax.jit(quantize, static_argnums=1)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsjax import numerics
 from dsjax.ops import attention_xla
 from pallas_kernels import decode_attention as da
 from pallas_kernels.decode_attention import BlockSizes, decode_attention, num_splits_for
@@ -19,7 +20,7 @@ TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
 
 # Everything jitted, each test's kernel and references in one program: op-by-op dispatch
 # compiles every small op separately, which dominates interpret tests.
-quantize_kv = jax.jit(da.quantize_kv)
+quantize_kv = jax.jit(numerics.quantize_kv)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 7))
@@ -187,3 +188,5 @@ def test_block_size_defaults():
     assert num_splits_for(1, 8, 32768, 128) == 16  # few sequences: one wave, 132 // 8 splits
     assert num_splits_for(64, 8, 32768, 128) == 1  # 512 programs already
     assert num_splits_for(1, 8, 300, 128) == 3  # never more splits than key blocks
+    assert num_splits_for(1, 8, 300, 128, min_split_keys=256) == 2  # at least 256 slots each
+    assert num_splits_for(1, 8, 256, 128, min_split_keys=256) == 1

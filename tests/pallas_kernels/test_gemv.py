@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from dsjax import ops
+from dsjax.numerics import NormSpec
+from dsjax.weights import DenseWeight, QuantizedWeight
 from dsjax.quant import QuantSpec, quantize
 from pallas_kernels.gemv import MAX_ROWS, BlockSizes, gemv, gemv_reference
 from tests.pallas_kernels.test_matmul import assert_close
@@ -57,17 +59,18 @@ def test_matches_reference_and_xla(M, K, N, dtype, int8, bias, res, act, gated, 
     if int8:  # the kernel's format is dsjax.quant's per-channel int8, transposed
         qw = quantize(w.T, QuantSpec(bits=8))
         w, scales = qw.values.T, qw.scales[0]
-    spec = None if norm is None else ops.NormSpec(
-        g, nb, "layernorm" if norm.startswith("ln") else "rmsnorm", 1e-5, norm == "rms+1")
-    kw = dict(norm=None if spec is None else tuple(spec), activation=act, gated=gated)
+    spec = None if norm is None else NormSpec(
+        g, nb, kind="layernorm" if norm.startswith("ln") else "rmsnorm", eps=1e-5,
+        plus_one=norm == "rms+1")
+    kw = dict(norm=spec, activation=act, gated=gated)
 
     @jax.jit
     def run(x, w, scales, b, r):
         kernel = gemv(x, w, scales, b, r, block_sizes=SMALL, interpret=True, **kw)
         ref = gemv_reference(x, w, scales, b, r, **kw)
-        kernel_kn = w.T if scales is None else ops.QuantizedWeight(
-            w.T, scales[None, :], None, bits=8, group_size=K)
-        via_xla = ops.linear_xla(x, kernel_kn, b, r, norm=spec, activation=act, gated=gated)
+        k_major = DenseWeight(w, k_major=True) if scales is None else QuantizedWeight(
+            w, scales[None, :], None, bits=8, group_size=K, k_major=True)
+        via_xla = ops.linear_xla(x, k_major, b, r, norm=spec, activation=act, gated=gated)
         return kernel, ref, via_xla
 
     got, ref, via_xla = run(x, w, scales, b, r)
@@ -83,7 +86,7 @@ def test_default_block_sizes_and_leading_dims():
     # bf16, default blocks (K = 300: one ragged step of 512), x [2, 1, K]
     x, w, b, _, g = _arrays(2, 300, 20, jnp.bfloat16, seed=3)
     x = x.reshape(2, 1, 300)
-    norm = (g, None, "rmsnorm", 1e-6, False)
+    norm = NormSpec(g, None, kind="rmsnorm", eps=1e-6)
     run = jax.jit(lambda x, w, b: (gemv(x, w, bias=b, norm=norm, interpret=True),
                                    gemv_reference(x, w, bias=b, norm=norm)))
     got, want = run(x, w, b)
@@ -108,6 +111,6 @@ def test_bad_calls_say_what_is_wrong():
     with pytest.raises(ValueError, match="scales"):
         gemv(x, w.astype(jnp.int8), interpret=True)
     with pytest.raises(ValueError, match="norm kind"):
-        gemv(x, w, norm=(jnp.ones(64), None, "batchnorm", 1e-5, False), interpret=True)
+        gemv(x, w, norm=NormSpec(jnp.ones(64), None, kind="batchnorm", eps=1e-5), interpret=True)
     with pytest.raises(ValueError, match="even row count"):
         gemv(x, w[:31], gated=True, activation="silu", interpret=True)

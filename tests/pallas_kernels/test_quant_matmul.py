@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax import ops
+from dsjax import numerics, ops
+from dsjax.numerics import NormSpec
 from dsjax.quant import QuantizedWeight, QuantSpec, dequantize, quantize
-from pallas_kernels.quant_matmul import (dequantize_reference, quant_matmul,
+from pallas_kernels.quant_matmul import (quant_matmul,
                                          quant_matmul_reference, random_weight)
 from tests.pallas_kernels.test_matmul import FMA1, FMA4, SMALL, SPLIT, TOL, assert_close
 
@@ -50,7 +51,7 @@ CASES = [
     (2, 128, 96, jnp.bfloat16, 8, False, 64, dict(norm="layernorm"), SMALL),
     (3, 128, 2 * 40, jnp.float32, 4, False, 32, dict(norm="layernorm", gated=True,
                                                      activation="silu"), SPLIT),
-    # transpose_w: 8-bit values stored [N, K] (dsjax.kmajor), both forms
+    # transpose_w: 8-bit values stored [N, K] (K-major, dsjax.weights), both forms
     (20, 128, 2 * 40, jnp.bfloat16, 8, True, None, dict(gated=True, activation="silu",
                                                        transpose=True), SMALL),
     (16, 192, 80, jnp.float16, 8, False, 64, dict(residual=True, transpose=True), SPLIT),
@@ -78,8 +79,8 @@ def test_quant_matmul(M, K, N, dtype, bits, sym, G, opts, blocks):
     if opts.get("norm"):
         nscale = jnp.asarray(1 + 0.3 * rng.standard_normal(K, np.float32), dtype)
         nbias = jnp.asarray(0.3 * rng.standard_normal(K, np.float32), dtype)
-        norm = (nscale, nbias if opts["norm"] == "layernorm" else None, opts["norm"], 1e-5,
-                opts["norm"] == "rmsnorm")
+        norm = NormSpec(nscale, nbias if opts["norm"] == "layernorm" else None,
+                        kind=opts["norm"], eps=1e-5, plus_one=opts["norm"] == "rmsnorm")
     kw = dict(bits=bits, group_size=G, bias=bias, residual=res, gated=gated,
               activation=opts.get("activation"), norm=norm, transpose_w=opts.get("transpose", False))
     if kw["transpose_w"]:
@@ -97,8 +98,8 @@ def test_quant_matmul(M, K, N, dtype, bits, sym, G, opts, blocks):
 @pytest.mark.parametrize("bits,sym,G", [(8, True, None), (8, False, 32), (4, True, 64),
                                         (4, False, None)])
 def test_reference_matches_dsjax_quant(bits, sym, G):
-    """The reference's dequantization is dsjax.quant's, and quant_matmul_reference equals the
-    unfused XLA path (norm, dequantize, einsum, epilogue) on a quantize()d weight."""
+    """dequantize() inverts quantize() to its rounding, and quant_matmul_reference equals the XLA
+    path (group-wise partial products, never a dequantized W) on a quantize()d weight."""
     rng = np.random.default_rng(bits + G if G else bits)
     K, N = 128, 96
     w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.05)
@@ -106,16 +107,27 @@ def test_reference_matches_dsjax_quant(bits, sym, G):
     assert isinstance(qw, QuantizedWeight)
     args = (qw.values, qw.scales, qw.zeros)
     kw = dict(bits=bits, group_size=qw.group_size)
-    np.testing.assert_array_equal(dequantize_reference(*args, **kw), dequantize(qw))
     assert float(jnp.abs(dequantize(qw) - w).max()) < 0.05 * 4 / (2 ** bits - 2) * 4
     x = jnp.asarray(rng.standard_normal((3, K), np.float32))
     scale = jnp.asarray(1 + 0.2 * rng.standard_normal(K, np.float32))
-    norm = ops.NormSpec(scale, None, "rmsnorm", 1e-6, False)
+    norm = NormSpec(scale, None, kind="rmsnorm", eps=1e-6)
     bias = jnp.asarray(rng.standard_normal(N, np.float32))
     want = ops.linear_xla(x, qw, bias, norm=norm, activation="silu", gated=True)
     got = quant_matmul_reference(x, *args, **kw, bias=bias, activation="silu", gated=True,
-                                 norm=tuple(norm))
+                                 norm=norm)
     assert_close(got, want, 2e-5)
+
+
+def test_dequantize_by_hand():
+    """Byte 0x2A holds row 0 (low nibble 10) and row K/2 = 1 (high nibble 2); symmetric 4-bit
+    codes are u - 8: W = [(10 - 8) * 0.5, (2 - 8) * 0.5]. Asymmetric 8-bit: (q - z) * s."""
+    w4 = numerics.dequantize(jnp.asarray([[0x2A]], jnp.uint8), jnp.asarray([[0.5]]), bits=4,
+                             group_size=2)
+    np.testing.assert_array_equal(w4, [[1.0], [-3.0]])
+    w8 = numerics.dequantize(jnp.asarray([[200], [3], [7], [9]], jnp.uint8),
+                             jnp.asarray([[0.25], [2.0]]), jnp.asarray([[100.0], [5.0]]), bits=8,
+                             group_size=2)
+    np.testing.assert_array_equal(w8, [[25.0], [-24.25], [4.0], [8.0]])
 
 
 def test_bad_arguments():

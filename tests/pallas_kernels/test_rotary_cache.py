@@ -14,7 +14,7 @@ from dsjax import ops
 from dsjax.config import ModelConfig
 from dsjax.model import rope_inv_freq, rotary
 from pallas_kernels import rotary_cache as rc
-from pallas_kernels.decode_attention import quantize_kv
+from dsjax.numerics import quantize_kv
 
 S = 12  # cache slots
 

@@ -35,7 +35,7 @@ def _pair(hf, tp, pp, M, **kw):
 
 def _recorded(engine, rows, **kw):
     """(engine.generate(rows, **kw), its offload tick programs as offload.Tick records)."""
-    with offload.record_ticks() as ticks:
+    with engine.runner.record_ticks() as ticks:
         return engine.generate(rows, **kw), ticks
 
 

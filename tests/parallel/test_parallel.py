@@ -151,40 +151,37 @@ def test_int8_kv_cache_and_kernel_injection():
 
 @pytest.mark.parametrize("tp,pp,quant", [(2, 2, None), (4, 1, {"bits": 8})],
                          ids=["tp2xpp2", "tp4_int8_kv_heads_replicated"])
-def test_pallas_kernels_over_a_mesh(tp, pp, quant, caplog):
+def test_pallas_kernels_over_a_mesh(tp, pp, quant):
     """All-Pallas (interpret mode) over a mesh: each device transposes its own weight slice to
     the K-major layout the decode gemv reads (a column-parallel [K, N/T] slice becomes
     [N/T, K], a row-parallel [K/T, N] one [N, K/T]), one sequence runs the gemv and the decode
-    attention kernel, and the tokens are the one-device XLA engine's (HF's, unquantized)."""
-    import logging
-
-    from dsjax import ops
-    from dsjax.kmajor import KMajorWeight
+    attention kernel, and the tokens are HF's (int8: the XLA mesh engine's on the same codes)."""
+    from dsjax.weights import DenseWeight, QuantizedWeight
+    from tests.programs import generate_kernels
 
     hf = gqa_llama()
     rows = [ROWS[0]]
-    ops._ANNOUNCED.clear()
     engine = _engine(hf, tp, pp, replace_with_kernel_inject=True, quant=quant)
     qkv_columns = tp * (8 // tp + 2 * max(2 // tp, 1)) * 8  # KV heads replicated at tp 4
     for name, (k, n), axis in (("attn.qkv", (64, qkv_columns), 0), ("mlp.down", (96, 64), 1)):
         w = engine.params["layers"][0][name.split(".")[0]][name.split(".")[1]]["kernel"]
-        assert isinstance(w, KMajorWeight) and w.values.shape == (pp, n, k)
+        assert isinstance(w, (DenseWeight, QuantizedWeight)) and w.k_major
+        assert w.values.shape == (pp, n, k)
         local = [n, k]
         local[axis] //= tp
         assert {s.data.shape for s in w.values.addressable_shards} == {(1, *local)}
-    with caplog.at_level(logging.INFO, logger="dsjax.ops"):
-        out = engine.generate(rows, max_new_tokens=N, eos_token_id=[])
-    kernel = "gemv kernel (float32, K-major, RMSNorm fused)" if quant is None else \
-        "quant_matmul kernel (int8, group 64, K-major)"
-    assert kernel in caplog.text and "decode_attention" in caplog.text
-    single = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=32, progress=False, quant=quant)
-    expected = single.generate(rows, max_new_tokens=N, eos_token_id=[]).sequences
-    assert out.sequences == expected
-    if quant is None:
-        assert expected == [hf_greedy(hf, rows[0], N)]
+    out = engine.generate(rows, max_new_tokens=N, eos_token_id=[])
+    kernels = generate_kernels(engine, rows)
+    assert kernels["gemv" if quant is None else "quant8_matmul"] and kernels["decode_attention"]
+    if quant is None:  # HF's own tokens
+        assert out.sequences == [hf_greedy(hf, rows[0], N)]
+    else:  # the XLA engine over the same per-slice int8 codes (a row-parallel slice has scales
+        # of its own, so the one-device int8 engine rounds differently)
+        xla = _engine(hf, tp, pp, quant=quant)
+        assert out.sequences == xla.generate(rows, max_new_tokens=N, eos_token_id=[]).sequences
 
 
-def test_pallas_generate_lowers_for_cuda_over_a_mesh(monkeypatch):
+def test_pallas_generate_lowers_for_cuda_over_a_mesh():
     """The multi-GPU program with the GPU kernels (not their interpreter) lowers for CUDA: the
     Triton kernels inside shard_map, gemv and decode attention among them (this machine has no
     GPU; the kernels' GPU runs are in benchmarks/)."""
@@ -192,15 +189,12 @@ def test_pallas_generate_lowers_for_cuda_over_a_mesh(monkeypatch):
 
     import jax.numpy as jnp
 
-    from dsjax import engine as eng
     from dsjax import generate as gen
-    from dsjax import pallas_ops
 
-    monkeypatch.setattr(pallas_ops, "_interpret", lambda: False)
     engine = dsjax.init_inference("tiny-llama", dtype="bf16", max_out_tokens=32, progress=False,
-                                  replace_with_kernel_inject=True,
+                                  kernels=dsjax.KernelPolicy.pallas(interpret=False),
                                   tensor_parallel={"tp_size": 2}, pipeline_parallel={"pp_size": 2})
-    tokens, lengths = eng._pack([np.arange(5)], 32, 0, groups=engine.batch_groups, min_rows=1)
+    tokens, lengths = engine.pack([np.arange(5)])
     fn, args, kw = engine.generate_program(
         jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(4),
         jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(), capacity=32,

@@ -32,7 +32,7 @@ def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.3) -> dict:
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 16, (4, 12)), jnp.int32)
 
-# the seed article's block (002), verbatim
+# a quantize_training block as DeepSpeed's MoQ tutorial writes it, verbatim
 SEED = {"quantize_training": {
     "enabled": True, "quantize_verbose": True, "quantizer_kernel": True,
     "quantize_type": "symmetric", "quantize_bits": {"start_bits": 12, "target_bits": 8},

@@ -1,0 +1,149 @@
+"""KernelPolicy: the one place that says which implementation each op runs and every routing
+threshold. Frozen and hashable, it travels as a static value into the model and the jitted
+functions (it is part of the model's graphdef), so two engines with different policies never
+share a trace.
+
+Also here: `Unsupported`, raised by an implementation that cannot take a particular call (the
+seam then falls back to XLA with a warning), and the kernel log with its once-per-message filter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+OPS = ("norm", "linear", "attention", "cache_attention", "write_kv")
+IMPLEMENTATIONS = ("xla", "pallas")
+# the ops that have a Pallas kernel (dsjax.pallas_ops); the others are XLA under every policy
+PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv")
+_NORMS = ("rmsnorm", "layernorm")
+
+log = logging.getLogger("dsjax.ops")
+
+
+class Unsupported(Exception):
+    """Raised by an implementation that cannot run this particular call; the reason is logged
+    and the XLA implementation runs instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    """Which implementation each op runs ("xla" or "pallas") and how the Pallas path routes.
+
+    gemv_rows: float K-major GEMMs with at most this many rows run the gemv kernel;
+    gemv_fused_norms: the norms the gemv takes fused (the others run in XLA first);
+    norm_in_xla_rows: up to this many rows a norm runs in XLA before a K-major GEMM kernel
+      instead of fused into its prologue; int8_gemv_rows: per-channel int8 codes run the gemv up
+      to this many rows (0: quant_matmul at every row count); min_split_keys: cache slots a
+      decode-attention split covers at least (0: one key block); interpret: run the Pallas
+      kernels in interpret mode (None: when the backend is the CPU).
+    Why each default: docs/decisions.md (gemv-rows, gemv-fused-norms, norm-in-xla-rows,
+    int8-gemv-rows, decode-split-minimum).
+    """
+
+    norm: str = "xla"
+    linear: str = "xla"
+    attention: str = "xla"
+    cache_attention: str = "xla"
+    write_kv: str = "xla"
+    gemv_rows: int = 1
+    gemv_fused_norms: tuple[str, ...] = ("rmsnorm",)
+    norm_in_xla_rows: int = 16
+    int8_gemv_rows: int = 0
+    min_split_keys: int = 0
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        if isinstance(self.gemv_fused_norms, (list, str)):
+            fused = (self.gemv_fused_norms,) if isinstance(self.gemv_fused_norms, str) else self.gemv_fused_norms
+            object.__setattr__(self, "gemv_fused_norms", tuple(fused))
+        for op in OPS:
+            name = getattr(self, op)
+            if name not in IMPLEMENTATIONS:
+                raise ValueError(f"kernels[{op!r}]={name!r} is not one of {IMPLEMENTATIONS}")
+            if name == "pallas" and op not in PALLAS_OPS:
+                raise ValueError(f"there is no Pallas {op} kernel (ops with one: "
+                                 f"{', '.join(PALLAS_OPS)}); leave {op} on 'xla'")
+        for norm in self.gemv_fused_norms:
+            if norm not in _NORMS:
+                raise ValueError(f"gemv_fused_norms: {norm!r} is not one of {_NORMS}")
+        for name in ("gemv_rows", "norm_in_xla_rows", "int8_gemv_rows", "min_split_keys"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"KernelPolicy.{name} must be an integer >= 0, got {value!r}")
+
+    @classmethod
+    def pallas(cls, **changes) -> KernelPolicy:
+        """DeepSpeed's replace_with_kernel_inject=True: every op with a Pallas kernel runs it."""
+        return cls(**{**{op: "pallas" for op in PALLAS_OPS}, **changes})
+
+    @classmethod
+    def parse(cls, kernels=None, inject: bool = False) -> KernelPolicy:
+        """init_inference's `kernels=`: a KernelPolicy as it is, or a dict {op: "xla" | "pallas"}
+        of per-op overrides (plus any routing field) over the policy that
+        replace_with_kernel_inject selects."""
+        if isinstance(kernels, KernelPolicy):
+            return kernels
+        base = cls.pallas() if inject else cls()
+        if kernels is None:
+            return base
+        if not isinstance(kernels, dict):
+            raise TypeError(f"kernels must be a KernelPolicy or a dict, got {type(kernels).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(kernels) - known
+        if unknown:
+            raise ValueError(f"unknown kernels keys {sorted(unknown)}; ops: {', '.join(OPS)}; "
+                             f"routing: {', '.join(sorted(known - set(OPS)))}")
+        return dataclasses.replace(base, **kernels)
+
+    def implementation(self, op: str) -> str:
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+        return getattr(self, op)
+
+    @property
+    def k_major(self) -> bool:
+        """An engine holds its GEMM weights K-major when its linear op runs the Pallas kernels
+        (the gemv and the tensor-core kernels read them in place: docs/decisions.md#k-major-weights)."""
+        return self.linear == "pallas"
+
+    @property
+    def uses_pallas(self) -> bool:
+        return any(getattr(self, op) == "pallas" for op in OPS)
+
+    def describe(self) -> str:
+        """'pallas' / 'xla', or the per-op choice when they differ."""
+        names = {getattr(self, op) for op in PALLAS_OPS}
+        if len(names) == 1:
+            return names.pop()
+        return ", ".join(f"{op}={getattr(self, op)}" for op in PALLAS_OPS)
+
+
+# ----------------------------------------------------------------------------- the kernel log
+
+class OncePerProgram(logging.Filter):
+    """Lets each message through once per traced program: the model calls an op once per layer,
+    and every layer would repeat it. `new_program()` is called when a top-level function traces,
+    so every compile logs the kernels it chose, and a cached program logs nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def new_program(self) -> None:
+        self._seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
+ONCE = OncePerProgram()
+log.addFilter(ONCE)
+
+
+def announce(message: str, level: int = logging.INFO) -> None:
+    log.log(level, message)

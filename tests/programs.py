@@ -1,0 +1,51 @@
+"""What a compiled engine program contains: the Pallas kernels in its jaxpr, counted by name.
+
+Kernel-injection tests assert which kernels a program runs this way, independently of the log
+(a cached program logs nothing) and of any fallback (a silent one would compare XLA with XLA).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax import generate as gen
+
+
+def pallas_calls(jaxpr) -> collections.Counter:
+    """Kernel name -> count of pallas_call equations in a (closed) jaxpr, sub-jaxprs included
+    (while-loop bodies, conds, nested jits)."""
+    found = collections.Counter()
+    stack = [getattr(jaxpr, "jaxpr", jaxpr)]
+    while stack:
+        for eqn in stack.pop().eqns:
+            if eqn.primitive.name == "pallas_call":
+                found[str(eqn.params["name"])] += 1
+                continue
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        stack.append(sub)
+    return found
+
+
+def generate_kernels(engine, rows, *, max_new_tokens: int = 4, int8_cache: bool = False):
+    """The Pallas kernels of the program engine.generate(rows) runs (greedy)."""
+    tokens, lengths = engine.pack([np.asarray(r) for r in rows])
+    fn, args, kw = engine.generate_program(
+        jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(max_new_tokens),
+        jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(),
+        capacity=engine.inference_config.max_out_tokens, do_sample=False, return_logprobs=False,
+        int8_cache=int8_cache)
+    return pallas_calls(fn.trace(*args, **kw).jaxpr)
+
+
+def forward_kernels(engine, ids):
+    """The Pallas kernels of the program engine(ids) runs."""
+    ids = jnp.asarray(ids, jnp.int32)
+    return pallas_calls(jax.make_jaxpr(lambda i, m: gen.forward(engine.graphdef, engine.params,
+                                                                i, m))(ids, jnp.ones_like(ids)))
