@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from dsjax.config import ImageConfig, ModelConfig
+from dsjax.model import Linear, Norm, Transformer, _normal
 from dsjax.policy import ONCE, KernelPolicy
 from dsjax.prompts import bucket, token_rows
-from dsjax.model import Linear, Norm, Transformer, _normal
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature (HF logit_scale_init_value)
 

@@ -15,6 +15,14 @@ for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS", "false")
+# - one persistent compilation cache for the session, shared by the xdist workers: a program
+#   that both workers build (the shared engines' generate, a kernel test's shapes) compiles once
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsjax-tests-jit-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -114,10 +122,11 @@ def llama_pair():
 
 
 # The modules whose tests take longest (compile-bound: interpreted Pallas kernels, meshes of 8
-# simulated devices, one engine per family), run first, so that the last tests of the run are
+# simulated devices, one engine per family; benchmark runs in subprocesses), run first, so that the last tests of the run are
 # short ones and neither xdist worker waits for the other at the end.
-SLOW_FIRST = ("tests/test_kernel_injection.py", "tests/parallel/",
-              "tests/converters/test_decoder_families.py", "tests/pallas_kernels/")
+SLOW_FIRST = ("tests/test_compare.py", "tests/test_kernel_injection.py", "tests/parallel/",
+              "tests/converters/test_decoder_families.py", "tests/pallas_kernels/",
+              "tests/test_cli.py")
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own grouping by fixture parameters

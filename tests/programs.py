@@ -15,15 +15,14 @@ import numpy as np
 from dsjax import generate as gen
 
 
-def pallas_calls(jaxpr) -> collections.Counter:
-    """Kernel name -> count of pallas_call equations in a (closed) jaxpr, sub-jaxprs included
-    (while-loop bodies, conds, nested jits)."""
-    found = collections.Counter()
-    stack = [getattr(jaxpr, "jaxpr", jaxpr)]
+def pallas_eqns(jaxpr) -> list:
+    """The pallas_call equations of a (closed) jaxpr, sub-jaxprs included (while-loop bodies,
+    conds, nested jits)."""
+    found, stack = [], [getattr(jaxpr, "jaxpr", jaxpr)]
     while stack:
         for eqn in stack.pop().eqns:
             if eqn.primitive.name == "pallas_call":
-                found[str(eqn.params["name"])] += 1
+                found.append(eqn)
                 continue
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (list, tuple)) else (value,):
@@ -33,15 +32,25 @@ def pallas_calls(jaxpr) -> collections.Counter:
     return found
 
 
-def generate_kernels(engine, rows, *, max_new_tokens: int = 4, int8_cache: bool = False):
-    """The Pallas kernels of the program engine.generate(rows) runs (greedy)."""
+def pallas_calls(jaxpr) -> collections.Counter:
+    """Kernel name -> count of pallas_call equations in a jaxpr (see pallas_eqns)."""
+    return collections.Counter(str(eqn.params["name"]) for eqn in pallas_eqns(jaxpr))
+
+
+def generate_program(engine, rows, *, max_new_tokens: int = 4, int8_cache: bool = False):
+    """The jaxpr of the program engine.generate(rows) runs (greedy); traced, not compiled."""
     tokens, lengths = engine.pack([np.asarray(r) for r in rows])
     fn, args, kw = engine.generate_program(
         jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(max_new_tokens),
         jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(),
         capacity=engine.inference_config.max_out_tokens, do_sample=False, return_logprobs=False,
         int8_cache=int8_cache)
-    return pallas_calls(fn.trace(*args, **kw).jaxpr)
+    return fn.trace(*args, **kw).jaxpr
+
+
+def generate_kernels(engine, rows, **kw) -> collections.Counter:
+    """The Pallas kernels of the program engine.generate(rows) runs (greedy)."""
+    return pallas_calls(generate_program(engine, rows, **kw))
 
 
 def forward_kernels(engine, ids):

@@ -11,7 +11,7 @@ import pytest
 import dsjax
 from dsjax import KernelPolicy, encoders
 from tests.conftest import gpt2_model, llama_model, prompt
-from tests.programs import generate_kernels, pallas_calls
+from tests.programs import generate_kernels, generate_program, pallas_calls, pallas_eqns
 from tests.converters import test_bert, test_clip, test_decoder_families, test_distilbert
 
 # one configuration per family (the second configs of NeoX, Qwen2 and OPT add no kernel path
@@ -51,13 +51,15 @@ MASKS = ("bloom_alibi", "gpt_neo_local_window_3", "mistral_window_5_gqa", "gemma
 @pytest.mark.parametrize("name", list(DECODERS))
 def test_decoder_family(name):
     hf = DECODERS[name]()
-    xla, pallas = _pair(hf, max_out_tokens=48)
+    # the budget and shapes test_decoder_families compiles for the XLA engine of the same model
+    # (one prompt's greedy tokens with log-probabilities, [2, 20] logits): compiled once
+    xla, pallas = _pair(hf, max_out_tokens=64)
     V = xla.config.vocab_size
     rows = _same_generation(xla, pallas, V)
     kernels = set(generate_kernels(pallas, rows))  # 2 x 16 prompt rows: pre-norms fused
     assert GENERATE_KERNELS | {"matmul"} <= kernels <= GENERATE_KERNELS | {"matmul", "norm_matmul"}
     if name in MASKS:
-        ids = np.stack([prompt(1, 12, V), prompt(2, 12, V)])
+        ids = np.stack([prompt(1, 20, V), prompt(2, 20, V)])
         mask = np.ones_like(ids)
         mask[1, :5] = 0  # left padding: the flash kernel masks keys and shifts positions
         np.testing.assert_allclose(np.asarray(pallas(ids, mask)), np.asarray(xla(ids, mask)), **TOL)
@@ -216,6 +218,21 @@ def test_a_call_no_kernel_takes_falls_back_with_a_warning(caplog):
                         "cache (prompt phase)): falling back to 'xla'"]
     kernels = generate_kernels(engine, [[1, 2, 3]], int8_cache=True)
     assert kernels["decode_attention"] and "flash_attention" not in kernels
+
+
+def test_min_split_keys_gives_decode_attention_one_split():
+    """300 cache slots are 3 key blocks: 3 splits whose partials a combine step joins (three
+    outputs), or, with min_split_keys=512, one split that normalizes itself (one output)."""
+    hf = llama_model(num_hidden_layers=1)
+    kw = dict(dtype="fp32", max_out_tokens=300, progress=False)
+
+    def decode_outputs(policy):
+        engine = dsjax.init_inference(hf, kernels=policy, **kw)
+        eqns = pallas_eqns(generate_program(engine, [[1, 2, 3]]))  # traced, not compiled
+        return {len(e.outvars) for e in eqns if str(e.params["name"]) == "decode_attention"}
+
+    assert decode_outputs(KernelPolicy.pallas()) == {3}
+    assert decode_outputs(KernelPolicy.pallas(min_split_keys=512)) == {1}
 
 
 def test_kernels_that_do_not_exist_are_refused():

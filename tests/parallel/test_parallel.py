@@ -199,8 +199,13 @@ def test_pallas_generate_lowers_for_cuda_over_a_mesh():
         jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(4),
         jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(), capacity=32,
         do_sample=False, return_logprobs=False, int8_cache=False)
-    exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
-        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args, **kw)
+    try:
+        exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args, **kw)
+    except RuntimeError as e:  # JAX 0.11's Triton lowering asks the GPU for its compute capability
+        if "No supported GPU devices found" not in str(e):
+            raise
+        pytest.skip(f"this JAX ({jax.__version__}) lowers Triton kernels only with a GPU present")
     assert exported.platforms == ("cuda",) and exported.nr_devices == 4
     names = set(re.findall(r'name = "(\w+)"', exported.mlir_module()))
     assert {"gemv", "decode_attention", "flash_attention", "rotary_cache_write"} <= names

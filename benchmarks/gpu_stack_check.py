@@ -1,0 +1,89 @@
+"""On the GPU machine: the Pallas kernels compiled for the GPU (not interpreted) against the XLA
+path, per policy, on built-in random-weight architectures: greedy tokens and the largest logit
+difference, and which kernels each program holds. Prints one table; writes it as JSON to $OUT.
+
+    python benchmarks/gpu_stack_check.py [--archs tiny-llama,tiny-gpt2]
+
+(`benchmarks/gpu_stack_tests.sh` runs it after the test suite on that machine's JAX.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dsjax
+from dsjax import KernelPolicy
+from dsjax import generate as gen
+
+POLICIES = {
+    "pallas": KernelPolicy.pallas(),
+    "pallas-gemv0": KernelPolicy.pallas(gemv_rows=0),
+    "pallas-lnfused": KernelPolicy.pallas(gemv_fused_norms=("rmsnorm", "layernorm")),
+    "pallas-split256": KernelPolicy.pallas(min_split_keys=256),
+}
+
+
+def kernels_of(engine, rows) -> dict:
+    """Kernel name -> pallas_call count in the program engine.generate(rows) runs."""
+    tokens, lengths = engine.pack(rows)
+    fn, args, kw = engine.generate_program(
+        jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(8),
+        jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(),
+        capacity=engine.inference_config.max_out_tokens, do_sample=False,
+        return_logprobs=False, int8_cache=False)
+    found, stack = collections.Counter(), [fn.trace(*args, **kw).jaxpr.jaxpr]
+    while stack:
+        for eqn in stack.pop().eqns:
+            if eqn.primitive.name == "pallas_call":
+                found[str(eqn.params["name"])] += 1
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        stack.append(sub)
+    return dict(found)
+
+
+def check(arch: str, name: str, policy: KernelPolicy) -> dict:
+    kw = dict(dtype="fp32", max_out_tokens=256, progress=False)
+    xla = dsjax.init_inference(arch, **kw)
+    pallas = dsjax.init_inference(arch, kernels=policy, **kw)
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, xla.config.vocab_size, 20).tolist()]
+    ids = np.asarray(rows)
+    diff = float(np.abs(np.asarray(pallas(ids)) - np.asarray(xla(ids))).max())
+    a = xla.generate(rows, max_new_tokens=16, eos_token_id=[]).sequences
+    b = pallas.generate(rows, max_new_tokens=16, eos_token_id=[]).sequences
+    return {"arch": arch, "policy": name, "same_tokens": a == b, "max_logit_diff": diff,
+            "kernels": kernels_of(pallas, rows), "policy_fields": dataclasses.asdict(policy)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", default="tiny-llama,tiny-gpt2")
+    a = p.parse_args()
+    rows = []
+    with jax.default_matmul_precision("highest"):  # fp32 on both sides, no TF32
+        for arch in a.archs.split(","):
+            for name, policy in POLICIES.items():
+                rows.append(check(arch, name, policy))
+                r = rows[-1]
+                print(f"{arch:12s} {name:16s} same tokens {r['same_tokens']!s:5s} "
+                      f"max |dlogit| {r['max_logit_diff']:.2e}  {r['kernels']}", flush=True)
+    env = {"device": str(jax.devices()[0]), "jax": jax.__version__}
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_stack_check.json").write_text(
+            json.dumps({"env": env, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
