@@ -9,10 +9,10 @@ earlier form that scaled the weight before the dot ran 2-3x slower), the Pallas 
 channel and group 128), Pallas INT4 (group 128), RMSNorm + GEMM (Pallas norm_matmul vs XLA norm
 then dot in one jit; for gate_up also with the gated SiLU epilogue), and at M=1 the FMA form
 without its inline-PTX conversions (*_cvt). For M <= 8 also the decode GEMV over K-major
-weights (pallas_kernels/gemv.py; the layout dsjax.kmajor gives a kernel-injected engine):
+weights (pallas_kernels/gemv.py; the K-major layout dsjax.weights gives a kernel-injected engine):
 gemv_bf16, gemv_int8 (per channel), gemv_norm (RMSNorm fused), gemv_norm_gated, and
 LayerNorm + GEMM (xla_ln vs gemv_ln, with the norm's bias); and quant_matmul over K-major int8
-codes (pallas_int8_pc_t; also grouped int8 and int4, *_g128_t), the kernels dsjax.kmajor's
+codes (pallas_int8_pc_t; also grouped int8 and int4, *_g128_t), the kernels dsjax.weights'
 layout runs. Each timing runs the op on 16 distinct weights in
 one jit (L2 never holds the next weight; XLA can merge nothing), queues 4 such jits and divides.
 Effective bandwidth = bytes of weights (+ scales) / time, against a bf16 GEMV ceiling measured

@@ -14,11 +14,13 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax import numerics
+from dsjax.numerics import NORM_KINDS
 from dsjax.policy import KernelPolicy
 from dsjax.quant.weights import QuantSpec
 
-NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "quick_gelu")
+NORMS = NORM_KINDS
+ACTIVATIONS = tuple(numerics.ACTIVATIONS)
 POSITIONS = ("learned", "rotary", "alibi", "none")
 ROTARY_LAYOUTS = ("half", "interleaved")
 ROPE_KINDS = ("default", "linear", "llama3")

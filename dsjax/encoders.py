@@ -236,7 +236,7 @@ def pool_index(cfg: ModelConfig, rows: list[np.ndarray]) -> np.ndarray:
 
 
 def pack_text(cfg: ModelConfig, input_ids, attention_mask=None, token_type_ids=None) -> TextBatch:
-    """Checks and pads an encoder's text inputs; see InferenceEngine.embed for the forms."""
+    """Checks and pads an encoder's text inputs; see EncoderEngine.embed for the forms."""
     rows = token_rows(input_ids, "input_ids")
     B, T = len(rows), max(r.size for r in rows)
     if attention_mask is None:

@@ -1,7 +1,8 @@
 """init_inference(): DeepSpeed's entry point, one step per concern:
 
-    options -> model config (the source) -> inference config -> parallel plan -> host params
-      -> quantize -> layout -> place -> engine
+    options -> model config (the source) -> inference config -> parallel plan (checked) ->
+      params (one device: loaded onto it; a mesh: host arrays) -> build_engine: quantize ->
+      layout -> place (a mesh: slice, quantize per slice, place, then layout) -> engine
 
 Everything that can be checked from configs (dtype, parallel degrees, token budget, the
 checkpoint's architecture and tensor names and shapes) is checked before any weight is read.
@@ -101,7 +102,8 @@ def init_inference(model, config: dict | None = None, **options) -> InferenceEng
     opts = Options.parse(config, options)
     source = open_source(model)
     icfg = inference_config(opts, source)
-    par = parallel_plan(opts, source, icfg)
+    par = opts.parallel()
+    check_plan(source.config, icfg, par, opts.devices, stored_quant=source.stored_quant)
     params = load_params(source, icfg, host=par.is_parallel, seed=opts.seed,
                          progress=opts.progress)
     return build_engine(source.config, params, inference=icfg, parallel=par,
@@ -112,15 +114,16 @@ def build_engine(config: ModelConfig, params: dict, *, inference: InferenceConfi
                  parallel: Parallel | None = None, devices=None,
                  source: Source | None = None) -> InferenceEngine:
     """An engine from a model config and its params (nested, in the stored [K, N] layout; host
-    arrays for a mesh): quantize (per inference.quant, unless already quantized) -> layout
-    (K-major when the policy's linear op runs the Pallas kernels) -> place -> engine."""
+    arrays for a mesh): checks the plan, quantizes (per inference.quant, unless already
+    quantized), lays the weights out for the policy's kernels, places them (one device: as they
+    are; a mesh: each device its slice, quantized per slice), and wraps them in an engine."""
     icfg = inference or InferenceConfig()
     par = parallel or Parallel()
+    check_plan(config, icfg, par, devices)
     policy, dtype = icfg.kernels, icfg.jnp_dtype
     if par.is_parallel:
-        mesh = par.mesh(devices)
-        plan, graphdef, params = pipeline.build(config, par, mesh, flatten(params), dtype, policy,
-                                                icfg.quant)  # placed slices, quantized per slice
+        plan, graphdef, params = pipeline.build(config, par, par.mesh(devices), flatten(params),
+                                                dtype, policy, icfg.quant)
         runner = MeshRunner(plan, graphdef, layout(params, policy))
     else:
         graphdef, _ = abstract_model(config, dtype, policy, module=module_for(config))
@@ -138,7 +141,7 @@ def convert_checkpoint(src, out_dir, *, dtype="bf16", quant=None, progress: bool
     """HF checkpoint directory (or in-memory HF model) -> dsjax checkpoint at out_dir; with
     quant (or dtype int8/int4) the GEMM weights are stored quantized."""
     source = open_source(src)
-    icfg = inference_config(Options(dtype=dtype, quant=quant), source, keep_stored=False)
+    icfg = inference_config(Options(dtype=dtype, quant=quant), source)
     check_quant(source.config, icfg.quant)
     params = quantize(load_params(source, icfg, host=False, seed=0, progress=progress), icfg.quant)
     return checkpoint.save(out_dir, source.config, params, generation=source.generation,
@@ -147,7 +150,7 @@ def convert_checkpoint(src, out_dir, *, dtype="bf16", quant=None, progress: bool
 
 # ----------------------------------------------------------------------------- the steps
 
-def inference_config(opts: Options, source: Source, keep_stored: bool = True) -> InferenceConfig:
+def inference_config(opts: Options, source: Source) -> InferenceConfig:
     """dtype int8/int4 (DeepSpeed's spelling) means bf16 compute with quantized weights; a
     checkpoint stored quantized keeps its format (asking for another one is an error)."""
     cfg, dtype, spec = source.config, opts.dtype, QuantSpec.parse(opts.quant)
@@ -156,7 +159,7 @@ def inference_config(opts: Options, source: Source, keep_stored: bool = True) ->
         if spec is not None and spec.bits != bits:
             raise ValueError(f"dtype={dtype!r} contradicts quant bits={spec.bits}")
         spec, dtype = spec or QuantSpec(bits=bits), "bfloat16"
-    stored = source.stored_quant if keep_stored else None
+    stored = source.stored_quant
     if stored is not None:
         if spec is not None and spec != stored:
             raise ValueError(f"this checkpoint stores {quant_name(stored)} weights; it "
@@ -166,28 +169,30 @@ def inference_config(opts: Options, source: Source, keep_stored: bool = True) ->
     budget = opts.max_out_tokens
     if budget is None:
         budget = min(1024, cfg.max_position_embeddings) if cfg.positions == "learned" else 1024
-    if cfg.positions == "learned" and budget > cfg.max_position_embeddings:
-        raise ValueError(
-            f"max_out_tokens={budget} exceeds the {cfg.max_position_embeddings} learned "
-            f"positions of this {cfg.family} model; pass max_out_tokens <= "
-            f"{cfg.max_position_embeddings}")
     return InferenceConfig(dtype=dtype or "bfloat16", max_out_tokens=budget, quant=spec,
                            kv_cache_dtype=opts.kv_cache_dtype,
                            kernels=KernelPolicy.parse(opts.kernels, opts.replace_with_kernel_inject))
 
 
-def parallel_plan(opts: Options, source: Source, icfg: InferenceConfig) -> Parallel:
-    """The degrees, checked against the model (and quantization against each slice)."""
-    par = opts.parallel()
-    par.check(source.config)
-    if par.is_parallel and source.stored_quant is not None:
-        raise ValueError("this dsjax checkpoint stores quantized weights, which are sliced for "
-                         "one device; for tensor/pipeline parallelism load the full-precision "
-                         "checkpoint and pass quant= to init_inference (each slice is quantized)")
+def check_plan(cfg: ModelConfig, icfg: InferenceConfig, par: Parallel, devices=None, *,
+               stored_quant: QuantSpec | None = None) -> None:
+    """Everything the configs decide, before any weight is read: the token budget against
+    learned positions, the degrees against the model and the devices, quantization against
+    each slice."""
+    if cfg.positions == "learned" and icfg.max_out_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"max_out_tokens={icfg.max_out_tokens} exceeds the {cfg.max_position_embeddings} "
+            f"learned positions of this {cfg.family} model; pass max_out_tokens <= "
+            f"{cfg.max_position_embeddings}")
+    par.check(cfg)
     if par.is_parallel:
-        par.mesh(opts.devices)  # too few devices: an error before any weight is read
-    check_quant(source.config, icfg.quant, par.tp)
-    return par
+        par.check_devices(devices)
+        if stored_quant is not None:
+            raise ValueError("this dsjax checkpoint stores quantized weights, which are sliced "
+                             "for one device; for tensor/pipeline parallelism load the "
+                             "full-precision checkpoint and pass quant= to init_inference "
+                             "(each slice is quantized)")
+    check_quant(cfg, icfg.quant, par.tp)
 
 
 def load_params(source: Source, icfg: InferenceConfig, *, host: bool, seed: int,

@@ -15,8 +15,6 @@ from dsjax import checkpoint, encoders, presets
 from dsjax import generate as gen
 from dsjax.cache import check_budget
 from dsjax.config import InferenceConfig, ModelConfig
-from dsjax.encoders import module_for
-from dsjax.model import abstract_model
 from dsjax.prompts import pack, prompt_rows
 from dsjax.runners import LocalRunner, MeshRunner, device_bytes
 
@@ -83,9 +81,7 @@ class InferenceEngine:
     def num_params(self) -> int:
         """Logical parameter count of the model (a quantized [K, N] weight counts K * N; over a
         mesh, the one-device model's, without vocabulary padding or replicated KV heads)."""
-        _, expected = abstract_model(self.config, self.inference_config.jnp_dtype,
-                                     module=module_for(self.config))
-        return self.runner.num_params(expected)
+        return self.runner.num_params()
 
     def weight_bytes(self) -> int:
         """Bytes the parameters occupy on the device (quantized values, scales and zeros)."""
@@ -175,16 +171,20 @@ class DecoderEngine(InferenceEngine):
         return self.runner.generate_program(tokens, lengths, *args, **kw)
 
 
+def _for_decoders(what: str):
+    def method(self, *args, **kwargs):
+        raise TypeError(
+            f"{what}: this {self.config.family} model is an encoder and does not generate text; "
+            "use engine.embed(input_ids, attention_mask) for hidden states, pooled output and "
+            "head logits (embed_image / clip_logits for CLIP images)")
+    return method
+
+
 class EncoderEngine(InferenceEngine):
     """An encoder (BERT, DistilBERT, CLIP): hidden states, pooled output, head logits."""
 
-    def __call__(self, *args, **kwargs):
-        raise TypeError(
-            f"engine(input_ids) (LM logits): this {self.config.family} model is an encoder and "
-            "does not generate text; use engine.embed(input_ids, attention_mask) for hidden "
-            "states, pooled output and head logits (embed_image / clip_logits for CLIP images)")
-
-    forward = generate = __call__
+    __call__ = forward = _for_decoders("engine(input_ids) (LM logits)")
+    generate = _for_decoders("generate()")
 
     def embed(self, input_ids, attention_mask=None, token_type_ids=None) -> encoders.EmbeddingOutput:
         """Runs an encoder's text tower (BERT, DistilBERT, CLIP text) as HF's model would.

@@ -2,27 +2,28 @@
 activations, the norm spec and its math, the matmul epilogue, rotary embeddings, int8 K/V
 rounding, weight dequantization, the masking constant and powers of two.
 
-Plain jnp over whole arrays, float32 inside; nothing here imports from the rest of dsjax, so
-pallas_kernels/ can use it without reaching into the engine.
+Plain jnp over whole arrays, float32 inside. Nothing here imports from the rest of dsjax (and
+`import dsjax` loads its submodules lazily), so pallas_kernels/ use it without loading the engine.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
 
 MASKED = -1e30  # finite: a fully masked row gives a uniform softmax, never NaN; exp(MASKED - m) = 0
 
-ACTIVATIONS = {
+ACTIVATIONS = MappingProxyType({
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
+})
 NORM_KINDS = ("layernorm", "rmsnorm")
 
 
@@ -73,15 +74,15 @@ def apply_norm(x, spec: NormSpec):
 
 def epilogue(y, bias=None, residual=None, *, activation=None, gated=False):
     """act(y + bias) + residual; gated: y = [gate | up] [..., 2N] and the result act(gate) * up
-    [..., N]. Computed in y's dtype (float32 for the kernels' references)."""
+    [..., N], in jnp's promotion of the operands' dtypes (float32 for the kernels' references)."""
     if bias is not None:
-        y = y + bias.astype(y.dtype)
+        y = y + bias
     if gated:
         gate, up = jnp.split(y, 2, axis=-1)
         y = ACTIVATIONS[activation](gate) * up
     elif activation is not None:
         y = ACTIVATIONS[activation](y)
-    return y if residual is None else y + residual.astype(y.dtype)
+    return y if residual is None else y + residual
 
 
 # ----------------------------------------------------------------------------- rotary

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from types import MappingProxyType
 
 import jax
 
@@ -18,7 +19,7 @@ from dsjax.numerics import NormSpec
 from dsjax.policy import KernelPolicy, Unsupported, announce
 from dsjax.weights import DenseWeight, QuantizedWeight
 
-_NORM_NAMES = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
+_NORM_NAMES = MappingProxyType({"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"})
 
 
 def _interpret(policy: KernelPolicy) -> bool:
@@ -78,7 +79,7 @@ def linear(x, w, bias=None, residual=None, *, norm=None, activation=None, gated=
     if route.kernel == "gemv":
         return _gemv(x, w, bias, residual, norm, activation, gated, route, interpret)
     layout = ", K-major" if w.k_major else ""
-    norm_where = {"fused": ", norm fused", "xla": ", norm in XLA first", None: ""}[route.norm]
+    norm_where = _where(route, norm, "norm fused")
     if route.kernel == "quant_matmul":
         return _quant_matmul(x, w, bias, residual, norm, activation, gated, interpret,
                              f"{layout}{norm_where}")
@@ -93,6 +94,11 @@ def linear(x, w, bias=None, residual=None, *, norm=None, activation=None, gated=
     _kernel("linear", f"matmul kernel (bias/activation/residual epilogue{layout}{norm_where})")
     return matmul.matmul(x, w.values, bias, residual, activation=activation, gated=gated,
                          transpose_w=w.k_major, interpret=interpret)
+
+
+def _where(route: Route, norm, fused: str) -> str:
+    """Where the norm runs, for the log line: ', <fused>', ', norm in XLA first' or nothing."""
+    return {"fused": f", {fused}", "xla": ", norm in XLA first", None: ""}[route.norm]
 
 
 def _quant_matmul(x, w: QuantizedWeight, bias, residual, norm, activation, gated, interpret,
@@ -116,8 +122,7 @@ def _gemv(x, w: DenseWeight | QuantizedWeight, bias, residual, norm, activation,
     from pallas_kernels import gemv
 
     scales = w.scales[0] if isinstance(w, QuantizedWeight) else None
-    where = {"fused": f", {_NORM_NAMES.get(getattr(norm, 'kind', ''), '')} fused",
-             "xla": ", norm in XLA first", None: ""}[route.norm]
+    where = _where(route, norm, route.norm == "fused" and f"{_NORM_NAMES[norm.kind]} fused")
     _kernel("linear", f"gemv kernel ({w.values.dtype}, K-major{where})")
     return gemv.gemv(x, w.values, scales, bias, residual, activation=activation, gated=gated,
                      norm=norm, interpret=interpret)

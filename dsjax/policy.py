@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from dsjax.numerics import NORM_KINDS
+
 OPS = ("norm", "linear", "attention", "cache_attention", "write_kv")
 IMPLEMENTATIONS = ("xla", "pallas")
 # the ops that have a Pallas kernel (dsjax.pallas_ops); the others are XLA under every policy
 PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv")
-_NORMS = ("rmsnorm", "layernorm")
+GEMV_MAX_ROWS = 8  # the most rows the gemv kernel takes (pallas_kernels.gemv.MAX_ROWS)
 
 log = logging.getLogger("dsjax.ops")
 
@@ -54,9 +56,8 @@ class KernelPolicy:
     interpret: bool | None = None
 
     def __post_init__(self):
-        if isinstance(self.gemv_fused_norms, (list, str)):
-            fused = (self.gemv_fused_norms,) if isinstance(self.gemv_fused_norms, str) else self.gemv_fused_norms
-            object.__setattr__(self, "gemv_fused_norms", tuple(fused))
+        fused = self.gemv_fused_norms
+        object.__setattr__(self, "gemv_fused_norms", (fused,) if isinstance(fused, str) else tuple(fused))
         for op in OPS:
             name = getattr(self, op)
             if name not in IMPLEMENTATIONS:
@@ -65,12 +66,16 @@ class KernelPolicy:
                 raise ValueError(f"there is no Pallas {op} kernel (ops with one: "
                                  f"{', '.join(PALLAS_OPS)}); leave {op} on 'xla'")
         for norm in self.gemv_fused_norms:
-            if norm not in _NORMS:
-                raise ValueError(f"gemv_fused_norms: {norm!r} is not one of {_NORMS}")
+            if norm not in NORM_KINDS:
+                raise ValueError(f"gemv_fused_norms: {norm!r} is not one of {NORM_KINDS}")
         for name in ("gemv_rows", "norm_in_xla_rows", "int8_gemv_rows", "min_split_keys"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"KernelPolicy.{name} must be an integer >= 0, got {value!r}")
+        for name in ("gemv_rows", "int8_gemv_rows"):
+            if getattr(self, name) > GEMV_MAX_ROWS:
+                raise ValueError(f"KernelPolicy.{name}={getattr(self, name)}: the gemv kernel takes "
+                                 f"at most {GEMV_MAX_ROWS} rows")
 
     @classmethod
     def pallas(cls, **changes) -> KernelPolicy:
@@ -83,6 +88,9 @@ class KernelPolicy:
         of per-op overrides (plus any routing field) over the policy that
         replace_with_kernel_inject selects."""
         if isinstance(kernels, KernelPolicy):
+            if inject and kernels != cls.pallas():
+                raise ValueError("replace_with_kernel_inject=True asks for KernelPolicy.pallas(), "
+                                 f"kernels= for another policy ({kernels.describe()}): pass one")
             return kernels
         base = cls.pallas() if inject else cls()
         if kernels is None:
@@ -106,10 +114,6 @@ class KernelPolicy:
         """An engine holds its GEMM weights K-major when its linear op runs the Pallas kernels
         (the gemv and the tensor-core kernels read them in place: docs/decisions.md#k-major-weights)."""
         return self.linear == "pallas"
-
-    @property
-    def uses_pallas(self) -> bool:
-        return any(getattr(self, op) == "pallas" for op in OPS)
 
     def describe(self) -> str:
         """'pallas' / 'xla', or the per-op choice when they differ."""

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax import generate as gen
-from dsjax.model import flatten
+from dsjax.encoders import module_for
+from dsjax.model import abstract_model, flatten
 from dsjax.parallel import offload, pipeline
 from dsjax.weights import stored_params
 
@@ -43,7 +44,8 @@ class LocalRunner:
         """The params in the layout checkpoints store."""
         return stored_params(self.params)
 
-    def num_params(self, expected: dict) -> int:
+    def num_params(self) -> int:
+        """Logical parameters (a quantized [K, N] weight counts K * N)."""
         return sum(int(np.prod(x.shape)) for x in flatten(self.params).values())
 
 
@@ -95,8 +97,10 @@ class MeshRunner:
                          "sliced over a mesh: save from an engine built without "
                          "tensor/pipeline parallelism (or use `dsjax convert`)")
 
-    def num_params(self, expected: dict) -> int:
+    def num_params(self) -> int:
         """The one-device model's count (no vocabulary padding or replicated KV heads)."""
+        cfg = self.plan.cfg
+        _, expected = abstract_model(cfg, module=module_for(cfg))
         return sum(int(np.prod(x.shape)) for x in expected.values())
 
 

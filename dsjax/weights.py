@@ -23,7 +23,6 @@ own slice after the weights are sliced and placed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 
 import jax
@@ -116,19 +115,22 @@ def to_stored(w):
 def _transpose(w):
     """[..., K, N] -> [..., N, K] (stage-stacked [P, K, N] weights of a mesh too). A sharded
     array stays sharded the same way, each device transposing its own slice: the spec's last
-    two axes swap, so a column-parallel [K, N/T] slice becomes a [N/T, K] one."""
+    two axes swap, so a column-parallel [K, N/T] slice becomes a [N/T, K] one. The [K, N] copy
+    is donated (freed at once) where the backend can donate (not the CPU)."""
     out = None
     if isinstance(getattr(w, "sharding", None), NamedSharding):
         spec = tuple(w.sharding.spec) + (None,) * (w.ndim - len(w.sharding.spec))
         out = NamedSharding(w.sharding.mesh, PS(*spec[:-2], spec[-1], spec[-2]))
-    return _swap(out, jax.default_backend() != "cpu")(w)  # the CPU cannot donate
+    return (_swap if jax.default_backend() == "cpu" else _swap_donating)(w, out)
 
 
-@functools.lru_cache(maxsize=None)
-def _swap(out_sharding, donate: bool):
-    # donated: the [K, N] copy is freed at once
-    return jax.jit(lambda w: jnp.swapaxes(w, -1, -2), out_shardings=out_sharding,
-                   donate_argnums=0 if donate else ())
+def _swapped(w, out_sharding):
+    y = jnp.swapaxes(w, -1, -2)
+    return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
+
+
+_swap = jax.jit(_swapped, static_argnums=1)
+_swap_donating = jax.jit(_swapped, static_argnums=1, donate_argnums=0)
 
 
 # Block GEMM weights (and an untied LM head) by flat parameter path.

@@ -90,8 +90,8 @@ class NormConfig:
     plus_one: bool
 
     def __post_init__(self):
-        if self.kind not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm kind must be 'layernorm' or 'rmsnorm', not {self.kind!r}")
+        if self.kind not in numerics.NORM_KINDS:
+            raise ValueError(f"norm kind must be one of {numerics.NORM_KINDS}, not {self.kind!r}")
 
     @classmethod
     def of(cls, spec) -> NormConfig | None:

@@ -5,7 +5,7 @@ Weight format (dsjax/quant/weights.py): logical W [K, N] in groups of G rows alo
   bits=4: values uint8 [K/2, N]; byte r holds row r (low nibble) and row r + K/2 (high nibble);
           W = (u - 8) * s, or (u - z) * s with zeros
   scales, zeros: float32 [K/G, N]
-  transpose_w: values stored transposed, [N, K] or [N, K/2] (dsjax/kmajor.py's layout)
+  transpose_w: values stored transposed, [N, K] or [N, K/2] (the K-major layout of dsjax.weights)
 
 Each K step covers `bk` = gcd(block_k, G) rows of `values` (one group; int4: in each half).
 Two forms, as in matmul.py. block_m >= 16, tensor cores: the tile is shifted to signed int8

@@ -37,14 +37,16 @@ def pallas_calls(jaxpr) -> collections.Counter:
     return collections.Counter(str(eqn.params["name"]) for eqn in pallas_eqns(jaxpr))
 
 
-def generate_program(engine, rows, *, max_new_tokens: int = 4, int8_cache: bool = False):
-    """The jaxpr of the program engine.generate(rows) runs (greedy); traced, not compiled."""
-    tokens, lengths = engine.pack([np.asarray(r) for r in rows])
+def generate_program(engine, rows, *, max_new_tokens: int = 4, int8_cache: bool = False,
+                     return_logprobs: bool = False):
+    """The jaxpr of the program engine.generate(rows) runs (greedy); traced, not compiled (and
+    not traced again where the test already ran generate with the same static arguments)."""
+    tokens, lengths = engine.pack([np.asarray(r) for r in rows], pad=0)  # pad_id below
     fn, args, kw = engine.generate_program(
         jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(max_new_tokens),
         jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(),
-        capacity=engine.inference_config.max_out_tokens, do_sample=False, return_logprobs=False,
-        int8_cache=int8_cache)
+        capacity=engine.inference_config.max_out_tokens, do_sample=False,
+        return_logprobs=return_logprobs, int8_cache=int8_cache)
     return fn.trace(*args, **kw).jaxpr
 
 

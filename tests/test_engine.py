@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import dsjax
-from dsjax import checkpoint
+from dsjax import KernelPolicy, checkpoint
 from dsjax.config import ModelConfig
+from dsjax.parallel.mesh import Parallel
 from tests.conftest import gpt2_model, llama_model, prompt
 
 TINY = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
@@ -42,6 +43,35 @@ TINY = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=1, 
 def test_bad_options(kwargs, err, match):
     with pytest.raises(err, match=match):
         dsjax.init_inference(TINY, **kwargs)
+
+
+def test_build_engine_checks_the_plan_as_init_inference_does():
+    """build_engine takes params a caller holds: the budget, degrees and devices are checked
+    before anything is placed, as init_inference checks them before any weight is read."""
+    cfg = dsjax.init_inference(gpt2_model(n_positions=64), dtype="fp32", progress=False).config
+    with pytest.raises(ValueError, match="exceeds the 64 learned positions"):
+        dsjax.build_engine(cfg, {}, inference=dsjax.InferenceConfig(dtype="fp32",
+                                                                    max_out_tokens=100))
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        dsjax.build_engine(TINY, {}, parallel=Parallel(tp=4, dp=4))
+    with pytest.raises(ValueError, match="does not divide the 4 attention heads"):
+        dsjax.build_engine(TINY, {}, parallel=Parallel(tp=3))
+
+
+def test_kernel_policy_bounds_and_contradictions():
+    from pallas_kernels.gemv import MAX_ROWS
+
+    assert KernelPolicy.pallas(gemv_rows=MAX_ROWS).gemv_rows == MAX_ROWS
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
+        KernelPolicy.pallas(gemv_rows=MAX_ROWS + 1)
+    with pytest.raises(ValueError, match="at most"):
+        KernelPolicy(int8_gemv_rows=MAX_ROWS + 1)
+    with pytest.raises(ValueError, match="must be an integer >= 0"):
+        KernelPolicy(min_split_keys=-1)
+    with pytest.raises(ValueError, match="pass one"):
+        dsjax.init_inference(TINY, replace_with_kernel_inject=True, kernels=KernelPolicy())
+    assert KernelPolicy.parse(KernelPolicy.pallas(), inject=True) == KernelPolicy.pallas()
+    assert KernelPolicy.parse({"linear": "xla"}, inject=True) == KernelPolicy.pallas(linear="xla")
 
 
 def test_unknown_keyword_is_a_type_error():

@@ -56,7 +56,7 @@ def test_decoder_family(name):
     xla, pallas = _pair(hf, max_out_tokens=64)
     V = xla.config.vocab_size
     rows = _same_generation(xla, pallas, V)
-    kernels = set(generate_kernels(pallas, rows))  # 2 x 16 prompt rows: pre-norms fused
+    kernels = set(generate_kernels(pallas, rows, return_logprobs=True))  # pre-norms fused
     assert GENERATE_KERNELS | {"matmul"} <= kernels <= GENERATE_KERNELS | {"matmul", "norm_matmul"}
     if name in MASKS:
         ids = np.stack([prompt(1, 20, V), prompt(2, 20, V)])
@@ -71,7 +71,7 @@ def test_decoder_family(name):
 def test_quantized_weights(make, quant):
     xla, pallas = _pair(make(), quant=quant, max_out_tokens=48)
     rows = _same_generation(xla, pallas, xla.config.vocab_size)
-    kernels = generate_kernels(pallas, rows)
+    kernels = generate_kernels(pallas, rows, return_logprobs=True)
     assert GENERATE_KERNELS <= set(kernels) and kernels[f"quant{quant['bits']}_matmul"] > 0
 
 

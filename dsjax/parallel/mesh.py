@@ -78,6 +78,16 @@ class Parallel:
         return cls(tp=tp, pp=pp, dp=_degree("data_parallel", data_parallel, "dp_size"),
                    micro_batches=pp if micro is None else micro, offload_kv=offload)
 
+    def check_devices(self, devices=None) -> list:
+        """The devices to use (default jax.devices()); too few is an error."""
+        devices = list(jax.devices() if devices is None else devices)
+        if len(devices) < self.devices:
+            raise ValueError(f"dp x pp x tp = {self.dp} x {self.pp} x {self.tp} needs "
+                             f"{self.devices} devices; {len(devices)} available "
+                             f"({devices[0].platform}). On a CPU, simulate more with "
+                             "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+        return devices
+
     def check(self, cfg: ModelConfig) -> None:
         """Model-side errors: heads, MLP width or layers that the degrees do not divide."""
         if not self.is_parallel:
@@ -100,12 +110,7 @@ class Parallel:
                                  "choose a pp_size that keeps the pattern per stage")
 
     def mesh(self, devices=None) -> Mesh:
-        devices = list(jax.devices() if devices is None else devices)
-        if len(devices) < self.devices:
-            raise ValueError(f"dp x pp x tp = {self.dp} x {self.pp} x {self.tp} needs "
-                             f"{self.devices} devices; {len(devices)} available "
-                             f"({devices[0].platform}). On a CPU, simulate more with "
-                             "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+        devices = self.check_devices(devices)
         grid = np.array(devices[: self.devices]).reshape(self.dp, self.pp, self.tp)
         return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
 

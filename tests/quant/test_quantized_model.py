@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import dsjax
+from dsjax import checkpoint
 from dsjax.quant import QuantizedWeight
 from tests.conftest import gpt2_model, llama_model, torch
 
@@ -59,6 +60,13 @@ def test_quantized_checkpoint_round_trip(tmp_path):
                                   engine.generate(prompts, max_new_tokens=6).tokens)
     with pytest.raises(ValueError, match="cannot be re-quantized"):
         dsjax.init_inference(tmp_path / "q", quant={"bits": 8}, progress=False)
+    # converting it again keeps (and records) its format, or refuses another one
+    again = dsjax.convert_checkpoint(tmp_path / "q", tmp_path / "again", dtype="fp32",
+                                     progress=False)
+    assert checkpoint.stored_quant(checkpoint.load_meta(again)[1]) == back.inference_config.quant
+    with pytest.raises(ValueError, match="cannot be re-quantized"):
+        dsjax.convert_checkpoint(tmp_path / "q", tmp_path / "int8", quant={"bits": 8},
+                                 progress=False)
 
 
 def test_convert_stores_quantized_weights(tmp_path):
