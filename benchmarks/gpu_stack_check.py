@@ -10,7 +10,6 @@ difference, and which kernels each program holds. Prints one table; writes it as
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import os
@@ -23,6 +22,7 @@ import numpy as np
 import dsjax
 from dsjax import KernelPolicy
 from dsjax import generate as gen
+from dsjax.pallas_ops import pallas_calls
 
 POLICIES = {
     "pallas": KernelPolicy.pallas(),
@@ -40,17 +40,7 @@ def kernels_of(engine, rows) -> dict:
         jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(),
         capacity=engine.inference_config.max_out_tokens, do_sample=False,
         return_logprobs=False, int8_cache=False)
-    found, stack = collections.Counter(), [fn.trace(*args, **kw).jaxpr.jaxpr]
-    while stack:
-        for eqn in stack.pop().eqns:
-            if eqn.primitive.name == "pallas_call":
-                found[str(eqn.params["name"])] += 1
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (list, tuple)) else (value,):
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        stack.append(sub)
-    return dict(found)
+    return dict(pallas_calls(fn.trace(*args, **kw).jaxpr))
 
 
 def check(arch: str, name: str, policy: KernelPolicy) -> dict:

@@ -7,6 +7,7 @@ kernel cannot take raises policy.Unsupported with the reason; ops then logs the 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -126,6 +127,30 @@ def _gemv(x, w: DenseWeight | QuantizedWeight, bias, residual, norm, activation,
     _kernel("linear", f"gemv kernel ({w.values.dtype}, K-major{where})")
     return gemv.gemv(x, w.values, scales, bias, residual, activation=activation, gated=gated,
                      norm=norm, interpret=interpret)
+
+
+# ----------------------------------------------------------------------------- census
+
+def pallas_eqns(jaxpr) -> list:
+    """The pallas_call equations of a (closed) jaxpr, sub-jaxprs included (while-loop bodies,
+    conds, nested jits): which kernels a traced program really holds, whatever its log said."""
+    found, stack = [], [getattr(jaxpr, "jaxpr", jaxpr)]
+    while stack:
+        for eqn in stack.pop().eqns:
+            if eqn.primitive.name == "pallas_call":
+                found.append(eqn)
+                continue
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        stack.append(sub)
+    return found
+
+
+def pallas_calls(jaxpr) -> collections.Counter:
+    """Kernel name -> count of pallas_call equations in a jaxpr (see pallas_eqns)."""
+    return collections.Counter(str(eqn.params["name"]) for eqn in pallas_eqns(jaxpr))
 
 
 # ----------------------------------------------------------------------------- attention

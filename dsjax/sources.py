@@ -8,6 +8,7 @@ config, its generation defaults, its tokenizer directory, and its weights on req
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -43,9 +44,8 @@ class RandomSource(Source):
         self.config, self.generation = config, generation or {}
 
     def load(self, expected, dtype, *, seed, progress, host=False):
-        if not host:
-            return random_params(self.config, dtype, seed, module=module_for(self.config))
-        with jax.default_device(jax.devices("cpu")[0]):
+        where = jax.default_device(jax.devices("cpu")[0]) if host else contextlib.nullcontext()
+        with where:
             return random_params(self.config, dtype, seed, module=module_for(self.config))
 
 

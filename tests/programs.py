@@ -1,4 +1,4 @@
-"""What a compiled engine program contains: the Pallas kernels in its jaxpr, counted by name.
+"""What an engine's program contains: the Pallas kernels in its jaxpr (dsjax.pallas_ops.pallas_calls).
 
 Kernel-injection tests assert which kernels a program runs this way, independently of the log
 (a cached program logs nothing) and of any fallback (a silent one would compare XLA with XLA).
@@ -6,35 +6,12 @@ Kernel-injection tests assert which kernels a program runs this way, independent
 
 from __future__ import annotations
 
-import collections
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsjax import generate as gen
-
-
-def pallas_eqns(jaxpr) -> list:
-    """The pallas_call equations of a (closed) jaxpr, sub-jaxprs included (while-loop bodies,
-    conds, nested jits)."""
-    found, stack = [], [getattr(jaxpr, "jaxpr", jaxpr)]
-    while stack:
-        for eqn in stack.pop().eqns:
-            if eqn.primitive.name == "pallas_call":
-                found.append(eqn)
-                continue
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (list, tuple)) else (value,):
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        stack.append(sub)
-    return found
-
-
-def pallas_calls(jaxpr) -> collections.Counter:
-    """Kernel name -> count of pallas_call equations in a jaxpr (see pallas_eqns)."""
-    return collections.Counter(str(eqn.params["name"]) for eqn in pallas_eqns(jaxpr))
+from dsjax.pallas_ops import pallas_calls, pallas_eqns  # noqa: F401 (the tests use both)
 
 
 def generate_program(engine, rows, *, max_new_tokens: int = 4, int8_cache: bool = False,
@@ -50,7 +27,7 @@ def generate_program(engine, rows, *, max_new_tokens: int = 4, int8_cache: bool 
     return fn.trace(*args, **kw).jaxpr
 
 
-def generate_kernels(engine, rows, **kw) -> collections.Counter:
+def generate_kernels(engine, rows, **kw):
     """The Pallas kernels of the program engine.generate(rows) runs (greedy)."""
     return pallas_calls(generate_program(engine, rows, **kw))
 
