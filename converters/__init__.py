@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import pkgutil
 from pathlib import Path
 
-from converters.loader import CheckpointError, TensorSource, from_directory, from_state_dict
+from converters.hf_config import build_config
+from converters.loader import (CheckpointError, TensorSource, from_directory, from_state_dict,
+                               read_json)
 from converters.megatron import MegatronCheckpoint
 from converters.megatron import is_checkpoint as is_megatron
 from converters.megatron import open_checkpoint as open_megatron
-from converters.policy import Policy, convert
+from converters.policy import Policy, convert, match, untie_if_head_differs
 from dsjax.config import ModelConfig
 
 
@@ -37,9 +38,12 @@ POLICIES: dict[str, Policy] = _discover()
 
 def policy_for(hf_config: dict) -> Policy:
     model_type = hf_config.get("model_type")
+    archs = hf_config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"field 'architectures' has the wrong type ({type(archs).__name__}; "
+                              "expected a list of class names)")
     for policy in POLICIES.values():
         if model_type in policy.model_types:
-            archs = hf_config.get("architectures") or []
             foreign = [a for a in archs if a not in policy.architectures]
             if foreign:
                 raise CheckpointError(
@@ -65,27 +69,48 @@ class HFSource:
 
 def open_hf(model) -> HFSource:
     """An HF checkpoint directory, an in-memory transformers model or a Megatron-LM checkpoint
-    directory, opened lazily. A Megatron source has no HF config: `hf_config` holds its args."""
+    directory, opened lazily. A Megatron source has no HF config: `hf_config` holds its args.
+    The config and the checkpoint's tensor names (and fused parts' shapes) are checked here,
+    before any model is built."""
     if isinstance(model, MegatronCheckpoint) or (
             isinstance(model, (str, Path)) and is_megatron(model)):
-        return HFSource(*open_megatron(model), None)
+        return _checked(*open_megatron(model), None)
     if isinstance(model, (str, Path)):
         directory = Path(model)
         cfg_path = directory / "config.json"
         if not cfg_path.exists():
             raise CheckpointError(f"{directory}: no config.json; is this an HF checkpoint directory?")
-        hf_config = json.loads(cfg_path.read_text())
-        policy = policy_for(hf_config)  # before touching any weight file
-        return HFSource(hf_config, policy.make_config(hf_config), policy, from_directory(directory),
-                        directory)
+        hf_config = read_json(cfg_path, "the model config")
+        if not isinstance(hf_config, dict):
+            raise CheckpointError(f"{cfg_path}: holds a JSON {type(hf_config).__name__}, not an object")
+        policy = _policy_for(hf_config, str(cfg_path))  # before touching any weight file
+        config = build_config(policy.make_config, hf_config, str(cfg_path))
+        return _checked(hf_config, config, policy, from_directory(directory), directory)
     if not (hasattr(model, "state_dict") and hasattr(model, "config")):
         raise TypeError(f"expected an HF checkpoint directory or a transformers model, got {type(model)}")
     hf_config = model.config.to_dict()
     hf_config.setdefault("architectures", None)
     hf_config["architectures"] = [type(model).__name__]
     policy = policy_for(hf_config)
-    return HFSource(hf_config, policy.make_config(hf_config), policy,
+    config = build_config(policy.make_config, hf_config, f"{type(model).__name__}.config")
+    return _checked(hf_config, config, policy,
                     from_state_dict(model.state_dict(), type(model).__name__), None)
+
+
+def _policy_for(hf_config: dict, where: str) -> Policy:
+    try:
+        return policy_for(hf_config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _checked(hf_config: dict, config: ModelConfig, policy: Policy, tensors: TensorSource,
+             directory: Path | None) -> HFSource:
+    """The source, once its LM head is tied or not as transformers would decide and its names
+    match the policy's table (convert() checks them again, with the model's shapes)."""
+    config = untie_if_head_differs(policy, config, tensors)
+    match(policy, config, tensors)
+    return HFSource(hf_config, config, policy, tensors, directory)
 
 
 __all__ = ["POLICIES", "CheckpointError", "HFSource", "MegatronCheckpoint", "convert", "open_hf",

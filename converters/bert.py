@@ -4,8 +4,8 @@ token-type embeddings, an embedding LayerNorm, a tanh pooler, MLM and classifica
 from __future__ import annotations
 
 from converters.hf_config import activation, reject
-from converters.policy import (CONCAT, CONCAT_TRANSPOSED, TRANSPOSE, Policy, Rule, layer_norm_rules,
-                               linear_rules)
+from converters.policy import (TRANSPOSE, Policy, Rule, fused_linear_rules, layer_norm_rules,
+                               linear_rules, qkv_widths)
 from dsjax.config import EncoderConfig, ModelConfig
 
 # HF class -> (pooler, head). BertForMaskedLM is built without the pooler.
@@ -66,8 +66,8 @@ def make_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
         Rule("body.pos_embed.embedding", ("embeddings.position_embeddings.weight",)),
         Rule("body.type_embed.embedding", ("embeddings.token_type_embeddings.weight",)),
         *layer_norm_rules("body.embed_norm", "embeddings.LayerNorm"),
-        Rule(layer + "attn.qkv.kernel", tuple(f"{attn}self.{p}.weight" for p in QKV), CONCAT_TRANSPOSED),
-        Rule(layer + "attn.qkv.bias", tuple(f"{attn}self.{p}.bias" for p in QKV), CONCAT),
+        *fused_linear_rules(layer + "attn.qkv", tuple(f"{attn}self.{p}" for p in QKV),
+                            qkv_widths(cfg), cfg.hidden_size),
         *linear_rules(layer + "attn.out", attn + "output.dense"),
         *layer_norm_rules(layer + "attn_norm", attn + "output.LayerNorm"),
         *linear_rules(layer + "mlp.up", hf + "intermediate.dense"),

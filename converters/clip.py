@@ -11,8 +11,8 @@ from __future__ import annotations
 from converters.bert import architecture
 from converters.hf_config import activation
 from converters.loader import CheckpointError
-from converters.policy import (CONCAT, CONCAT_TRANSPOSED, CONV_AS_LINEAR, TRANSPOSE, Policy, Rule,
-                               layer_norm_rules, linear_rules)
+from converters.policy import (CONV_AS_LINEAR, TRANSPOSE, Policy, Rule, fused_linear_rules,
+                               layer_norm_rules, linear_rules, qkv_widths)
 from dsjax.config import EncoderConfig, ImageConfig, ModelConfig
 
 ARCHITECTURES = ("CLIPModel", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModel",
@@ -79,9 +79,8 @@ def tower_rules(ours: str, theirs: str, cfg: ModelConfig) -> list[Rule]:
         attn = hf + "self_attn."
         rules += [
             *layer_norm_rules(layer + "attn_norm", hf + "layer_norm1"),
-            Rule(layer + "attn.qkv.kernel", tuple(f"{attn}{p}_proj.weight" for p in "qkv"),
-                 CONCAT_TRANSPOSED),
-            Rule(layer + "attn.qkv.bias", tuple(f"{attn}{p}_proj.bias" for p in "qkv"), CONCAT),
+            *fused_linear_rules(layer + "attn.qkv", tuple(f"{attn}{p}_proj" for p in "qkv"),
+                                qkv_widths(cfg), cfg.hidden_size),
             *linear_rules(layer + "attn.out", attn + "out_proj"),
             *layer_norm_rules(layer + "mlp_norm", hf + "layer_norm2"),
             *linear_rules(layer + "mlp.up", hf + "mlp.fc1"),

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from converters.bert import architecture, post_ln_encoder
 from converters.hf_config import activation
-from converters.policy import (CONCAT, CONCAT_TRANSPOSED, TRANSPOSE, Policy, Rule, layer_norm_rules,
-                               linear_rules)
+from converters.policy import (TRANSPOSE, Policy, Rule, fused_linear_rules, layer_norm_rules,
+                               linear_rules, qkv_widths)
 from dsjax.config import ModelConfig
 
 # HF class -> (pooler, head); DistilBERT has no pooler of its own, only the classifier's.
@@ -42,8 +42,8 @@ def make_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
         Rule("body.embed.embedding", ("embeddings.word_embeddings.weight",)),
         Rule("body.pos_embed.embedding", ("embeddings.position_embeddings.weight",)),
         *layer_norm_rules("body.embed_norm", "embeddings.LayerNorm"),
-        Rule(layer + "attn.qkv.kernel", tuple(f"{attn}{p}_lin.weight" for p in "qkv"), CONCAT_TRANSPOSED),
-        Rule(layer + "attn.qkv.bias", tuple(f"{attn}{p}_lin.bias" for p in "qkv"), CONCAT),
+        *fused_linear_rules(layer + "attn.qkv", tuple(f"{attn}{p}_lin" for p in "qkv"),
+                            qkv_widths(cfg), cfg.hidden_size),
         *linear_rules(layer + "attn.out", attn + "out_lin"),
         *layer_norm_rules(layer + "attn_norm", hf + "sa_layer_norm"),
         *linear_rules(layer + "mlp.up", hf + "ffn.lin1"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from converters.hf_config import activation
 from converters.loader import CheckpointError
-from converters.policy import (CONCAT_TRANSPOSED, Policy, Rule, layer_norm_rules, linear_rules,
-                               lm_head_rules)
+from converters.policy import (Policy, Rule, fused_linear_rules, layer_norm_rules, linear_rules,
+                               lm_head_rules, qkv_widths)
 from dsjax.config import ModelConfig
 
 
@@ -41,8 +41,8 @@ def make_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
              *layer_norm_rules("final_norm", "ln_f"),
              *layer_norm_rules(layer + "attn_norm", hf + "ln_1"),
              *layer_norm_rules(layer + "mlp_norm", hf + "ln_2"),
-             Rule(layer + "attn.qkv.kernel", tuple(f"{attn}{p}_proj.weight" for p in "qkv"),
-                  CONCAT_TRANSPOSED),
+             *fused_linear_rules(layer + "attn.qkv", tuple(f"{attn}{p}_proj" for p in "qkv"),
+                                 qkv_widths(cfg), cfg.hidden_size, bias=False),
              *linear_rules(layer + "attn.out", attn + "out_proj"),
              *linear_rules(layer + "mlp.up", hf + "mlp.c_fc"),
              *linear_rules(layer + "mlp.down", hf + "mlp.c_proj")]

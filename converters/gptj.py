@@ -4,8 +4,8 @@ parallel off one LayerNorm, bias-free q/k/v/out, an LM head with a bias."""
 from __future__ import annotations
 
 from converters.hf_config import activation
-from converters.policy import (CONCAT_TRANSPOSED, Policy, Rule, layer_norm_rules, linear_rules,
-                               lm_head_rules)
+from converters.policy import (Policy, Rule, fused_linear_rules, layer_norm_rules, linear_rules,
+                               lm_head_rules, qkv_widths)
 from dsjax.config import ModelConfig
 
 
@@ -27,8 +27,8 @@ def make_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
     rules = [Rule("embed.embedding", ("wte.weight",)),
              *layer_norm_rules("final_norm", "ln_f"),
              *layer_norm_rules(layer + "attn_norm", hf + "ln_1"),
-             Rule(layer + "attn.qkv.kernel", tuple(f"{hf}attn.{p}_proj.weight" for p in "qkv"),
-                  CONCAT_TRANSPOSED),
+             *fused_linear_rules(layer + "attn.qkv", tuple(f"{hf}attn.{p}_proj" for p in "qkv"),
+                                 qkv_widths(cfg), cfg.hidden_size, bias=False),
              *linear_rules(layer + "attn.out", hf + "attn.out_proj", bias=False),
              *linear_rules(layer + "mlp.up", hf + "mlp.fc_in"),
              *linear_rules(layer + "mlp.down", hf + "mlp.fc_out")]

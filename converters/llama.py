@@ -8,8 +8,8 @@ import math
 
 from converters.hf_config import activation, reject, rope_scaling
 from converters.loader import CheckpointError
-from converters.policy import (CONCAT, CONCAT_TRANSPOSED, Policy, Rule, layer_norm_rules,
-                               linear_rules, lm_head_rules)
+from converters.policy import (Policy, Rule, fused_linear_rules, layer_norm_rules, linear_rules,
+                               lm_head_rules, qkv_widths)
 from dsjax.config import ModelConfig
 
 # what each model type fixes beyond the shared LLaMA fields
@@ -83,15 +83,13 @@ def make_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
         *layer_norm_rules("final_norm", "norm", bias=False),
         *layer_norm_rules(layer + "attn_norm", hf + "input_layernorm", bias=False),
         *layer_norm_rules(layer + "mlp_norm", hf + "post_attention_layernorm", bias=False),
-        Rule(layer + "attn.qkv.kernel", tuple(f"{attn}{p}_proj.weight" for p in "qkv"), CONCAT_TRANSPOSED),
+        *fused_linear_rules(layer + "attn.qkv", tuple(f"{attn}{p}_proj" for p in "qkv"),
+                            qkv_widths(cfg), cfg.hidden_size, bias=cfg.qkv_bias),
         *linear_rules(layer + "attn.out", attn + "o_proj", bias=cfg.out_bias),
-        Rule(layer + "mlp.up.kernel", (mlp + "gate_proj.weight", mlp + "up_proj.weight"), CONCAT_TRANSPOSED),
+        *fused_linear_rules(layer + "mlp.up", (mlp + "gate_proj", mlp + "up_proj"),
+                            (cfg.intermediate_size,) * 2, cfg.hidden_size, bias=cfg.mlp_bias),
         *linear_rules(layer + "mlp.down", mlp + "down_proj", bias=cfg.mlp_bias),
     ]
-    if cfg.qkv_bias:
-        rules.append(Rule(layer + "attn.qkv.bias", tuple(f"{attn}{p}_proj.bias" for p in "qkv"), CONCAT))
-    if cfg.mlp_bias:
-        rules.append(Rule(layer + "mlp.up.bias", (mlp + "gate_proj.bias", mlp + "up_proj.bias"), CONCAT))
     rules += lm_head_rules(cfg)
     return tuple(rules)
 

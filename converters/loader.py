@@ -1,9 +1,12 @@
 """Reads checkpoint tensors without torch: safetensors files (one or sharded), memory-mapped.
 
-A checkpoint is untrusted input. Each safetensors header is validated (size, JSON, known dtypes,
-offsets inside the file, shape x itemsize == byte length, no overlaps) before any tensor is read.
-Tensors are returned as numpy views of the mapped file, so a load holds one converted tensor in
-host memory at a time. Pickled files (`.bin`, Megatron's `.pt`) need torch and are read with
+A checkpoint is untrusted input. Every file is checked to be a regular file before it is opened
+(a FIFO or device would block or never end); JSON metadata is read by `read_json` (bounded size,
+UTF-8, errors that name the position, never the bytes); an index's shards stay inside the
+directory. Each safetensors header is validated (size, JSON, known dtypes, offsets inside the
+file, shape x itemsize == byte length, no overlaps) before any tensor is read. Tensors are
+returned as numpy views of the mapped file, so a load holds one converted tensor in host memory
+at a time. Pickled files (`.bin`, Megatron's `.pt`) need torch and are read with
 weights_only=True (`load_pickled`).
 """
 
@@ -11,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import os
 import re
+import stat
 import struct
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -26,11 +32,57 @@ SAFETENSORS_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+# valid in the safetensors format, but not read by dsjax
+UNSUPPORTED_DTYPES = ("F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0", "F6_E2M3",
+                      "F6_E3M2", "F4", "U16", "U32", "U64", "C64")
 _MAX_HEADER = 100 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+log = logging.getLogger("dsjax.converters")
 
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory that cannot be read as asked; the message says why."""
+
+
+def regular_file(path: Path, what: str = "", max_bytes: int | None = None) -> int:
+    """The size of `path` after checking, before any open, that it is a regular file (a FIFO or
+    device would block or never end) no larger than `max_bytes`."""
+    label = f"{path}" + (f" ({what})" if what else "")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CheckpointError(f"{label}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{label}: is not a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise CheckpointError(f"{label}: {st.st_size} bytes, more than the {max_bytes} allowed")
+    return st.st_size
+
+
+def read_json(path: Path, what: str = "") -> object:
+    """The parsed JSON of a checkpoint's metadata file, after checking it is a regular file of a
+    bounded size holding UTF-8 JSON; errors name the file and the position, never its bytes."""
+    path = Path(path)
+    label = f"{path}" + (f" ({what})" if what else "")
+    regular_file(path, what, MAX_JSON_BYTES)
+    with open(path, "rb") as f:
+        return parse_json(f.read(MAX_JSON_BYTES + 1), label)
+
+
+def parse_json(raw: bytes, label: str) -> object:
+    """UTF-8 JSON bytes parsed; a failure names `label` and the position, never the bytes."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{label}: is not UTF-8 text (bad byte at offset {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{label}: is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (ValueError, RecursionError):  # an integer of too many digits, too deep a nesting
+        raise CheckpointError(f"{label}: is not valid JSON (a number or nesting too large)") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +95,7 @@ class TensorInfo:
 
 def read_header(path: Path) -> tuple[int, dict[str, TensorInfo]]:
     """Returns (data section offset, {name: TensorInfo}) after validating the whole header."""
-    size = path.stat().st_size
+    size = regular_file(path, "safetensors file")
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
@@ -51,10 +103,7 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo]]:
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, _MAX_HEADER):
             raise CheckpointError(f"{path}: header length {n} does not fit in a {size}-byte file")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+        header = parse_json(f.read(n), f"{path}: header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     data_size = size - 8 - n
@@ -70,13 +119,25 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo]]:
     return 8 + n, infos
 
 
+def _ints(value) -> tuple[int, ...] | None:
+    """A JSON list of integers as a tuple (booleans and floats are not integers), else None."""
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    return None
+
+
 def _tensor_info(path: Path, name: str, entry, data_size: int) -> TensorInfo:
-    try:
-        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
-        shape = tuple(int(d) for d in entry["shape"])
-        start, end = (int(o) for o in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry (not an object)")
+    kind = entry.get("dtype")
+    if kind in UNSUPPORTED_DTYPES:
+        raise CheckpointError(f"{path}: unsupported dtype {kind} (tensor {name!r}); dsjax reads "
+                              f"{', '.join(SAFETENSORS_DTYPES)}")
+    shape, offsets = _ints(entry.get("shape")), _ints(entry.get("data_offsets"))
+    if kind not in SAFETENSORS_DTYPES or shape is None or offsets is None or len(offsets) != 2:
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry (it needs a "
+                              "safetensors dtype, a list of integer dims and two data_offsets)")
+    dtype, (start, end) = np.dtype(SAFETENSORS_DTYPES[kind]), offsets
     if any(d < 0 for d in shape) or not 0 <= start <= end <= data_size:
         raise CheckpointError(
             f"{path}: tensor {name!r} offsets [{start}, {end}) fall outside the {data_size}-byte data")
@@ -133,30 +194,57 @@ def from_safetensors(files: list[Path], origin: str) -> TensorSource:
 
 
 def from_directory(path: str | Path) -> TensorSource:
-    """Tensors of an HF checkpoint directory: model.safetensors, a sharded index, or .bin."""
+    """Tensors of an HF checkpoint directory: model.safetensors, a sharded index, or .bin. With
+    both a single file and an index, the single file is read, as transformers reads it."""
     path = Path(path)
-    index = path / "model.safetensors.index.json"
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists():
+        if index.exists():
+            log.info("%s: reading model.safetensors; model.safetensors.index.json is not read "
+                     "(transformers, too, reads the single file when both are present)", path)
+        return from_safetensors([single], str(path))
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map' object")
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (path / s).exists()]
-        if missing:
-            raise CheckpointError(f"{index} names shard files that are missing: {missing}")
-        source = from_safetensors([path / s for s in shards], str(path))
-        unlisted = set(source) ^ set(weight_map)
-        if unlisted:
-            raise CheckpointError(
-                f"{index}: weight_map and the shard files disagree on {sorted(unlisted)[:5]}")
-        return source
-    if (path / "model.safetensors").exists():
-        return from_safetensors([path / "model.safetensors"], str(path))
+        return _from_index(path, index)
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
         return from_state_dict(_torch_load(bins), str(path))
     raise CheckpointError(
         f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin found")
+
+
+def _from_index(path: Path, index: Path) -> TensorSource:
+    """The shards an index names, each a file inside the checkpoint directory."""
+    weight_map = read_json(index, "the shard index")
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: no 'weight_map' object of tensor name -> shard file name")
+    shards = sorted(set(weight_map.values()))
+    files = [shard_path(path, index, s) for s in shards]
+    missing = [s for s, f in zip(shards, files) if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{index} names shard files that are missing: {missing}")
+    source = from_safetensors(files, str(path))
+    unlisted = set(source) ^ set(weight_map)
+    if unlisted:
+        raise CheckpointError(
+            f"{index}: weight_map and the shard files disagree on {sorted(unlisted)[:5]}")
+    return source
+
+
+def shard_path(directory: Path, index: Path, name: str) -> Path:
+    """`directory / name` for a shard an index names: a relative path without `..`, which
+    resolves (symlinks followed) inside the directory. A directory of the HF hub cache
+    (snapshots/<revision>/) may link its files to the cache's own blobs."""
+    rel = Path(name)
+    if not rel.parts or rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise CheckpointError(f"{index}: shard {name!r} is not a file name inside {directory}")
+    root = directory.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    target = (directory / rel).resolve()
+    if not target.is_relative_to(root):
+        raise CheckpointError(f"{index}: shard {name!r} leads outside {directory} (to {target})")
+    return directory / rel
 
 
 def _torch_load(files: list[Path]) -> dict:
@@ -176,16 +264,32 @@ def load_pickled(path: Path, allowed: tuple = ()):
     except ImportError:
         raise CheckpointError(f"{path} holds pickled torch weights, which need torch to read; "
                               "install torch or convert the checkpoint to safetensors") from None
-    from pickle import UnpicklingError
-
+    regular_file(path, "pickled checkpoint")
     try:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True,
                               mmap=zipfile.is_zipfile(path))
-    except UnpicklingError as e:
-        why = re.search(r"Unsupported global: GLOBAL [\w.]+|but got <class '[\w.]+'>", str(e))
-        raise CheckpointError(f"{path}: refused to unpickle it with weights_only=True "
-                              f"({why.group(0) if why else str(e)[-300:]})") from None
+    except Exception as e:  # noqa: BLE001  any failure of an untrusted file is the file's
+        raise _pickle_error(path, e) from None
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]{1,200})")
+
+
+def _pickle_error(path: Path, e: Exception) -> CheckpointError:
+    """Why torch.load failed, as a sentence: a global the file asks for (it is refused, never
+    built), or a file that is not a readable torch checkpoint; never the file's bytes."""
+    from pickle import UnpicklingError
+
+    wanted = _GLOBAL.search(str(e)) if isinstance(e, UnpicklingError) else None
+    if wanted:
+        return CheckpointError(
+            f"{path}: refused to load: dsjax reads pickled checkpoints with weights_only=True "
+            f"(torch.load), and this file asks to build GLOBAL {wanted.group(1)}, which a "
+            "weights-only checkpoint never needs")
+    return CheckpointError(
+        f"{path}: is corrupt or not a torch checkpoint (torch.load(weights_only=True) failed with "
+        f"{type(e).__name__}); save it again, or convert it to safetensors")
 
 
 def torch_to_numpy(t) -> np.ndarray:

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.loader import CheckpointError, TensorSource, load_pickled, torch_to_numpy
+from converters.hf_config import build_config
+from converters.loader import CheckpointError, TensorSource, load_pickled, regular_file, torch_to_numpy
 from converters.policy import IDENTITY, TRANSPOSE, Policy, Rule, Transform, qkv_per_head
 from dsjax.config import ModelConfig
 
@@ -85,9 +86,10 @@ def _checkpoint_dir(path: Path) -> Path:
         return path
     tracker = path / TRACKER
     if tracker.exists():
-        text = tracker.read_text().strip()
-        if text != "release" and not text.isdigit():
-            raise CheckpointError(f"{tracker}: expected an iteration or 'release', got {text[:40]!r}")
+        regular_file(tracker, "the iteration tracker", max_bytes=4096)
+        text = tracker.read_bytes().decode("utf-8", errors="replace").strip()
+        if text != "release" and not (text.isascii() and text.isdigit()):
+            raise CheckpointError(f"{tracker}: holds neither an iteration number nor 'release'")
         found = path / (text if text == "release" else f"iter_{int(text):07d}")
         if not found.is_dir():
             raise CheckpointError(f"{tracker} names {found.name}, which is missing from {path}")
@@ -343,4 +345,4 @@ def open_checkpoint(model) -> tuple[dict, ModelConfig, Policy, TensorSource]:
     meta = {"model_type": "megatron_gpt", "vocab_size": vocab, "args": args,
             "eos_token_id": None, "pad_token_id": None}
     log.info("megatron: %s, %d tensor-parallel rank(s) merged, vocab %d", origin, len(files), vocab)
-    return meta, POLICY.make_config(meta), POLICY, tensors
+    return meta, build_config(POLICY.make_config, meta, f"{first}: args"), POLICY, tensors

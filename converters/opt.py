@@ -4,8 +4,8 @@ projected in and out of a narrower width, ReLU, tied LM head."""
 from __future__ import annotations
 
 from converters.hf_config import activation, reject
-from converters.policy import (CONCAT, CONCAT_TRANSPOSED, Policy, Rule, layer_norm_rules,
-                               linear_rules, lm_head_rules)
+from converters.policy import (Policy, Rule, fused_linear_rules, layer_norm_rules, linear_rules,
+                               lm_head_rules, qkv_widths)
 from dsjax.config import ModelConfig
 
 
@@ -32,9 +32,8 @@ def make_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
              Rule("pos_embed.embedding", ("decoder.embed_positions.weight",)),
              *layer_norm_rules(layer + "attn_norm", hf + "self_attn_layer_norm"),
              *layer_norm_rules(layer + "mlp_norm", hf + "final_layer_norm"),
-             Rule(layer + "attn.qkv.kernel", tuple(f"{attn}{p}_proj.weight" for p in "qkv"),
-                  CONCAT_TRANSPOSED),
-             Rule(layer + "attn.qkv.bias", tuple(f"{attn}{p}_proj.bias" for p in "qkv"), CONCAT),
+             *fused_linear_rules(layer + "attn.qkv", tuple(f"{attn}{p}_proj" for p in "qkv"),
+                                 qkv_widths(cfg), cfg.hidden_size),
              *linear_rules(layer + "attn.out", attn + "out_proj"),
              *linear_rules(layer + "mlp.up", hf + "fc1"),
              *linear_rules(layer + "mlp.down", hf + "fc2")]
