@@ -295,10 +295,17 @@ def _version(distribution: str) -> str | None:
 
 
 def write(out_dir, name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
-    """Writes out_dir/name.json and out_dir/name.md; returns their paths."""
+    """Writes out_dir/name.json and out_dir/name.md, each whole or not at all (written beside
+    and renamed into place, so an interrupted run never leaves half a report); returns their
+    paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = out / f"{name}.json", out / f"{name}.md"
-    paths[0].write_text(json.dumps(payload, indent=2))
-    paths[1].write_text(markdown)
+    for path, text in zip(paths, (json.dumps(payload, indent=2), markdown)):
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            partial.write_text(text)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
     return paths

@@ -10,6 +10,7 @@ token and head (`k_scale`, `v_scale` [batch, kv_heads, capacity]): half the byte
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -73,3 +74,34 @@ def check_budget(prompt_len: int, max_new_tokens: int, budget: int) -> None:
             f"{prompt_len + max_new_tokens} tokens exceeds the token budget max_out_tokens={budget}; "
             "pass a larger max_out_tokens to init_inference, or shorten the request"
         )
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, capacity: int, dtype, *, quantized: bool) -> int:
+    """Bytes of a KV cache of `batch` sequences x `capacity` tokens (int8: plus float32 scales)."""
+    per_token = 2 * cfg.kv_heads * (cfg.dim_head * (1 if quantized else jnp.dtype(dtype).itemsize)
+                                    + (4 if quantized else 0))
+    return cfg.num_layers * batch * capacity * per_token
+
+
+def device_memory(device) -> tuple[int, int]:
+    """(bytes the device can hold, bytes in use): an accelerator's allocator limit, or for the
+    CPU the machine's physical memory and what is in use of it."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = os.sysconf("SC_PHYS_PAGES") * page
+    return total, total - os.sysconf("SC_AVPHYS_PAGES") * page
+
+
+def check_cache_fits(need: int, device, what: str, *, free: bool) -> None:
+    """Raises, before anything is allocated, when one device's share of a KV cache (`need`
+    bytes) exceeds what the device holds (free=False: its capacity; True: what is free now)."""
+    limit, used = device_memory(device)
+    room = limit - used if free else limit
+    if need > room:
+        raise ValueError(
+            f"{what} needs {need:,} bytes of KV cache on {device.platform}:{device.id}, which "
+            f"{'has' if free else 'holds'} {room:,} bytes{' free' if free else ''}; lower "
+            "max_out_tokens or the batch (or use kv_cache_dtype='int8', tensor/pipeline "
+            "parallelism)")

@@ -5,18 +5,26 @@
     dsjax generate --model DIR --prompt "Hello" --max-new-tokens 32 [--quant int8] [--kernels pallas]
     dsjax embed --model DIR --text "Hello" [--text ...] [--image PIXELS.npy ...]   # encoders
     dsjax bench --model llama3-8b --batch-sizes 1,8 [--quant int8] [--kernels on]  # latency report
+
+An expected error (a bad flag value, a missing or malformed checkpoint, an output path that
+cannot be written) is one line `dsjax <command>: <message>` on stderr and exit status 2, raised
+before any weight is read where the arguments and configs can tell; `dsjax --debug ...` shows the
+traceback instead. Importing this module (and `--help`) does not import JAX.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import sys
 import time
 from pathlib import Path
 
-DTYPES = ("bf16", "fp16", "fp32")
+from dsjax import cli_embed
+
+DTYPES = cli_embed.DTYPES
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -56,7 +64,7 @@ def _parallel(args) -> dict:
 def _quant(args) -> dict | None:
     if args.quant is None:
         if args.group_size or args.asymmetric:
-            raise SystemExit("--group-size / --asymmetric need --quant int8|int4")
+            raise ValueError("--group-size / --asymmetric need --quant int8|int4")
         return None
     return {"bits": int(args.quant[3:]), "group_size": args.group_size,
             "symmetric": not args.asymmetric}
@@ -65,7 +73,10 @@ def _quant(args) -> dict | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsjax", description="DeepSpeed-Inference on JAX: run HF checkpoints with jitted generate.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only print results, no log lines")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="only print results: no log lines, no progress bars")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the built-in default job: no download needed",
@@ -87,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat the flag for a batch of prompts")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16)")
-    p.add_argument("--max-out-tokens", type=int, default=1024,
-                   help="token budget per sequence: prompt + new tokens (default 1024)")
+    p.add_argument("--max-out-tokens", type=_at_least(2), default=None,
+                   help="token budget per sequence: prompt + new tokens (default 1024, or the "
+                   "model's learned positions if fewer)")
     p.add_argument("--logprobs", action="store_true", help="print each new token's log-probability")
     p.add_argument("--kernels", choices=("xla", "pallas"), default="xla",
                    help="pallas: run matmuls and attention through the Pallas kernels "
@@ -99,12 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     _parallel_flags(p)
     _sampling_flags(p)
 
-    _embed_parser(sub)
+    cli_embed.add_parser(sub)
     _bench_parser(sub)
 
     p = sub.add_parser("convert", help="convert an HF checkpoint into a dsjax checkpoint",
                        description="Reads an HF checkpoint directory (safetensors, no torch needed) "
-                       "and writes an orbax checkpoint + dsjax.json + tokenizer files to OUT_DIR.")
+                       "and writes an orbax checkpoint + dsjax.json (with a checksum of every "
+                       "stored file) + tokenizer files to OUT_DIR, whole or not at all.")
     p.add_argument("hf_dir", help="HF checkpoint directory (config.json + *.safetensors)")
     p.add_argument("out_dir", help="output directory (must not exist or be empty)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="stored dtype (default bf16)")
@@ -113,32 +126,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; an expected error is one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(name)s: %(message)s")
-    commands = {"demo": demo, "generate": generate, "embed": embed, "convert": convert,
+    commands = {"demo": demo, "generate": generate, "embed": cli_embed.embed, "convert": convert,
                 "bench": bench}
-    return commands[args.command](args)
+    with _log_to_stderr(args.quiet):
+        try:
+            return commands[args.command](args)
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print(f"dsjax {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if args.debug or not isinstance(e, _expected_errors()):
+                raise
+            print(f"dsjax {args.command}: {_one_line(e)}", file=sys.stderr)
+            return 2
 
 
-def _embed_parser(sub) -> None:
-    p = sub.add_parser("embed", help="embeddings / pooled outputs of an encoder (BERT, DistilBERT, CLIP)",
-                       description="Runs an encoder checkpoint on texts (tokenized with the "
-                       "checkpoint's tokenizer) and, for CLIP, images; prints each input's pooled "
-                       "vector and its head's outputs (classification logits, MLM argmax tokens, "
-                       "CLIP image-text logits).")
-    p.add_argument("--model", required=True, help="HF directory or dsjax checkpoint of an encoder")
-    p.add_argument("--text", action="append", default=[], help="input text; repeat for a batch")
-    p.add_argument("--image", action="append", default=[],
-                   help="CLIP: a .npy file of pixel values [3, S, S] or [B, 3, S, S], normalized as "
-                   "the checkpoint's image processor does; repeat for more")
-    p.add_argument("--pooling", choices=("auto", "pooler", "cls", "mean"), default="auto",
-                   help="which vector to print: the model's pooler_output, the first token's hidden "
-                   "state, or the mean over real tokens; auto (default): CLIP's projected embeds, "
-                   "else the pooler, else the mean")
-    p.add_argument("--show", type=int, default=8, help="values printed per vector (0: all; default 8)")
-    p.add_argument("--save", help="write the vectors (and CLIP logits) to this .npz file")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (default fp32)")
+def _expected_errors() -> tuple:
+    """What a user's input or environment causes (converters.CheckpointError is a ValueError;
+    OSError covers missing, existing, unwritable paths and full disks); anything else is a bug
+    and keeps its traceback."""
+    errors = (ValueError, TypeError, OSError, NotImplementedError)
+    policy = sys.modules.get("dsjax.policy")  # loaded whenever it can have raised
+    return errors + ((policy.Unsupported,) if policy else ())
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename:  # raised by the OS itself
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+@contextlib.contextmanager
+def _log_to_stderr(quiet: bool):
+    """The "dsjax" loggers print their lines (INFO, or WARNING with -q) to stderr for the
+    command's duration. A handler of its own: orbax's absl logging configures the root logger
+    at import, so logging.basicConfig would do nothing."""
+    log = logging.getLogger("dsjax")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = log.level, log.propagate
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.addHandler(handler)
+    log.propagate = False  # the root's handler would print each line twice
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -191,14 +230,12 @@ def bench(args) -> int:
     import dsjax
     from dsjax import bench as harness
 
-    try:
-        engine = dsjax.init_inference(
-            args.model, dtype=args.dtype, max_out_tokens=args.prompt_len + args.new_tokens,
-            seed=args.seed, quant=_quant(args), replace_with_kernel_inject=args.kernels == "on",
-            kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet, **_parallel(args))
-    except (NotImplementedError, ValueError) as e:  # parallel degrees, quant groups, budget
-        print(f"dsjax bench: {e}", file=sys.stderr)
-        return 2
+    _check_report_dir(args.out)
+    _decoder_source(args.model)
+    engine = dsjax.init_inference(
+        args.model, dtype=args.dtype, max_out_tokens=args.prompt_len + args.new_tokens,
+        seed=args.seed, quant=_quant(args), replace_with_kernel_inject=args.kernels == "on",
+        kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet, **_parallel(args))
     env = {**harness.environment(), "gemv_bandwidth": harness.gemv_bandwidth()}
     rows = harness.run(engine, args.batch_sizes, args.prompt_len, args.new_tokens, reps=args.reps,
                        warmup=args.warmup, progress=not args.quiet, seed=args.seed,
@@ -214,6 +251,26 @@ def bench(args) -> int:
     return 0
 
 
+def _check_report_dir(out: str) -> None:
+    """--out must be a directory (or not exist yet) that can be written, checked before the run."""
+    from dsjax.checkpoint import writable_dir
+
+    if Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    writable_dir(out)
+
+
+def _decoder_source(model: str):
+    """The model's source, opened without reading its weights: generate and bench need a
+    decoder."""
+    from dsjax.sources import open_source
+
+    source = open_source(model)
+    if source.config.encoder is not None:
+        raise ValueError(f"{model} is an encoder ({source.config.family}); use dsjax embed")
+    return source
+
+
 def _bench_command(args) -> str:
     """The command line that repeats this run."""
     words = ["dsjax bench --model", args.model, "--batch-sizes", ",".join(map(str, args.batch_sizes))]
@@ -227,7 +284,8 @@ def _bench_command(args) -> str:
 def convert(args) -> int:
     from dsjax.engine import convert_checkpoint
 
-    out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, quant=_quant(args))
+    out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, quant=_quant(args),
+                             progress=not args.quiet)
     print(f"wrote dsjax checkpoint {out}")
     return 0
 
@@ -237,12 +295,16 @@ def generate(args) -> int:
 
     import dsjax
 
+    from dsjax.sources import load_tokenizer
+
+    source = _decoder_source(args.model)
+    tok = load_tokenizer(source.tokenizer_dir, source.random_weights)  # before any weight
+    prompts = [tok.encode(p) for p in args.prompt]
     engine = dsjax.init_inference(args.model, dtype=args.dtype, max_out_tokens=args.max_out_tokens,
                                   seed=args.seed, quant=_quant(args),
                                   replace_with_kernel_inject=args.kernels == "pallas",
-                                  kv_cache_dtype=args.kv_cache_dtype, **_parallel(args))
-    tok = engine.tokenizer
-    prompts = [tok.encode(p) for p in args.prompt]
+                                  kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet,
+                                  **_parallel(args))
     out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           prng_key=jax.random.key(args.seed), return_logprobs=args.logprobs)
@@ -251,117 +313,6 @@ def generate(args) -> int:
         if args.logprobs:
             print("    logprobs: " + " ".join(f"{x:.3f}" for x in out.logprobs[i, : len(new)]))
     return 0
-
-
-def embed(args) -> int:
-    import numpy as np
-
-    import dsjax
-
-    if not args.text and not args.image:
-        raise SystemExit("dsjax embed: give at least one --text or --image")
-    engine = dsjax.init_inference(args.model, dtype=args.dtype)
-    cfg = engine.config
-    if cfg.encoder is None:
-        raise SystemExit(f"dsjax embed: {args.model} is a {cfg.family} decoder; use dsjax generate")
-    if args.text and cfg.takes_images:
-        raise SystemExit(f"dsjax embed: {args.model} is an image tower only; pass --image, not --text")
-    if args.image and not (cfg.takes_images or cfg.encoder.vision):
-        raise SystemExit(f"dsjax embed: {args.model} ({cfg.family}) has no image tower; drop --image")
-    try:
-        saved = _embed_inputs(args, engine)
-    except ValueError as e:  # bad input for this model (too long, wrong image size): say why
-        raise SystemExit(f"dsjax embed: {e}") from None
-    if args.save:
-        np.savez(args.save, **{k: np.asarray(v) for k, v in saved.items()})
-        print(f"wrote {args.save} ({', '.join(saved)})")
-    return 0
-
-
-def _embed_inputs(args, engine) -> dict:
-    """Runs and prints the texts, images and CLIP logits; returns the arrays for --save."""
-    import numpy as np
-
-    saved = {}
-    if args.text:
-        tok = engine.tokenizer
-        encs = [tok(t) if callable(tok) else {"input_ids": tok.encode(t)} for t in args.text]
-        ids = [list(e["input_ids"]) for e in encs]
-        types = ([list(e["token_type_ids"]) for e in encs]
-                 if engine.config.type_vocab_size and all("token_type_ids" in e for e in encs) else None)
-        out = engine.embed(ids, token_type_ids=types)
-        text_vecs, how = _pick_vector(out, args.pooling)
-        D = out.last_hidden_state.shape[-1]
-        for i, text in enumerate(args.text):
-            print(f"[{i}] {text!r}: hidden [{len(ids[i])}, {D}]; {how} {_vector(text_vecs[i], args.show)}")
-            _print_head(engine, tok, out, i, len(ids[i]))
-        saved["text"] = text_vecs
-    if args.image:
-        pixels = np.concatenate([_load_pixels(f) for f in args.image])
-        out = engine.embed_image(pixels)
-        image_vecs, how = _pick_vector(out, args.pooling)
-        T, D = out.last_hidden_state.shape[1:]
-        for i in range(len(pixels)):
-            print(f"[image {i}] hidden [{T}, {D}]; {how} {_vector(image_vecs[i], args.show)}")
-        saved["image"] = image_vecs
-    if args.text and args.image and engine.config.encoder.vision is not None:
-        logits = np.asarray(engine.clip_logits(ids, pixels).logits_per_image)  # [images, texts]
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        print("logits_per_image (rows: images, columns: texts; softmax over texts):")
-        for i, (row, p) in enumerate(zip(logits, probs)):
-            print(f"  [image {i}] " + " ".join(f"{x:.4f}" for x in row) + "  probs "
-                  + " ".join(f"{x:.3f}" for x in p))
-        saved["logits_per_image"] = logits
-    return saved
-
-
-def _pick_vector(out, pooling: str):
-    """(vectors [B, X], label) for --pooling."""
-    if pooling == "auto":
-        pooling = ("embeds" if out.embeds is not None else
-                   "pooler" if out.pooler_output is not None else "mean")
-    if pooling == "embeds":
-        return out.embeds, "projected embeds"
-    if pooling == "pooler":
-        if out.pooler_output is None:
-            raise SystemExit("dsjax embed: this model has no pooler; use --pooling cls or mean")
-        return out.pooler_output, "pooler_output"
-    if pooling == "cls":
-        return out.last_hidden_state[:, 0], "first-token hidden state"
-    return out.mean_pooled(), "mean of hidden states"
-
-
-def _vector(v, show: int) -> str:
-    import numpy as np
-
-    v = np.asarray(v)
-    shown = v if show <= 0 else v[:show]
-    more = " ..." if len(shown) < len(v) else ""
-    return (f"[{len(v)}] norm {np.linalg.norm(v):.4f}: "
-            + " ".join(f"{x:.4f}" for x in shown) + more)
-
-
-def _print_head(engine, tok, out, i: int, n: int) -> None:
-    import numpy as np
-
-    head = engine.config.encoder.head
-    if head == "classifier":
-        logits = np.asarray(out.logits[i])
-        print(f"    classifier logits: {' '.join(f'{x:.4f}' for x in logits)} "
-              f"(argmax {int(logits.argmax())})")
-    elif head == "mlm":
-        best = np.asarray(out.logits[i, :n]).argmax(-1)
-        print(f"    mlm argmax per token: {' '.join(tok.decode([int(t)]) for t in best)}")
-
-
-def _load_pixels(path: str):
-    import numpy as np
-
-    x = np.load(path, allow_pickle=False)
-    if x.ndim not in (3, 4):
-        raise SystemExit(f"dsjax embed: {path} holds shape {x.shape}; expected [3, S, S] or [B, 3, S, S]")
-    return x[None] if x.ndim == 3 else x
 
 
 def demo(args) -> int:
@@ -379,7 +330,8 @@ def demo(args) -> int:
                   "(pip install -e '.[torch]' to enable it)")
     budget = 256
     source = hf_model if hf_model is not None else args.arch
-    engine = dsjax.init_inference(source, dtype=args.dtype, max_out_tokens=budget, seed=args.seed)
+    engine = dsjax.init_inference(source, dtype=args.dtype, max_out_tokens=budget, seed=args.seed,
+                                  progress=not args.quiet)
     tok = presets.ByteTokenizer()
     prompt = tok.encode(args.prompt)
     n = args.max_new_tokens

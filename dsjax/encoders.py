@@ -24,6 +24,7 @@ from dsjax.config import ImageConfig, ModelConfig
 from dsjax.model import Linear, Norm, Transformer, _normal
 from dsjax.policy import ONCE, KernelPolicy
 from dsjax.prompts import bucket, token_rows
+from dsjax.validate import mask_array
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature (HF logit_scale_init_value)
 
@@ -244,10 +245,10 @@ def pack_text(cfg: ModelConfig, input_ids, attention_mask=None, token_type_ids=N
         for b, r in enumerate(rows):
             mask[b, : r.size] = 1
     else:
-        mask = np.asarray(attention_mask).astype(np.int32)
-        if len({r.size for r in rows}) != 1 or mask.shape != (B, T):
-            raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids "
-                             f"({B} rows of lengths {sorted({r.size for r in rows})})")
+        if len({r.size for r in rows}) != 1:
+            raise ValueError(f"attention_mask needs input_ids rows of one length, got lengths "
+                             f"{sorted({r.size for r in rows})}")
+        mask = mask_array("attention_mask", attention_mask, (B, T)).astype(np.int32)
     cfg.check_length(T)
     cfg.check_ids(np.concatenate(rows))
     limit = cfg.max_position_embeddings if cfg.positions == "learned" else None
@@ -286,7 +287,12 @@ def _token_types(cfg: ModelConfig, token_type_ids, rows, shape) -> np.ndarray | 
 def pack_pixels(image: ImageConfig, pixel_values) -> tuple[jax.Array, int]:
     """[B, C, S, S] or [C, S, S] pixel values (already normalized, as HF's image processor
     gives them) -> (float32 [B', C, S, S] padded to a bucketed batch, B)."""
-    x = np.asarray(pixel_values, np.float32)
+    x = np.asarray(pixel_values)
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"pixel_values must be numbers, got {x.dtype} values")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("pixel_values hold NaN or inf")
     x = x[None] if x.ndim == 3 else x
     if x.ndim != 4:
         raise ValueError(f"pixel_values must be [batch, channels, height, width], got {x.shape}")

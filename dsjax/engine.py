@@ -15,7 +15,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from dsjax import checkpoint
+import jax
+
+from dsjax import checkpoint, validate
+from dsjax.cache import cache_bytes, check_cache_fits
 from dsjax.config import QUANTIZED_DTYPES, InferenceConfig, ModelConfig, dtype_name
 from dsjax.encoders import module_for
 from dsjax.engines import DecoderEngine, EncoderEngine, InferenceEngine
@@ -53,7 +56,9 @@ class Options:
       "lm_head": bool} or DeepSpeed's {"enabled": True, "weight": {"num_bits": 8, "q_type": ..}}.
     kv_cache_dtype: "auto" (the compute dtype) or "int8" (K/V quantized per token and head).
     seed: for random weights. devices: the mesh's devices. progress: a progress bar while
-      converting (seed, devices and progress are not DeepSpeed config keys).
+      converting. check_finite: refuse weights holding NaN or inf after loading (default True;
+      False skips the check). seed, devices, progress and check_finite are not DeepSpeed
+      config keys.
     """
 
     dtype: object = None
@@ -69,8 +74,17 @@ class Options:
     seed: int = 0
     devices: object = None
     progress: bool = True
+    check_finite: bool = True
 
-    CALL_ONLY = ("seed", "devices", "progress")  # not DeepSpeed config keys
+    CALL_ONLY = ("seed", "devices", "progress", "check_finite")  # not DeepSpeed config keys
+
+    def __post_init__(self):
+        for name in ("replace_with_kernel_inject", "progress", "check_finite"):
+            validate.boolean(name, getattr(self, name))
+        object.__setattr__(self, "seed", validate.integer("seed", self.seed))
+        if self.max_out_tokens is not None:
+            object.__setattr__(self, "max_out_tokens",
+                               validate.integer("max_out_tokens", self.max_out_tokens, low=2))
 
     @classmethod
     def parse(cls, config: dict | None, kwargs: dict) -> Options:
@@ -81,14 +95,26 @@ class Options:
             raise TypeError(f"init_inference() got unknown options {sorted(unknown)}; "
                             f"known: {', '.join(names)}")
         keys = [n for n in names if n not in cls.CALL_ONLY]
-        for key in config or {}:
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"config must be a dict of init_inference options, got {type(config).__name__}")
+        for key, value in (config or {}).items():
             if key not in keys:
                 raise ValueError(f"unknown init_inference config key {key!r}; known: {', '.join(keys)}")
+            if key in kwargs and not _same(kwargs[key], value):
+                raise ValueError(f"{key} is given twice with different values: {kwargs[key]!r} as "
+                                 f"a keyword and {value!r} in config; pass it once")
         return cls(**{**kwargs, **(config or {})})
 
     def parallel(self) -> Parallel:
         return Parallel.parse(self.tensor_parallel, self.mp_size, self.pipeline_parallel,
                               self.data_parallel)
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001  arrays, objects without a plain ==
+        return a is b
 
 
 def init_inference(model, config: dict | None = None, **options) -> InferenceEngine:
@@ -105,7 +131,7 @@ def init_inference(model, config: dict | None = None, **options) -> InferenceEng
     par = opts.parallel()
     check_plan(source.config, icfg, par, opts.devices, stored_quant=source.stored_quant)
     params = load_params(source, icfg, host=par.is_parallel, seed=opts.seed,
-                         progress=opts.progress)
+                         progress=opts.progress, check_finite=opts.check_finite)
     return build_engine(source.config, params, inference=icfg, parallel=par,
                         devices=opts.devices, source=source)
 
@@ -139,13 +165,26 @@ def build_engine(config: ModelConfig, params: dict, *, inference: InferenceConfi
 
 def convert_checkpoint(src, out_dir, *, dtype="bf16", quant=None, progress: bool = True) -> Path:
     """HF checkpoint directory (or in-memory HF model) -> dsjax checkpoint at out_dir; with
-    quant (or dtype int8/int4) the GEMM weights are stored quantized."""
+    quant (or dtype int8/int4) the GEMM weights are stored quantized. out_dir is checked before
+    anything is read. The converted weights stay host arrays (views of the source where no
+    conversion is needed), each quantized in turn, and orbax writes them as they are: about one
+    copy of them in memory (docs/decisions.md#streaming-convert)."""
+    import jax
+
+    out_dir = checkpoint.check_output(out_dir)
     source = open_source(src)
     icfg = inference_config(Options(dtype=dtype, quant=quant), source)
     check_quant(source.config, icfg.quant)
-    params = quantize(load_params(source, icfg, host=False, seed=0, progress=progress), icfg.quant)
-    return checkpoint.save(out_dir, source.config, params, generation=source.generation,
-                           tokenizer_dir=source.tokenizer_dir, quant=icfg.quant)
+    flat = flatten(load_params(source, icfg, host=True, seed=0, progress=progress))
+    spec = icfg.quant
+    todo = [k for k, v in flat.items()
+            if spec is not None and quantizable(k, spec) and not isinstance(v, QuantizedWeight)]
+    if todo:
+        log.info("dsjax: quantizing the GEMM weights to %s", quant_name(spec))
+    for k in todo:  # one weight at a time on the device, back to the host
+        flat[k] = jax.device_get(quantize_flat({k: flat.pop(k)}, spec)[k])
+    return checkpoint.save(out_dir, source.config, unflatten(flat), generation=source.generation,
+                           tokenizer_dir=source.tokenizer_dir, quant=spec)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -193,13 +232,26 @@ def check_plan(cfg: ModelConfig, icfg: InferenceConfig, par: Parallel, devices=N
                              "full-precision checkpoint and pass quant= to init_inference "
                              "(each slice is quantized)")
     check_quant(cfg, icfg.quant, par.tp)
+    if cfg.encoder is None:
+        rows = par.dp * par.micro_batches * icfg.kernels.min_rows
+        need = cache_bytes(cfg, rows, icfg.max_out_tokens, icfg.jnp_dtype,
+                           quantized=icfg.kv_cache_dtype == "int8")
+        check_cache_fits(-(-need // par.cache_shards(cfg)), _first_device(par, devices),
+                         f"max_out_tokens={icfg.max_out_tokens} for the smallest batch "
+                         f"({rows} rows)", free=False)
+
+
+def _first_device(par: Parallel, devices):
+    return par.check_devices(devices)[0] if par.is_parallel else jax.devices()[0]
 
 
 def load_params(source: Source, icfg: InferenceConfig, *, host: bool, seed: int,
-                progress: bool) -> dict:
-    """The source's weights as nested params: on the default device, or host arrays for a mesh."""
+                progress: bool, check_finite: bool = True) -> dict:
+    """The source's weights as nested params: on the default device, or host arrays for a mesh;
+    with check_finite, a weight holding NaN or inf is an error naming it."""
     _, expected = abstract_model(source.config, icfg.jnp_dtype, module=module_for(source.config))
-    return source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress, host=host)
+    return source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress, host=host,
+                       check_finite=check_finite)
 
 
 def quantize(params: dict, spec: QuantSpec | None) -> dict:

@@ -11,12 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax import checkpoint, encoders, presets
+from dsjax import checkpoint, encoders
 from dsjax import generate as gen
-from dsjax.cache import check_budget
+from dsjax import validate
+from dsjax.cache import cache_bytes, check_budget, check_cache_fits
 from dsjax.config import InferenceConfig, ModelConfig
 from dsjax.prompts import pack, prompt_rows
 from dsjax.runners import LocalRunner, MeshRunner, device_bytes
+from dsjax.sources import load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,26 +54,15 @@ class InferenceEngine:
 
     @property
     def tokenizer(self):
-        """The checkpoint's HF tokenizer; a byte-level one for random-weight models. A model
-        with neither (an in-memory or Megatron model, a directory without tokenizer files) is
-        an error: encode with its own tokenizer and pass token ids."""
+        """The checkpoint's HF tokenizer; a byte-level one for random-weight models (see
+        dsjax.sources.load_tokenizer)."""
         if self._tokenizer is None:
-            d = self.tokenizer_dir
-            if d is not None and any((d / f).exists() for f in checkpoint.TOKENIZER_FILES[:5]):
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(str(d))
-            elif self.random_weights:
-                self._tokenizer = presets.ByteTokenizer()
-            else:
-                where = f"{d} has no tokenizer files" if d else "this model came without a directory"
-                raise ValueError(f"no tokenizer: {where} (looked for "
-                                 f"{', '.join(checkpoint.TOKENIZER_FILES[:5])}); encode prompts "
-                                 "with the model's own tokenizer and pass token ids")
+            self._tokenizer = load_tokenizer(self.tokenizer_dir, self.random_weights)
         return self._tokenizer
 
     def save(self, path, tokenizer_dir: Path | None = None) -> Path:
         """Writes a dsjax checkpoint that init_inference(path) restores."""
+        checkpoint.check_output(path)  # before the weights are gathered
         gen_meta = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
         return checkpoint.save(path, self.config, self.runner.stored_params(),
                                generation=gen_meta,
@@ -101,14 +92,13 @@ class DecoderEngine(InferenceEngine):
 
     def __call__(self, input_ids, attention_mask=None) -> jax.Array:
         """Logits [B, T, V] (float32) of a full forward pass, HF-style padding mask optional."""
-        ids = np.asarray(input_ids, np.int32)
+        ids = validate.id_array("input_ids", input_ids)
         ids = ids[None] if ids.ndim == 1 else ids
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        mask = (np.ones(ids.shape, bool) if attention_mask is None
+                else validate.mask_array("attention_mask", attention_mask, ids.shape))
         self.config.check_ids(ids)
         self.config.check_length(ids.shape[1])
-        return self.runner.forward(ids, mask)
+        return self.runner.forward(ids, mask.astype(np.int32))
 
     forward = __call__
 
@@ -127,38 +117,57 @@ class DecoderEngine(InferenceEngine):
           do_sample=True.
         """
         rows = prompt_rows(input_ids, attention_mask)
+        max_new_tokens = validate.integer("max_new_tokens", max_new_tokens, low=1)
         budget = self.inference_config.max_out_tokens
         check_budget(max(len(r) for r in rows), max_new_tokens, budget)
         for r in rows:
-            if len(r) == 0:
-                raise ValueError("every prompt needs at least one token")
             self.config.check_ids(r)
-        if do_sample and prng_key is None:
-            raise ValueError("do_sample=True needs an explicit prng_key (jax.random.key(seed))")
-        sampling = gen.Sampling.make(temperature, top_k, top_p)
-        eos = self.eos_token_id if eos_token_id is None else (
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        pad = self.pad_token_id if pad_token_id is None else pad_token_id
-        self.config.check_ids([pad], "pad_token_id")
-        tokens, lengths = self.pack(rows, pad)
+        do_sample = validate.boolean("do_sample", do_sample)
+        # greedy decoding reads no sampling value, so it checks none (HF's behaviour too)
+        sampling = gen.Sampling.make(temperature, top_k, top_p) if do_sample else gen.Sampling.make()
+        return_logprobs = validate.boolean("return_logprobs", return_logprobs)
+        key = _prng_key(prng_key, do_sample)
+        eos = (self.eos_token_id if eos_token_id is None
+               else validate.token_list("eos_token_id", eos_token_id))
+        pad = self.pad_token_id
+        if pad_token_id is not None:
+            pad = validate.integer("pad_token_id", pad_token_id, low=0)
+            self.config.check_ids([pad], "pad_token_id")
+        fill = self._in_vocab(pad)  # what the program feeds back after a row ends
+        tokens, lengths = self.pack(rows, fill)
+        self._check_cache(len(tokens))
         fn, args, kw = self.generate_program(
-            jnp.asarray(tokens), jnp.asarray(lengths),
-            prng_key if prng_key is not None else jax.random.key(0), jnp.int32(max_new_tokens),
-            jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad), sampling, capacity=budget,
+            jnp.asarray(tokens), jnp.asarray(lengths), key, jnp.int32(max_new_tokens),
+            jnp.asarray(eos or [-1], jnp.int32), jnp.int32(fill), sampling, capacity=budget,
             do_sample=do_sample, return_logprobs=return_logprobs,
             int8_cache=self.inference_config.kv_cache_dtype == "int8")
         out, count, lps = (self.runner.rows(x) for x in fn(*args, **kw))
         B = len(rows)
-        out, count = np.asarray(out)[:B, :max_new_tokens], np.asarray(count)[:B]
+        out, count = np.array(out)[:B, :max_new_tokens], np.asarray(count)[:B]
+        out[np.arange(out.shape[1])[None] >= count[:, None]] = pad  # HF's filler, any id
         return GenerationOutput(out, count, np.asarray(lps)[:B, :max_new_tokens]
                                 if return_logprobs else None)
+
+    def _check_cache(self, rows: int) -> None:
+        """The KV cache of a packed batch against the device's free memory, before it runs."""
+        icfg = self.inference_config
+        need = cache_bytes(self.config, rows, icfg.max_out_tokens, icfg.jnp_dtype,
+                           quantized=icfg.kv_cache_dtype == "int8")
+        check_cache_fits(-(-need // self.runner.cache_shards(self.config)), self.runner.device,
+                         f"a batch of {rows} packed rows x max_out_tokens={icfg.max_out_tokens}",
+                         free=True)
 
     def pack(self, rows, pad: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Prompt rows right-padded to this engine's bucketed [B', T] (dsjax.prompts.pack): one
         row at least under the Pallas gemv, two under XLA's GEMMs."""
         return pack([np.asarray(r) for r in rows], self.inference_config.max_out_tokens,
-                    self.pad_token_id if pad is None else pad, groups=self.runner.batch_groups,
-                    min_rows=1 if self.policy.k_major else 2)
+                    self._in_vocab(self.pad_token_id if pad is None else pad),
+                    groups=self.runner.batch_groups, min_rows=self.policy.min_rows)
+
+    def _in_vocab(self, pad: int) -> int:
+        """The pad id the model may read: a config's pad outside the vocabulary (kept only to
+        fill outputs, as transformers does) becomes 0 inside the program."""
+        return pad if 0 <= pad < self.config.vocab_size else 0
 
     @property
     def batch_groups(self) -> int:
@@ -169,6 +178,20 @@ class DecoderEngine(InferenceEngine):
         """(jitted function, its arguments, its keyword arguments) of one generate call on
         packed prompts (see LocalRunner.generate_program)."""
         return self.runner.generate_program(tokens, lengths, *args, **kw)
+
+
+def _prng_key(key, do_sample: bool):
+    """The sampling key: a jax.random.key (or a legacy uint32 [2] key); greedy needs none."""
+    if key is None:
+        if do_sample:
+            raise ValueError("do_sample=True needs an explicit prng_key (jax.random.key(seed))")
+        return jax.random.key(0)
+    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    legacy = isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,)
+    if not (typed and key.shape == ()) and not legacy:
+        raise TypeError(f"prng_key must be one jax.random.key(seed), got {type(key).__name__}"
+                        f"{' of shape ' + str(key.shape) if hasattr(key, 'shape') else ''}")
+    return key
 
 
 def _for_decoders(what: str):

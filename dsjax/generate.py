@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsjax import validate
 from dsjax.cache import KVCache
 from dsjax.policy import ONCE
 
@@ -30,10 +31,12 @@ class Sampling:
 
     @classmethod
     def make(cls, temperature=1.0, top_k=0, top_p=1.0) -> Sampling:
+        temperature = validate.real("temperature", temperature)
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
+            raise ValueError(f"temperature must be > 0 when sampling (do_sample=False is greedy), "
+                             f"got {temperature}")
+        top_k = validate.integer("top_k", top_k, low=0)
+        top_p = validate.real("top_p", top_p)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))

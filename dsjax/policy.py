@@ -115,6 +115,12 @@ class KernelPolicy:
         (the gemv and the tensor-core kernels read them in place: docs/decisions.md#k-major-weights)."""
         return self.linear == "pallas"
 
+    @property
+    def min_rows(self) -> int:
+        """The fewest rows a packed batch gets: one under the Pallas gemv, two under XLA's GEMMs
+        (docs/decisions.md#two-row-batch-minimum)."""
+        return 1 if self.k_major else 2
+
     def describe(self) -> str:
         """'pallas' / 'xla', or the per-op choice when they differ."""
         names = {getattr(self, op) for op in PALLAS_OPS}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from dsjax.numerics import next_pow2
+from dsjax.validate import id_array, mask_array
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -16,20 +17,22 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def token_rows(x, what: str) -> list[np.ndarray]:
-    """A token list, a list of token lists, or a [B, T] / [T] array -> list of 1-D int rows."""
-    if isinstance(x, (list, tuple)) and x and isinstance(x[0], (int, np.integer)):
-        x = [x]
+    """A token list, a list of token lists, or a [B, T] / [T] array -> list of 1-D int32 rows
+    (validated as given: floats, strings, bools, values beyond int32 and deeper nesting are
+    errors, see dsjax.validate.id_array)."""
+    if isinstance(x, (list, tuple)) and x and not isinstance(x[0], (list, tuple, np.ndarray)):
+        x = [x]  # one token list
     if isinstance(x, (list, tuple)):
-        rows = [np.asarray(r).reshape(-1) for r in x]
+        rows = [id_array(f"{what}[{i}]", r) for i, r in enumerate(x)]
+        deeper = next((i for i, r in enumerate(rows) if r.ndim != 1), None)
+        if deeper is not None:
+            raise ValueError(f"{what} must be [batch, tokens]: row {deeper} is nested deeper "
+                             f"(shape {rows[deeper].shape})")
     else:
-        a = np.asarray(x)
-        if a.ndim not in (1, 2):
-            raise ValueError(f"{what} must be [batch, tokens] or [tokens], got shape {a.shape}")
+        a = id_array(what, x)
         rows = list(a[None] if a.ndim == 1 else a)
     if not rows or any(r.size == 0 for r in rows):
         raise ValueError(f"{what}: every row needs at least one token")
-    if any(not np.issubdtype(r.dtype, np.integer) for r in rows):
-        raise ValueError(f"{what} must hold integers")
     return rows
 
 
@@ -38,11 +41,10 @@ def prompt_rows(input_ids, attention_mask) -> list[np.ndarray]:
     rows = token_rows(input_ids, "input_ids")
     if attention_mask is None:
         return rows
-    mask = np.asarray(attention_mask).astype(bool)
-    mask = mask[None] if mask.ndim == 1 else mask
-    if len({r.size for r in rows}) != 1 or mask.shape != (len(rows), rows[0].size):
-        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape "
-                         f"({len(rows)} rows of lengths {sorted({r.size for r in rows})})")
+    if len({r.size for r in rows}) != 1:
+        raise ValueError(f"attention_mask needs input_ids rows of one length, got lengths "
+                         f"{sorted({r.size for r in rows})}")
+    mask = mask_array("attention_mask", attention_mask, (len(rows), rows[0].size))
     out = []
     for r, m in zip(rows, mask):
         idx = np.flatnonzero(m)

@@ -40,6 +40,15 @@ class LocalRunner:
         """A generate output [B', ...] as one row per packed prompt."""
         return x
 
+    def cache_shards(self, cfg) -> int:
+        """Into how many parts one device's share cuts a KV cache (see Parallel.cache_shards)."""
+        return 1
+
+    @property
+    def device(self):
+        """The device the KV cache lives on (a mesh: its first)."""
+        return next(iter(jax.tree.leaves(self.params)[0].devices()))
+
     def stored_params(self) -> dict:
         """The params in the layout checkpoints store."""
         return stored_params(self.params)
@@ -91,6 +100,13 @@ class MeshRunner:
 
     def rows(self, x):
         return x.reshape(-1, *x.shape[3:])  # [dp, M, b, ...] -> [B', ...]
+
+    def cache_shards(self, cfg) -> int:
+        return self.plan.par.cache_shards(cfg)
+
+    @property
+    def device(self):
+        return self.plan.mesh.devices.flat[0]
 
     def stored_params(self) -> dict:
         raise ValueError("save() writes single-device checkpoints; this engine's weights are "

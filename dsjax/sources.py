@@ -9,23 +9,27 @@ config, its generation defaults, its tokenizer directory, and its weights on req
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
-from dsjax import checkpoint, presets
+from dsjax import checkpoint, integrity, presets, validate
 from dsjax.config import ModelConfig
 from dsjax.encoders import module_for
-from dsjax.model import random_params, unflatten
+from dsjax.model import flatten, random_params, unflatten
 from dsjax.quant import QuantSpec, abstract_quantized
+
+log = logging.getLogger("dsjax")
 
 
 class Source:
-    """What every source gives. `load(expected, dtype, seed=, progress=, host=)` returns nested
-    params shaped like `expected` ({path: ShapeDtypeStruct}), on the default device, or as host
-    arrays with host=True (to be sliced over a mesh: a model larger than one device is never
-    made on one)."""
+    """What every source gives. `load(expected, dtype, seed=, progress=, host=, check_finite=)`
+    returns nested params shaped like `expected` ({path: ShapeDtypeStruct}), on the default
+    device, or as host arrays with host=True (to be sliced over a mesh: a model larger than one
+    device is never made on one); with check_finite, a weight holding NaN or inf is an error
+    (dsjax.integrity)."""
 
     config: ModelConfig
     generation: dict  # eos_token_id / pad_token_id defaults
@@ -33,7 +37,8 @@ class Source:
     random_weights: bool = False
     stored_quant: QuantSpec | None = None  # the checkpoint's stored weight format
 
-    def load(self, expected: dict, dtype, *, seed: int, progress: bool, host: bool = False) -> dict:
+    def load(self, expected: dict, dtype, *, seed: int, progress: bool, host: bool = False,
+             check_finite: bool = True) -> dict:
         raise NotImplementedError
 
 
@@ -43,7 +48,7 @@ class RandomSource(Source):
     def __init__(self, config: ModelConfig, generation: dict | None = None):
         self.config, self.generation = config, generation or {}
 
-    def load(self, expected, dtype, *, seed, progress, host=False):
+    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True):
         where = jax.default_device(jax.devices("cpu")[0]) if host else contextlib.nullcontext()
         with where:
             return random_params(self.config, dtype, seed, module=module_for(self.config))
@@ -56,11 +61,14 @@ class CheckpointSource(Source):
         self.generation = meta["generation"]
         self.stored_quant = checkpoint.stored_quant(meta)
 
-    def load(self, expected, dtype, *, seed, progress, host=False):
+    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True):
         if self.stored_quant is not None:
             expected = abstract_quantized(expected, self.stored_quant)
-        return checkpoint.restore(self.path, expected, dtype,
-                                  device=jax.devices("cpu")[0] if host else None)
+        params = checkpoint.restore(self.path, expected, dtype,
+                                    device=jax.devices("cpu")[0] if host else None)
+        if check_finite:
+            integrity.check_all(flatten(params), str(self.path))
+        return params
 
 
 class HFSource(Source):
@@ -69,13 +77,21 @@ class HFSource(Source):
 
         self.hf = converters.open_hf(model)
         self.config, self.tokenizer_dir = self.hf.config, self.hf.directory
-        self.generation = generation_defaults(self.hf.hf_config, self.hf.directory)
+        self.generation = generation_defaults(self.hf.hf_config, self.hf.directory,
+                                              self.config.vocab_size)
 
-    def load(self, expected, dtype, *, seed, progress, host=False):
+    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True):
         import converters
 
+        origin = self.hf.tensors.origin
+
+        def put(path, x):  # each converted tensor, checked on the host before it moves
+            if check_finite:
+                integrity.check(path, x, origin)
+            return x if host else jnp.asarray(x)
+
         flat = converters.convert(self.hf.policy, self.hf.config, self.hf.tensors, expected, dtype,
-                                  progress, put=(lambda path, x: x) if host else None)
+                                  progress, put=put)
         return unflatten(flat)
 
 
@@ -89,18 +105,63 @@ def open_source(model) -> Source:
             return CheckpointSource(path)
         if not path.exists() and str(model) in presets.PRESETS:
             hf_config = presets.hf_config(str(model))
-            return RandomSource(presets.model_config(str(model)),
-                                generation_defaults(hf_config, None))
+            cfg = presets.model_config(str(model))
+            return RandomSource(cfg, generation_defaults(hf_config, None, cfg.vocab_size))
         if not path.exists():
             raise FileNotFoundError(f"{model!r} is neither a directory nor a built-in architecture "
                                     f"({', '.join(presets.PRESETS)})")
     return HFSource(model)
 
 
-def generation_defaults(hf_config: dict, directory: Path | None) -> dict:
-    """eos/pad token ids from generation_config.json, else config.json."""
-    gen_cfg = {}
+def load_tokenizer(directory: Path | None, random_weights: bool):
+    """The checkpoint's HF tokenizer; a byte-level one for random-weight models. A model with
+    neither (an in-memory or Megatron model, a directory without tokenizer files) is an error:
+    encode with its own tokenizer and pass token ids."""
+    if directory is not None and any((directory / f).exists() for f in checkpoint.TOKENIZER_FILES[:5]):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(directory))
+    if random_weights:
+        return presets.ByteTokenizer()
+    where = f"{directory} has no tokenizer files" if directory else "this model came without a directory"
+    raise ValueError(f"no tokenizer: {where} (looked for {', '.join(checkpoint.TOKENIZER_FILES[:5])}); "
+                     "encode prompts with the model's own tokenizer and pass token ids")
+
+
+SPECIAL_IDS = ("eos_token_id", "pad_token_id", "bos_token_id")
+
+
+def generation_defaults(hf_config: dict, directory: Path | None, vocab_size: int) -> dict:
+    """eos/pad/bos token ids from generation_config.json, else config.json, checked: a value of
+    the wrong type is an error naming the field and the file; an id outside the vocabulary is
+    kept (as transformers does: an eos that can never be sampled, a pad that only fills the
+    output) with one warning naming the field."""
+    from converters.loader import CheckpointError, read_json
+
+    gen_cfg, gen_file = {}, None
     if directory is not None and (directory / "generation_config.json").exists():
-        gen_cfg = json.loads((directory / "generation_config.json").read_text())
-    pick = lambda k: gen_cfg.get(k, hf_config.get(k))  # noqa: E731
-    return {"eos_token_id": pick("eos_token_id"), "pad_token_id": pick("pad_token_id")}
+        gen_file = directory / "generation_config.json"
+        gen_cfg = read_json(gen_file, "generation defaults")
+        if not isinstance(gen_cfg, dict):
+            raise CheckpointError(f"{gen_file}: is not a JSON object")
+    out = {}
+    for key in SPECIAL_IDS:
+        where = "generation_config.json" if key in gen_cfg else "config.json"
+        value = gen_cfg.get(key, hf_config.get(key))
+        try:
+            ids = validate.token_list(key, value, low=-validate.INT32_MAX)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        if key != "eos_token_id" and len(ids) > 1:
+            raise CheckpointError(f"{where}: {key} must be one token id, got {value!r}")
+        outside = [i for i in ids if not 0 <= i < vocab_size]
+        if outside:
+            log.warning("%s: %s=%s lies outside the %d-token vocabulary; kept as transformers "
+                        "keeps it (%s)", where, key, value, vocab_size, _OUTSIDE[key])
+        out[key] = (ids or None) if key == "eos_token_id" else (ids[0] if ids else None)
+    return out
+
+
+_OUTSIDE = {"eos_token_id": "the model can never produce it, so it never stops a sequence",
+            "pad_token_id": "it only fills the output after a sequence ends",
+            "bos_token_id": "dsjax never inserts it"}

@@ -55,6 +55,13 @@ class Parallel:
     def is_parallel(self) -> bool:
         return self.devices > 1 or self.micro_batches > 1 or self.offload_kv
 
+    def cache_shards(self, cfg: ModelConfig) -> int:
+        """Into how many parts one device's share cuts a KV cache, at least: the batch over
+        replicas, layers over stages, KV heads over tensor slices (replicated beyond the KV
+        heads), and with offload_kv only the computing micro-batch stays on the device."""
+        return (self.dp * self.pp * min(self.tp, cfg.kv_heads)
+                * (self.micro_batches if self.offload_kv else 1))
+
     @classmethod
     def parse(cls, tensor_parallel=None, mp_size=None, pipeline_parallel=None,
               data_parallel=None) -> Parallel:

@@ -9,7 +9,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dsjax import numerics
+from dsjax import numerics, validate
 from dsjax.weights import QuantizedWeight, is_gemm
 
 
@@ -24,10 +24,15 @@ class QuantSpec:
     lm_head: bool = False
 
     def __post_init__(self):
+        object.__setattr__(self, "bits", validate.integer("quant bits", self.bits))
+        for name in ("symmetric", "lm_head"):
+            object.__setattr__(self, name, validate.boolean(f"quant {name}", getattr(self, name)))
         if self.bits not in (8, 4):
             raise ValueError(f"quant bits must be 8 or 4, got {self.bits!r}")
-        if self.group_size is not None and (not isinstance(self.group_size, int)
-                                            or self.group_size < 2 or self.group_size % 2):
+        if self.group_size is not None:
+            object.__setattr__(self, "group_size",
+                               validate.integer("quant group_size", self.group_size))
+        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise ValueError(f"quant group_size must be an even integer >= 2 (or None for one "
                              f"scale per output channel), got {self.group_size!r}")
 

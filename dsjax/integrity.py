@@ -1,0 +1,68 @@
+"""Loaded weights must be finite: a NaN or inf in a checkpoint (a corrupt file, an overflowed
+cast, a diverged training run) is an error that names the tensor, not NaN logits later.
+
+Host arrays are checked by their exponent bits in chunks (no copy of a whole tensor), device
+arrays by one fused reduction each; init_inference(check_finite=False) skips both.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+_CHUNK = 1 << 24  # elements per host pass
+
+
+class NonFiniteWeights(ValueError):
+    """A loaded weight holds NaN or inf."""
+
+
+def check(name: str, x, origin: str) -> None:
+    """Raises NonFiniteWeights when x (a numpy or JAX array, or a quantized weight's float
+    scales and zeros) holds NaN or inf."""
+    parts = [getattr(x, f) for f in ("scales", "zeros")] if hasattr(x, "scales") else [x]
+    for part in parts:
+        if part is not None and not _finite(part):
+            raise NonFiniteWeights(
+                f"{origin}: weight {name!r} ({part.dtype}, shape {tuple(part.shape)}) holds NaN "
+                "or inf; the checkpoint is corrupt or was saved from a diverged model "
+                "(init_inference(check_finite=False) loads it anyway)")
+
+
+def check_all(flat: dict, origin: str) -> None:
+    """check() over {path: weight}, in path order (the first bad tensor is named)."""
+    for name in sorted(flat):
+        check(name, flat[name], origin)
+
+
+def _finite(x) -> bool:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return True
+    if isinstance(x, jax.Array):
+        return bool(_all_finite(x))
+    return _host_finite(np.asarray(x))
+
+
+@functools.partial(jax.jit)
+def _all_finite(x):
+    return jnp.all(jnp.isfinite(x))
+
+
+def _host_finite(x: np.ndarray) -> bool:
+    """All exponent fields short of all-ones (inf and NaN have every exponent bit set), read in
+    chunks of the array's own memory (a transposed view is read as it lies)."""
+    info = ml_dtypes.finfo(x.dtype)
+    bits = np.dtype(f"u{x.dtype.itemsize}")
+    mask = bits.type(((1 << info.nexp) - 1) << info.nmant)
+    x = x.T if x.flags.f_contiguous else x
+    x = x.reshape(-1) if x.flags.c_contiguous else x
+    step = max(1, _CHUNK // max(1, x[:1].size))  # leading-axis entries per pass
+    for i in range(0, len(x), step):
+        part = np.ascontiguousarray(x[i: i + step]).view(bits)
+        if ((part & mask) == mask).any():
+            return False
+    return True
