@@ -13,14 +13,17 @@ from dsjax.config import ModelConfig, RopeScaling
 # "positive" a finite number > 0, a flag true or false.
 _FIELDS = {
     **dict.fromkeys((
-        "vocab_size", "hidden_size", "n_embd", "n_embed", "dim", "hidden_dim", "num_hidden_layers",
-        "n_layer", "n_layers", "num_layers", "num_attention_heads", "n_head", "n_heads",
+        "vocab_size", "hidden_size", "n_embd", "n_embed", "dim", "hidden_dim",
+        "num_attention_heads", "n_head", "n_heads",
         "num_heads", "ffn_dim", "max_position_embeddings", "n_positions", "image_size",
         "patch_size", "num_channels"), "size"),
     **dict.fromkeys((  # null: the family's default (GPT-Neo's intermediate_size: 4 x hidden)
         "intermediate_size", "num_key_value_heads", "head_dim", "n_inner", "word_embed_proj_dim",
         "rotary_dim", "sliding_window", "window_size", "projection_dim", "seq_length"),
         "optional size"),
+    # layer counts: families that build per-layer tables from the count (CLIP's towers,
+    # GPT-Neo's attention_types) do so before the checkpoint's names can refute it
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers"), "layer size"),
     **dict.fromkeys(("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps"), "epsilon"),
     **dict.fromkeys(("rope_theta", "rotary_emb_base", "rotary_pct"), "positive"),
     **dict.fromkeys((
@@ -28,6 +31,7 @@ _FIELDS = {
         "mlp_bias", "use_sliding_window", "do_layer_norm_before"), "flag"),
 }
 _MAX_SIZE = 2**31 - 1  # beyond any real model; larger counts would only stall the checks
+_MAX_LAYERS = 2**16
 # a ModelConfig's optional sizes: set, they must be positive (whatever HF field they came from)
 _OPTIONAL_SIZES = ("num_kv_heads", "head_dim", "rotary_dim", "sliding_window", "embed_proj_dim")
 
@@ -71,8 +75,9 @@ def _problem(kind: str, value) -> str | None:
     integer = kind.endswith("size")
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         return f"has the wrong type ({shown}; expected {'an integer' if integer else 'a number'})"
-    if integer and not 0 < value <= _MAX_SIZE:
-        return f"is {shown}; it must be a positive integer" + (" of sane size" if value > 0 else "")
+    top = _MAX_LAYERS if kind == "layer size" else _MAX_SIZE
+    if integer and not 0 < value <= top:
+        return f"is {shown}; it must be a positive integer" + (f" <= {top}" if value > 0 else "")
     if not integer and not (math.isfinite(value) and (value >= 0 if kind == "epsilon" else value > 0)):
         return f"is {shown}; it must be a finite number {'>= 0' if kind == 'epsilon' else '> 0'}"
     return None

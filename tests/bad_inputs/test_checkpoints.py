@@ -241,6 +241,9 @@ ROWS = [
         r"config\.json: field 'n_layer' has the wrong type \('two'; expected an integer\)"),
     Row("layers_negative", "gpt2", edit_config(lambda c: c.update(n_layer=-1)), CheckpointError,
         r"field 'n_layer' is -1"),
+    # a count some families build tables from before the names can refute it
+    Row("layers_beyond_any_model", "gpt2", edit_config(lambda c: c.update(n_layer=10**9)),
+        CheckpointError, r"field 'n_layer' is 1000000000; it must be a positive integer <= 65536"),
     Row("heads_zero", "gpt2", edit_config(lambda c: c.update(n_head=0)), CheckpointError,
         r"field 'n_head' is 0"),
     Row("vocab_zero", "gpt2", edit_config(lambda c: c.update(vocab_size=0)), CheckpointError,
