@@ -167,22 +167,22 @@ def convert_checkpoint(src, out_dir, *, dtype="bf16", quant=None, progress: bool
     """HF checkpoint directory (or in-memory HF model) -> dsjax checkpoint at out_dir; with
     quant (or dtype int8/int4) the GEMM weights are stored quantized. out_dir is checked before
     anything is read. The converted weights stay host arrays (views of the source where no
-    conversion is needed), each quantized in turn, and orbax writes them as they are: about one
-    copy of them in memory (docs/decisions.md#streaming-convert)."""
-    import jax
-
+    conversion is needed), each GEMM weight quantized as soon as it is converted, and orbax writes
+    them as they are: about one copy of them in memory (docs/decisions.md#streaming-convert)."""
     out_dir = checkpoint.check_output(out_dir)
     source = open_source(src)
     icfg = inference_config(Options(dtype=dtype, quant=quant), source)
     check_quant(source.config, icfg.quant)
-    flat = flatten(load_params(source, icfg, host=True, seed=0, progress=progress))
     spec = icfg.quant
-    todo = [k for k, v in flat.items()
-            if spec is not None and quantizable(k, spec) and not isinstance(v, QuantizedWeight)]
-    if todo:
+
+    def each(path, x):  # quantized as soon as it is converted, back on the host
+        if spec is None or not quantizable(path, spec) or isinstance(x, QuantizedWeight):
+            return x
+        return jax.device_get(quantize_flat({path: x}, spec)[path])
+
+    if spec is not None:
         log.info("dsjax: quantizing the GEMM weights to %s", quant_name(spec))
-    for k in todo:  # one weight at a time on the device, back to the host
-        flat[k] = jax.device_get(quantize_flat({k: flat.pop(k)}, spec)[k])
+    flat = flatten(load_params(source, icfg, host=True, seed=0, progress=progress, each=each))
     return checkpoint.save(out_dir, source.config, unflatten(flat), generation=source.generation,
                            tokenizer_dir=source.tokenizer_dir, quant=spec)
 
@@ -246,12 +246,13 @@ def _first_device(par: Parallel, devices):
 
 
 def load_params(source: Source, icfg: InferenceConfig, *, host: bool, seed: int,
-                progress: bool, check_finite: bool = True) -> dict:
+                progress: bool, check_finite: bool = True, each=None) -> dict:
     """The source's weights as nested params: on the default device, or host arrays for a mesh;
-    with check_finite, a weight holding NaN or inf is an error naming it."""
+    with check_finite, a weight holding NaN or inf is an error naming it; each(path, weight)
+    replaces every weight as it is made (see Source.load)."""
     _, expected = abstract_model(source.config, icfg.jnp_dtype, module=module_for(source.config))
     return source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress, host=host,
-                       check_finite=check_finite)
+                       check_finite=check_finite, each=each)
 
 
 def quantize(params: dict, spec: QuantSpec | None) -> dict:

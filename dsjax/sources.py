@@ -25,11 +25,12 @@ log = logging.getLogger("dsjax")
 
 
 class Source:
-    """What every source gives. `load(expected, dtype, seed=, progress=, host=, check_finite=)`
-    returns nested params shaped like `expected` ({path: ShapeDtypeStruct}), on the default
-    device, or as host arrays with host=True (to be sliced over a mesh: a model larger than one
-    device is never made on one); with check_finite, a weight holding NaN or inf is an error
-    (dsjax.integrity)."""
+    """What every source gives. `load(expected, dtype, seed=, progress=, host=, check_finite=,
+    each=)` returns nested params shaped like `expected` ({path: ShapeDtypeStruct}), on the
+    default device, or as host arrays with host=True (to be sliced over a mesh: a model larger
+    than one device is never made on one); with check_finite, a weight holding NaN or inf is an
+    error (dsjax.integrity); each(path, array), if given, replaces every weight as it is made
+    (a converter calls it per tensor, so that e.g. quantizing never holds two full copies)."""
 
     config: ModelConfig
     generation: dict  # eos_token_id / pad_token_id defaults
@@ -38,8 +39,13 @@ class Source:
     stored_quant: QuantSpec | None = None  # the checkpoint's stored weight format
 
     def load(self, expected: dict, dtype, *, seed: int, progress: bool, host: bool = False,
-             check_finite: bool = True) -> dict:
+             check_finite: bool = True, each=None) -> dict:
         raise NotImplementedError
+
+
+def _each(params: dict, each) -> dict:
+    """each(path, weight) over loaded params (sources that make them all at once)."""
+    return params if each is None else unflatten({k: each(k, v) for k, v in flatten(params).items()})
 
 
 class RandomSource(Source):
@@ -48,10 +54,11 @@ class RandomSource(Source):
     def __init__(self, config: ModelConfig, generation: dict | None = None):
         self.config, self.generation = config, generation or {}
 
-    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True):
+    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
         where = jax.default_device(jax.devices("cpu")[0]) if host else contextlib.nullcontext()
         with where:
-            return random_params(self.config, dtype, seed, module=module_for(self.config))
+            return _each(random_params(self.config, dtype, seed, module=module_for(self.config)),
+                         each)
 
 
 class CheckpointSource(Source):
@@ -61,14 +68,14 @@ class CheckpointSource(Source):
         self.generation = meta["generation"]
         self.stored_quant = checkpoint.stored_quant(meta)
 
-    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True):
+    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
         if self.stored_quant is not None:
             expected = abstract_quantized(expected, self.stored_quant)
         params = checkpoint.restore(self.path, expected, dtype,
                                     device=jax.devices("cpu")[0] if host else None)
         if check_finite:
             integrity.check_all(flatten(params), str(self.path))
-        return params
+        return _each(params, each)
 
 
 class HFSource(Source):
@@ -80,7 +87,7 @@ class HFSource(Source):
         self.generation = generation_defaults(self.hf.hf_config, self.hf.directory,
                                               self.config.vocab_size)
 
-    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True):
+    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
         import converters
 
         origin = self.hf.tensors.origin
@@ -88,7 +95,8 @@ class HFSource(Source):
         def put(path, x):  # each converted tensor, checked on the host before it moves
             if check_finite:
                 integrity.check(path, x, origin)
-            return x if host else jnp.asarray(x)
+            x = x if host else jnp.asarray(x)
+            return x if each is None else each(path, x)
 
         flat = converters.convert(self.hf.policy, self.hf.config, self.hf.tensors, expected, dtype,
                                   progress, put=put)
