@@ -57,6 +57,88 @@ import numpy as np
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
+def log(msg: str) -> None:
+    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed's process
+# Above the imports of dsjax and jax: `compare.py --deepspeed-worker MODE [SPEC]` runs it and exits
+# before them (the op build needs neither, and fails at once where deepspeed is not importable).
+
+def deepspeed_worker(mode: str, spec_path: str | None) -> int:
+    """`build`: JIT-builds (or loads) DeepSpeed's transformer_inference op. `measure SPEC`: loads
+    the saved weights into transformers 4.46 (the preset's config, not the saved config.json,
+    which transformers 5 writes in its own format), injects DeepSpeed's kernels, times generate
+    per batch size; writes SPEC.out.json after each step, errors included."""
+    if mode == "build":
+        t0 = time.perf_counter()
+        from deepspeed.ops.op_builder import InferenceBuilder  # (which imports torch)
+
+        InferenceBuilder().load()
+        seconds = time.perf_counter() - t0
+        log(f"deepspeed: transformer_inference op ready in {seconds:.0f} s")
+        print(json.dumps({"deepspeed_build_s": seconds}), flush=True)  # read by DeepSpeedBuild.finish
+        return 0
+    import torch
+
+    from benchmarks.harness import error_line, random_prompts, time_generate  # (and jax)
+
+    spec = json.loads(Path(spec_path).read_text())
+    out, result = Path(spec_path).with_suffix(".out.json"), {"rows": {}, "versions": {}}
+    try:
+        engine = _deepspeed_engine(spec, result["versions"])
+    except Exception as e:  # noqa: BLE001  the row records it
+        out.write_text(json.dumps(dict(result, error=error_line(e))))
+        raise
+    device = torch.device(spec["device"])
+
+    def generate(prompts, n):
+        ids = torch.as_tensor(prompts, device=device)
+        with torch.no_grad():
+            o = engine.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                do_sample=False, pad_token_id=0)
+        return o[:, ids.shape[1]:].cpu().numpy()
+
+    for bs in spec["batch_sizes"]:
+        prompts = random_prompts(spec["vocab"], bs, spec["prompt_len"], spec["seed"])
+        try:
+            t0 = time.perf_counter()
+            generate(prompts, spec["new_tokens"])  # the first call, as the other systems' compile
+            first_s = time.perf_counter() - t0
+            measured = time_generate(lambda n, p=prompts: generate(p, n), spec["new_tokens"],
+                                     spec["warmup"], spec["reps"])  # as measure() below
+            result["rows"][str(bs)] = dict(measured, compile_s=first_s)
+        except Exception as e:  # noqa: BLE001
+            result["rows"][str(bs)] = {"error": error_line(e)}
+            log(f"deepspeed bs {bs}: {error_line(e)}")
+        out.write_text(json.dumps(result))
+    return 0
+
+
+def _deepspeed_engine(spec: dict, versions: dict):
+    import torch
+    import transformers
+
+    versions.update(torch=torch.__version__, transformers=transformers.__version__)
+    import deepspeed
+
+    versions["deepspeed"] = deepspeed.__version__
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
+    config = transformers.AutoConfig.for_model(**spec["hf_config"])
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        spec["model_dir"], config=config, torch_dtype=dtype, output_loading_info=True)
+    wrong = {k: v for k, v in info.items() if v}
+    if wrong:
+        raise RuntimeError(f"transformers {transformers.__version__} loaded the weights with {wrong}")
+    model.generation_config.eos_token_id = None  # exactly new_tokens tokens, as everywhere
+    return deepspeed.init_inference(model.to(spec["device"]), dtype=dtype, replace_with_kernel_inject=True,
+                                    tensor_parallel={"tp_size": 1})
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--deepspeed-worker"]:
+    sys.exit(deepspeed_worker(sys.argv[2], (sys.argv[3:] or [None])[0]))
+
 import dsjax  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import error_line  # noqa: E402
@@ -79,10 +161,6 @@ MEASURE_S = 20  # least time left to time a prepared system
 LOAD_S_PER_GB = 10  # DeepSpeed's process loads the saved weights again
 RESERVE_S = 20  # kept at the deadline for writing the results
 LOGITS_SEED = 123  # the --logits probe prompt
-
-
-def log(msg: str) -> None:
-    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 make_prompts = harness.random_prompts  # (vocab, batch, prompt_len, seed): the same for every system
@@ -232,9 +310,10 @@ def needs_torch(systems) -> bool:
     return any(s.startswith(("hf-", "deepspeed")) for s in systems)
 
 
-# ----------------------------------------------------------------------------- DeepSpeed's process
+# ----------------------------------------------------------------------------- starting DeepSpeed's process
 
 def worker_command(mode: str, spec: Path | None = None) -> list[str]:
+    """This script in worker mode: deepspeed_worker() at the top, before jax and dsjax load."""
     return [sys.executable, str(Path(__file__).resolve()), "--deepspeed-worker", mode] + (
         [str(spec)] if spec else [])
 
@@ -250,73 +329,6 @@ def worker_env(ctx: dict) -> dict:
         env.setdefault("TORCH_CUDA_ARCH_LIST", ctx["cuda_arch"])
         env.setdefault("DS_ACCELERATOR", "cuda")
     return env
-
-
-def deepspeed_worker(mode: str, spec_path: str | None) -> int:
-    """`build`: JIT-builds (or loads) DeepSpeed's transformer_inference op. `measure SPEC`: loads
-    the saved weights into transformers 4.46 (the preset's config, not the saved config.json,
-    which transformers 5 writes in its own format), injects DeepSpeed's kernels, times generate
-    per batch size; writes SPEC.out.json after each step, errors included."""
-    import torch
-
-    if mode == "build":
-        t0 = time.perf_counter()
-        from deepspeed.ops.op_builder import InferenceBuilder
-
-        InferenceBuilder().load()
-        seconds = time.perf_counter() - t0
-        log(f"deepspeed: transformer_inference op ready in {seconds:.0f} s")
-        print(json.dumps({"deepspeed_build_s": seconds}), flush=True)  # read by DeepSpeedBuild.finish
-        return 0
-    spec = json.loads(Path(spec_path).read_text())
-    out, result = Path(spec_path).with_suffix(".out.json"), {"rows": {}, "versions": {}}
-    try:
-        engine = _deepspeed_engine(spec, result["versions"])
-    except Exception as e:  # noqa: BLE001  the row records it
-        out.write_text(json.dumps(dict(result, error=error_line(e))))
-        raise
-    device = torch.device(spec["device"])
-
-    def generate(prompts, n):
-        ids = torch.as_tensor(prompts, device=device)
-        with torch.no_grad():
-            o = engine.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                do_sample=False, pad_token_id=0)
-        return o[:, ids.shape[1]:].cpu().numpy()
-
-    for bs in spec["batch_sizes"]:
-        prompts = make_prompts(spec["vocab"], bs, spec["prompt_len"], spec["seed"])
-        try:
-            t0 = time.perf_counter()
-            generate(prompts, spec["new_tokens"])  # the first call, as the other systems' compile
-            first_s = time.perf_counter() - t0
-            result["rows"][str(bs)] = dict(measure(generate, prompts, spec["new_tokens"],
-                                                   spec["warmup"], spec["reps"]), compile_s=first_s)
-        except Exception as e:  # noqa: BLE001
-            result["rows"][str(bs)] = {"error": error_line(e)}
-            log(f"deepspeed bs {bs}: {error_line(e)}")
-        out.write_text(json.dumps(result))
-    return 0
-
-
-def _deepspeed_engine(spec: dict, versions: dict):
-    import torch
-    import transformers
-
-    versions.update(torch=torch.__version__, transformers=transformers.__version__)
-    import deepspeed
-
-    versions["deepspeed"] = deepspeed.__version__
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
-    config = transformers.AutoConfig.for_model(**spec["hf_config"])
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        spec["model_dir"], config=config, torch_dtype=dtype, output_loading_info=True)
-    wrong = {k: v for k, v in info.items() if v}
-    if wrong:
-        raise RuntimeError(f"transformers {transformers.__version__} loaded the weights with {wrong}")
-    model.generation_config.eos_token_id = None  # exactly new_tokens tokens, as everywhere
-    return deepspeed.init_inference(model.to(spec["device"]), dtype=dtype, replace_with_kernel_inject=True,
-                                    tensor_parallel={"tp_size": 1})
 
 
 class DeepSpeedBuild:

@@ -15,6 +15,9 @@ for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS", "false")
+# - torch (the HF reference models, tiny) on one thread per worker: with two workers on two
+#   cores, its threads would wait for each other at every op
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # - one persistent compilation cache for the session, shared by the xdist workers: a program
 #   that both workers build (the shared engines' generate, a kernel test's shapes) compiles once
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

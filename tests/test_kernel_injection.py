@@ -67,8 +67,12 @@ def test_decoder_family(name):
 
 @pytest.mark.parametrize("quant", [{"bits": 8}, {"bits": 4, "group_size": 16, "symmetric": False}],
                          ids=["int8", "int4_g16_asym"])
-@pytest.mark.parametrize("make", [llama_model, gpt2_model], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("make", [lambda: llama_model(num_hidden_layers=1),
+                                  lambda: gpt2_model(n_layer=1)], ids=["llama", "gpt2"])
 def test_quantized_weights(make, quant):
+    """Quantized GEMM weights through the Pallas kernels: XLA's tokens and log-probabilities.
+    One layer (the layer loop is the same for every weight format, and the two-layer families
+    run it above); LLaMA's int8 engine is test_kmajor's, so it compiles once."""
     xla, pallas = _pair(make(), quant=quant, max_out_tokens=48)
     rows = _same_generation(xla, pallas, xla.config.vocab_size)
     kernels = generate_kernels(pallas, rows, return_logprobs=True)
@@ -111,9 +115,9 @@ def test_gemv_with_layernorm_fused(caplog):
 
 
 def test_bf16_within_dtype_tolerance():
-    xla = dsjax.init_inference(llama_model(), dtype="bf16", progress=False)
-    pallas = dsjax.init_inference(llama_model(), dtype="bf16", progress=False,
-                                  replace_with_kernel_inject=True)
+    hf = llama_model()
+    xla = dsjax.init_inference(hf, dtype="bf16", progress=False)
+    pallas = dsjax.init_inference(hf, dtype="bf16", progress=False, replace_with_kernel_inject=True)
     ids = np.stack([prompt(5, 16, 96)])
     a, b = np.asarray(xla(ids)), np.asarray(pallas(ids))
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
@@ -142,38 +146,18 @@ def test_encoder_family(make, inputs):
         np.testing.assert_allclose(pallas.embed_image(pix).embeds, xla.embed_image(pix).embeds, **TOL)
 
 
-def test_the_log_names_each_kernel_and_the_program_runs_them(caplog):
-    # one layer: the same ops (and log lines) as two, half the program to compile; a budget of
-    # 40 that no other test uses, so this program is traced (and logged) here
+def test_the_log_names_each_kernel_and_each_policy_compiles_apart(caplog):
+    """Same model, two all-Pallas policies: each engine's program has its own kernels (the gemv
+    at one row, or the GEMM kernel under gemv_rows=0), each logs them (replace_with_kernel_inject
+    every kernel it runs, with no warning), and each gives the XLA tokens. One layer: the same
+    ops (and log lines) as two, half the program to compile; a budget of 44 that no other test
+    uses, so these programs are traced (and logged) here."""
     hf = llama_model(num_hidden_layers=1)
-    pallas = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=40, progress=False,
-                                  replace_with_kernel_inject=True)
-    with caplog.at_level(logging.INFO, logger="dsjax.ops"):
-        pallas.generate([[1, 2, 3]], max_new_tokens=2)
-    text = caplog.text
-    for kernel in ("matmul kernel (bias/activation/residual epilogue, K-major, norm in XLA first)",
-                   "decode_attention kernel", "flash_attention kernel",
-                   "write_kv runs the 'pallas'",
-                   "gemv kernel (float32, K-major, RMSNorm fused)",  # decode: qkv, mlp.up
-                   "gemv kernel (float32, K-major)",  # decode: attn.out, mlp.down, lm_head
-                   "ops.norm runs the 'xla' implementation"):  # no Pallas norm: XLA, no warning
-        assert kernel in text, kernel
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    # the program itself: prompt GEMMs, decode gemvs (qkv, out, up, down, LM head; prompt and
-    # loop), flash attention over the prompt, decode attention in the loop
-    kernels = generate_kernels(pallas, [[1, 2, 3]])
-    assert set(kernels) == {"matmul", "gemv", "flash_attention", "decode_attention",
-                            "rotary_cache_write"}, kernels
-
-
-def test_two_policies_in_one_process_compile_apart(caplog):
-    """Same model, two policies: each engine's program has its own kernels (the gemv at one row,
-    or the GEMM kernel under gemv_rows=0), each logs them, and each gives the XLA tokens."""
-    hf = llama_model(num_hidden_layers=1)
-    kw = dict(dtype="fp32", max_out_tokens=44, progress=False)  # a budget no other test uses
+    kw = dict(dtype="fp32", max_out_tokens=44, progress=False)
     xla = dsjax.init_inference(hf, **kw)
-    gemv = dsjax.init_inference(hf, kernels=KernelPolicy.pallas(), **kw)
+    gemv = dsjax.init_inference(hf, replace_with_kernel_inject=True, **kw)
     no_gemv = dsjax.init_inference(hf, kernels=KernelPolicy.pallas(gemv_rows=0), **kw)
+    assert gemv.policy == KernelPolicy.pallas()
     assert gemv.graphdef != no_gemv.graphdef  # the policy is part of the compile key
     rows = [prompt(7, 5, 96)]
     want = xla.generate(rows, max_new_tokens=6, eos_token_id=[]).sequences
@@ -183,9 +167,20 @@ def test_two_policies_in_one_process_compile_apart(caplog):
         with caplog.at_level(logging.INFO, logger="dsjax.ops"):  # its own program, traced now
             assert engine.generate(rows, max_new_tokens=6, eos_token_id=[]).sequences == want
         logs[name] = caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "gemv kernel" not in logs["no_gemv"] and "matmul kernel" in logs["no_gemv"]
-    assert "gemv kernel (float32, K-major, RMSNorm fused)" in logs["gemv"]
-    assert generate_kernels(gemv, rows)["gemv"] > 0
+    for kernel in ("matmul kernel (bias/activation/residual epilogue, K-major, norm in XLA first)",
+                   "decode_attention kernel", "flash_attention kernel",
+                   "write_kv runs the 'pallas'",
+                   "gemv kernel (float32, K-major, RMSNorm fused)",  # decode: qkv, mlp.up
+                   "gemv kernel (float32, K-major)",  # decode: attn.out, mlp.down, lm_head
+                   "ops.norm runs the 'xla' implementation"):  # no Pallas norm: XLA, no warning
+        assert kernel in logs["gemv"], kernel
+    # the programs themselves: prompt GEMMs, decode gemvs (qkv, out, up, down, LM head; prompt
+    # and loop), flash attention over the prompt, decode attention in the loop
+    kernels = generate_kernels(gemv, rows)
+    assert set(kernels) == {"matmul", "gemv", "flash_attention", "decode_attention",
+                            "rotary_cache_write"}, kernels
     assert "gemv" not in generate_kernels(no_gemv, rows)
 
 
@@ -201,8 +196,8 @@ def test_per_op_choice(caplog):
     assert "ops.linear runs the 'xla' implementation" in caplog.text
     assert "ops.cache_attention runs the 'pallas' implementation" in caplog.text
     assert "ops.linear: Pallas" not in caplog.text
-    assert set(generate_kernels(mixed, [prompt(3, 11, 96)])) == {
-        "flash_attention", "decode_attention", "rotary_cache_write"}
+    assert set(generate_kernels(mixed, [prompt(3, 11, 96)], return_logprobs=True)) == {
+        "flash_attention", "decode_attention", "rotary_cache_write"}  # the program traced above
 
 
 def test_a_call_no_kernel_takes_falls_back_with_a_warning(caplog):

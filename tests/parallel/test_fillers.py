@@ -18,9 +18,13 @@ if jax.device_count() < 8:
 def test_filler_rows_finished_on_a_pipeline(offload):
     engine = _engine(gqa_llama(), 2, 2, pipe={"micro_batches": 2, "offload_kv": offload})
     prompts = [prompt(50 + i, 3 + 2 * i, V) for i in range(5)]  # M 2 x 4 rows: 3 fillers
-    free = engine.generate(prompts, max_new_tokens=16, eos_token_id=[]).sequences
-    stops = sorted({row[2] for row in free})
-    B, count, out = filler_rows_finished(engine, prompts, stop=stops)
+    # the tokens without a stop (five stop ids -1, which no token is, as generate's [-1] for
+    # none) and with stops come from one program: stop ids of one shape compile once
+    _, count, free = filler_rows_finished(engine, prompts, stop=[-1] * 5)
+    assert (count[:5] == 16).all()
+    free = [free[b].tolist() for b in range(5)]
+    stops = sorted({row[2] for row in free})  # every row stops by its third token
+    B, count, out = filler_rows_finished(engine, prompts, stop=stops + [-1] * (5 - len(stops)))
     real = [b for b in range(B) if b < len(prompts)]
     assert B == 8 and all(count[b] == 0 and (out[b] == 0).all() for b in range(5, 8))
     for b in real:

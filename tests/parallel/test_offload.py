@@ -27,6 +27,12 @@ def hf():
     return gqa_llama()
 
 
+@pytest.fixture(scope="module")
+def hf_padded(hf):
+    """HF's greedy tokens for PADDED, which every layout's plain engine must make."""
+    return [hf_greedy(hf, r, N) for r in PADDED]
+
+
 def _pair(hf, tp, pp, M, **kw):
     """(engine without offload, engine with offload) of the same layout."""
     return [_engine(hf, tp, pp, pipe={"micro_batches": M, "offload_kv": off}, **kw)
@@ -39,19 +45,23 @@ def _recorded(engine, rows, **kw):
         return engine.generate(rows, **kw), ticks
 
 
-CASES = [(1, 1, 2, {}), (2, 1, 4, {}), (1, 2, 2, {}), (2, 2, 4, {}), (1, 4, 2, {}),
+# PP1 (its ticks: fresh slots, then the last prompt tick prefetches slot 0, then token ticks
+# that each take the next slot), PP2 with M = P (a tick that keeps its slot on the device) and
+# with M > P (two of four slots on the device), M < P (idle ticks), data parallel; TP at PP1 and
+# PP2
+CASES = [(2, 1, 2, {}), (1, 2, 2, {}), (2, 2, 4, {}), (1, 4, 2, {}),
          (1, 2, 2, {"data_parallel": {"dp_size": 2}})]
 
 
 @pytest.mark.parametrize("tp,pp,M,kw", CASES,
-                         ids=["pp1-m2", "tp2-pp1-m4", "pp2-m2", "tp2-pp2-m4", "pp4-m2-idle-ticks",
+                         ids=["tp2-pp1-m2", "pp2-m2", "tp2-pp2-m4", "pp4-m2-idle-ticks",
                               "dp2-pp2-m2"])
-def test_offload_gives_the_same_tokens_and_logprobs(hf, tp, pp, M, kw):
+def test_offload_gives_the_same_tokens_and_logprobs(hf, hf_padded, tp, pp, M, kw):
     plain, offloaded = _pair(hf, tp, pp, M, **kw)
     ref = plain.generate(PADDED, max_new_tokens=N, eos_token_id=[], return_logprobs=True)
     out, ticks = _recorded(offloaded, PADDED, max_new_tokens=N, eos_token_id=[],
                            return_logprobs=True)
-    assert ref.sequences == [hf_greedy(hf, r, N) for r in PADDED]
+    assert ref.sequences == hf_padded
     assert out.sequences == ref.sequences
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
     _check_idle_slots_in_pinned_host_memory(ticks, M)
@@ -78,13 +88,13 @@ def _check_idle_slots_in_pinned_host_memory(ticks: list[offload.Tick], M: int):
     assert aliased.count("may-alias") >= 2 * per_slot  # work and spare updated in place
 
 
-def test_offload_stops_at_eos_like_the_plain_engine(hf):
+def test_offload_stops_at_eos_like_the_plain_engine(hf, hf_padded):
     """Every row stops at its first stop token (each meets one by its second token); the
     offloaded loop ends with the round in which the last row stopped (eight rows: no filler
     rows; test_fillers.py covers those)."""
     plain, offloaded = _pair(hf, 1, 2, 2)
-    rows = PADDED + [prompt(11, 4, V), prompt(12, 8, V)]
-    expected = [hf_greedy(hf, r, N) for r in rows]
+    more = [prompt(11, 4, V), prompt(12, 8, V)]
+    rows, expected = PADDED + more, hf_padded + [hf_greedy(hf, r, N) for r in more]
     stops = sorted({e[1] for e in expected})
     ref = plain.generate(rows, max_new_tokens=N, eos_token_id=stops, return_logprobs=True)
     out, ticks = _recorded(offloaded, rows, max_new_tokens=N, eos_token_id=stops,
