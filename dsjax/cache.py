@@ -15,7 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dsjax.config import ModelConfig
+from dsjax.config import InferenceConfig, ModelConfig
 
 
 @jax.tree_util.register_dataclass
@@ -94,12 +94,20 @@ def device_memory(device) -> tuple[int, int]:
     return total, total - os.sysconf("SC_AVPHYS_PAGES") * page
 
 
-def check_cache_fits(need: int, device, what: str, *, free: bool) -> None:
-    """Raises, before anything is allocated, when one device's share of a KV cache (`need`
-    bytes) exceeds what the device holds (free=False: its capacity; True: what is free now)."""
+def check_cache_fits(cfg: ModelConfig, icfg: InferenceConfig, rows: int, shards: int, device, *,
+                     free: bool) -> None:
+    """Raises, before anything is allocated, when one device's share (1/shards) of the KV cache
+    of `rows` packed sequences at the token budget exceeds what the device holds: its capacity
+    (free=False, the smallest batch, checked before any weight is read) or what is free now
+    (free=True, each generate call's batch)."""
+    total = cache_bytes(cfg, rows, icfg.max_out_tokens, icfg.jnp_dtype,
+                        quantized=icfg.kv_cache_dtype == "int8")
+    need = -(-total // shards)
     limit, used = device_memory(device)
     room = limit - used if free else limit
     if need > room:
+        what = (f"a batch of {rows} packed rows x max_out_tokens={icfg.max_out_tokens}" if free
+                else f"max_out_tokens={icfg.max_out_tokens} for the smallest batch ({rows} rows)")
         raise ValueError(
             f"{what} needs {need:,} bytes of KV cache on {device.platform}:{device.id}, which "
             f"{'has' if free else 'holds'} {room:,} bytes{' free' if free else ''}; lower "

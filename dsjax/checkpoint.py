@@ -164,15 +164,19 @@ def _crc32(path: Path) -> int:
     return crc
 
 
+def _crc32s(files: list[Path]) -> list[str]:
+    """Each file's CRC32 as 8 hex digits, read in parallel (zlib releases the GIL)."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return [f"{c:08x}" for c in pool.map(_crc32, files)]
+
+
 def checksums(root: Path) -> dict:
     """{path relative to root: {"size", "crc32"}} of every file under root/params; CRC32 finds
     any flipped bit or torn write (it is no defence against deliberate edits, which could
     rewrite dsjax.json too)."""
     files = sorted(p for p in (root / "params").rglob("*") if p.is_file())
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # zlib releases the GIL
-        crcs = list(pool.map(_crc32, files))
-    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "crc32": f"{c:08x}"}
-            for p, c in zip(files, crcs)}
+    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "crc32": c}
+            for p, c in zip(files, _crc32s(files))}
 
 
 def verify(path, meta: dict) -> None:
@@ -195,14 +199,13 @@ def verify(path, meta: dict) -> None:
         if not f.is_file():
             raise CheckpointError(f"{f} is missing: the checkpoint is incomplete; re-run dsjax "
                                   "convert")
-        if f.stat().st_size != want["size"]:
-            raise CheckpointError(f"{f} is corrupt: {f.stat().st_size} bytes, dsjax.json records "
+        size = f.stat().st_size
+        if size != want["size"]:
+            raise CheckpointError(f"{f} is corrupt: {size} bytes, dsjax.json records "
                                   f"{want['size']}; re-run dsjax convert")
     names = sorted(files)
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        crcs = list(pool.map(_crc32, [path / n for n in names]))
-    for name, crc in zip(names, crcs):
-        if f"{crc:08x}" != files[name]["crc32"]:
+    for name, crc in zip(names, _crc32s([path / n for n in names])):
+        if crc != files[name]["crc32"]:
             raise CheckpointError(f"{path / name} is corrupt: checksum mismatch; re-run dsjax "
                                   "convert")
 
@@ -345,13 +348,15 @@ def _join(parts: dict, expected: dict) -> dict:
     return out
 
 
-def restore(path, expected: dict, dtype, shardings=None, device=None) -> dict:
+def restore(path, expected: dict, dtype, shardings=None, device=None,
+            meta: dict | None = None) -> dict:
     """Parameters restored directly as `dtype` arrays (quantized parts keep their own dtypes)
     with the given shardings ({path: Sharding}, default: `device`, or the first device), after
-    verifying every stored file's checksum.
+    verifying every stored file's checksum against `meta` (the checkpoint's checked dsjax.json,
+    read here when not given).
     expected: {path: ShapeDtypeStruct or QuantizedWeight of them}."""
     path = Path(path).absolute()
-    verify(path, load_meta(path)[1])
+    verify(path, load_meta(path)[1] if meta is None else meta)
     device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     kinds = {k: v.dtype for k, v in _parts({k: v for k, v in expected.items()
                                             if isinstance(v, QuantizedWeight)}).items()}

@@ -231,9 +231,8 @@ def bench(args) -> int:
     from dsjax import bench as harness
 
     _check_report_dir(args.out)
-    _decoder_source(args.model)
     engine = dsjax.init_inference(
-        args.model, dtype=args.dtype, max_out_tokens=args.prompt_len + args.new_tokens,
+        _decoder_source(args.model), dtype=args.dtype, max_out_tokens=args.prompt_len + args.new_tokens,
         seed=args.seed, quant=_quant(args), replace_with_kernel_inject=args.kernels == "on",
         kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet, **_parallel(args))
     env = {**harness.environment(), "gemv_bandwidth": harness.gemv_bandwidth()}
@@ -300,7 +299,7 @@ def generate(args) -> int:
     source = _decoder_source(args.model)
     tok = load_tokenizer(source.tokenizer_dir, source.random_weights)  # before any weight
     prompts = [tok.encode(p) for p in args.prompt]
-    engine = dsjax.init_inference(args.model, dtype=args.dtype, max_out_tokens=args.max_out_tokens,
+    engine = dsjax.init_inference(source, dtype=args.dtype, max_out_tokens=args.max_out_tokens,
                                   seed=args.seed, quant=_quant(args),
                                   replace_with_kernel_inject=args.kernels == "pallas",
                                   kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet,

@@ -31,8 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (default fp32)")
 
 
-def check_request(args) -> None:
-    """The inputs, the --save path and the model's kind, before any weight is read."""
+def check_request(args):
+    """The inputs, the --save path and the model's kind, before any weight is read; returns the
+    model's opened source."""
     from dsjax.checkpoint import writable_dir
     from dsjax.sources import open_source
 
@@ -42,13 +43,15 @@ def check_request(args) -> None:
         if Path(args.save).is_dir():
             raise IsADirectoryError(f"--save {args.save} is a directory; name a .npz file")
         writable_dir(Path(args.save).absolute().parent)
-    cfg = open_source(args.model).config
+    source = open_source(args.model)
+    cfg = source.config
     if cfg.encoder is None:
         raise ValueError(f"{args.model} is a {cfg.family} decoder; use dsjax generate")
     if args.text and cfg.takes_images:
         raise ValueError(f"{args.model} is an image tower only; pass --image, not --text")
     if args.image and not (cfg.takes_images or cfg.encoder.vision):
         raise ValueError(f"{args.model} ({cfg.family}) has no image tower; drop --image")
+    return source
 
 
 def embed(args) -> int:
@@ -56,9 +59,9 @@ def embed(args) -> int:
 
     import dsjax
 
-    check_request(args)
+    source = check_request(args)
     pixels = np.concatenate([_load_pixels(f) for f in args.image]) if args.image else None
-    engine = dsjax.init_inference(args.model, dtype=args.dtype, progress=not args.quiet)
+    engine = dsjax.init_inference(source, dtype=args.dtype, progress=not args.quiet)
     saved = _embed_inputs(args, engine, pixels)
     if args.save:
         np.savez(args.save, **{k: np.asarray(v) for k, v in saved.items()})

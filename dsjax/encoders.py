@@ -23,8 +23,7 @@ from flax import nnx
 from dsjax.config import ImageConfig, ModelConfig
 from dsjax.model import Linear, Norm, Transformer, _normal
 from dsjax.policy import ONCE, KernelPolicy
-from dsjax.prompts import bucket, token_rows
-from dsjax.validate import mask_array
+from dsjax.prompts import bucket, row_mask, token_rows
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature (HF logit_scale_init_value)
 
@@ -245,10 +244,7 @@ def pack_text(cfg: ModelConfig, input_ids, attention_mask=None, token_type_ids=N
         for b, r in enumerate(rows):
             mask[b, : r.size] = 1
     else:
-        if len({r.size for r in rows}) != 1:
-            raise ValueError(f"attention_mask needs input_ids rows of one length, got lengths "
-                             f"{sorted({r.size for r in rows})}")
-        mask = mask_array("attention_mask", attention_mask, (B, T)).astype(np.int32)
+        mask = row_mask(rows, attention_mask).astype(np.int32)
     cfg.check_length(T)
     cfg.check_ids(np.concatenate(rows))
     limit = cfg.max_position_embeddings if cfg.positions == "learned" else None

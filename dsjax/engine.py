@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 
 from dsjax import checkpoint, validate
-from dsjax.cache import cache_bytes, check_cache_fits
+from dsjax.cache import check_cache_fits
 from dsjax.config import QUANTIZED_DTYPES, InferenceConfig, ModelConfig, dtype_name
 from dsjax.encoders import module_for
 from dsjax.engines import DecoderEngine, EncoderEngine, InferenceEngine
@@ -122,7 +122,8 @@ def init_inference(model, config: dict | None = None, **options) -> InferenceEng
 
     model: an HF checkpoint directory, a dsjax checkpoint directory (`dsjax convert`), an
       in-memory transformers model, a built-in architecture name (random weights, see
-      dsjax.presets), or a ModelConfig (random weights).
+      dsjax.presets), a ModelConfig (random weights), or a dsjax.sources.Source opened from
+      one of these (its config checked before any weight is read).
     config: a DeepSpeed-style dict with the same keys as the keyword options (see Options).
     """
     opts = Options.parse(config, options)
@@ -234,11 +235,8 @@ def check_plan(cfg: ModelConfig, icfg: InferenceConfig, par: Parallel, devices=N
     check_quant(cfg, icfg.quant, par.tp)
     if cfg.encoder is None:
         rows = par.dp * par.micro_batches * icfg.kernels.min_rows
-        need = cache_bytes(cfg, rows, icfg.max_out_tokens, icfg.jnp_dtype,
-                           quantized=icfg.kv_cache_dtype == "int8")
-        check_cache_fits(-(-need // par.cache_shards(cfg)), _first_device(par, devices),
-                         f"max_out_tokens={icfg.max_out_tokens} for the smallest batch "
-                         f"({rows} rows)", free=False)
+        check_cache_fits(cfg, icfg, rows, par.cache_shards(cfg), _first_device(par, devices),
+                         free=False)
 
 
 def _first_device(par: Parallel, devices):

@@ -14,7 +14,7 @@ import numpy as np
 from dsjax import checkpoint, encoders
 from dsjax import generate as gen
 from dsjax import validate
-from dsjax.cache import cache_bytes, check_budget, check_cache_fits
+from dsjax.cache import check_budget, check_cache_fits
 from dsjax.config import InferenceConfig, ModelConfig
 from dsjax.prompts import pack, prompt_rows
 from dsjax.runners import LocalRunner, MeshRunner, device_bytes
@@ -135,7 +135,8 @@ class DecoderEngine(InferenceEngine):
             self.config.check_ids([pad], "pad_token_id")
         fill = self._in_vocab(pad)  # what the program feeds back after a row ends
         tokens, lengths = self.pack(rows, fill)
-        self._check_cache(len(tokens))
+        check_cache_fits(self.config, self.inference_config, len(tokens),  # before it runs
+                         self.runner.cache_shards(self.config), self.runner.device, free=True)
         fn, args, kw = self.generate_program(
             jnp.asarray(tokens), jnp.asarray(lengths), key, jnp.int32(max_new_tokens),
             jnp.asarray(eos or [-1], jnp.int32), jnp.int32(fill), sampling, capacity=budget,
@@ -147,15 +148,6 @@ class DecoderEngine(InferenceEngine):
         out[np.arange(out.shape[1])[None] >= count[:, None]] = pad  # HF's filler, any id
         return GenerationOutput(out, count, np.asarray(lps)[:B, :max_new_tokens]
                                 if return_logprobs else None)
-
-    def _check_cache(self, rows: int) -> None:
-        """The KV cache of a packed batch against the device's free memory, before it runs."""
-        icfg = self.inference_config
-        need = cache_bytes(self.config, rows, icfg.max_out_tokens, icfg.jnp_dtype,
-                           quantized=icfg.kv_cache_dtype == "int8")
-        check_cache_fits(-(-need // self.runner.cache_shards(self.config)), self.runner.device,
-                         f"a batch of {rows} packed rows x max_out_tokens={icfg.max_out_tokens}",
-                         free=True)
 
     def pack(self, rows, pad: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Prompt rows right-padded to this engine's bucketed [B', T] (dsjax.prompts.pack): one

@@ -7,8 +7,6 @@ arrays by one fused reduction each; init_inference(check_finite=False) skips bot
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -47,7 +45,7 @@ def _finite(x) -> bool:
     return _host_finite(np.asarray(x))
 
 
-@functools.partial(jax.jit)
+@jax.jit
 def _all_finite(x):
     return jnp.all(jnp.isfinite(x))
 

@@ -36,15 +36,21 @@ def token_rows(x, what: str) -> list[np.ndarray]:
     return rows
 
 
+def row_mask(rows: list[np.ndarray], attention_mask) -> np.ndarray:
+    """An HF-style attention_mask for token rows of one length: 0/1 values of their [B, T]
+    shape, as bool."""
+    if len({r.size for r in rows}) != 1:
+        raise ValueError(f"attention_mask needs input_ids rows of one length, got lengths "
+                         f"{sorted({r.size for r in rows})}")
+    return mask_array("attention_mask", attention_mask, (len(rows), rows[0].size))
+
+
 def prompt_rows(input_ids, attention_mask) -> list[np.ndarray]:
     """Token rows of a generate() call; an HF-style mask (either side) cuts each row's padding."""
     rows = token_rows(input_ids, "input_ids")
     if attention_mask is None:
         return rows
-    if len({r.size for r in rows}) != 1:
-        raise ValueError(f"attention_mask needs input_ids rows of one length, got lengths "
-                         f"{sorted({r.size for r in rows})}")
-    mask = mask_array("attention_mask", attention_mask, (len(rows), rows[0].size))
+    mask = row_mask(rows, attention_mask)
     out = []
     for r, m in zip(rows, mask):
         idx = np.flatnonzero(m)

@@ -64,14 +64,14 @@ class RandomSource(Source):
 class CheckpointSource(Source):
     def __init__(self, path: Path):
         self.path = self.tokenizer_dir = path
-        self.config, meta = checkpoint.load_meta(path)
-        self.generation = meta["generation"]
-        self.stored_quant = checkpoint.stored_quant(meta)
+        self.config, self.meta = checkpoint.load_meta(path)
+        self.generation = self.meta["generation"]
+        self.stored_quant = checkpoint.stored_quant(self.meta)
 
     def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
         if self.stored_quant is not None:
             expected = abstract_quantized(expected, self.stored_quant)
-        params = checkpoint.restore(self.path, expected, dtype,
+        params = checkpoint.restore(self.path, expected, dtype, meta=self.meta,
                                     device=jax.devices("cpu")[0] if host else None)
         if check_finite:
             integrity.check_all(flatten(params), str(self.path))
@@ -104,7 +104,10 @@ class HFSource(Source):
 
 
 def open_source(model) -> Source:
-    """A Source for init_inference's `model` argument (see its docstring for the forms)."""
+    """A Source for init_inference's `model` argument (see its docstring for the forms; a
+    Source already opened, e.g. to check its config first, is used as it is)."""
+    if isinstance(model, Source):
+        return model
     if isinstance(model, ModelConfig):
         return RandomSource(model)
     if isinstance(model, (str, Path)):
