@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 
 # Set before JAX starts (xdist workers inherit the environment), each unless already set:
 # - eight simulated CPU devices for the multi-device tests (the others run on the first device);
@@ -99,6 +101,17 @@ def hf_logits(model, ids):
 
 
 WORDS = ["<eos>", "<unk>", "hello", "world", "deep", "speed", "jax", "on", "the", "gpu"]
+
+
+def edit_safetensors_header(path, fn) -> None:
+    """Rewrites a safetensors file's header JSON through fn(header) (in place), keeping its data
+    section: how the tests plant a malformed entry the format's own writer would refuse."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8: 8 + n])
+    fn(header)
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
 
 
 def word_tokenizer(directory):

@@ -26,7 +26,7 @@ import converters
 import dsjax
 import dsjax.engine
 from converters import CheckpointError, loader
-from tests.conftest import gpt2_model, hf_logits, llama_model
+from tests.conftest import edit_safetensors_header, gpt2_model, hf_logits, llama_model
 
 OPTIONS = dict(max_out_tokens=128, progress=False)
 MARKER = "NOT-A-CHECKPOINT-7f3a"  # planted in bytes that no error may echo
@@ -67,13 +67,7 @@ def edit_tensors(fn: Callable[[dict], None]) -> Callable[[Path], None]:
 def edit_header(fn: Callable[[dict], None]) -> Callable[[Path], None]:
     """The safetensors header JSON edited in place, the data section kept."""
     def build(d: Path) -> None:
-        path = d / "model.safetensors"
-        raw = path.read_bytes()
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8: 8 + n])
-        fn(header)
-        new = json.dumps(header).encode()
-        path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+        edit_safetensors_header(d / "model.safetensors", fn)
     return build
 
 

@@ -9,7 +9,7 @@ from safetensors.numpy import load_file, save_file
 
 import dsjax
 from converters import CheckpointError
-from tests.conftest import gpt2_model
+from tests.conftest import edit_safetensors_header, gpt2_model
 
 
 @pytest.fixture()
@@ -78,15 +78,6 @@ def _moved_to_start(header, name):
     return [0, end - start]
 
 
-def _corrupt_header(path, mutate):
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8: 8 + n])
-    mutate(header)
-    new = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
-
-
 @pytest.mark.parametrize("mutate,match", [
     (lambda h: h["transformer.wte.weight"].update(data_offsets=[0, 10 ** 12]), "outside"),
     (lambda h: h["transformer.wte.weight"].update(shape=[96, 33]), "needs .* bytes"),
@@ -95,7 +86,7 @@ def _corrupt_header(path, mutate):
      "overlap"),
 ])
 def test_corrupt_safetensors_header(gpt2_dir, mutate, match):
-    _corrupt_header(gpt2_dir / "model.safetensors", mutate)
+    edit_safetensors_header(gpt2_dir / "model.safetensors", mutate)
     with pytest.raises(CheckpointError, match=match):
         dsjax.init_inference(gpt2_dir, progress=False)
 
