@@ -16,12 +16,10 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import dsjax
 from dsjax import KernelPolicy
-from dsjax import generate as gen
 from dsjax.pallas_ops import pallas_calls
 
 POLICIES = {
@@ -34,12 +32,7 @@ POLICIES = {
 
 def kernels_of(engine, rows) -> dict:
     """Kernel name -> pallas_call count in the program engine.generate(rows) runs."""
-    tokens, lengths = engine.pack(rows)
-    fn, args, kw = engine.generate_program(
-        jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(8),
-        jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(),
-        capacity=engine.inference_config.max_out_tokens, do_sample=False,
-        return_logprobs=False, int8_cache=False)
+    fn, args, kw = engine.greedy_program(rows, 8, int8_cache=False)
     return dict(pallas_calls(fn.trace(*args, **kw).jaxpr))
 
 

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax import bench
-from dsjax import generate as gen
 from dsjax.bench import (decode_ms_per_token, gemv_bandwidth, kv_bytes_per_step, kv_itemsize,  # noqa: F401
                          latency_stats, median_time, peak_memory_bytes, random_prompts, roofline,
                          time_generate, timing, weight_bytes_per_step)
@@ -174,13 +173,7 @@ def time_in_jit(fn, inputs: list[tuple], reps: int = 7, inner: int = 4) -> tuple
 def compiled_generate(engine, prompt_len: int, batch: int = 2):
     """The engine's compiled generate program for `batch` prompts of prompt_len tokens, packed
     as generate() packs them (`.as_text()`: its optimized HLO)."""
-    tokens, lengths = engine.pack([np.zeros(prompt_len, np.int32)] * batch, pad=0)
-    budget = engine.inference_config.max_out_tokens
-    fn, args, kw = engine.generate_program(
-        jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(8),
-        jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(), capacity=budget,
-        do_sample=False, return_logprobs=False,
-        int8_cache=engine.inference_config.kv_cache_dtype == "int8")
+    fn, args, kw = engine.greedy_program([np.zeros(prompt_len, np.int32)] * batch, 8)
     return fn.lower(*args, **kw).compile()
 
 

@@ -28,14 +28,29 @@ DTYPES = cli_embed.DTYPES
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (greedy unless --do-sample)")
-    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
-    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy argmax")
-    g.add_argument("--temperature", type=float, default=1.0, help="divide logits by this before sampling")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
-    g.add_argument("--top-p", type=float, default=1.0,
+    g = p.add_argument_group("generation (unset: the checkpoint's generation_config.json, else "
+                             "transformers' defaults; greedy unless --do-sample)")
+    g.add_argument("--max-new-tokens", type=int, help="tokens to generate per prompt (default 20)")
+    g.add_argument("--do-sample", action="store_true", default=None,
+                   help="sample instead of greedy argmax")
+    g.add_argument("--temperature", type=float, help="divide logits by this before sampling")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 50; 0: off)")
+    g.add_argument("--top-p", type=float,
                    help="sample within the smallest set of tokens whose probability reaches p (1: off)")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty (1: off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size")
+    g.add_argument("--min-new-tokens", type=int, help="no end-of-sequence before this many tokens")
+    g.add_argument("--num-beams", type=int, help="beam search with this many beams")
+    g.add_argument("--stop", action="append", dest="stop_strings",
+                   help="stop when the text contains this string (repeat the flag for more)")
+    g.add_argument("--stream", action="store_true", help="print the text as it is generated")
     g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling and random weights")
+
+
+GENERATION_FLAGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+                    "repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "num_beams",
+                    "stop_strings")
 
 
 def _quant_flags(p: argparse.ArgumentParser) -> None:
@@ -304,13 +319,31 @@ def generate(args) -> int:
                                   replace_with_kernel_inject=args.kernels == "pallas",
                                   kv_cache_dtype=args.kv_cache_dtype, progress=not args.quiet,
                                   **_parallel(args))
-    out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          prng_key=jax.random.key(args.seed), return_logprobs=args.logprobs)
-    for i, (ids, new) in enumerate(zip(prompts, out.sequences)):
-        print(f"[{i}] {tok.decode(list(ids) + new)}")
+    options = {k: getattr(args, k) for k in GENERATION_FLAGS if getattr(args, k) is not None}
+    key = jax.random.key(args.seed)
+    if args.stream:
+        if len(prompts) != 1 or args.logprobs:
+            raise ValueError("--stream prints one prompt's text (and no --logprobs)")
+        return _stream(engine, tok, prompts[0], key, options)
+    out = engine.generate(prompts, prng_key=key, return_logprobs=args.logprobs, **options)
+    for i, new in enumerate(out.sequences):
+        print(f"[{i}] {tok.decode(list(prompts[i // (len(out.sequences) // len(prompts))]) + new)}")
         if args.logprobs:
             print("    logprobs: " + " ".join(f"{x:.3f}" for x in out.logprobs[i, : len(new)]))
+    return 0
+
+
+def _stream(engine, tok, prompt, key, options) -> int:
+    """Prints the prompt, then the text each step adds (the decoded whole minus what is shown)."""
+    shown, made = tok.decode(list(prompt)), []
+    print(shown, end="", flush=True)
+    for new in engine.stream(list(prompt), prng_key=key, **options):
+        made += new
+        text = tok.decode(list(prompt) + made)
+        if text.startswith(shown) and not text.endswith("\ufffd"):  # whole characters only
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tok.decode(list(prompt) + made)[len(shown):], flush=True)
     return 0
 
 

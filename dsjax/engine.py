@@ -161,7 +161,8 @@ def build_engine(config: ModelConfig, params: dict, *, inference: InferenceConfi
     engine = EncoderEngine if config.encoder is not None else DecoderEngine
     return engine(config, icfg, runner, generation=source.generation if source else None,
                   tokenizer_dir=source.tokenizer_dir if source else None,
-                  random_weights=source.random_weights if source else False)
+                  random_weights=source.random_weights if source else False,
+                  generation_fields=source.generation_fields if source else None)
 
 
 def convert_checkpoint(src, out_dir, *, dtype="bf16", quant=None, progress: bool = True) -> Path:

@@ -11,25 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax import checkpoint, encoders
+from dsjax import checkpoint, decoding, encoders, settings, streaming, validate
 from dsjax import generate as gen
-from dsjax import validate
-from dsjax.cache import check_budget, check_cache_fits
+from dsjax.cache import check_cache_fits
 from dsjax.config import InferenceConfig, ModelConfig
-from dsjax.prompts import pack, prompt_rows
+from dsjax.decoding import GenerationOutput
+from dsjax.prompts import pack
 from dsjax.runners import LocalRunner, MeshRunner, device_bytes
 from dsjax.sources import load_tokenizer
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationOutput:
-    tokens: np.ndarray  # [B, max_new_tokens] new tokens, pad_token_id after each sequence's end
-    num_tokens: np.ndarray  # [B] tokens generated per prompt (a stop token included)
-    logprobs: np.ndarray | None  # [B, max_new_tokens] log p(token) under the model, if asked
-
-    @property
-    def sequences(self) -> list[list[int]]:
-        return [row[:n].tolist() for row, n in zip(self.tokens, self.num_tokens)]
 
 
 class InferenceEngine:
@@ -37,7 +26,7 @@ class InferenceEngine:
 
     def __init__(self, cfg: ModelConfig, icfg: InferenceConfig, runner: LocalRunner | MeshRunner,
                  *, generation: dict | None = None, tokenizer_dir: Path | None = None,
-                 random_weights: bool = False):
+                 random_weights: bool = False, generation_fields: dict | None = None):
         self.config, self.inference_config, self.runner = cfg, icfg, runner
         generation = generation or {}
         eos = generation.get("eos_token_id")
@@ -46,6 +35,9 @@ class InferenceEngine:
         self.pad_token_id = pad if pad is not None else (self.eos_token_id or [0])[0]
         self.tokenizer_dir, self.random_weights = tokenizer_dir, random_weights
         self._tokenizer = None
+        # generation_config.json's defaults, checked (and its unimplemented fields warned) once
+        self.defaults = settings.Defaults(generation_fields or {}, self.eos_token_id)
+        self.warned: set = set()  # warnings given once per engine
 
     graphdef = property(lambda self: self.runner.graphdef)
     params = property(lambda self: self.runner.params)
@@ -105,49 +97,77 @@ class DecoderEngine(InferenceEngine):
     embed, embed_text = _for_encoders("embed"), _for_encoders("embed_text")
     embed_image, clip_logits = _for_encoders("embed_image"), _for_encoders("clip_logits")
 
-    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, eos_token_id=None, pad_token_id: int | None = None,
-                 prng_key=None, return_logprobs: bool = False) -> GenerationOutput:
-        """Generates for a batch of prompts of any lengths (each gets exactly its own tokens).
+    def generate(self, input_ids, attention_mask=None, *, prng_key=None,
+                 return_logprobs: bool = False, pad_token_id: int | None = None,
+                 streamer=None, per_prompt: list | None = None, generation_config=None,
+                 tokenizer=None, **options) -> GenerationOutput:
+        """Generates for a batch of prompts of any lengths (each gets exactly its own tokens),
+        as transformers' generate() does.
 
         input_ids: a list of token lists, one token list, or an [B, T] array with an HF-style
-          attention_mask (left or right padding). eos_token_id: int, list, or None for the
-          model's own (pass [] to never stop early). prng_key: a jax.random key, needed when
-          do_sample=True.
+          attention_mask (left or right padding). options: transformers' generation arguments
+          (max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+          no_repeat_ngram_size, min_new_tokens, bad_words_ids, stop_strings, num_beams,
+          num_return_sequences, length_penalty, early_stopping, eos_token_id, ...; see
+          dsjax.settings.FIELDS) plus OpenAI's presence_penalty, frequency_penalty and
+          logit_bias ({token: bias}); they override the model's generation_config.json, which
+          overrides transformers' defaults. generation_config: a transformers GenerationConfig
+          or dict, read as options. per_prompt: one dict of options per prompt, over the rest
+          (a batch of mixed settings, one program). eos_token_id: int, list, or [] to never stop
+          early. prng_key: a jax.random key, needed when sampling. streamer: an object with
+          put(token ids) / end() (transformers' TextStreamer, TextIteratorStreamer): one prompt,
+          tokens delivered as they are made. tokenizer: the one stop_strings are read with
+          (default: the engine's). Returns a GenerationOutput (prompts x
+          num_return_sequences rows; sequences_scores with beam search).
         """
-        rows = prompt_rows(input_ids, attention_mask)
-        max_new_tokens = validate.integer("max_new_tokens", max_new_tokens, low=1)
-        budget = self.inference_config.max_out_tokens
-        check_budget(max(len(r) for r in rows), max_new_tokens, budget)
-        for r in rows:
-            self.config.check_ids(r)
-        do_sample = validate.boolean("do_sample", do_sample)
-        # greedy decoding reads no sampling value, so it checks none (HF's behaviour too)
-        sampling = gen.Sampling.make(temperature, top_k, top_p) if do_sample else gen.Sampling.make()
+        options = {**_config_options(generation_config), **options}
+        decoding.check_names(options)
         return_logprobs = validate.boolean("return_logprobs", return_logprobs)
-        key = _prng_key(prng_key, do_sample)
-        eos = (self.eos_token_id if eos_token_id is None
-               else validate.token_list("eos_token_id", eos_token_id))
-        pad = self.pad_token_id
-        if pad_token_id is not None:
-            pad = validate.integer("pad_token_id", pad_token_id, low=0)
-            self.config.check_ids([pad], "pad_token_id")
+        rows, settings_ = decoding.resolve(self, input_ids, attention_mask, options, per_prompt)
+        key = decoding.prng_key(prng_key, any(s.do_sample for s in settings_))
+        pad = decoding.pad_id(self, pad_token_id)
         fill = self._in_vocab(pad)  # what the program feeds back after a row ends
-        tokens, lengths = self.pack(rows, fill)
-        check_cache_fits(self.config, self.inference_config, len(tokens),  # before it runs
+        p = decoding.prepare(self, rows, settings_, fill, self._stop_factory(tokenizer))
+        check_cache_fits(self.config, self.inference_config, len(p.tokens) * p.samples * p.beams,
                          self.runner.cache_shards(self.config), self.runner.device, free=True)
-        fn, args, kw = self.generate_program(
-            jnp.asarray(tokens), jnp.asarray(lengths), key, jnp.int32(max_new_tokens),
-            jnp.asarray(eos or [-1], jnp.int32), jnp.int32(fill), sampling, capacity=budget,
-            do_sample=do_sample, return_logprobs=return_logprobs,
-            int8_cache=self.inference_config.kv_cache_dtype == "int8")
+        if p.beams > 1:
+            return beam_generate(self, p, fill, pad, streamer)
+        if streamer is not None:
+            return streaming.to_streamer(self, p, key, fill, pad, streamer, return_logprobs)
+        prog = decoding.program(self, p, return_logprobs)
+        fn, args, kw = self.generate_program(jnp.asarray(p.tokens), jnp.asarray(p.lengths), key,
+                                             jnp.int32(fill), decoding.device_request(p.request),
+                                             prog=prog)
         out, count, lps = (self.runner.rows(x) for x in fn(*args, **kw))
-        B = len(rows)
-        out, count = np.array(out)[:B, :max_new_tokens], np.asarray(count)[:B]
-        out[np.arange(out.shape[1])[None] >= count[:, None]] = pad  # HF's filler, any id
-        return GenerationOutput(out, count, np.asarray(lps)[:B, :max_new_tokens]
-                                if return_logprobs else None)
+        return decoding.output(p, out, count, lps, pad, return_logprobs)
+
+    def stream(self, input_ids, attention_mask=None, *, prng_key=None,
+               pad_token_id: int | None = None, per_prompt: list | None = None,
+               tokenizer=None, **options):
+        """generate() as an iterator: yields each step's new tokens as they are made, a list
+        per prompt (empty once a prompt has finished); for one prompt given as a token list,
+        that prompt's list alone. The same options as generate() (not num_beams)."""
+        decoding.check_names(options)
+        rows, settings_ = decoding.resolve(self, input_ids, attention_mask, options, per_prompt)
+        key = decoding.prng_key(prng_key, any(s.do_sample for s in settings_))
+        fill = self._in_vocab(decoding.pad_id(self, pad_token_id))
+        p = decoding.prepare(self, rows, settings_, fill, self._stop_factory(tokenizer))
+        if p.beams > 1:
+            raise ValueError("stream() does not do beam search (transformers' streamers do not "
+                             "either): use generate(num_beams=...)")
+        check_cache_fits(self.config, self.inference_config, len(p.tokens) * p.samples,
+                         self.runner.cache_shards(self.config), self.runner.device, free=True)
+        one = _one_flat_prompt(input_ids) and p.samples == 1
+        for step in streaming.steps(self, p, key, fill):
+            yield step[0] if one else step
+
+    def _stop_factory(self, tokenizer):
+        """Builds the stop-string tables of per-row strings with `tokenizer` (default: the
+        engine's own), only when some prompt has stop strings."""
+        from dsjax.stop_strings import StopStrings
+
+        return lambda per_row: StopStrings.build_rows(tokenizer or self.tokenizer, per_row,
+                                                      self.config.vocab_size)
 
     def pack(self, rows, pad: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Prompt rows right-padded to this engine's bucketed [B', T] (dsjax.prompts.pack): one
@@ -166,24 +186,69 @@ class DecoderEngine(InferenceEngine):
         """The packed batch is cut into this many equal groups (replicas x micro-batches)."""
         return self.runner.batch_groups
 
-    def generate_program(self, tokens, lengths, *args, **kw):
+    def generate_program(self, tokens, lengths, key, pad_id, request, *, prog):
         """(jitted function, its arguments, its keyword arguments) of one generate call on
         packed prompts (see LocalRunner.generate_program)."""
-        return self.runner.generate_program(tokens, lengths, *args, **kw)
+        return self.runner.generate_program(tokens, lengths, key, pad_id, request, prog=prog)
+
+    def greedy_program(self, rows, max_new_tokens: int, *, stop_ids=(), return_logprobs=False,
+                       int8_cache: bool | None = None):
+        """generate_program of greedy decoding on `rows` (packed with pad 0): what benchmarks
+        time and tests inspect."""
+        tokens, lengths = self.pack([np.asarray(r) for r in rows], pad=0)
+        int8 = self.inference_config.kv_cache_dtype == "int8" if int8_cache is None else int8_cache
+        prog = gen.Program(capacity=self.inference_config.max_out_tokens,
+                           return_logprobs=return_logprobs, int8_cache=int8)
+        return self.generate_program(jnp.asarray(tokens), jnp.asarray(lengths),
+                                     jax.random.key(0), jnp.int32(0),
+                                     decoding.device_request(gen.Request.greedy(max_new_tokens,
+                                                                                stop_ids)),
+                                     prog=prog)
 
 
-def _prng_key(key, do_sample: bool):
-    """The sampling key: a jax.random.key (or a legacy uint32 [2] key); greedy needs none."""
-    if key is None:
-        if do_sample:
-            raise ValueError("do_sample=True needs an explicit prng_key (jax.random.key(seed))")
-        return jax.random.key(0)
-    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    legacy = isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,)
-    if not (typed and key.shape == ()) and not legacy:
-        raise TypeError(f"prng_key must be one jax.random.key(seed), got {type(key).__name__}"
-                        f"{' of shape ' + str(key.shape) if hasattr(key, 'shape') else ''}")
-    return key
+def _config_options(config) -> dict:
+    """A transformers GenerationConfig (its fields that are set) or a dict, as options."""
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        fields = config.to_dict()
+        return {k: v for k, v in fields.items() if k in settings.FIELDS and v is not None}
+    raise TypeError(f"generation_config must be a transformers GenerationConfig or a dict, "
+                    f"got {type(config).__name__}")
+
+
+def _one_flat_prompt(input_ids) -> bool:
+    return isinstance(input_ids, (list, tuple)) and bool(input_ids) and not isinstance(
+        input_ids[0], (list, tuple, np.ndarray))
+
+
+def beam_generate(engine, p, fill: int, pad: int, streamer) -> GenerationOutput:
+    """Beam search (dsjax.beam) on prepared prompts: each prompt's num_return_sequences best
+    beams, best first, with transformers' sequences_scores."""
+    from dsjax import beam
+
+    if streamer is not None:
+        raise ValueError("streamer= does not work with beam search (as in transformers)")
+    if engine.runner.plan is not None:
+        raise ValueError("beam search runs on one device; this engine is over a mesh")
+    if p.features.stop_strings or len(set(p.limits)) > 1:
+        raise ValueError("beam search takes one max_new_tokens for every prompt and no "
+                         "stop_strings")
+    s = p.settings[0]
+    seqs, counts, scores = beam.beam_search(
+        engine.graphdef, engine.params, jnp.asarray(p.tokens), jnp.asarray(p.lengths),
+        jnp.int32(p.width), jnp.asarray(p.request.sampling.eos[0]), jnp.int32(fill),
+        jnp.float32(s.length_penalty), decoding.device_request(p.request).sampling,
+        capacity=engine.inference_config.max_out_tokens, num_beams=s.num_beams,
+        num_return=s.num_return_sequences, early_stopping=s.early_stopping,
+        features=p.features, int8_cache=engine.inference_config.kv_cache_dtype == "int8")
+    R = s.num_return_sequences
+    flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:])  # noqa: E731
+    out = decoding.output(dataclasses.replace(p, samples=R), flat(seqs), flat(counts),
+                          None, pad, False)
+    return dataclasses.replace(out, sequences_scores=flat(scores)[:len(p.rows) * R])
 
 
 def _for_decoders(what: str):

@@ -1,9 +1,11 @@
-"""Prefill + decode loop under one jit, and sampling.
+"""Prefill + decode loop under one jit.
 
 The jitted functions are pure: (graphdef, params, arrays) in, arrays out. Prompts arrive
 right-padded to a bucketed length with per-sequence lengths, so sequence b's token t sits in
 cache slot t whatever the other prompts look like: a padded batch gives each prompt's own tokens.
-Sampling runs on the device; the host sees the result once, after the loop.
+The token choice (dsjax.sampling: logits processors, sampling) runs on the device with per-row
+settings; the host sees the result once, after the loop. `start` and `advance` are the same
+loop cut into programs the host drives, for streaming (dsjax.streaming).
 """
 
 from __future__ import annotations
@@ -13,56 +15,50 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from dsjax import validate
+from dsjax import sampling as smp
 from dsjax.cache import KVCache
 from dsjax.policy import ONCE
+from dsjax.stop_strings import StopStrings, hit
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Sampling:
-    """Per-call sampling values (traced: changing them does not recompile)."""
+class Request:
+    """One generate call's per-row inputs (traced: new values do not recompile). Arrays of one
+    row broadcast to every row."""
 
-    temperature: jax.Array  # [] float32
-    top_k: jax.Array  # [] int32, 0 = off
-    top_p: jax.Array  # [] float32, 1 = off
+    limit: jax.Array  # [B] int32: at most this many new tokens per row
+    sampling: smp.Sampling  # per-row settings (dsjax.sampling)
+    stop: StopStrings | None = None  # per-row stop strings (features.stop_strings)
 
     @classmethod
-    def make(cls, temperature=1.0, top_k=0, top_p=1.0) -> Sampling:
-        temperature = validate.real("temperature", temperature)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling (do_sample=False is greedy), "
-                             f"got {temperature}")
-        top_k = validate.integer("top_k", top_k, low=0)
-        top_p = validate.real("top_p", top_p)
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    def greedy(cls, max_new_tokens: int, stop_ids=()) -> Request:
+        """Greedy decoding of max_new_tokens per row, stopping at any of stop_ids (-1 entries
+        never match: callers keep one shape over different stop sets)."""
+        from dsjax.settings import GenerationSettings, sampling_rows
+
+        sampling = sampling_rows([GenerationSettings(max_new_tokens=max_new_tokens)], 1)
+        eos = np.asarray([list(stop_ids) or [-1]], np.int32)
+        return cls(np.asarray([max_new_tokens], np.int32), dataclasses.replace(sampling, eos=eos))
+
+    def rows(self, index) -> Request:
+        """Row `index` of each per-row array (one-row arrays broadcast and stay)."""
+        pick = lambda x: x[index] if x.shape[0] > 1 else x  # noqa: E731
+        stop = self.stop.rows(index) if self.stop is not None else None
+        return Request(pick(self.limit), jax.tree.map(pick, self.sampling), stop)
 
 
-def sample(logits, key, sampling: Sampling, do_sample: bool):
-    """logits [B, V] float32 -> tokens [B] int32. Temperature, then top-k, then top-p (HF order)."""
-    if not do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    V = logits.shape[-1]
-    logits = logits / sampling.temperature
-    desc = -jnp.sort(-logits, axis=-1)  # [B, V]
-    k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, V), V)
-    desc = jnp.where(jnp.arange(V) < k, desc, -jnp.inf)
-    probs = jax.nn.softmax(desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = jnp.sum((mass_before < sampling.top_p) & (jnp.arange(V) < k), axis=-1)  # >= 1
-    threshold = jnp.take_along_axis(desc, (keep - 1)[:, None], axis=-1)  # [B, 1]
-    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-def pick_token(logits, key, done, sampling: Sampling, pad_id, do_sample: bool,
-               return_logprobs: bool):
-    """logits [B, V] -> (token [B], its log-probability [B]); finished rows get pad_id and 0."""
-    tok = jnp.where(done, pad_id, sample(logits, key, sampling, do_sample))
+def pick_token(logits, key, done, sampling: smp.Sampling, pad_id, do_sample: bool,
+               return_logprobs: bool, features: smp.Features | None = None, history=None,
+               new_tokens=None):
+    """logits [B, V] -> (token [B], its log-probability under the model [B]); finished rows
+    get pad_id and 0."""
+    features = features or smp.Features(do_sample=do_sample)
+    tok = smp.choose(logits, key, sampling, features, history, new_tokens)
+    tok = jnp.where(done, pad_id, tok)
     lp = jnp.zeros(tok.shape, jnp.float32)
     if return_logprobs:
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
@@ -70,8 +66,9 @@ def pick_token(logits, key, done, sampling: Sampling, pad_id, do_sample: bool,
 
 
 def is_stop_token(tok, stop_ids):
-    """tok [B], stop_ids [E] (-1 never matches) -> [B] bool."""
-    return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    """tok [B], stop_ids [E] or [B, E] (-1 never matches) -> [B] bool."""
+    stop_ids = jnp.broadcast_to(stop_ids, (tok.shape[0], stop_ids.shape[-1]))
+    return jnp.any(tok[:, None] == stop_ids, axis=-1)
 
 
 def prefill(model, tokens, lengths, cache: KVCache):
@@ -101,59 +98,137 @@ class DecodeState:
     out_lp: jax.Array  # [B, C] float32 their log-probabilities
     cache: KVCache
     key: jax.Array  # the PRNG key
+    history: smp.History | None  # prompt + new tokens per row (features.history)
 
     def replace(self, **changes) -> DecodeState:
         return dataclasses.replace(self, **changes)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "do_sample", "return_logprobs",
-                                             "int8_cache"))
-def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
-             sampling: Sampling, *, capacity: int, do_sample: bool, return_logprobs: bool,
-             int8_cache: bool = False):
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """The static choices of one generate program (part of the jit key)."""
+
+    capacity: int
+    features: smp.Features = smp.Features()
+    return_logprobs: bool = False
+    int8_cache: bool = False
+    samples: int = 1  # rows per prompt after the prefill (num_return_sequences)
+
+
+def _pick(logits, key, done, req: Request, pad_id, prog: Program,
+          history, count):
+    tok, lp = pick_token(logits, key, done, req.sampling, pad_id, prog.features.do_sample,
+                         prog.return_logprobs, prog.features, history, count)
+    stopped = is_stop_token(tok, req.sampling.eos)
+    if history is not None:
+        history = history.append(tok, ~done)
+        if prog.features.stop_strings:
+            stopped |= hit(req.stop, history.tokens, history.length)
+    return tok, lp, stopped, history
+
+
+def per_sample(req: Request, prog: Program) -> Request:
+    """The request of each prompt's prog.samples rows (one row per prompt given)."""
+    if prog.samples == 1:
+        return req
+    return req.rows(jnp.repeat(jnp.arange(req.limit.shape[0]), prog.samples))
+
+
+def start(model, tokens, lengths, key, pad_id, req: Request, prog: Program) -> DecodeState:
+    """Prefill (each prompt once) and the first token; with prog.samples = n each prompt's row
+    (its cache and history) is repeated n times after the prefill. req: per_sample's."""
+    B, T = tokens.shape
+    cache = KVCache.create(model.cfg, B, prog.capacity, model.embed.embedding.dtype,
+                           quantized=prog.int8_cache)
+    logits, cache = prefill(model, tokens, jnp.maximum(lengths, 1), cache)
+    history = None
+    if prog.features.history:
+        hist = jnp.zeros((B, prog.capacity), jnp.int32).at[:, :T].set(tokens)
+        history = smp.History(hist, lengths, lengths)
+    if prog.samples > 1:
+        index = jnp.repeat(jnp.arange(B), prog.samples)
+        logits, cache, lengths, tokens = (jax.tree.map(lambda x: x[index], t)
+                                          for t in (logits, cache, lengths, tokens))
+        history = history.rows(index) if history is not None else None
+        B = B * prog.samples
+    filler = lengths == 0
+    key, sub = jax.random.split(key)
+    count = jnp.zeros((B,), jnp.int32)
+    tok, lp, stopped, history = _pick(logits, sub, filler, req, pad_id, prog, history, count)
+    count = (~filler).astype(jnp.int32)
+    return DecodeState(
+        step=jnp.int32(1), token=tok, done=filler | stopped | (count >= req.limit), count=count,
+        out=jnp.full((B, prog.capacity), pad_id, jnp.int32).at[:, 0].set(tok),
+        out_lp=jnp.zeros((B, prog.capacity), jnp.float32).at[:, 0].set(lp), cache=cache,
+        key=key, history=history)
+
+
+def advance(model, s: DecodeState, pad_id, req: Request, prog: Program) -> DecodeState:
+    """One decode step: every row's next token (finished rows write pad_id and stay done)."""
+    logits, cache = decode_step(model, s.token, s.cache)
+    key, sub = jax.random.split(s.key)
+    tok, lp, stopped, history = _pick(logits, sub, s.done, req, pad_id, prog, s.history,
+                                      s.count)
+    count = s.count + (~s.done).astype(jnp.int32)
+    return s.replace(
+        step=s.step + 1, token=tok, done=s.done | stopped | (count >= req.limit), count=count,
+        out=jax.lax.dynamic_update_slice(s.out, tok[:, None], (0, s.step)),
+        out_lp=jax.lax.dynamic_update_slice(s.out_lp, lp[:, None], (0, s.step)),
+        cache=cache, key=key, history=history)
+
+
+def run_until(model, s: DecodeState, stop_step, pad_id, req: Request, prog: Program):
+    """Decode steps while some row runs and step < stop_step."""
+    return jax.lax.while_loop(lambda s: (s.step < stop_step) & ~jnp.all(s.done),
+                              lambda s: advance(model, s, pad_id, req, prog), s)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prog"))
+def generate(graphdef, params, tokens, lengths, key, pad_id, req: Request, *, prog: Program):
     """Prefill + `lax.while_loop` decode.
 
     tokens [B, T] right-padded prompts, lengths [B] (0: a filler row that only pads the batch
-    to its bucket: finished from the start, so it never holds up an early stop); max_new_tokens,
-    pad_id: [] int32; stop_ids [E] int32 (-1 entries never match); int8_cache: K/V stored as
-    int8 with per-token scales. Returns (new tokens [B, capacity] padded with pad_id, count [B]
-    of tokens generated including the stop token, logprobs [B, capacity]).
+    to its bucket: finished from the start, so it never holds up an early stop); pad_id: []
+    int32; req: per-row limits, settings and stop strings. Returns (new tokens [B*n, capacity]
+    padded with pad_id, count [B*n] of tokens generated including the stop token, logprobs
+    [B*n, capacity]), n = prog.samples rows per prompt.
     """
     ONCE.new_program()
     model = nnx.merge(graphdef, params)
-    B = tokens.shape[0]
-    cache = KVCache.create(model.cfg, B, capacity, model.embed.embedding.dtype,
-                           quantized=int8_cache)
-    filler = lengths == 0
-    logits, cache = prefill(model, tokens, jnp.maximum(lengths, 1), cache)
-
-    def pick(logits, key, done):
-        return pick_token(logits, key, done, sampling, pad_id, do_sample, return_logprobs)
-
-    key, sub = jax.random.split(key)
-    tok, lp = pick(logits, sub, filler)
-    state = DecodeState(
-        step=jnp.int32(1), token=tok, done=filler | is_stop_token(tok, stop_ids),
-        count=(~filler).astype(jnp.int32),
-        out=jnp.full((B, capacity), pad_id, jnp.int32).at[:, 0].set(tok),
-        out_lp=jnp.zeros((B, capacity), jnp.float32).at[:, 0].set(lp), cache=cache, key=key)
-
-    def cond(s: DecodeState):
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-    def body(s: DecodeState):
-        logits, cache = decode_step(model, s.token, s.cache)
-        key, sub = jax.random.split(s.key)
-        tok, lp = pick(logits, sub, s.done)
-        return s.replace(
-            step=s.step + 1, token=tok, done=s.done | is_stop_token(tok, stop_ids),
-            count=s.count + (~s.done).astype(jnp.int32),
-            out=jax.lax.dynamic_update_slice(s.out, tok[:, None], (0, s.step)),
-            out_lp=jax.lax.dynamic_update_slice(s.out_lp, lp[:, None], (0, s.step)),
-            cache=cache, key=key)
-
-    final = jax.lax.while_loop(cond, body, state)
+    req = per_sample(req, prog)
+    s = start(model, tokens, lengths, key, pad_id, req, prog)
+    final = run_until(model, s, jnp.max(req.limit), pad_id, req, prog)
     return final.out, final.count, final.out_lp
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prog"))
+def start_program(graphdef, params, tokens, lengths, key, pad_id, req: Request, *, prog: Program):
+    """`start` as its own program (streaming): (the state, its first tokens [B, 1], 0, its
+    rows' token counts and done flags [2, B])."""
+    ONCE.new_program()
+    s = start(nnx.merge(graphdef, params), tokens, lengths, key, pad_id, per_sample(req, prog),
+              prog)
+    return s, s.out[:, :1], jnp.int32(0), _info(s)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prog", "steps"), donate_argnums=(2,))
+def advance_program(graphdef, params, s: DecodeState, pad_id, req: Request, *, prog: Program,
+                    steps: int):
+    """Up to `steps` decode steps (streaming): (the new state, its tokens [B, steps] from
+    column `at` (the first new step's, moved back near the capacity), at, [2, B] counts and done
+    flags). The state is donated; the other outputs are arrays of their own."""
+    ONCE.new_program()
+    model = nnx.merge(graphdef, params)
+    first = s.step
+    req = per_sample(req, prog)
+    s = run_until(model, s, jnp.minimum(first + steps, jnp.max(req.limit)), pad_id, req, prog)
+    B, C = s.out.shape
+    at = jnp.minimum(first, C - steps)
+    return s, jax.lax.dynamic_slice(s.out, (0, at), (B, steps)), at, _info(s)
+
+
+def _info(s: DecodeState):
+    return jnp.stack([s.count, s.done.astype(jnp.int32)])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

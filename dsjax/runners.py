@@ -30,11 +30,13 @@ class LocalRunner:
         """Logits [B, T, V] of right- or left-padded ids and mask [B, T]."""
         return gen.forward(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask))
 
-    def generate_program(self, tokens, lengths, *args, **kw):
+    def generate_program(self, tokens, lengths, key, pad_id, request: gen.Request, *,
+                         prog: gen.Program):
         """(jitted function, its arguments, its keyword arguments) of one generate call on
         packed prompts tokens [B', T], lengths [B'] (see gen.generate for the rest): `fn(*args,
         **kw)` runs it, `fn.lower(*args, **kw)` shows its program."""
-        return gen.generate, (self.graphdef, self.params, tokens, lengths, *args), kw
+        return gen.generate, (self.graphdef, self.params, tokens, lengths, key, pad_id,
+                              request), dict(prog=prog)
 
     def rows(self, x):
         """A generate output [B', ...] as one row per packed prompt."""
@@ -87,16 +89,22 @@ class MeshRunner:
                                   plan=self.plan, specs=self.specs)
         return logits.reshape(rows, *logits.shape[2:])[:B]
 
-    def generate_program(self, tokens, lengths, *args, **kw):
+    def generate_program(self, tokens, lengths, key, pad_id, request: gen.Request, *,
+                         prog: gen.Program):
         """As LocalRunner's; the program of the mesh (with offload_kv, `fn` is a Python loop over
-        per-tick programs and has no `lower`)."""
+        per-tick programs and has no `lower`). Over a mesh every row takes the same settings:
+        temperature, top-k and top-p sampling or greedy, stop tokens, no other processor."""
         par = self.plan.par
+        max_new, stop_ids, sampling = _mesh_request(request, prog)
         cut = lambda a: a.reshape(par.dp, par.micro_batches, -1, *a.shape[1:])  # noqa: E731
-        kw = dict(kw, plan=self.plan, specs=self.specs)
+        args = (self.graphdef, self.params, cut(tokens), cut(lengths), key, max_new, stop_ids,
+                pad_id, sampling)
+        kw = dict(plan=self.plan, specs=self.specs, capacity=prog.capacity,
+                  do_sample=prog.features.do_sample, return_logprobs=prog.return_logprobs,
+                  int8_cache=prog.int8_cache)
         if par.offload_kv:
-            return offload.generate_offloaded, (self.graphdef, self.params, cut(tokens),
-                                                cut(lengths), *args), dict(kw, ticks=self._ticks)
-        return pipeline.generate, (self.graphdef, self.params, cut(tokens), cut(lengths), *args), kw
+            return offload.generate_offloaded, args, dict(kw, ticks=self._ticks)
+        return pipeline.generate, args, kw
 
     def rows(self, x):
         return x.reshape(-1, *x.shape[3:])  # [dp, M, b, ...] -> [B', ...]
@@ -118,6 +126,25 @@ class MeshRunner:
         cfg = self.plan.cfg
         _, expected = abstract_model(cfg, module=module_for(cfg))
         return sum(int(np.prod(x.shape)) for x in expected.values())
+
+
+def _mesh_request(req: gen.Request, prog: gen.Program):
+    """(max_new_tokens, stop ids, one-row sampling) of a request the mesh programs can run, or
+    a clear error naming what they cannot."""
+    import dataclasses
+
+    f = prog.features
+    extra = [k for k, v in dataclasses.asdict(f).items() if v and k != "do_sample"]
+    if extra or prog.samples > 1:
+        raise ValueError(f"over a mesh, generate() does temperature / top-k / top-p sampling "
+                         f"and greedy decoding only; this call needs {extra or ['num_return_sequences']}: "
+                         "run it on an engine of one device")
+    uniform = [np.all(np.asarray(x) == np.asarray(x)[:1]) for x in jax.tree.leaves(req)]
+    if not all(uniform):
+        raise ValueError("over a mesh every prompt of a call takes the same settings and "
+                         "max_new_tokens (per_prompt and max_length per prompt need one device)")
+    first = jax.tree.map(lambda x: x[:1], req.sampling)
+    return jnp.max(req.limit), req.sampling.eos[0], first
 
 
 def device_bytes(params) -> int:

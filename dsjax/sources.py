@@ -34,6 +34,7 @@ class Source:
 
     config: ModelConfig
     generation: dict  # eos_token_id / pad_token_id defaults
+    generation_fields: dict = {}  # generation_config.json's other fields (dsjax.settings)
     tokenizer_dir: Path | None = None
     random_weights: bool = False
     stored_quant: QuantSpec | None = None  # the checkpoint's stored weight format
@@ -66,6 +67,7 @@ class CheckpointSource(Source):
         self.path = self.tokenizer_dir = path
         self.config, self.meta = checkpoint.load_meta(path)
         self.generation = self.meta["generation"]
+        self.generation_fields = generation_fields(path)
         self.stored_quant = checkpoint.stored_quant(self.meta)
 
     def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
@@ -86,6 +88,7 @@ class HFSource(Source):
         self.config, self.tokenizer_dir = self.hf.config, self.hf.directory
         self.generation = generation_defaults(self.hf.hf_config, self.hf.directory,
                                               self.config.vocab_size)
+        self.generation_fields = generation_fields(self.hf.directory)
 
     def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
         import converters
@@ -142,19 +145,33 @@ def load_tokenizer(directory: Path | None, random_weights: bool):
 SPECIAL_IDS = ("eos_token_id", "pad_token_id", "bos_token_id")
 
 
+def _generation_file(directory: Path | None) -> dict:
+    """generation_config.json of a directory as a dict ({} if there is none)."""
+    from converters.loader import CheckpointError, read_json
+
+    if directory is None or not (directory / "generation_config.json").exists():
+        return {}
+    gen_file = directory / "generation_config.json"
+    gen_cfg = read_json(gen_file, "generation defaults")
+    if not isinstance(gen_cfg, dict):
+        raise CheckpointError(f"{gen_file}: is not a JSON object")
+    return gen_cfg
+
+
+def generation_fields(directory: Path | None) -> dict:
+    """generation_config.json's fields other than the special token ids (sampling defaults,
+    lengths, penalties: see dsjax.settings, which checks them)."""
+    return {k: v for k, v in _generation_file(directory).items() if k not in SPECIAL_IDS}
+
+
 def generation_defaults(hf_config: dict, directory: Path | None, vocab_size: int) -> dict:
     """eos/pad/bos token ids from generation_config.json, else config.json, checked: a value of
     the wrong type is an error naming the field and the file; an id outside the vocabulary is
     kept (as transformers does: an eos that can never be sampled, a pad that only fills the
     output) with one warning naming the field."""
-    from converters.loader import CheckpointError, read_json
+    from converters.loader import CheckpointError
 
-    gen_cfg, gen_file = {}, None
-    if directory is not None and (directory / "generation_config.json").exists():
-        gen_file = directory / "generation_config.json"
-        gen_cfg = read_json(gen_file, "generation defaults")
-        if not isinstance(gen_cfg, dict):
-            raise CheckpointError(f"{gen_file}: is not a JSON object")
+    gen_cfg = _generation_file(directory)
     out = {}
     for key in SPECIAL_IDS:
         where = "generation_config.json" if key in gen_cfg else "config.json"

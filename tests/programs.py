@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsjax import generate as gen
 from dsjax.pallas_ops import pallas_calls, pallas_eqns  # noqa: F401 (the tests use both)
@@ -18,12 +17,8 @@ def generate_program(engine, rows, *, max_new_tokens: int = 4, int8_cache: bool 
                      return_logprobs: bool = False):
     """The jaxpr of the program engine.generate(rows) runs (greedy); traced, not compiled (and
     not traced again where the test already ran generate with the same static arguments)."""
-    tokens, lengths = engine.pack([np.asarray(r) for r in rows], pad=0)  # pad_id below
-    fn, args, kw = engine.generate_program(
-        jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(max_new_tokens),
-        jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(),
-        capacity=engine.inference_config.max_out_tokens, do_sample=False,
-        return_logprobs=return_logprobs, int8_cache=int8_cache)
+    fn, args, kw = engine.greedy_program(rows, max_new_tokens, return_logprobs=return_logprobs,
+                                         int8_cache=int8_cache)
     return fn.trace(*args, **kw).jaxpr
 
 

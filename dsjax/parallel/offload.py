@@ -27,7 +27,6 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from dsjax import generate as gen
 from dsjax.parallel.pipeline import (Plan, _all_done, _new_cache, _prompt_tick, _rounds, _Stage,
                                      _start, _token_tick)
 from dsjax.policy import ONCE
@@ -56,7 +55,7 @@ class Tick:
 
 
 def generate_offloaded(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
-                       sampling: gen.Sampling, *, plan: Plan, specs, capacity: int,
+                       sampling, *, plan: Plan, specs, capacity: int,
                        do_sample: bool, return_logprobs: bool, int8_cache: bool = False,
                        ticks: list | None = None):
     """`pipeline.generate` with the cache slots in pinned host memory: the same ticks, each its

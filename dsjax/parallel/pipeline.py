@@ -147,7 +147,7 @@ def _select(valid, new, old):
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "specs", "capacity", "do_sample",
                                              "return_logprobs", "int8_cache"))
 def generate(graphdef, params, tokens, lengths, key, max_new_tokens, stop_ids, pad_id,
-             sampling: gen.Sampling, *, plan: Plan, specs, capacity: int, do_sample: bool,
+             sampling, *, plan: Plan, specs, capacity: int, do_sample: bool,
              return_logprobs: bool, int8_cache: bool = False):
     """gen.generate over the mesh. tokens [dp, M, b, T] right-padded prompts cut into
     micro-batches, lengths [dp, M, b]; specs: the params' in_specs as a hashable

@@ -203,18 +203,10 @@ def test_pallas_generate_lowers_for_cuda_over_a_mesh():
     GPU; the kernels' GPU runs are in benchmarks/)."""
     import re
 
-    import jax.numpy as jnp
-
-    from dsjax import generate as gen
-
     engine = dsjax.init_inference("tiny-llama", dtype="bf16", max_out_tokens=32, progress=False,
                                   kernels=dsjax.KernelPolicy.pallas(interpret=False),
                                   tensor_parallel={"tp_size": 2}, pipeline_parallel={"pp_size": 2})
-    tokens, lengths = engine.pack([np.arange(5)])
-    fn, args, kw = engine.generate_program(
-        jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), jnp.int32(4),
-        jnp.asarray([-1], jnp.int32), jnp.int32(0), gen.Sampling.make(), capacity=32,
-        do_sample=False, return_logprobs=False, int8_cache=False)
+    fn, args, kw = engine.greedy_program([np.arange(5)], 4)
     try:
         exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
             jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args, **kw)
