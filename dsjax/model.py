@@ -21,6 +21,7 @@ from dsjax import cache as kv_cache
 from dsjax import ops
 from dsjax.config import ModelConfig
 from dsjax.parallel.tensor import Shard
+from dsjax.serving.paged import PagedLayer
 from dsjax.policy import KernelPolicy
 from dsjax.weights import DenseWeight
 
@@ -165,6 +166,10 @@ class Attention(nnx.Module):
             q, k, v = ops.split_heads(qkv, positions, heads=heads, rotary=rotary(cfg))
             o = ops.attention(q, k, v, positions, positions, key_mask, causal=cfg.causal, **attn)
             kv = (k, v)
+        elif isinstance(kv, PagedLayer):  # a flat batch of many sequences over block pools
+            q, kv = ops.paged_write_kv(qkv, kv, positions, heads=heads, rotary=rotary(cfg),
+                                       policy=self.policy)
+            o = ops.paged_attention(q, kv, positions, **attn)
         else:  # write into the cache (slot index == position), attend over all of it
             q, kv = ops.write_kv(qkv, kv, positions, write_at, heads=heads, rotary=rotary(cfg),
                                  policy=self.policy)

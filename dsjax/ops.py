@@ -10,7 +10,8 @@ logged once per compiled program (dsjax.policy.OncePerProgram).
 Ops: norm; linear (dense or quantized weight of either layout, dsjax.weights; a norm in front,
 bias / activation / gated / residual epilogues behind); attention (no cache); cache_attention
 (causal over a KV cache, slot == position); write_kv (split the fused QKV output into heads,
-rotate, write K/V into the cache).
+rotate, write K/V into the cache); paged_write_kv and paged_attention (the same over the
+serving engine's block pools, a flat batch of tokens from many sequences: dsjax.serving.paged).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dsjax import cache as kv_cache
 from dsjax import numerics, pallas_ops
 from dsjax.numerics import NormSpec
 from dsjax.policy import KernelPolicy, Unsupported, announce
+from dsjax.serving import paged
 from dsjax.weights import QuantizedWeight, as_weight
 
 __all__ = ["NormSpec", "Rotary", "attention", "cache_attention", "linear", "norm", "write_kv"]
@@ -145,6 +147,24 @@ def write_kv_xla(qkv, kv, positions, write_at, *, heads, rotary):
                write(kv[2], ks), write(kv[3], vs))
 
 
+def paged_write_kv_xla(qkv, layer, positions, *, heads, rotary):
+    """Splits and rotates the flat batch's qkv [1, N, (H + 2K) Dh], writes its K/V at the
+    step's slots; returns (q [1, N, H, Dh], the layer with its pools written)."""
+    q, k, v = split_heads(qkv, positions, heads=heads, rotary=rotary)  # k, v [1, K, N, Dh]
+    return q, paged.write_xla(layer, k[0].transpose(1, 0, 2), v[0].transpose(1, 0, 2))
+
+
+def paged_attention_xla(q, layer, q_pos, *, scale, window, alibi_slopes):
+    """Causal attention of each token of q [1, N, H, Dh] at q_pos [1, N] over its sequence's
+    blocks (the reference: each token's keys gathered on their own)."""
+    k, v = paged.gather_keys(layer, q.dtype)  # [N, KVH, C, Dh]
+    N, C = k.shape[0], k.shape[2]
+    k_pos = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (N, C))
+    o = attention_xla(q[0][:, None], k, v, q_pos[0][:, None], k_pos, jnp.ones((N, C), bool),
+                      scale=scale, causal=True, window=window, alibi_slopes=alibi_slopes)
+    return o.reshape(1, N, -1)
+
+
 # ----------------------------------------------------------------------------- the registry
 
 _REGISTRY = MappingProxyType({op: MappingProxyType(impls) for op, impls in {
@@ -153,6 +173,8 @@ _REGISTRY = MappingProxyType({op: MappingProxyType(impls) for op, impls in {
     "attention": {"xla": attention_xla, "pallas": pallas_ops.attention},
     "cache_attention": {"xla": cache_attention_xla, "pallas": pallas_ops.cache_attention},
     "write_kv": {"xla": write_kv_xla, "pallas": pallas_ops.write_kv},
+    "paged_write_kv": {"xla": paged_write_kv_xla},
+    "paged_attention": {"xla": paged_attention_xla},
 }.items()})
 
 
@@ -202,3 +224,12 @@ def cache_attention(q, kv, q_pos, *, scale, window, alibi_slopes, policy: Kernel
 
 def write_kv(qkv, kv, positions, write_at, *, heads, rotary, policy: KernelPolicy):
     return run("write_kv", policy, qkv, kv, positions, write_at, heads=heads, rotary=rotary)
+
+
+def paged_write_kv(qkv, layer, positions, *, heads, rotary, policy: KernelPolicy):
+    return run("paged_write_kv", policy, qkv, layer, positions, heads=heads, rotary=rotary)
+
+
+def paged_attention(q, layer, q_pos, *, scale, window, alibi_slopes, policy: KernelPolicy):
+    return run("paged_attention", policy, q, layer, q_pos, scale=scale, window=window,
+               alibi_slopes=alibi_slopes)

@@ -14,7 +14,8 @@ import logging
 
 from dsjax.numerics import NORM_KINDS
 
-OPS = ("norm", "linear", "attention", "cache_attention", "write_kv")
+OPS = ("norm", "linear", "attention", "cache_attention", "write_kv", "paged_write_kv",
+       "paged_attention")
 IMPLEMENTATIONS = ("xla", "pallas")
 # the ops that have a Pallas kernel (dsjax.pallas_ops); the others are XLA under every policy
 PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv")
@@ -48,6 +49,8 @@ class KernelPolicy:
     attention: str = "xla"
     cache_attention: str = "xla"
     write_kv: str = "xla"
+    paged_write_kv: str = "xla"  # the serving engine's block pools (dsjax.serving.paged)
+    paged_attention: str = "xla"
     gemv_rows: int = 1
     gemv_fused_norms: tuple[str, ...] = ("rmsnorm",)
     norm_in_xla_rows: int = 16

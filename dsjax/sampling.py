@@ -207,10 +207,14 @@ def warp(logits, s: Sampling, f: Features, min_keep: int = 1):
 
 def choose(logits, key, s: Sampling, f: Features, h: History | None, new_tokens):
     """logits [B, V] float32 -> tokens [B] int32: processed, then the argmax (greedy rows) or a
-    draw from the warped distribution (sampling rows)."""
+    draw from the warped distribution (sampling rows); key: one PRNG key, or one per row [B]."""
     logits = process(logits, s, f, h, new_tokens)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if not f.do_sample:
         return best
-    drawn = jax.random.categorical(key, warp(logits, s, f), axis=-1).astype(jnp.int32)
-    return jnp.where(s.do_sample, drawn, best)
+    warped = warp(logits, s, f)
+    if key.shape:  # one key per row (the serving engine: each request its own stream)
+        drawn = jax.vmap(lambda k, x: jax.random.categorical(k, x))(key, warped)
+    else:
+        drawn = jax.random.categorical(key, warped, axis=-1)
+    return jnp.where(s.do_sample, drawn.astype(jnp.int32), best)

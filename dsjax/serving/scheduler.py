@@ -1,0 +1,160 @@
+"""Dynamic SplitFuse on the host: which tokens each step runs.
+
+Every step has a token budget. Each running sequence that has its prompt in the cache gets its
+decode token first; prompt chunks fill the rest, a long prompt split over several steps, and
+only the chunk that ends a prompt samples a token (FastGen's schedule). A new request is admitted
+only when blocks exist for its whole prompt; when a running sequence needs a block and none is
+free, the newest sequence is preempted (its blocks freed; it comes back later and recomputes its
+tokens) instead of failing or stalling. A request that could never fit is refused when it is
+added. Full blocks of prompt tokens are shared through the prefix cache (blocks.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from dsjax.serving.blocks import BlockAllocator, OutOfBlocks, prefix_keys
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One request's tokens and the blocks that hold their K/V."""
+
+    id: str
+    prompt: list[int]
+    max_new: int
+    order: int  # admission order (the newest is preempted first)
+    out: list[int] = dataclasses.field(default_factory=list)
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    computed: int = 0  # tokens whose K/V are in the cache
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.out
+
+    @property
+    def pending(self) -> int:
+        """Tokens to run before the next token can be sampled."""
+        return len(self.prompt) + len(self.out) - self.computed
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """seq runs tokens [start, start + n) of its tokens this step; samples after the last."""
+
+    seq: Sequence
+    start: int
+    n: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.n == len(self.seq.tokens)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, token_budget: int, max_seqs: int,
+                 max_len: int, prefix_salt: bytes = b""):
+        self.alloc, self.budget, self.max_seqs, self.max_len = allocator, token_budget, max_seqs, max_len
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.salt, self.preemptions = prefix_salt, 0
+
+    def check(self, prompt_len: int, max_new: int) -> None:
+        """Refuses, at admission, a request that could never run."""
+        total = prompt_len + max_new
+        if total > self.max_len:
+            raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new} exceeds "
+                             f"the engine's max_model_len={self.max_len}")
+        need = -(-total // self.alloc.block_size)
+        if need > self.alloc.capacity:
+            raise ValueError(f"this request needs {need} KV blocks; the pool has "
+                             f"{self.alloc.capacity}: it can never run")
+
+    def add(self, seq: Sequence) -> None:
+        self.check(len(seq.prompt), seq.max_new)
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """A finished or aborted sequence: its blocks freed, wherever it was."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.alloc.free(seq.blocks)
+        seq.blocks = []
+
+    def schedule(self) -> list[Chunk]:
+        """This step's chunks: decode tokens first, then prompt chunks, within the budget."""
+        chunks, left = [], self.budget
+        for seq in sorted((s for s in self.running if s.pending == 1), key=lambda s: s.order):
+            if seq not in self.running or left == 0:
+                continue  # preempted while making room for an older one
+            if self._grow(seq, seq.computed + 1):
+                chunks.append(Chunk(seq, seq.computed, 1))
+                left -= 1
+        for seq in [s for s in self.running if s.pending > 1] + list(self.waiting):
+            if left == 0 or len(chunks) >= self.max_seqs:
+                break
+            if seq in self.waiting and not self._admit(seq):
+                break  # first come, first served: no later request jumps the queue
+            n = min(seq.pending, left)
+            if self._grow(seq, seq.computed + n):
+                chunks.append(Chunk(seq, seq.computed, n))
+                left -= n
+        return chunks
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Moves the queue's head to running if blocks exist for its whole prompt (after taking
+        what the prefix cache holds)."""
+        if len(self.running) >= self.max_seqs:
+            return False
+        tokens = seq.tokens
+        for key in prefix_keys(tokens[:len(tokens) - 1], self.alloc.block_size, self.salt):
+            block = self.alloc.cached(key)
+            if block is None:
+                break
+            seq.blocks.append(block)
+        seq.computed = len(seq.blocks) * self.alloc.block_size
+        need = -(-len(tokens) // self.alloc.block_size) - len(seq.blocks)
+        if need > self.alloc.num_free:
+            self.alloc.free(seq.blocks)
+            seq.blocks, seq.computed = [], 0
+            return False
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        return True
+
+    def _grow(self, seq: Sequence, tokens: int) -> bool:
+        """Blocks for seq's first `tokens` tokens, preempting the newest other sequences when
+        the pool is empty; False if seq itself had to go."""
+        while len(seq.blocks) * self.alloc.block_size < tokens:
+            try:
+                seq.blocks.append(self.alloc.allocate())
+            except OutOfBlocks:
+                victim = max(self.running, key=lambda s: s.order)
+                self.preempt(victim)
+                if victim is seq:
+                    return False
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Frees seq's blocks and puts it back at the queue's head: it recomputes its prompt and
+        the tokens it made so far when it runs again."""
+        self.running.remove(seq)
+        self.alloc.free(seq.blocks)
+        seq.blocks, seq.computed = [], 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def advance(self, chunks: list[Chunk]) -> None:
+        """After a step: the chunks' tokens are in the cache; full prompt blocks published."""
+        bs = self.alloc.block_size
+        for c in chunks:
+            c.seq.computed = c.start + c.n
+            done = min(c.seq.computed, len(c.seq.prompt)) // bs
+            keys = prefix_keys(c.seq.prompt[:done * bs], bs, self.salt)
+            for i in range(c.start // bs, done):
+                self.alloc.publish(c.seq.blocks[i], keys[i])

@@ -1,0 +1,75 @@
+"""One jitted serving step: a flat batch of tokens (decode tokens and prompt chunks of many
+sequences) through the one model over the paged KV pools, and a token for each sequence whose
+last pending token is in the batch.
+
+Shapes are bucketed by the caller (tokens N and sequences S to powers of two, block tables to
+the pool's per-sequence maximum), so steady-state serving reuses a handful of programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax import sampling as smp
+from dsjax.policy import ONCE
+from dsjax.serving.paged import PagedCache, StepMeta
+
+# every step program can hold greedy and sampled rows, min_new_tokens and min-p: the request
+# mix changes from step to step, the program does not
+FEATURES = smp.Features(do_sample=True, min_new=True, min_p=True)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    tokens: jax.Array  # [N] int32 (padding: 0)
+    positions: jax.Array  # [N] int32
+    meta: StepMeta
+    sample_at: jax.Array  # [S] int32: the index in N of each sequence's last token
+    new_tokens: jax.Array  # [S] int32: tokens each sequence has generated so far
+    seeds: jax.Array  # [S] uint32: each request's sampling seed
+    sampling: smp.Sampling  # [S] rows
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
+def ragged_step(graphdef, params, cache: PagedCache, inputs: StepInputs):
+    """(the cache with this step's K/V written, tokens [S], their log-probabilities under the
+    model [S]). A request's draws depend only on its seed and its position, never on what else
+    shares the step."""
+    ONCE.new_program()
+    model = nnx.merge(graphdef, params)
+    hidden, cache = model(inputs.tokens[None], inputs.positions[None], cache.at_step(inputs.meta))
+    logits = model.logits(hidden[0][inputs.sample_at])  # [S, V]
+    pos = inputs.positions[inputs.sample_at]
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(inputs.seeds, pos)
+    tok = smp.choose(logits, keys, inputs.sampling, FEATURES, None, inputs.new_tokens)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
+    return cache.at_step(None), tok, lp
+
+
+def swap_weights(graphdef, old_params, new_params):
+    """new_params (a params pytree of the same structure, shapes and dtypes) placed like the old
+    ones: what an RL loop swaps in between rollouts without recompiling."""
+    old_leaves, old_def = jax.tree.flatten(old_params)
+    new_leaves, new_def = jax.tree.flatten(new_params)
+    if old_def != new_def:
+        raise ValueError("the new params do not have the engine's structure")
+    for i, (a, b) in enumerate(zip(old_leaves, new_leaves)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(f"params leaf {i}: {b.shape} {b.dtype} where the engine holds "
+                             f"{a.shape} {a.dtype}")
+    return jax.tree.unflatten(old_def, [_like(a, b) for a, b in zip(old_leaves, new_leaves)])
+
+
+def _like(old, new):
+    """new placed as old is, committed to its device(s) or not (jit's cache tells the two
+    apart: a change would recompile)."""
+    same_place = isinstance(new, jax.Array) and new.devices() == old.devices()
+    if getattr(old, "committed", True) or not same_place and isinstance(new, jax.Array):
+        return jax.device_put(new, old.sharding)
+    return jax.device_put(new) if isinstance(new, jax.Array) else jnp.asarray(new)

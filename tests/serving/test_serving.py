@@ -1,0 +1,166 @@
+"""The serving engine (continuous batching, Dynamic SplitFuse, paged KV pools) against the
+static engine: on the CPU in fp32 every request's greedy tokens and log-probabilities equal
+engine.generate's for that prompt alone, whatever the arrival order, token budget, chunk split,
+preemptions and prefix-cache hits; and the pool is fully free after every scenario."""
+
+import jax
+import numpy as np
+import pytest
+
+import dsjax
+from dsjax.serving.blocks import BlockAllocator, OutOfBlocks, prefix_keys
+from dsjax.serving.engine import ServingEngine
+from dsjax.serving.step import ragged_step
+from tests.conftest import prompt
+from tests.converters.test_decoder_families import build
+
+FAMILIES = ["qwen2_qkv_bias_gqa", "mistral_window_5_gqa", "bloom_alibi"]
+NEW = 10
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    engine = dsjax.init_inference(build(request.param), dtype="fp32", max_out_tokens=64,
+                                  progress=False)
+    prompts = [prompt(200 + i, 2 + 5 * i) for i in range(6)]
+    prompts += [prompts[4][:9] + prompt(300, 6), prompts[4][:9] + prompt(301, 3)]  # shared prefix
+    want = [engine.generate([p], max_new_tokens=NEW, eos_token_id=[], return_logprobs=True)
+            for p in prompts]
+    return engine, prompts, [(w.sequences[0], w.logprobs[0][:NEW]) for w in want]
+
+
+def run_scenario(engine, prompts, rng, **kw):
+    """Requests arrive at random steps (in a random order); returns {index: output}."""
+    srv = ServingEngine(engine, **kw)
+    order, done, step = list(rng.permutation(len(prompts))), {}, 0
+    while order or srv.has_unfinished():
+        while order and (not srv.has_unfinished() or rng.random() < 0.5):
+            i = order.pop()
+            srv.add_request(prompts[i], request_id=str(i), max_new_tokens=NEW, eos_token_id=[])
+        for out in srv.step():
+            if out.finished:
+                done[int(out.request_id)] = out
+        step += 1
+        assert step < 500
+    assert srv.alloc.in_use() == 0 and srv.alloc.num_free == srv.alloc.capacity
+    return srv, done
+
+
+@pytest.mark.parametrize("kw", [
+    dict(block_size=4, num_blocks=64, token_budget=16, max_seqs=8),  # chunked prompts
+    dict(block_size=4, num_blocks=20, token_budget=32, max_seqs=8),  # KV pressure: preemption
+    dict(block_size=4, num_blocks=48, token_budget=8, max_seqs=4),  # tiny budget, many chunks
+], ids=["chunked", "preempting", "tiny_budget"])
+def test_tokens_equal_each_prompt_alone(family, kw):
+    engine, prompts, want = family
+    srv, done = run_scenario(engine, prompts, np.random.default_rng(len(kw) + kw["num_blocks"]), **kw)
+    for i, (tokens, logprobs) in enumerate(want):
+        assert done[i].token_ids == tokens, i
+        np.testing.assert_allclose(done[i].logprobs, logprobs, atol=2e-5)
+        assert done[i].finish_reason == "length"
+    if kw["num_blocks"] == 20:
+        assert srv.sched.preemptions > 0  # the scenario did preempt
+    if kw["token_budget"] == 16:
+        assert srv.alloc.hits > 0  # the shared prefix came from the cache
+
+
+@pytest.mark.parametrize("family", ["qwen2_qkv_bias_gqa"], indirect=True)
+def test_int8_blocks_equal_the_int8_cache(family):
+    """int8 blocks quantize each token and head as the static engine's int8 cache does: the
+    same tokens and log-probabilities as generate() with kv_cache_dtype="int8" (one family: the
+    quantization is the same code for all)."""
+    engine, prompts, _ = family
+    int8 = dsjax.build_engine(engine.config, engine.runner.stored_params(),
+                              inference=dsjax.InferenceConfig(dtype="fp32", max_out_tokens=64,
+                                                              kv_cache_dtype="int8"))
+    outs = ServingEngine(int8, block_size=4, num_blocks=40, token_budget=16).generate(
+        prompts[2:5], max_new_tokens=NEW, eos_token_id=[])
+    for out, p in zip(outs, prompts[2:5]):
+        want = int8.generate([p], max_new_tokens=NEW, eos_token_id=[], return_logprobs=True)
+        assert out.token_ids == want.sequences[0]
+        np.testing.assert_allclose(out.logprobs, want.logprobs[0][:NEW], atol=2e-5)
+
+
+def test_steady_state_does_not_recompile(llama_pair):
+    _, engine = llama_pair
+    srv = ServingEngine(engine, block_size=8, num_blocks=64, token_budget=32, max_seqs=4)
+    for i in range(4):
+        srv.add_request(prompt(400 + i, 5 + i), max_new_tokens=40, eos_token_id=[])
+    for _ in range(8):  # prompts done, every step now decodes four tokens
+        srv.step()
+    before = ragged_step._cache_size()
+    for _ in range(20):
+        srv.step()
+    assert ragged_step._cache_size() == before
+
+
+def test_stop_tokens_abort_and_rejection(llama_pair):
+    _, engine = llama_pair
+    p = prompt(500, 7)
+    free = engine.generate([p], max_new_tokens=12, eos_token_id=[]).sequences[0]
+    srv = ServingEngine(engine, block_size=4, num_blocks=12, token_budget=16)
+    a = srv.add_request(p, max_new_tokens=12, eos_token_id=free[4])
+    b = srv.add_request(prompt(501, 9), max_new_tokens=12)
+    outs = {}
+    while srv.has_unfinished():
+        for out in srv.step():
+            outs.setdefault(out.request_id, []).append(out)
+            if out.request_id == b and len(out.token_ids) == 3:
+                assert srv.abort(b).finish_reason == "abort"
+    assert outs[a][-1].token_ids == free[:5] and outs[a][-1].finish_reason == "stop"
+    assert [o.new_token_ids for o in outs[a]] == [[t] for t in free[:5]]  # streamed one by one
+    assert srv.alloc.in_use() == 0
+    with pytest.raises(ValueError, match="can never run"):
+        srv.add_request(prompt(502, 60), max_new_tokens=4)  # 16 blocks; the pool has 11
+    with pytest.raises(ValueError, match="max_model_len"):
+        srv.add_request(prompt(503, 60), max_new_tokens=100)
+    with pytest.raises(TypeError, match="does not serve"):
+        srv.add_request(p, num_beams=2)
+
+
+def test_seeded_sampling_ignores_the_company(llama_pair):
+    _, engine = llama_pair
+    p, opts = prompt(600, 6), dict(max_new_tokens=8, do_sample=True, temperature=1.5, seed=7)
+    alone = ServingEngine(engine, block_size=4, num_blocks=40).generate([p], **opts)[0]
+    srv = ServingEngine(engine, block_size=4, num_blocks=40, token_budget=8)
+    crowd = srv.generate([prompt(601, 11), p, prompt(602, 3)], **opts)
+    assert crowd[1].token_ids == alone.token_ids
+    assert crowd[0].token_ids != crowd[2].token_ids or crowd[0].token_ids != alone.token_ids
+
+
+def test_weights_swap_in_place_without_recompiling(llama_pair):
+    model, engine = llama_pair
+    srv = ServingEngine(engine, block_size=4, num_blocks=40)
+    p = prompt(700, 6)
+    before = srv.generate([p], max_new_tokens=6, eos_token_id=[])[0].token_ids
+    compiled = ragged_step._cache_size()
+    other = dsjax.init_inference("tiny-llama", dtype="fp32", max_out_tokens=64, progress=False)
+    with pytest.raises(ValueError, match="structure|leaf"):
+        srv.swap_params(other.params)
+    noisy = jax.tree.map(lambda x: x * 1.5, engine.params)
+    srv.swap_params(noisy)
+    after = srv.generate([p], max_new_tokens=6, eos_token_id=[])[0].token_ids
+    fresh = dsjax.build_engine(engine.config, jax.tree.map(lambda x: x * 1.5,
+                                                           engine.runner.stored_params()),
+                               inference=engine.inference_config)
+    assert after == fresh.generate([p], max_new_tokens=6, eos_token_id=[]).sequences[0]
+    assert after != before and ragged_step._cache_size() == compiled
+
+
+def test_allocator_refcounts_prefixes_and_lru():
+    alloc = BlockAllocator(4, 2)
+    a, b, c = alloc.allocate(), alloc.allocate(), alloc.allocate()
+    with pytest.raises(OutOfBlocks):
+        alloc.allocate()
+    k1, k2 = prefix_keys([1, 2, 3, 4], 2)
+    assert prefix_keys([1, 2, 9, 9], 2)[0] == k1 and prefix_keys([1, 2, 9, 9], 2)[1] != k2
+    alloc.publish(a, k1)
+    alloc.free([a, b])
+    assert alloc.cached(k1) == a and alloc.refs[a] == 1  # found while free: taken back
+    alloc.free([a])
+    assert alloc.allocate() == b  # b was freed first: reused before a (LRU)
+    assert alloc.allocate() == a and alloc.cached(k1) is None  # reusing a evicts its prefix
+    alloc.free([a, b, c])
+    with pytest.raises(RuntimeError, match="freed more often"):
+        alloc.free([a])
+    assert alloc.num_free == alloc.capacity == 3
