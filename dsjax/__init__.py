@@ -22,6 +22,7 @@ _HOMES = {
     "DecoderEngine": "engines", "EncoderEngine": "engines", "GenerationOutput": "engines",
     "InferenceEngine": "engines",
     "KernelPolicy": "policy", "QuantSpec": "quant",
+    "LLM": "serving.llm", "ServingEngine": "serving.engine",
 }
 __all__ = sorted(_HOMES)
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from dsjax.engines import DecoderEngine, EncoderEngine, GenerationOutput, InferenceEngine
     from dsjax.policy import KernelPolicy
     from dsjax.quant import QuantSpec
+    from dsjax.serving.engine import ServingEngine
+    from dsjax.serving.llm import LLM
 
 
 def __getattr__(name: str):

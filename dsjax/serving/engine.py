@@ -35,7 +35,7 @@ from dsjax.validate import id_array
 
 log = logging.getLogger("dsjax")
 SERVING_OPTIONS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature",
-                   "top_k", "top_p", "min_p", "eos_token_id")
+                   "top_k", "top_p", "min_p", "eos_token_id", "stop_strings")
 
 
 @dataclasses.dataclass
@@ -46,7 +46,9 @@ class RequestOutput:
     logprobs: list[float]  # log p of each under the model
     new_token_ids: list[int]  # those of this step
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (a stop token), "length", "abort"
+    finish_reason: str | None = None  # "stop" (a stop token or string), "length", "abort"
+    stop_string: str | None = None  # the stop string that ended it (OpenAI's and vLLM's
+    # semantics: found in the decoded text; the text returned ends before it)
 
 
 @dataclasses.dataclass
@@ -55,6 +57,8 @@ class _Request:
     settings: st.GenerationSettings
     seed: int
     logprobs: list = dataclasses.field(default_factory=list)
+    searched: int = 0  # decoded characters already searched for stop strings
+    stop_string: str | None = None
 
 
 class ServingEngine:
@@ -159,6 +163,8 @@ class ServingEngine:
         reason = None
         if token in req.settings.eos_token_id:  # (masked on the device before min_new_tokens)
             reason = "stop"
+        elif req.settings.stop_strings and self._stop_string(req):
+            reason = "stop"
         elif len(req.seq.out) >= req.seq.max_new:
             reason = "length"
         if reason is not None:
@@ -166,10 +172,23 @@ class ServingEngine:
             self.sched.remove(req.seq)
         return self._output(req, [token], reason)
 
+    def _stop_string(self, req: _Request) -> bool:
+        """Whether the decoded output now contains a stop string (searching only the text that
+        could hold a new occurrence)."""
+        text = self.engine.tokenizer.decode(req.seq.out)
+        longest = max(len(s) for s in req.settings.stop_strings)
+        start = max(0, req.searched - longest + 1)
+        found = [(text.find(s, start), s) for s in req.settings.stop_strings]
+        found = [(i, s) for i, s in found if i >= 0]
+        req.searched = len(text)
+        if found:
+            req.stop_string = min(found)[1]
+        return bool(found)
+
     @staticmethod
     def _output(req: _Request, new: list[int], reason: str | None) -> RequestOutput:
         return RequestOutput(req.seq.id, req.seq.prompt, list(req.seq.out), list(req.logprobs),
-                             new, reason is not None, reason)
+                             new, reason is not None, reason, req.stop_string)
 
     def _inputs(self, chunks: list[Chunk]) -> StepInputs:
         """The flat batch of the chunks, padded to bucketed N tokens and S sequences."""

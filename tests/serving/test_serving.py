@@ -164,3 +164,50 @@ def test_allocator_refcounts_prefixes_and_lru():
     with pytest.raises(RuntimeError, match="freed more often"):
         alloc.free([a])
     assert alloc.num_free == alloc.capacity == 3
+
+
+def test_llm_generate_in_order_and_async_streams():
+    import asyncio
+
+    llm = dsjax.LLM("tiny-llama", dtype="fp32", max_out_tokens=64, progress=False,
+                    block_size=4, num_blocks=48, token_budget=16)
+    prompts = ["Hello there", [5, 6, 7], "A much longer prompt than the others"]
+    params = [{"max_new_tokens": 5}, {"max_new_tokens": 3}, {"max_new_tokens": 7,
+                                                            "eos_token_id": []}]
+    outs = llm.generate(prompts, params, progress=False)
+    want = [llm.engine.generate([llm._ids(p)], **o).sequences[0] for p, o in zip(prompts, params)]
+    assert [o.token_ids for o in outs] == want
+    assert outs[0].text == llm.tokenizer.decode(want[0])
+
+    async def consume(prompt, n, stop_after=None):
+        pieces, last = [], None
+        async for out in llm.stream(prompt, max_new_tokens=n, eos_token_id=[]):
+            pieces.append(out.delta)
+            last = out
+            if stop_after and len(out.token_ids) == stop_after:
+                break
+        return "".join(pieces), last
+
+    async def main():
+        return await asyncio.gather(consume("Hello there", 6), consume("Stop early", 20, 2))
+    (text, last), (_, cut) = asyncio.run(main())
+    assert last.finished and last.token_ids == llm.engine.generate(
+        [llm._ids("Hello there")], max_new_tokens=6, eos_token_id=[]).sequences[0]
+    assert text == llm.tokenizer.decode(last.token_ids) and len(cut.token_ids) == 2
+    llm._thread.join(5)
+    assert not llm.serving.has_unfinished() and llm.serving.alloc.in_use() == 0
+
+
+def test_stop_strings_end_the_text_before_them():
+    llm = dsjax.LLM("tiny-llama", dtype="fp32", max_out_tokens=64, progress=False,
+                    block_size=4, num_blocks=48, token_budget=16)
+    free = llm.generate(["Hello there"], {"max_new_tokens": 12, "eos_token_id": []},
+                        progress=False)[0]
+    text = llm.tokenizer.decode(free.token_ids)
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    out = llm.generate(["Hello there"], {"max_new_tokens": 12, "eos_token_id": [],
+                                         "stop_strings": [stop, "never there"]}, progress=False)[0]
+    assert out.finish_reason == "stop" and out.stop_string == stop
+    assert out.text == text[:text.find(stop)] and out.token_ids == free.token_ids[:len(out.token_ids)]
+    assert stop in llm.tokenizer.decode(out.token_ids) and stop not in llm.tokenizer.decode(
+        out.token_ids[:-1])

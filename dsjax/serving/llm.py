@@ -1,0 +1,148 @@
+"""The serving engine's front doors.
+
+    llm = dsjax.LLM("path/to/checkpoint", dtype="bf16", token_budget=512)
+    outs = llm.generate(["Hello", "The capital of France is"],
+                        [{"max_new_tokens": 64}, {"do_sample": True, "temperature": 0.7, "seed": 1}])
+    print(outs[1].text)
+
+    async for out in llm.stream("Tell me a story", max_new_tokens=256):   # asyncio, per request
+        print(out.delta, end="")
+
+`LLM.generate` runs a whole list (throughput jobs, evals, RL rollouts) with a progress bar and
+returns the outputs in input order; `LLM.stream` feeds one request into the same engine from an
+asyncio task, and the steps run in a background thread while any stream is open. Text is
+decoded incrementally: a step's `delta` holds only whole characters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+
+from dsjax.serving.engine import RequestOutput, ServingEngine
+
+SERVING_KEYS = ("block_size", "num_blocks", "memory_fraction", "token_budget", "max_seqs",
+                "max_model_len")
+
+
+class IncrementalText:
+    """The text of a growing token list, handed out in pieces that end on whole characters."""
+
+    def __init__(self, tokenizer, prompt: list[int]):
+        self.tok, self.prompt, self.shown = tokenizer, list(prompt), ""
+
+    def delta(self, tokens: list[int], final: bool = False) -> str:
+        whole = self.tok.decode(self.prompt + list(tokens))
+        start = len(self.tok.decode(self.prompt))
+        text = whole[start:]
+        if not final and text.endswith("\ufffd"):  # a character still being spelled out
+            return ""
+        piece = text[len(self.shown):] if text.startswith(self.shown) else text
+        self.shown = text
+        return piece
+
+
+@dataclasses.dataclass
+class Completion:
+    """A request's output with its text (whole, and this step's piece when streaming)."""
+
+    output: RequestOutput
+    text: str
+    delta: str = ""
+
+    def __getattr__(self, name):
+        return getattr(self.output, name)
+
+
+class LLM:
+    """An engine (init_inference's options) and a ServingEngine on it (SERVING_KEYS)."""
+
+    def __init__(self, model, **options):
+        from dsjax.engine import init_inference
+
+        serving = {k: options.pop(k) for k in SERVING_KEYS if k in options}
+        self.engine = init_inference(model, **options)
+        self.serving = ServingEngine(self.engine, **serving)
+        self._lock, self._streams, self._thread = threading.Lock(), {}, None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def _ids(self, prompt) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def generate(self, prompts, sampling_params=None, *, progress: bool = True) -> list[Completion]:
+        """Every prompt (text or token ids) to its end; sampling_params: one dict of options
+        (generate()'s names and a seed) for all, or a list with one per prompt."""
+        from tqdm import tqdm
+
+        per = (sampling_params if isinstance(sampling_params, (list, tuple))
+               else [sampling_params or {}] * len(prompts))
+        if len(per) != len(prompts):
+            raise ValueError(f"sampling_params has {len(per)} entries for {len(prompts)} prompts")
+        with self._lock:
+            ids = [self.serving.add_request(self._ids(p), **dict(o)) for p, o in zip(prompts, per)]
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), disable=not progress, desc="dsjax", unit="req") as bar:
+            while len(done) < len(ids):
+                with self._lock:
+                    outs = self.serving.step()
+                for out in outs:
+                    if out.finished and out.request_id in ids:
+                        done[out.request_id] = out
+                        bar.update()
+        return [self._completion(done[i]) for i in ids]
+
+    def _completion(self, out: RequestOutput) -> Completion:
+        try:
+            text = self.tokenizer.decode(out.token_ids)
+        except ValueError:  # no tokenizer: token ids only
+            text = ""
+        if out.stop_string is not None:  # the text ends before the stop string
+            text = text[:text.find(out.stop_string)]
+        return Completion(out, text)
+
+    async def stream(self, prompt, **options):
+        """Yields a Completion per new token of one request (delta: its new text); closing the
+        iterator early aborts the request and frees its blocks."""
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        ids = self._ids(prompt)
+        with self._lock:
+            rid = self.serving.add_request(ids, **options)
+            self._streams[rid] = (loop, queue)
+        self._ensure_thread()
+        text = IncrementalText(self.tokenizer, ids)
+        try:
+            while True:
+                out: RequestOutput = await queue.get()
+                yield Completion(out, "", text.delta(out.token_ids, final=out.finished))
+                if out.finished:
+                    return
+        finally:
+            with self._lock:
+                if self._streams.pop(rid, None) is not None:
+                    self.serving.abort(rid)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, daemon=True, name="dsjax-steps")
+            self._thread.start()
+
+    def _run(self) -> None:
+        """Steps while a stream is open; each output goes to its stream's queue."""
+        while True:
+            with self._lock:
+                if not self._streams:
+                    return
+                outs = self.serving.step()
+                targets = {o.request_id: self._streams.get(o.request_id) for o in outs}
+                for o in outs:
+                    if o.finished:
+                        self._streams.pop(o.request_id, None)
+            for o in outs:
+                if targets[o.request_id] is not None:
+                    loop, queue = targets[o.request_id]
+                    loop.call_soon_threadsafe(queue.put_nowait, o)
