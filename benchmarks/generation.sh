@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: benchmarks/generation.py with the wheels of .whl/ (as gpu_stack_tests.sh)
-# and the previous commit's dsjax in baseline_head/ (git archive HEAD~ dsjax converters
-# pallas_kernels | tar -x -C baseline_head) for the baseline row.
+# and the previous commit's dsjax in baseline_head/ (git archive BASE dsjax converters
+# pallas_kernels | tar -x -C baseline_head, BASE: the commit before the change measured)
+# for the baseline row.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -334,16 +334,15 @@ def generate(args) -> int:
 
 
 def _stream(engine, tok, prompt, key, options) -> int:
-    """Prints the prompt, then the text each step adds (the decoded whole minus what is shown)."""
-    shown, made = tok.decode(list(prompt)), []
-    print(shown, end="", flush=True)
+    """Prints the prompt, then the text each step adds (whole characters only)."""
+    from dsjax.serving.llm import IncrementalText
+
+    text, made = IncrementalText(tok, prompt), []
+    print(tok.decode(list(prompt)), end="", flush=True)
     for new in engine.stream(list(prompt), prng_key=key, **options):
         made += new
-        text = tok.decode(list(prompt) + made)
-        if text.startswith(shown) and not text.endswith("\ufffd"):  # whole characters only
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-    print(tok.decode(list(prompt) + made)[len(shown):], flush=True)
+        print(text.delta(made), end="", flush=True)
+    print(text.delta(made, final=True), flush=True)
     return 0
 
 
