@@ -29,7 +29,7 @@ from dsjax.cache import cache_bytes, device_memory
 from dsjax.prompts import bucket
 from dsjax.serving.blocks import BlockAllocator
 from dsjax.serving.paged import PagedCache, StepMeta
-from dsjax.serving.scheduler import Chunk, Scheduler, Sequence
+from dsjax.serving.scheduler import PENDING, Chunk, Scheduler, Sequence
 from dsjax.serving.step import StepInputs, ragged_step, swap_weights
 from dsjax.validate import id_array
 
@@ -87,6 +87,8 @@ class ServingEngine:
                                prefix_salt=icfg.kv_cache_dtype.encode())
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+        self._flight = None  # the step dispatched last: (chunks, tokens, logprobs), unread
+        self._no_tokens = jnp.zeros((bucket(max_seqs, minimum=4),), jnp.int32)
         self.params = engine.params
         log.info("dsjax serving: %d KV blocks of %d tokens, %d-token steps, up to %d sequences",
                  num_blocks, block_size, token_budget, max_seqs)
@@ -129,7 +131,7 @@ class ServingEngine:
         return self._output(req, [], "abort")
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._flight is not None
 
     def swap_params(self, params) -> None:
         """Replaces the weights in place (same structure, shapes, dtypes): no recompile. Between
@@ -143,29 +145,46 @@ class ServingEngine:
     # ------------------------------------------------------------------ steps
 
     def step(self) -> list[RequestOutput]:
-        """One ragged step; the outputs of the requests that got a token (or finished)."""
+        """Dispatches one ragged step, then reads the step before it (which the device has
+        finished or is finishing): the host prepares step n + 1 while the device runs step n.
+        Returns the outputs of the requests that got a token (or finished) in the step read."""
         chunks = [c for c in self.sched.schedule() if c.seq in self.sched.running]
-        if not chunks:
-            return []
-        inputs = self._inputs(chunks)
-        self.cache, tok, lp = ragged_step(self.engine.graphdef, self.params, self.cache, inputs)
+        flight, self._flight = self._flight, None
+        if chunks:
+            inputs = self._inputs(chunks)
+            prev = flight[1] if flight is not None else self._no_tokens
+            self.cache, tok, lp = ragged_step(self.engine.graphdef, self.params, self.cache,
+                                              inputs, prev)
+            self.sched.advance(chunks)
+            for i, c in enumerate(chunks):
+                if c.samples:  # its token exists only on the device until the next step
+                    c.seq.out.append(PENDING)
+                    c.seq.pending_row = i
+            self._flight = (chunks, tok, lp)
+        return [] if flight is None else self._read(flight)
+
+    def _read(self, flight) -> list[RequestOutput]:
+        chunks, tok, lp = flight
         tok, lp = np.asarray(tok), np.asarray(lp)
-        self.sched.advance(chunks)
         outs = []
         for i, c in enumerate(chunks):
-            if c.samples:
+            if not c.samples:
+                continue
+            c.seq.out[c.start + c.n - len(c.seq.prompt)] = int(tok[i])
+            if c.seq.out[-1] != PENDING:  # no newer token of it in flight
+                c.seq.pending_row = None
+            if c.seq.id in self.requests:  # not aborted or finished meanwhile
                 outs.append(self._took(self.requests[c.seq.id], int(tok[i]), float(lp[i])))
         return outs
 
     def _took(self, req: _Request, token: int, logprob: float) -> RequestOutput:
-        req.seq.out.append(token)
         req.logprobs.append(logprob)
         reason = None
         if token in req.settings.eos_token_id:  # (masked on the device before min_new_tokens)
             reason = "stop"
         elif req.settings.stop_strings and self._stop_string(req):
             reason = "stop"
-        elif len(req.seq.out) >= req.seq.max_new:
+        elif len(req.logprobs) >= req.seq.max_new:  # tokens read (one may still be in flight)
             reason = "length"
         if reason is not None:
             self.requests.pop(req.seq.id)
@@ -175,7 +194,7 @@ class ServingEngine:
     def _stop_string(self, req: _Request) -> bool:
         """Whether the decoded output now contains a stop string (searching only the text that
         could hold a new occurrence)."""
-        text = self.engine.tokenizer.decode(req.seq.out)
+        text = self.engine.tokenizer.decode(req.seq.out[:len(req.logprobs)])
         longest = max(len(s) for s in req.settings.stop_strings)
         start = max(0, req.searched - longest + 1)
         found = [(text.find(s, start), s) for s in req.settings.stop_strings]
@@ -187,7 +206,8 @@ class ServingEngine:
 
     @staticmethod
     def _output(req: _Request, new: list[int], reason: str | None) -> RequestOutput:
-        return RequestOutput(req.seq.id, req.seq.prompt, list(req.seq.out), list(req.logprobs),
+        return RequestOutput(req.seq.id, req.seq.prompt, req.seq.out[:len(req.logprobs)],
+                             list(req.logprobs),
                              new, reason is not None, reason, req.stop_string)
 
     def _inputs(self, chunks: list[Chunk]) -> StepInputs:
@@ -195,6 +215,7 @@ class ServingEngine:
         n = sum(c.n for c in chunks)
         N, S, bs = bucket(n), bucket(len(chunks), minimum=4), self.alloc.block_size
         tokens, positions = np.zeros(N, np.int32), np.zeros(N, np.int32)
+        from_prev = np.full(N, -1, np.int32)
         slots, token_seq = np.full(N, -1, np.int32), np.zeros(N, np.int32)
         tables = np.zeros((S, self.max_blocks), np.int32)
         sample_at, new_tokens = np.zeros(S, np.int32), np.zeros(S, np.int32)
@@ -203,7 +224,11 @@ class ServingEngine:
         for i, c in enumerate(chunks):
             seq, req = c.seq, self.requests[c.seq.id]
             pos = np.arange(c.start, c.start + c.n)
-            tokens[at:at + c.n] = np.asarray(seq.tokens, np.int32)[pos]
+            tokens[at:at + c.n] = np.maximum(np.asarray(seq.tokens, np.int32)[pos], 0)
+            if seq.pending_row is not None:  # its last token is the step in flight's
+                last = len(seq.tokens) - 1
+                if c.start <= last < c.start + c.n:
+                    from_prev[at + last - c.start] = seq.pending_row
             positions[at:at + c.n], token_seq[at:at + c.n] = pos, i
             slots[at:at + c.n] = np.asarray(seq.blocks)[pos // bs] * bs + pos % bs
             tables[i, :len(seq.blocks)] = seq.blocks
@@ -211,8 +236,8 @@ class ServingEngine:
             settings.append(req.settings)
             at += c.n
         sampling = st.sampling_rows(settings, S, [len(c.seq.prompt) for c in chunks])
-        arrays = (tokens, positions, StepMeta(slots, token_seq, tables), sample_at, new_tokens,
-                  seeds, sampling)
+        arrays = (tokens, from_prev, positions, StepMeta(slots, token_seq, tables), sample_at,
+                  new_tokens, seeds, sampling)
         return jax.tree.map(jnp.asarray, StepInputs(*arrays))
 
     # ------------------------------------------------------------------ offline

@@ -65,6 +65,7 @@ class LLM:
         self.engine = init_inference(model, **options)
         self.serving = ServingEngine(self.engine, **serving)
         self._lock, self._streams, self._thread = threading.Lock(), {}, None
+        self._done: dict[str, RequestOutput] = {}  # finished outputs of generate()'s requests
 
     @property
     def tokenizer(self):
@@ -84,16 +85,27 @@ class LLM:
             raise ValueError(f"sampling_params has {len(per)} entries for {len(prompts)} prompts")
         with self._lock:
             ids = [self.serving.add_request(self._ids(p), **dict(o)) for p, o in zip(prompts, per)]
-        done: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), disable=not progress, desc="dsjax", unit="req") as bar:
-            while len(done) < len(ids):
-                with self._lock:
-                    outs = self.serving.step()
-                for out in outs:
-                    if out.finished and out.request_id in ids:
-                        done[out.request_id] = out
-                        bar.update()
-        return [self._completion(done[i]) for i in ids]
+            while any(i not in self._done for i in ids):
+                before = sum(i in self._done for i in ids)
+                self._step()
+                bar.update(sum(i in self._done for i in ids) - before)
+        return [self._completion(self._done.pop(i)) for i in ids]
+
+    def _step(self) -> None:
+        """One engine step; each output goes to its stream's queue, or (finished) to _done."""
+        with self._lock:
+            outs = self.serving.step()
+            targets = {o.request_id: self._streams.get(o.request_id) for o in outs}
+            for o in outs:
+                if o.finished:
+                    self._streams.pop(o.request_id, None)
+                    if targets[o.request_id] is None:
+                        self._done[o.request_id] = o
+        for o in outs:
+            if targets[o.request_id] is not None:
+                loop, queue = targets[o.request_id]
+                loop.call_soon_threadsafe(queue.put_nowait, o)
 
     def _completion(self, out: RequestOutput) -> Completion:
         try:
@@ -132,17 +144,9 @@ class LLM:
             self._thread.start()
 
     def _run(self) -> None:
-        """Steps while a stream is open; each output goes to its stream's queue."""
+        """Steps while a stream is open (and until the last step dispatched is read)."""
         while True:
             with self._lock:
-                if not self._streams:
+                if not self._streams and not self.serving.has_unfinished():
                     return
-                outs = self.serving.step()
-                targets = {o.request_id: self._streams.get(o.request_id) for o in outs}
-                for o in outs:
-                    if o.finished:
-                        self._streams.pop(o.request_id, None)
-            for o in outs:
-                if targets[o.request_id] is not None:
-                    loop, queue = targets[o.request_id]
-                    loop.call_soon_threadsafe(queue.put_nowait, o)
+            self._step()

@@ -17,6 +17,9 @@ import dataclasses
 from dsjax.serving.blocks import BlockAllocator, OutOfBlocks, prefix_keys
 
 
+PENDING = -1  # a token the device has sampled and the host has not read yet
+
+
 @dataclasses.dataclass(eq=False)
 class Sequence:
     """One request's tokens and the blocks that hold their K/V."""
@@ -29,6 +32,7 @@ class Sequence:
     blocks: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0  # tokens whose K/V are in the cache
     preemptions: int = 0
+    pending_row: int | None = None  # the in-flight step's output row of its last token
 
     @property
     def tokens(self) -> list[int]:
@@ -47,10 +51,12 @@ class Chunk:
     seq: Sequence
     start: int
     n: int
+    samples: bool  # the chunk ends the sequence's tokens: a token is sampled after it
 
-    @property
-    def samples(self) -> bool:
-        return self.start + self.n == len(self.seq.tokens)
+    @classmethod
+    def of(cls, seq: Sequence, n: int) -> Chunk:
+        """seq's next n pending tokens."""
+        return cls(seq, seq.computed, n, seq.computed + n == len(seq.tokens))
 
 
 class Scheduler:
@@ -89,10 +95,10 @@ class Scheduler:
         """This step's chunks: decode tokens first, then prompt chunks, within the budget."""
         chunks, left = [], self.budget
         for seq in sorted((s for s in self.running if s.pending == 1), key=lambda s: s.order):
-            if seq not in self.running or left == 0:
+            if seq not in self.running or left == 0 or len(seq.out) >= seq.max_new:
                 continue  # preempted while making room for an older one
             if self._grow(seq, seq.computed + 1):
-                chunks.append(Chunk(seq, seq.computed, 1))
+                chunks.append(Chunk.of(seq, 1))
                 left -= 1
         for seq in [s for s in self.running if s.pending > 1] + list(self.waiting):
             if left == 0 or len(chunks) >= self.max_seqs:
@@ -101,7 +107,7 @@ class Scheduler:
                 break  # first come, first served: no later request jumps the queue
             n = min(seq.pending, left)
             if self._grow(seq, seq.computed + n):
-                chunks.append(Chunk(seq, seq.computed, n))
+                chunks.append(Chunk.of(seq, n))
                 left -= n
         return chunks
 

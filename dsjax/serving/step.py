@@ -28,6 +28,7 @@ FEATURES = smp.Features(do_sample=True, min_new=True, min_p=True)
 @dataclasses.dataclass(frozen=True)
 class StepInputs:
     tokens: jax.Array  # [N] int32 (padding: 0)
+    from_prev: jax.Array  # [N] int32: >= 0 takes the previous step's token of that row instead
     positions: jax.Array  # [N] int32
     meta: StepMeta
     sample_at: jax.Array  # [S] int32: the index in N of each sequence's last token
@@ -37,19 +38,24 @@ class StepInputs:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def ragged_step(graphdef, params, cache: PagedCache, inputs: StepInputs):
-    """(the cache with this step's K/V written, tokens [S], their log-probabilities under the
-    model [S]). A request's draws depend only on its seed and its position, never on what else
-    shares the step."""
+def ragged_step(graphdef, params, cache: PagedCache, inputs: StepInputs, prev_tokens):
+    """(the cache with this step's K/V written, tokens [R], their log-probabilities under the
+    model [R]); R = prev_tokens' length (the rows of every step's output: one shape, so the
+    next step can read this one's tokens on the device, before the host has seen them). A
+    request's draws depend only on its seed and its position, never on what else shares the
+    step."""
     ONCE.new_program()
     model = nnx.merge(graphdef, params)
-    hidden, cache = model(inputs.tokens[None], inputs.positions[None], cache.at_step(inputs.meta))
+    tokens = jnp.where(inputs.from_prev >= 0, prev_tokens[jnp.maximum(inputs.from_prev, 0)],
+                       inputs.tokens)
+    hidden, cache = model(tokens[None], inputs.positions[None], cache.at_step(inputs.meta))
     logits = model.logits(hidden[0][inputs.sample_at])  # [S, V]
     pos = inputs.positions[inputs.sample_at]
     keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(inputs.seeds, pos)
     tok = smp.choose(logits, keys, inputs.sampling, FEATURES, None, inputs.new_tokens)
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
-    return cache.at_step(None), tok, lp
+    pad = prev_tokens.shape[0] - tok.shape[0]
+    return cache.at_step(None), jnp.pad(tok, (0, pad)), jnp.pad(lp, (0, pad))
 
 
 def swap_weights(graphdef, old_params, new_params):
