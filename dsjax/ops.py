@@ -174,7 +174,7 @@ _REGISTRY = MappingProxyType({op: MappingProxyType(impls) for op, impls in {
     "cache_attention": {"xla": cache_attention_xla, "pallas": pallas_ops.cache_attention},
     "write_kv": {"xla": write_kv_xla, "pallas": pallas_ops.write_kv},
     "paged_write_kv": {"xla": paged_write_kv_xla},
-    "paged_attention": {"xla": paged_attention_xla},
+    "paged_attention": {"xla": paged_attention_xla, "pallas": pallas_ops.paged_attention},
 }.items()})
 
 

@@ -198,3 +198,22 @@ def write_kv(qkv, kv, positions, write_at, *, heads, rotary, policy: KernelPolic
         inv_freq=rotary.inv_freq if rotary else None, k_scale=scales[0] if scales else None,
         v_scale=scales[1] if scales else None, interpret=_interpret(policy))
     return q, tuple(kv)
+
+
+def paged_attention(q, layer, q_pos, *, scale, window, alibi_slopes, policy: KernelPolicy):
+    """The serving step's flat batch q [1, N, H, Dh] over a PagedLayer's block pools (bf16,
+    fp16, fp32 or int8 with scales): one program per (token, kv head) through the block table."""
+    from pallas_kernels.paged_attention import POOL_DTYPES, paged_attention as kernel
+
+    B, N, H, Dh = q.shape
+    if B != 1:
+        raise Unsupported(f"a batch of {B} flat batches (the serving step has one)")
+    if layer.k.dtype not in POOL_DTYPES:
+        raise Unsupported(f"{layer.k.dtype} pools (it reads {', '.join(map(str, POOL_DTYPES))})")
+    meta = layer.meta
+    _kernel("paged_attention", f"paged_attention kernel ({layer.k.dtype} pools, "
+                               f"blocks of {layer.k.shape[2]})")
+    out = kernel(q[0], layer.k, layer.v, q_pos[0], meta.token_seq, meta.block_tables,
+                 scale=scale, window=window, alibi_slopes=alibi_slopes, k_scale=layer.k_scale,
+                 v_scale=layer.v_scale, interpret=_interpret(policy))
+    return out.reshape(1, N, H * Dh)
