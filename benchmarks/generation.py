@@ -130,16 +130,18 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--baseline", help="a checkout of the previous commit (its greedy generate)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
+    p.add_argument("--name", default="generation", help="results file name (before -<card>)")
     p.add_argument("--only-greedy", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.only_greedy:
         measure(args, ["greedy"])
         return
     rows = baseline(args) if args.baseline else []
-    rows += measure(args, list(MODES))
+    rows += measure(args, [m for m in args.modes.split(",") if m])
     env = harness.environment()
     card = "h200" if "H200" in str(env.get("device")) else "h100"
-    harness.save(f"generation-{card}", {"env": env, "args": vars(args), "rows": rows},
+    harness.save(f"{args.name}-{card}", {"env": env, "args": vars(args), "rows": rows},
                  markdown(rows, env, args))
     print(markdown(rows, env, args))
 

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-python3 benchmarks/generation.py --baseline baseline_head "$@" 2>&1 | grep -v Warning | tail -30
+python3 benchmarks/generation.py ${BASELINE:---baseline baseline_head} "$@" 2>&1 | grep -v Warning | tail -30

@@ -4,8 +4,8 @@ The jitted functions are pure: (graphdef, params, arrays) in, arrays out. Prompt
 right-padded to a bucketed length with per-sequence lengths, so sequence b's token t sits in
 cache slot t whatever the other prompts look like: a padded batch gives each prompt's own tokens.
 The token choice (dsjax.sampling: logits processors, sampling) runs on the device with per-row
-settings; the host sees the result once, after the loop. `start` and `advance` are the same
-loop cut into programs the host drives, for streaming (dsjax.streaming).
+settings; the host sees the result once, after the loop (a streaming program also hands each
+step's tokens to the host as they are made: dsjax.streaming).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -113,6 +114,7 @@ class Program:
     return_logprobs: bool = False
     int8_cache: bool = False
     samples: int = 1  # rows per prompt after the prefill (num_return_sequences)
+    stream: bool = False  # hand each step's tokens to the host as they are made (streaming)
 
 
 def _pick(logits, key, done, req: Request, pad_id, prog: Program,
@@ -177,14 +179,32 @@ def advance(model, s: DecodeState, pad_id, req: Request, prog: Program) -> Decod
         cache=cache, key=key, history=history)
 
 
-def run_until(model, s: DecodeState, stop_step, pad_id, req: Request, prog: Program):
-    """Decode steps while some row runs and step < stop_step."""
-    return jax.lax.while_loop(lambda s: (s.step < stop_step) & ~jnp.all(s.done),
-                              lambda s: advance(model, s, pad_id, req, prog), s)
+def run_until(model, s: DecodeState, stop_step, pad_id, req: Request, prog: Program,
+              stream_id=None):
+    """Decode steps while some row runs and step < stop_step (with prog.stream, each step's
+    tokens go to the host's stream `stream_id` as they are made)."""
+    def body(s):
+        s = advance(model, s, pad_id, req, prog)
+        if prog.stream:
+            emit(stream_id, s)
+        return s
+    return jax.lax.while_loop(lambda s: (s.step < stop_step) & ~jnp.all(s.done), body, s)
+
+
+STREAMS: dict = {}  # stream id -> callable(tokens [B], counts [B], done [B]) on the host
+
+
+def emit(stream_id, s: DecodeState) -> None:
+    """Hands the last token, the counts and the done flags of every row to the host (an
+    ordered callback: the steps arrive in order; only programs built with prog.stream have
+    one)."""
+    jax.experimental.io_callback(lambda i, *rows: STREAMS[int(i)](*rows), None, stream_id,
+                                 s.token, s.count, s.done, ordered=True)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prog"))
-def generate(graphdef, params, tokens, lengths, key, pad_id, req: Request, *, prog: Program):
+def generate(graphdef, params, tokens, lengths, key, pad_id, req: Request, stream_id=None, *,
+             prog: Program):
     """Prefill + `lax.while_loop` decode.
 
     tokens [B, T] right-padded prompts, lengths [B] (0: a filler row that only pads the batch
@@ -197,38 +217,10 @@ def generate(graphdef, params, tokens, lengths, key, pad_id, req: Request, *, pr
     model = nnx.merge(graphdef, params)
     req = per_sample(req, prog)
     s = start(model, tokens, lengths, key, pad_id, req, prog)
-    final = run_until(model, s, jnp.max(req.limit), pad_id, req, prog)
+    if prog.stream:
+        emit(stream_id, s)
+    final = run_until(model, s, jnp.max(req.limit), pad_id, req, prog, stream_id)
     return final.out, final.count, final.out_lp
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "prog"))
-def start_program(graphdef, params, tokens, lengths, key, pad_id, req: Request, *, prog: Program):
-    """`start` as its own program (streaming): (the state, its first tokens [B, 1], 0, its
-    rows' token counts and done flags [2, B])."""
-    ONCE.new_program()
-    s = start(nnx.merge(graphdef, params), tokens, lengths, key, pad_id, per_sample(req, prog),
-              prog)
-    return s, s.out[:, :1], jnp.int32(0), _info(s)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "prog", "steps"), donate_argnums=(2,))
-def advance_program(graphdef, params, s: DecodeState, pad_id, req: Request, *, prog: Program,
-                    steps: int):
-    """Up to `steps` decode steps (streaming): (the new state, its tokens [B, steps] from
-    column `at` (the first new step's, moved back near the capacity), at, [2, B] counts and done
-    flags). The state is donated; the other outputs are arrays of their own."""
-    ONCE.new_program()
-    model = nnx.merge(graphdef, params)
-    first = s.step
-    req = per_sample(req, prog)
-    s = run_until(model, s, jnp.minimum(first + steps, jnp.max(req.limit)), pad_id, req, prog)
-    B, C = s.out.shape
-    at = jnp.minimum(first, C - steps)
-    return s, jax.lax.dynamic_slice(s.out, (0, at), (B, steps)), at, _info(s)
-
-
-def _info(s: DecodeState):
-    return jnp.stack([s.count, s.done.astype(jnp.int32)])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -1,41 +1,58 @@
-"""Streaming: the decode loop of dsjax.generate cut into programs the host drives, so tokens
-reach the caller as they are made.
+"""Streaming: generate's own program, which hands each step's tokens to the host as it makes
+them (an ordered host callback inside the decode loop, compiled in only when streaming), run in
+a thread while the caller's iterator yields them.
 
-`start_program` prefills and picks the first token; each `advance_program` call runs one more
-step (the state is donated: updated in place). The host dispatches step k + 1 before it reads
-step k's tokens, so the device never waits for the host; the non-streaming generate() runs the
-whole loop in one program and is untouched by this module.
+One program, the same loop as generate's: a program cut into host-driven steps instead loses
+what XLA hoists out of the loop (measured: docs/decisions.md#streaming-by-host-callback). The
+non-streaming generate() compiles without the callback and is untouched by this module.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import queue
+import threading
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsjax import decoding
 from dsjax import generate as gen
 
+_IDS = itertools.count()
 
-def _chunks(engine, p: decoding.Prepared, key, fill: int):
-    """Yields (tokens [B, k] from column `at`, at, [2, B] counts and done flags) after the
-    prefill and after each later step, reading step k while step k + 1 runs."""
+
+def _steps(engine, p: decoding.Prepared, key, fill: int):
+    """Yields (last tokens [B'], tokens made so far [B'], done [B']) after the prefill and each
+    decode step, as the device makes them. Closing the iterator early lets the program run out
+    in its thread, unheard."""
     if engine.runner.plan is not None:
         raise ValueError("streaming runs on one device; this engine is over a mesh")
-    prog = decoding.program(engine, p, return_logprobs=False)
-    req = decoding.device_request(p.request)
-    pad = jnp.int32(fill)
-    state, *current = gen.start_program(engine.graphdef, engine.params, jnp.asarray(p.tokens),
-                                        jnp.asarray(p.lengths), key, pad, req, prog=prog)
-    for _ in range(p.width - 1):
-        state, *nxt = gen.advance_program(engine.graphdef, engine.params, state, pad, req,
-                                          prog=prog, steps=1)  # dispatched, not awaited
-        cols, at, info = (np.asarray(x) for x in current)  # waits for the step before
-        yield cols, int(at), info
-        if info[1].all():
-            return
-        current = nxt
-    cols, at, info = (np.asarray(x) for x in current)
-    yield cols, int(at), info
+    prog = dataclasses.replace(decoding.program(engine, p, return_logprobs=False), stream=True)
+    sid, steps, failed = next(_IDS), queue.Queue(), []
+    gen.STREAMS[sid] = lambda *rows: steps.put(tuple(np.asarray(r) for r in rows))
+    args = (engine.graphdef, engine.params, jnp.asarray(p.tokens), jnp.asarray(p.lengths), key,
+            jnp.int32(fill), decoding.device_request(p.request), jnp.int32(sid))
+
+    def run():
+        try:
+            jax.block_until_ready(gen.generate(*args, prog=prog))
+        except BaseException as e:  # noqa: BLE001  re-raised in the caller's thread
+            failed.append(e)
+        finally:
+            steps.put(None)
+
+    threading.Thread(target=run, daemon=True, name="dsjax-stream").start()
+    try:
+        while (item := steps.get()) is not None:
+            yield item
+    finally:
+        gen.STREAMS[sid] = lambda *rows: None  # an early close: the rest is dropped
+    gen.STREAMS.pop(sid, None)
+    if failed:
+        raise failed[0]
 
 
 def steps(engine, p: decoding.Prepared, key, fill: int):
@@ -43,14 +60,10 @@ def steps(engine, p: decoding.Prepared, key, fill: int):
     produced none: finished, or stopped before this step)."""
     n = len(p.rows) * p.samples
     seen = np.zeros((n,), np.int64)
-    for cols, at, info in _chunks(engine, p, key, fill):
-        count = info[0, :n]
-        chunk = []
-        for r in range(n):
-            new = range(max(seen[r], at), min(count[r], at + cols.shape[1]))
-            chunk.append([int(cols[r, j - at]) for j in new])
-            seen[r] = max(seen[r], count[r])
-        yield chunk
+    for token, count, _ in _steps(engine, p, key, fill):
+        made = count[:n] > seen
+        seen = np.maximum(seen, count[:n])
+        yield [[int(token[r])] if made[r] else [] for r in range(n)]
 
 
 def to_streamer(engine, p: decoding.Prepared, key, fill: int, pad: int, streamer,
