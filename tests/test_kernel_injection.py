@@ -17,9 +17,15 @@ from tests.converters import test_bert, test_clip, test_decoder_families, test_d
 # one configuration per family (the second configs of NeoX, Qwen2 and OPT add no kernel path
 # the others do not take: parallel residual, sliding windows and post-LN are all covered)
 SAME_FAMILY = ("gpt_neox_sequential", "qwen2_qkv_bias_gqa", "opt_pre_ln")
+# GPT-2 and LLaMA (conftest's models, which no XLA test compiles at this budget) run one layer:
+# the layer loop is the same in every family and the eight two-layer families run it; the
+# one-layer engines' XLA programs are then shared by the int8-cache, per-op, fused-gemv and log
+# tests below (the same budget, batch bucket and log-probabilities)
+ONE_LAYER = {"gpt2": lambda: gpt2_model(n_layer=1),
+             "llama_gqa": lambda: llama_model(num_hidden_layers=1)}
 DECODERS = {**{name: (lambda n=name: test_decoder_families.build(n))
-               for name in test_decoder_families.CASES if name not in SAME_FAMILY},
-            "gpt2": gpt2_model, "llama_gqa": llama_model}
+               for name in test_decoder_families.CASES if name not in SAME_FAMILY}, **ONE_LAYER}
+BUDGET = 64  # test_decoder_families' max_out_tokens: its XLA engines' programs are these
 TOL = dict(atol=2e-4, rtol=2e-4)  # fp32; the kernels sum in another order than XLA
 
 
@@ -53,7 +59,7 @@ def test_decoder_family(name):
     hf = DECODERS[name]()
     # the budget and shapes test_decoder_families compiles for the XLA engine of the same model
     # (one prompt's greedy tokens with log-probabilities, [2, 20] logits): compiled once
-    xla, pallas = _pair(hf, max_out_tokens=64)
+    xla, pallas = _pair(hf, max_out_tokens=BUDGET)
     V = xla.config.vocab_size
     rows = _same_generation(xla, pallas, V)
     kernels = set(generate_kernels(pallas, rows, return_logprobs=True))  # pre-norms fused
@@ -67,8 +73,7 @@ def test_decoder_family(name):
 
 @pytest.mark.parametrize("quant", [{"bits": 8}, {"bits": 4, "group_size": 16, "symmetric": False}],
                          ids=["int8", "int4_g16_asym"])
-@pytest.mark.parametrize("make", [lambda: llama_model(num_hidden_layers=1),
-                                  lambda: gpt2_model(n_layer=1)], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("make", [ONE_LAYER["llama_gqa"], ONE_LAYER["gpt2"]], ids=["llama", "gpt2"])
 def test_quantized_weights(make, quant):
     """Quantized GEMM weights through the Pallas kernels: XLA's tokens and log-probabilities.
     One layer (the layer loop is the same for every weight format, and the two-layer families
@@ -79,16 +84,35 @@ def test_quantized_weights(make, quant):
     assert GENERATE_KERNELS <= set(kernels) and kernels[f"quant{quant['bits']}_matmul"] > 0
 
 
-@pytest.mark.parametrize("make", [llama_model, gpt2_model], ids=["llama", "gpt2"])
-def test_int8_kv_cache(make):
+FALLBACK = ("ops.cache_attention: 'pallas' cannot run it (flash attention over an int8 cache "
+            "(prompt phase)): falling back to 'xla'")
+_INT8 = {}
+
+
+def _int8_cache(name, caplog):
+    """ONE_LAYER[name]'s XLA and Pallas engines over an int8 KV cache, their tokens and
+    log-probabilities on the padded batch checked equal, once per process: (the model, the
+    Pallas engine, the rows, the warnings its program logged as it traced)."""
+    if name not in _INT8:
+        hf = ONE_LAYER[name]()
+        xla, pallas = _pair(hf, max_out_tokens=BUDGET, kv_cache_dtype="int8")
+        first = len(caplog.records)
+        with caplog.at_level(logging.INFO, logger="dsjax.ops"):  # its own program, traced now
+            rows = _same_generation(xla, pallas, 96)
+        _INT8[name] = hf, pallas, rows, [r.getMessage() for r in caplog.records[first:]
+                                         if r.levelno >= logging.WARNING]
+    return _INT8[name]
+
+
+@pytest.mark.parametrize("name", list(ONE_LAYER), ids=["gpt2", "llama"])
+def test_int8_kv_cache(name, caplog):
     """The int8 cache through the decode kernel equals the XLA path on the same int8 cache, and
     stays close to the full-precision cache: the same log-probabilities (0.05) while the tokens
-    agree, and a different token only where the full-precision logits nearly tie (< 0.2)."""
-    hf = make()
-    xla, pallas = _pair(hf, max_out_tokens=48, kv_cache_dtype="int8")
-    _same_generation(xla, pallas, 96)
-    full = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=48, progress=False)
-    rows = [prompt(3, 11, 96), prompt(4, 4, 96)]
+    agree, and a different token only where the full-precision logits nearly tie (< 0.2). One
+    layer: each layer's cache is written and read as the two-layer families' float caches are;
+    the full-precision engine's program is test_decoder_family's."""
+    hf, pallas, rows, _ = _int8_cache(name, caplog)
+    full = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=BUDGET, progress=False)
     a = full.generate(rows, max_new_tokens=8, eos_token_id=[], return_logprobs=True)
     b = pallas.generate(rows, max_new_tokens=8, eos_token_id=[], return_logprobs=True)
     for row, want, got, want_lp, got_lp in zip(rows, a.sequences, b.sequences, a.logprobs,
@@ -100,13 +124,23 @@ def test_int8_kv_cache(make):
             assert logits[want[same]] - logits[got[same]] < 0.2, (same, want, got)
 
 
+def test_a_call_no_kernel_takes_falls_back_with_a_warning(caplog):
+    """The prompt phase over an int8 cache has no flash kernel: that call runs XLA, and the log
+    says so and why (its one warning); the decode steps still run the decode kernel. The program
+    is test_int8_kv_cache[llama]'s."""
+    _, engine, rows, warnings = _int8_cache("llama_gqa", caplog)
+    assert warnings == [FALLBACK]
+    kernels = generate_kernels(engine, rows, return_logprobs=True, int8_cache=True)
+    assert kernels["decode_attention"] and "flash_attention" not in kernels
+
+
 def test_gemv_with_layernorm_fused(caplog):
     """A policy that fuses LayerNorm into the one-row gemv too (decode_variants' bf16-pallas-
-    lnfused): GPT-2's tokens and log-probabilities as the XLA path's."""
-    hf = gpt2_model()
-    xla = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=48, progress=False)
+    lnfused): GPT-2's tokens and log-probabilities as the XLA path's (one layer, as above)."""
+    hf = ONE_LAYER["gpt2"]()
+    xla = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=BUDGET, progress=False)
     policy = KernelPolicy.pallas(gemv_fused_norms=("rmsnorm", "layernorm"))
-    fused = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=48, progress=False,
+    fused = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=BUDGET, progress=False,
                                  kernels=policy)
     assert fused.policy == policy
     with caplog.at_level(logging.INFO, logger="dsjax.ops"):  # one row: the gemv's decode steps
@@ -151,16 +185,17 @@ def test_the_log_names_each_kernel_and_each_policy_compiles_apart(caplog):
     at one row, or the GEMM kernel under gemv_rows=0), each logs them (replace_with_kernel_inject
     every kernel it runs, with no warning), and each gives the XLA tokens. One layer: the same
     ops (and log lines) as two, half the program to compile; a budget of 44 that no other test
-    uses, so these programs are traced (and logged) here."""
-    hf = llama_model(num_hidden_layers=1)
+    uses, so these programs are traced (and logged) here; the XLA tokens come from
+    test_decoder_family[llama_gqa]'s program (its budget, with log-probabilities)."""
+    hf = ONE_LAYER["llama_gqa"]()
     kw = dict(dtype="fp32", max_out_tokens=44, progress=False)
-    xla = dsjax.init_inference(hf, **kw)
+    xla = dsjax.init_inference(hf, **dict(kw, max_out_tokens=BUDGET))
     gemv = dsjax.init_inference(hf, replace_with_kernel_inject=True, **kw)
     no_gemv = dsjax.init_inference(hf, kernels=KernelPolicy.pallas(gemv_rows=0), **kw)
     assert gemv.policy == KernelPolicy.pallas()
     assert gemv.graphdef != no_gemv.graphdef  # the policy is part of the compile key
     rows = [prompt(7, 5, 96)]
-    want = xla.generate(rows, max_new_tokens=6, eos_token_id=[]).sequences
+    want = xla.generate(rows, max_new_tokens=6, eos_token_id=[], return_logprobs=True).sequences
     logs = {}
     for name, engine in (("no_gemv", no_gemv), ("gemv", gemv)):
         caplog.clear()
@@ -185,10 +220,11 @@ def test_the_log_names_each_kernel_and_each_policy_compiles_apart(caplog):
 
 
 def test_per_op_choice(caplog):
-    """Pallas attention with XLA GEMMs: each op logs the implementation it runs."""
-    hf = llama_model()
-    xla = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=48, progress=False)
-    mixed = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=48, progress=False,
+    """Pallas attention with XLA GEMMs: each op logs the implementation it runs (one layer, as
+    test_int8_kv_cache)."""
+    hf = ONE_LAYER["llama_gqa"]()
+    xla = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=BUDGET, progress=False)
+    mixed = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=BUDGET, progress=False,
                                  replace_with_kernel_inject=True, kernels={"linear": "xla"})
     assert mixed.policy == KernelPolicy.pallas(linear="xla") and not mixed.policy.k_major
     with caplog.at_level(logging.INFO, logger="dsjax.ops"):
@@ -198,21 +234,6 @@ def test_per_op_choice(caplog):
     assert "ops.linear: Pallas" not in caplog.text
     assert set(generate_kernels(mixed, [prompt(3, 11, 96)], return_logprobs=True)) == {
         "flash_attention", "decode_attention", "rotary_cache_write"}  # the program traced above
-
-
-def test_a_call_no_kernel_takes_falls_back_with_a_warning(caplog):
-    """The prompt phase over an int8 cache has no flash kernel: that call runs XLA, and the log
-    says so and why; the decode steps still run the decode kernel."""
-    hf = llama_model(num_hidden_layers=1)
-    engine = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=40, progress=False,
-                                  replace_with_kernel_inject=True, kv_cache_dtype="int8")
-    with caplog.at_level(logging.INFO, logger="dsjax.ops"):
-        engine.generate([[1, 2, 3]], max_new_tokens=2)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["ops.cache_attention: 'pallas' cannot run it (flash attention over an int8 "
-                        "cache (prompt phase)): falling back to 'xla'"]
-    kernels = generate_kernels(engine, [[1, 2, 3]], int8_cache=True)
-    assert kernels["decode_attention"] and "flash_attention" not in kernels
 
 
 def test_min_split_keys_gives_decode_attention_one_split():

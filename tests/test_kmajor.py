@@ -24,11 +24,12 @@ def test_conversions_round_trip():
     np.testing.assert_array_equal(to_stored(km), w)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 12)), jnp.float32)
     b = jnp.linspace(-1, 1, 10).repeat(2)
-    # one program per weight layout (as engines run it), not one per eager op
+    # one program per weight layout or spec (as engines run them), not one per eager op
     linear = jax.jit(lambda x, w, b: ops.linear_xla(x, w, b, activation="silu", gated=True))
+    quantize_jit = jax.jit(quantize, static_argnums=1)
     for spec in (QuantSpec(bits=8), QuantSpec(bits=8, group_size=4),
                  QuantSpec(bits=8, group_size=6, symmetric=False)):
-        q = quantize(w, spec)  # int8 codes [N, K], scales (and zeros) [K/G, N] as they were
+        q = quantize_jit(w, spec)  # int8 codes [N, K], scales (and zeros) [K/G, N] as they were
         kq = to_k_major(q)
         assert isinstance(kq, QuantizedWeight) and kq.k_major and kq.values.shape == (20, 12)
         assert kq.scales is q.scales and kq.zeros is q.zeros and kq.shape == q.shape
@@ -40,7 +41,7 @@ def test_conversions_round_trip():
             np.testing.assert_array_equal(got, want)
         # the XLA fallback contracts K-major codes like the [K, N] QuantizedWeight
         np.testing.assert_allclose(linear(x, kq, b), linear(x, q, b), rtol=1e-5, atol=1e-5)
-    q = quantize(w, QuantSpec(bits=4))  # quant_matmul reads int4 [K/2, N]: unchanged
+    q = quantize_jit(w, QuantSpec(bits=4))  # quant_matmul reads int4 [K/2, N]: unchanged
     assert to_k_major(q) is q and to_stored(q) is q
 
 
@@ -98,7 +99,8 @@ def test_int8_engine_holds_k_major_codes_and_saves_the_stored_layout(tmp_path, c
     assert "falling back" not in caplog.text
     kernels = generate_kernels(pallas, [one])  # the float LM head alone runs the gemv
     assert kernels["quant8_matmul"] and kernels["gemv"] == 2  # prompt and loop
-    want = xla.generate(one, max_new_tokens=4).tokens
+    # with log-probabilities: the program of test_kernel_injection's LLaMA int8 XLA engine
+    want = xla.generate(one, max_new_tokens=4, return_logprobs=True).tokens
     np.testing.assert_array_equal(got, want)
     gemv_engine = dsjax.init_inference(hf, kernels=KernelPolicy.pallas(int8_gemv_rows=1), **kw)
     caplog.clear()

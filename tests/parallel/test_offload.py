@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from dsjax.parallel import offload, pipeline
-from tests.conftest import hf_greedy, prompt
-from tests.parallel.test_parallel import ROWS, V, _engine, gqa_llama
+from tests.conftest import prompt
+from tests.parallel.test_parallel import ROWS, V, _engine, hf_tokens, one_layer_a_stage, reference
 
 if jax.device_count() < 8:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX starts",
@@ -22,15 +22,13 @@ N = 10
 PADDED = ROWS + [prompt(8, 6, V), prompt(9, 1, V), prompt(10, 11, V)]  # lengths 9 3 14 6 1 11
 
 
-@pytest.fixture(scope="module")
-def hf():
-    return gqa_llama()
-
-
-@pytest.fixture(scope="module")
-def hf_padded(hf):
-    """HF's greedy tokens for PADDED, which every layout's plain engine must make."""
-    return [hf_greedy(hf, r, N) for r in PADDED]
+# The GQA model with one layer a stage (test_parallel's: a stage's layer loop adds nothing to the
+# slots' schedule; at PP4 the four-layer model, whose PP4 M2 plain engine is test_parallel's
+# too). Every layout's plain engine must make HF's tokens.
+PP2 = one_layer_a_stage(2)
+# stop ids past the vocabulary, which no step produces: eight columns of stop ids, as
+# test_offload_stops_at_eos_like_the_plain_engine's (its PP2 M2 engines run this case's programs)
+NEVER = list(range(V, V + 8))
 
 
 def _pair(hf, tp, pp, M, **kw):
@@ -49,19 +47,20 @@ def _recorded(engine, rows, **kw):
 # that each take the next slot), PP2 with M = P (a tick that keeps its slot on the device) and
 # with M > P (two of four slots on the device), M < P (idle ticks), data parallel; TP at PP1 and
 # PP2
-CASES = [(2, 1, 2, {}), (1, 2, 2, {}), (2, 2, 4, {}), (1, 4, 2, {}),
-         (1, 2, 2, {"data_parallel": {"dp_size": 2}})]
+CASES = [(2, 1, 2, {}, []), (1, 2, 2, {}, NEVER), (2, 2, 4, {}, []), (1, 4, 2, {}, []),
+         (1, 2, 2, {"data_parallel": {"dp_size": 2}}, [])]
 
 
-@pytest.mark.parametrize("tp,pp,M,kw", CASES,
+@pytest.mark.parametrize("tp,pp,M,kw,eos", CASES,
                          ids=["tp2-pp1-m2", "pp2-m2", "tp2-pp2-m4", "pp4-m2-idle-ticks",
                               "dp2-pp2-m2"])
-def test_offload_gives_the_same_tokens_and_logprobs(hf, hf_padded, tp, pp, M, kw):
-    plain, offloaded = _pair(hf, tp, pp, M, **kw)
-    ref = plain.generate(PADDED, max_new_tokens=N, eos_token_id=[], return_logprobs=True)
-    out, ticks = _recorded(offloaded, PADDED, max_new_tokens=N, eos_token_id=[],
+def test_offload_gives_the_same_tokens_and_logprobs(tp, pp, M, kw, eos):
+    model = one_layer_a_stage(pp)
+    plain, offloaded = _pair(reference(model)[0], tp, pp, M, **kw)
+    ref = plain.generate(PADDED, max_new_tokens=N, eos_token_id=eos, return_logprobs=True)
+    out, ticks = _recorded(offloaded, PADDED, max_new_tokens=N, eos_token_id=eos,
                            return_logprobs=True)
-    assert ref.sequences == hf_padded
+    assert ref.sequences == hf_tokens(model, PADDED)
     assert out.sequences == ref.sequences
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
     _check_idle_slots_in_pinned_host_memory(ticks, M)
@@ -88,14 +87,17 @@ def _check_idle_slots_in_pinned_host_memory(ticks: list[offload.Tick], M: int):
     assert aliased.count("may-alias") >= 2 * per_slot  # work and spare updated in place
 
 
-def test_offload_stops_at_eos_like_the_plain_engine(hf, hf_padded):
+def test_offload_stops_at_eos_like_the_plain_engine():
     """Every row stops at its first stop token (each meets one by its second token); the
     offloaded loop ends with the round in which the last row stopped (eight rows: no filler
-    rows; test_fillers.py covers those)."""
-    plain, offloaded = _pair(hf, 1, 2, 2)
-    more = [prompt(11, 4, V), prompt(12, 8, V)]
-    rows, expected = PADDED + more, hf_padded + [hf_greedy(hf, r, N) for r in more]
+    rows; test_fillers.py covers those). The stop ids fill NEVER's eight columns (the rest past
+    the vocabulary), so the engines run the programs of the pp2-m2 case above."""
+    plain, offloaded = _pair(reference(PP2)[0], 1, 2, 2)
+    rows = PADDED + [prompt(11, 4, V), prompt(12, 8, V)]
+    expected = hf_tokens(PP2, rows)
     stops = sorted({e[1] for e in expected})
+    assert len(stops) <= len(NEVER)
+    stops += NEVER[len(stops):]
     ref = plain.generate(rows, max_new_tokens=N, eos_token_id=stops, return_logprobs=True)
     out, ticks = _recorded(offloaded, rows, max_new_tokens=N, eos_token_id=stops,
                            return_logprobs=True)
@@ -106,8 +108,8 @@ def test_offload_stops_at_eos_like_the_plain_engine(hf, hf_padded):
     assert len(ticks) < (2 + 2 - 1) + all_rounds * 2
 
 
-def test_offload_sampling_draws_the_same_tokens(hf):
-    plain, offloaded = _pair(hf, 1, 2, 2)
+def test_offload_sampling_draws_the_same_tokens():
+    plain, offloaded = _pair(reference(PP2)[0], 1, 2, 2)
     kw = dict(max_new_tokens=N, eos_token_id=[], do_sample=True, top_k=20,
               prng_key=jax.random.key(3))
     assert offloaded.generate(PADDED, **kw).sequences == plain.generate(PADDED, **kw).sequences

@@ -23,14 +23,14 @@ ROWS = [prompt(1, 9, V), prompt(2, 3, V), prompt(3, 14, V)]  # a padded batch of
 N = 10
 
 
-def gqa_llama():  # 8 query heads, 2 KV heads: replicated on 2 (tp 4) or 4 (tp 8) devices
+def gqa_llama(layers=4):  # 8 query heads, 2 KV heads: replicated on 2 (tp 4) or 4 (tp 8) devices
     return llama_model(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
-                       num_hidden_layers=4, intermediate_size=96)
+                       num_hidden_layers=layers, intermediate_size=96)
 
 
 def neox_parallel_residual():
     cls, config_cls, cfg = families.CASES["gpt_neox_parallel_rotary_quarter"]
-    model = cls(config_cls(**dict(cfg, hidden_size=64, num_attention_heads=8, num_hidden_layers=4)))
+    model = cls(config_cls(**dict(cfg, hidden_size=64, num_attention_heads=8, num_hidden_layers=2)))
     return families.perturb(model)
 
 
@@ -39,16 +39,26 @@ def neox_parallel_residual():
 # parallel residual under TP and PP together (its TP4 forward, at PP1, is tested below)
 DEGREES = [(2, 1), (8, 1), (1, 4), (2, 2), (4, 2)]
 CASES = [("llama_gqa", tp, pp) for tp, pp in DEGREES] + [("neox_parallel_residual", 4, 2)]
-MODELS = {"llama_gqa": gqa_llama, "neox_parallel_residual": neox_parallel_residual}
+# llama_gqa_1l, llama_gqa_2l: the same widths in one layer a stage (PP1, PP2), for the forward,
+# data-parallel, quantized-slice, int8-cache and Pallas-over-a-mesh tests (a stage's layer loop
+# adds nothing there; the four-layer model's four stages run above; NeoX has one layer a stage
+# at PP2): a program of more layers compiles longer, an interpreted Pallas one much longer
+MODELS = {"llama_gqa": gqa_llama, "llama_gqa_1l": lambda: gqa_llama(1),
+          "llama_gqa_2l": lambda: gqa_llama(2), "neox_parallel_residual": neox_parallel_residual}
 _REFERENCES = {}
 
 
+def one_layer_a_stage(pp: int) -> str:
+    """The GQA model with one layer in each of pp stages."""
+    return "llama_gqa" if pp == 4 else f"llama_gqa_{pp}l"
+
+
 def reference(name):
-    """The HF model, its one-device engine and HF's greedy tokens for ROWS (built once)."""
+    """The HF model and its one-device engine (built once)."""
     if name not in _REFERENCES:
         hf = MODELS[name]()
-        single = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=32, progress=False)
-        _REFERENCES[name] = hf, single, [hf_greedy(hf, r, N) for r in ROWS]
+        _REFERENCES[name] = hf, dsjax.init_inference(hf, dtype="fp32", max_out_tokens=32,
+                                                     progress=False)
     return _REFERENCES[name]
 
 
@@ -72,17 +82,17 @@ def _engine(hf, tp=1, pp=1, **kw):
 
 @pytest.mark.parametrize("name,tp,pp", CASES, ids=[f"{n}-tp{t}xpp{p}" for n, t, p in CASES])
 def test_greedy_tokens_equal_hf_and_one_device(name, tp, pp):
-    hf, single, expected = reference(name)
+    hf, single = reference(name)
     out = _engine(hf, tp, pp).generate(ROWS, max_new_tokens=N, eos_token_id=[],
                                        return_logprobs=True)
-    assert out.sequences == expected
+    assert out.sequences == hf_tokens(name, ROWS)
     ref = single.generate(ROWS, max_new_tokens=N, eos_token_id=[], return_logprobs=True)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
 
 
-@pytest.mark.parametrize("name,tp,pp", [("llama_gqa", 2, 2), ("neox_parallel_residual", 4, 1)])
+@pytest.mark.parametrize("name,tp,pp", [("llama_gqa_2l", 2, 2), ("neox_parallel_residual", 4, 1)])
 def test_forward_logits_equal_hf(name, tp, pp):
-    hf, single, _ = reference(name)
+    hf, single = reference(name)
     ids = np.stack([prompt(4, 12, V), prompt(5, 12, V)])
     mask = np.ones_like(ids)
     mask[1, :4] = 0  # left padding
@@ -106,10 +116,10 @@ def test_micro_batch_counts(pipe):
 def test_data_parallel_replicas_and_eos():
     """Five rows over dp 2 x M 2 (rows 4.. on the second replica), each stopping at its own
     first occurrence of a token; sampling draws different tokens for the same prompt on either
-    replica."""
-    hf = reference("llama_gqa")[0]
+    replica. (Two layers: one a stage.)"""
+    hf = reference("llama_gqa_2l")[0]
     rows = ROWS + [prompt(9, 4, V), prompt(10, 7, V)]
-    expected = hf_tokens("llama_gqa", rows)
+    expected = hf_tokens("llama_gqa_2l", rows)
     stop = expected[4][3]
     engine = _engine(hf, 2, 2, data_parallel={"dp_size": 2})
     out = engine.generate(rows, max_new_tokens=N, eos_token_id=stop)
@@ -140,7 +150,7 @@ def test_gpt2_tied_vocab_padded_to_tp():
     """97 tokens over tp 4: the vocabulary slices are padded and the padding never sampled."""
     from tests.conftest import gpt2_model
 
-    hf = gpt2_model(vocab_size=97, n_layer=4)
+    hf = gpt2_model(vocab_size=97)  # two layers: one a stage
     out = _engine(hf, 4, 2).generate(ROWS, max_new_tokens=N, eos_token_id=[])
     assert out.sequences == [hf_greedy(hf, r, N) for r in ROWS]
 
@@ -148,8 +158,9 @@ def test_gpt2_tied_vocab_padded_to_tp():
 @pytest.mark.parametrize("quant", [{"bits": 8, "group_size": 16}, {"bits": 4, "group_size": 8}],
                          ids=["int8_g16", "int4_g8"])
 def test_quantized_slices_equal_one_device(quant):
-    """Groups that sit inside each device's rows quantize identically on one device and on TP."""
-    hf = reference("llama_gqa")[0]
+    """Groups that sit inside each device's rows quantize identically on one device and on TP
+    (one layer: every layer's weights are sliced and quantized alike)."""
+    hf = reference("llama_gqa_1l")[0]
     single = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=32, progress=False, quant=quant)
     engine = _engine(hf, 2, 1, quant=quant)
     out = engine.generate(ROWS, max_new_tokens=N, eos_token_id=[])
@@ -158,7 +169,8 @@ def test_quantized_slices_equal_one_device(quant):
 
 
 def test_int8_kv_cache_and_kernel_injection():
-    hf = reference("llama_gqa")[0]
+    """The int8 cache and Pallas attention, one device and TP2 x PP2 (one layer a stage)."""
+    hf = reference("llama_gqa_2l")[0]
     kw = dict(kv_cache_dtype="int8", replace_with_kernel_inject=True, kernels={"linear": "xla"})
     single = dsjax.init_inference(hf, dtype="fp32", max_out_tokens=32, progress=False, **kw)
     out = _engine(hf, 2, 2, **kw).generate(ROWS[:2], max_new_tokens=3, eos_token_id=[])
@@ -171,11 +183,13 @@ def test_pallas_kernels_over_a_mesh(tp, pp, quant):
     """All-Pallas (interpret mode) over a mesh: each device transposes its own weight slice to
     the K-major layout the decode gemv reads (a column-parallel [K, N/T] slice becomes
     [N/T, K], a row-parallel [K/T, N] one [N, K/T]), one sequence runs the gemv and the decode
-    attention kernel, and the tokens are HF's (int8: the XLA mesh engine's on the same codes)."""
+    attention kernel, and the tokens are HF's (int8: the XLA mesh engine's on the same codes).
+    One layer a stage: each layer's slices are laid out alike."""
     from dsjax.weights import DenseWeight, QuantizedWeight
     from tests.programs import generate_kernels
 
-    hf = reference("llama_gqa")[0]
+    model = one_layer_a_stage(pp)
+    hf = reference(model)[0]
     rows = [ROWS[0]]
     engine = _engine(hf, tp, pp, replace_with_kernel_inject=True, quant=quant)
     qkv_columns = tp * (8 // tp + 2 * max(2 // tp, 1)) * 8  # KV heads replicated at tp 4
@@ -190,7 +204,7 @@ def test_pallas_kernels_over_a_mesh(tp, pp, quant):
     kernels = generate_kernels(engine, rows)
     assert kernels["gemv" if quant is None else "quant8_matmul"] and kernels["decode_attention"]
     if quant is None:  # HF's own tokens
-        assert out.sequences == hf_tokens("llama_gqa", rows)
+        assert out.sequences == hf_tokens(model, rows)
     else:  # the XLA engine over the same per-slice int8 codes (a row-parallel slice has scales
         # of its own, so the one-device int8 engine rounds differently)
         xla = _engine(hf, tp, pp, quant=quant)
@@ -229,7 +243,7 @@ def _layer_kernels(engine):
 def test_each_device_holds_its_slice_of_the_weights():
     """MHA at tp 4: every layer kernel's shard is 1/4 of it, on 4 different devices; at pp 2
     each stage's layers live only on that stage's devices."""
-    hf, single, _ = reference("neox_parallel_residual")
+    hf, single = reference("neox_parallel_residual")
     engine = _engine(hf, 4, 2)
     full = {k: v for k, v in dsjax.model.flatten(single.params).items()
             if k.startswith("layers.") and k.endswith("kernel")}
