@@ -17,20 +17,24 @@ generation_config.json (dsjax.settings), plus a sampling seed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as PS
 
 from dsjax import settings as st
 from dsjax.cache import cache_bytes, device_memory
+from dsjax.parallel import pipeline
 from dsjax.prompts import bucket
 from dsjax.serving.blocks import BlockAllocator
 from dsjax.serving.paged import PagedCache, StepMeta
 from dsjax.serving.scheduler import PENDING, Chunk, Scheduler, Sequence
-from dsjax.serving.step import StepInputs, ragged_step, swap_weights
+from dsjax.serving.step import StepInputs, mesh_step, ragged_step, swap_weights
 from dsjax.validate import id_array
 
 log = logging.getLogger("dsjax")
@@ -56,48 +60,76 @@ class _Request:
     seq: Sequence
     settings: st.GenerationSettings
     seed: int
+    replica: int  # the replica (scheduler and blocks) that runs it
     logprobs: list = dataclasses.field(default_factory=list)
     searched: int = 0  # decoded characters already searched for stop strings
     stop_string: str | None = None
 
 
 class ServingEngine:
-    """Continuous batching with Dynamic SplitFuse on one device (see module docstring).
+    """Continuous batching with Dynamic SplitFuse (see module docstring), on one device or over
+    init_inference's mesh: tensor slices (tp) and replicas (dp), each replica with its own
+    scheduler and blocks, all running one step program together.
 
-    block_size: tokens per KV block; num_blocks: the pool (default: memory_fraction of the
-    device memory left after the weights); token_budget: tokens per step; max_seqs: sequences
-    per step; max_model_len: prompt + new tokens per request (default: the engine's
-    max_out_tokens)."""
+    block_size: tokens per KV block; num_blocks: blocks per replica (default: memory_fraction of
+    the device memory left after the weights); token_budget: tokens per step and replica;
+    max_seqs: sequences per step and replica; max_model_len: prompt + new tokens per request
+    (default: the engine's max_out_tokens)."""
 
     def __init__(self, engine, *, block_size: int = 16, num_blocks: int | None = None,
                  memory_fraction: float = 0.9, token_budget: int = 512, max_seqs: int = 64,
                  max_model_len: int | None = None):
-        if engine.runner.plan is not None:
-            raise ValueError("the serving engine runs on one device for now; this engine is "
-                             "over a mesh")
         self.engine, self.cfg, icfg = engine, engine.config, engine.inference_config
+        self.plan = plan = _check_plan(engine.plan)
         self.max_len = max_model_len or icfg.max_out_tokens
         self.max_blocks = -(-self.max_len // block_size)
+        self.replicas = 1 if plan is None else plan.par.dp
+        local = self.cfg if plan is None else pipeline.stage_config(self.cfg, plan.par)
         int8 = icfg.kv_cache_dtype == "int8"
-        num_blocks = num_blocks or self._fit_blocks(block_size, memory_fraction, int8)
-        self.cache = PagedCache.create(self.cfg, num_blocks, block_size, icfg.jnp_dtype,
-                                       quantized=int8)
-        self.alloc = BlockAllocator(num_blocks, block_size)
-        self.sched = Scheduler(self.alloc, token_budget, max_seqs, self.max_len,
-                               prefix_salt=icfg.kv_cache_dtype.encode())
+        num_blocks = num_blocks or self._fit_blocks(local, block_size, memory_fraction, int8)
+        self.cache = self._pools(local, num_blocks, block_size, int8)
+        self.scheds = [Scheduler(BlockAllocator(num_blocks, block_size), token_budget, max_seqs,
+                                 self.max_len, prefix_salt=icfg.kv_cache_dtype.encode())
+                       for _ in range(self.replicas)]
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
-        self._flight = None  # the step dispatched last: (chunks, tokens, logprobs), unread
-        self._no_tokens = jnp.zeros((bucket(max_seqs, minimum=4),), jnp.int32)
+        self._flight = None  # the step dispatched last: (chunks per replica, tokens, logprobs)
+        rows = bucket(max_seqs, minimum=4)
+        self._no_tokens = jnp.zeros((rows,) if plan is None else (self.replicas, rows), jnp.int32)
+        self._run = (functools.partial(ragged_step, engine.graphdef) if plan is None else
+                     functools.partial(mesh_step, engine.graphdef, mesh=plan.mesh,
+                                       specs=engine.runner.specs))
         self.params = engine.params
-        log.info("dsjax serving: %d KV blocks of %d tokens, %d-token steps, up to %d sequences",
-                 num_blocks, block_size, token_budget, max_seqs)
+        log.info("dsjax serving: %d KV blocks of %d tokens%s, %d-token steps, up to %d sequences",
+                 num_blocks, block_size, "" if plan is None else f" per replica ({plan.par.dp} "
+                 f"replicas of {plan.par.tp} tensor slices)", token_budget, max_seqs)
 
-    def _fit_blocks(self, block_size: int, fraction: float, int8: bool) -> int:
+    def _fit_blocks(self, local, block_size: int, fraction: float, int8: bool) -> int:
+        """Blocks per replica that fit `fraction` of one device's free memory (each device holds
+        its tensor slice of its replica's blocks)."""
         limit, used = device_memory(self.engine.runner.device)
-        per_block = cache_bytes(self.cfg, 1, block_size, self.engine.inference_config.jnp_dtype,
+        per_block = cache_bytes(local, 1, block_size, self.engine.inference_config.jnp_dtype,
                                 quantized=int8)
         return max(2, int((limit - used) * fraction) // per_block)
+
+    def _pools(self, local, num_blocks: int, block_size: int, int8: bool) -> PagedCache:
+        """The pools: [replicas x num_blocks, KV heads, ...], over a mesh split by replica on
+        the first axis and by tensor slice on the heads (created in place on each device)."""
+        dtype = self.engine.inference_config.jnp_dtype
+        if self.plan is None:
+            return PagedCache.create(self.cfg, num_blocks, block_size, dtype, quantized=int8)
+        make = functools.partial(PagedCache.create, local, num_blocks * self.replicas, block_size,
+                                 dtype, quantized=int8, kv_heads=local.kv_heads * self.plan.par.tp)
+        where = NamedSharding(self.plan.mesh, PS("dp", "tp"))
+        return jax.jit(make, out_shardings=jax.tree.map(lambda _: where, jax.eval_shape(make)))()
+
+    # the first replica's scheduler and blocks (the only ones on one device)
+    sched = property(lambda self: self.scheds[0])
+    alloc = property(lambda self: self.scheds[0].alloc)
+
+    def blocks_in_use(self) -> int:
+        """Blocks held by requests, over every replica (cached free prefixes not counted)."""
+        return sum(s.alloc.in_use() for s in self.scheds)
 
     # ------------------------------------------------------------------ requests
 
@@ -118,8 +150,10 @@ class ServingEngine:
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         seq = Sequence(rid, ids.tolist(), settings.new_tokens(ids.size), order=next(self._ids))
-        self.sched.add(seq)
-        self.requests[rid] = _Request(seq, settings, int(seed) & 0xFFFFFFFF)
+        load = [len(s.running) + len(s.waiting) for s in self.scheds]
+        replica = load.index(min(load))  # the least busy replica
+        self.scheds[replica].add(seq)
+        self.requests[rid] = _Request(seq, settings, int(seed) & 0xFFFFFFFF, replica)
         return rid
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -127,7 +161,7 @@ class ServingEngine:
         req = self.requests.pop(str(request_id), None)
         if req is None:
             return None
-        self.sched.remove(req.seq)
+        self.scheds[req.replica].remove(req.seq)
         return self._output(req, [], "abort")
 
     def has_unfinished(self) -> bool:
@@ -140,7 +174,8 @@ class ServingEngine:
             raise ValueError("swap_params() needs an idle engine: finish or abort the running "
                              "requests first")
         self.params = swap_weights(self.engine.graphdef, self.params, params)
-        self.alloc.forget_prefixes()
+        for s in self.scheds:
+            s.alloc.forget_prefixes()
 
     # ------------------------------------------------------------------ steps
 
@@ -148,33 +183,35 @@ class ServingEngine:
         """Dispatches one ragged step, then reads the step before it (which the device has
         finished or is finishing): the host prepares step n + 1 while the device runs step n.
         Returns the outputs of the requests that got a token (or finished) in the step read."""
-        chunks = [c for c in self.sched.schedule() if c.seq in self.sched.running]
+        plans = [[c for c in s.schedule() if c.seq in s.running] for s in self.scheds]
         flight, self._flight = self._flight, None
-        if chunks:
-            inputs = self._inputs(chunks)
+        if any(plans):
             prev = flight[1] if flight is not None else self._no_tokens
-            self.cache, tok, lp = ragged_step(self.engine.graphdef, self.params, self.cache,
-                                              inputs, prev)
-            self.sched.advance(chunks)
-            for i, c in enumerate(chunks):
-                if c.samples:  # its token exists only on the device until the next step
-                    c.seq.out.append(PENDING)
-                    c.seq.pending_row = i
-            self._flight = (chunks, tok, lp)
+            self.cache, tok, lp = self._run(self.params, self.cache, self._inputs(plans), prev)
+            for sched, chunks in zip(self.scheds, plans):
+                sched.advance(chunks)
+                for i, c in enumerate(chunks):
+                    if c.samples:  # its token exists only on the device until the next step
+                        c.seq.out.append(PENDING)
+                        c.seq.pending_row = i
+            self._flight = (plans, tok, lp)
         return [] if flight is None else self._read(flight)
 
     def _read(self, flight) -> list[RequestOutput]:
-        chunks, tok, lp = flight
-        tok, lp = np.asarray(tok), np.asarray(lp)
+        plans, tok, lp = flight
+        tok = np.asarray(tok).reshape(self.replicas, -1)
+        lp = np.asarray(lp).reshape(self.replicas, -1)
         outs = []
-        for i, c in enumerate(chunks):
-            if not c.samples:
-                continue
-            c.seq.out[c.start + c.n - len(c.seq.prompt)] = int(tok[i])
-            if c.seq.out[-1] != PENDING:  # no newer token of it in flight
-                c.seq.pending_row = None
-            if c.seq.id in self.requests:  # not aborted or finished meanwhile
-                outs.append(self._took(self.requests[c.seq.id], int(tok[i]), float(lp[i])))
+        for r, chunks in enumerate(plans):
+            for i, c in enumerate(chunks):
+                if not c.samples:
+                    continue
+                c.seq.out[c.start + c.n - len(c.seq.prompt)] = int(tok[r, i])
+                if c.seq.out[-1] != PENDING:  # no newer token of it in flight
+                    c.seq.pending_row = None
+                if c.seq.id in self.requests:  # not aborted or finished meanwhile
+                    outs.append(self._took(self.requests[c.seq.id], int(tok[r, i]),
+                                           float(lp[r, i])))
         return outs
 
     def _took(self, req: _Request, token: int, logprob: float) -> RequestOutput:
@@ -188,7 +225,7 @@ class ServingEngine:
             reason = "length"
         if reason is not None:
             self.requests.pop(req.seq.id)
-            self.sched.remove(req.seq)
+            self.scheds[req.replica].remove(req.seq)
         return self._output(req, [token], reason)
 
     def _stop_string(self, req: _Request) -> bool:
@@ -210,19 +247,37 @@ class ServingEngine:
                              list(req.logprobs),
                              new, reason is not None, reason, req.stop_string)
 
-    def _inputs(self, chunks: list[Chunk]) -> StepInputs:
-        """The flat batch of the chunks, padded to bucketed N tokens and S sequences."""
-        n = sum(c.n for c in chunks)
-        N, S, bs = bucket(n), bucket(len(chunks), minimum=4), self.alloc.block_size
+    def _inputs(self, plans: list[list[Chunk]]) -> StepInputs:
+        """Each replica's flat batch, padded to the same bucketed N tokens and S sequences
+        (stacked [replicas, ...] over a mesh)."""
+        N = bucket(max(sum(c.n for c in chunks) for chunks in plans))
+        S = bucket(max(len(chunks) for chunks in plans), minimum=4)
+        fill = next(self.requests[cs[0].seq.id].settings for cs in plans if cs)
+        batches, settings, prompt_lens = [], [], []
+        for chunks in plans:
+            batches.append(self._flat(chunks, N, S))
+            rows = [self.requests[c.seq.id].settings for c in chunks]
+            settings += rows + [rows[-1] if rows else fill] * (S - len(rows))  # filler rows
+            prompt_lens += [len(c.seq.prompt) for c in chunks] + [0] * (S - len(rows))
+        sampling = st.sampling_rows(settings, len(settings), prompt_lens)
+        if self.plan is None:
+            batch = batches[0]
+        else:
+            batch = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+            sampling = jax.tree.map(lambda x: x.reshape(self.replicas, S, *x.shape[1:]), sampling)
+        return jax.tree.map(jnp.asarray, StepInputs(*batch, sampling))
+
+    def _flat(self, chunks: list[Chunk], N: int, S: int) -> tuple:
+        """One replica's chunks as the step's arrays (all but sampling), N tokens, S rows."""
+        bs = self.scheds[0].alloc.block_size
         tokens, positions = np.zeros(N, np.int32), np.zeros(N, np.int32)
         from_prev = np.full(N, -1, np.int32)
         slots, token_seq = np.full(N, -1, np.int32), np.zeros(N, np.int32)
         tables = np.zeros((S, self.max_blocks), np.int32)
         sample_at, new_tokens = np.zeros(S, np.int32), np.zeros(S, np.int32)
         seeds, at = np.zeros(S, np.uint32), 0
-        settings = []
         for i, c in enumerate(chunks):
-            seq, req = c.seq, self.requests[c.seq.id]
+            seq = c.seq
             pos = np.arange(c.start, c.start + c.n)
             tokens[at:at + c.n] = np.maximum(np.asarray(seq.tokens, np.int32)[pos], 0)
             if seq.pending_row is not None:  # its last token is the step in flight's
@@ -232,13 +287,11 @@ class ServingEngine:
             positions[at:at + c.n], token_seq[at:at + c.n] = pos, i
             slots[at:at + c.n] = np.asarray(seq.blocks)[pos // bs] * bs + pos % bs
             tables[i, :len(seq.blocks)] = seq.blocks
-            sample_at[i], new_tokens[i], seeds[i] = at + c.n - 1, len(seq.out), req.seed
-            settings.append(req.settings)
+            sample_at[i], new_tokens[i] = at + c.n - 1, len(seq.out)
+            seeds[i] = self.requests[seq.id].seed
             at += c.n
-        sampling = st.sampling_rows(settings, S, [len(c.seq.prompt) for c in chunks])
-        arrays = (tokens, from_prev, positions, StepMeta(slots, token_seq, tables), sample_at,
-                  new_tokens, seeds, sampling)
-        return jax.tree.map(jnp.asarray, StepInputs(*arrays))
+        return (tokens, from_prev, positions, StepMeta(slots, token_seq, tables), sample_at,
+                new_tokens, seeds)
 
     # ------------------------------------------------------------------ offline
 
@@ -251,3 +304,13 @@ class ServingEngine:
                 if out.finished:
                     done[out.request_id] = out
         return [done[i] for i in ids]
+
+
+def _check_plan(plan):
+    """The mesh plan (None on one device) if the serving engine can run it."""
+    if plan is not None and (plan.par.pp > 1 or plan.par.offload_kv):
+        raise ValueError(f"the serving engine runs tensor slices and replicas (tensor_parallel, "
+                         f"data_parallel); this engine has pipeline stages (pp_size="
+                         f"{plan.par.pp}{', offload_kv' if plan.par.offload_kv else ''}): build "
+                         "it without pipeline_parallel to serve it")
+    return plan

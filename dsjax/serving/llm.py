@@ -105,7 +105,12 @@ class LLM:
         for o in outs:
             if targets[o.request_id] is not None:
                 loop, queue = targets[o.request_id]
-                loop.call_soon_threadsafe(queue.put_nowait, o)
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, o)
+                except RuntimeError:  # its event loop is closed: nobody reads it any more
+                    with self._lock:
+                        if self._streams.pop(o.request_id, None) is not None:
+                            self.serving.abort(o.request_id)
 
     def _completion(self, out: RequestOutput) -> Completion:
         try:

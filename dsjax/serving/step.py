@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as PS
 
 from dsjax import sampling as smp
 from dsjax.policy import ONCE
@@ -45,7 +46,33 @@ def ragged_step(graphdef, params, cache: PagedCache, inputs: StepInputs, prev_to
     request's draws depend only on its seed and its position, never on what else shares the
     step."""
     ONCE.new_program()
-    model = nnx.merge(graphdef, params)
+    return _step(nnx.merge(graphdef, params), cache, inputs, prev_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "specs"), donate_argnums=(2,))
+def mesh_step(graphdef, params, cache: PagedCache, inputs: StepInputs, prev_tokens, *, mesh,
+              specs):
+    """ragged_step over a ("dp", "pp", "tp") mesh with pp = 1 (dsjax.parallel): each of the dp
+    replicas runs its own flat batch (inputs and prev_tokens [dp, ...]) over its own blocks
+    (the pools' first axis, dp x its blocks) with its tensor slice of the weights and of the
+    KV heads (the pools' second axis). Returns tokens and log-probabilities [dp, R]."""
+    ONCE.new_program()
+    pools, rows = PS("dp", "tp"), PS("dp")
+
+    def local(params, cache, inputs, prev):
+        params = {**params, "layers": jax.tree.map(lambda a: a[0], params["layers"])}
+        one = jax.tree.map(lambda a: a[0], (inputs, prev))
+        cache, tok, lp = _step(nnx.merge(graphdef, params), cache, *one)
+        return cache, tok[None], lp[None]
+
+    cache_specs = jax.tree.map(lambda _: pools, cache)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(jax.tree.unflatten(*specs), cache_specs, rows,
+                                                   rows),
+                       out_specs=(cache_specs, rows, rows), check_vma=False)
+    return fn(params, cache, inputs, prev_tokens)
+
+
+def _step(model, cache: PagedCache, inputs: StepInputs, prev_tokens):
     tokens = jnp.where(inputs.from_prev >= 0, prev_tokens[jnp.maximum(inputs.from_prev, 0)],
                        inputs.tokens)
     hidden, cache = model(tokens[None], inputs.positions[None], cache.at_step(inputs.meta))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import dsjax
+from dsjax.parallel.mesh import Parallel
 from dsjax.serving.blocks import BlockAllocator, OutOfBlocks, prefix_keys
 from dsjax.serving.engine import ServingEngine
 from dsjax.serving.step import ragged_step
@@ -32,17 +33,20 @@ def family(request):
 def run_scenario(engine, prompts, rng, **kw):
     """Requests arrive at random steps (in a random order); returns {index: output}."""
     srv = ServingEngine(engine, **kw)
+    srv.replica_of = {}
     order, done, step = list(rng.permutation(len(prompts))), {}, 0
     while order or srv.has_unfinished():
         while order and (not srv.has_unfinished() or rng.random() < 0.5):
             i = order.pop()
             srv.add_request(prompts[i], request_id=str(i), max_new_tokens=NEW, eos_token_id=[])
+            srv.replica_of[i] = srv.requests[str(i)].replica
         for out in srv.step():
             if out.finished:
                 done[int(out.request_id)] = out
         step += 1
         assert step < 500
-    assert srv.alloc.in_use() == 0 and srv.alloc.num_free == srv.alloc.capacity
+    for sched in srv.scheds:
+        assert sched.alloc.in_use() == 0 and sched.alloc.num_free == sched.alloc.capacity
     return srv, done
 
 
@@ -62,6 +66,23 @@ def test_tokens_equal_each_prompt_alone(family, kw):
         assert srv.sched.preemptions > 0  # the scenario did preempt
     if kw["token_budget"] == 16:
         assert srv.alloc.hits > 0  # the shared prefix came from the cache
+
+
+@pytest.mark.parametrize("family", ["qwen2_qkv_bias_gqa", "bloom_alibi"], indirect=True)
+def test_tensor_slices_and_replicas_equal_one_device(family):
+    """tp=2 x dp=2 on four simulated devices: each replica its own requests and blocks, each
+    device its KV heads (ALiBi: its heads' slopes); the tokens of every request as generate()'s
+    on one device, the log-probabilities within float32 summation-order noise."""
+    engine, prompts, want = family
+    mesh = dsjax.build_engine(engine.config, engine.runner.stored_params(),
+                              inference=engine.inference_config,
+                              parallel=Parallel.parse(tensor_parallel=2, data_parallel=2))
+    srv, done = run_scenario(mesh, prompts, np.random.default_rng(3), block_size=4,
+                             num_blocks=24, token_budget=16, max_seqs=4)
+    for i, (tokens, logprobs) in enumerate(want):
+        assert done[i].token_ids == tokens, i
+        np.testing.assert_allclose(done[i].logprobs, logprobs, atol=1e-4)
+    assert sorted(set(srv.replica_of.values())) == [0, 1]
 
 
 @pytest.mark.parametrize("family", ["qwen2_qkv_bias_gqa"], indirect=True)
@@ -109,13 +130,18 @@ def test_stop_tokens_abort_and_rejection(llama_pair):
                 assert srv.abort(b).finish_reason == "abort"
     assert outs[a][-1].token_ids == free[:5] and outs[a][-1].finish_reason == "stop"
     assert [o.new_token_ids for o in outs[a]] == [[t] for t in free[:5]]  # streamed one by one
-    assert srv.alloc.in_use() == 0
+    assert srv.blocks_in_use() == 0
     with pytest.raises(ValueError, match="can never run"):
         srv.add_request(prompt(502, 60), max_new_tokens=4)  # 16 blocks; the pool has 11
     with pytest.raises(ValueError, match="max_model_len"):
         srv.add_request(prompt(503, 60), max_new_tokens=100)
     with pytest.raises(TypeError, match="does not serve"):
         srv.add_request(p, num_beams=2)
+    staged = dsjax.build_engine(engine.config, engine.runner.stored_params(),
+                                inference=engine.inference_config,
+                                parallel=Parallel.parse(pipeline_parallel=2))
+    with pytest.raises(ValueError, match="pipeline stages"):
+        ServingEngine(staged, num_blocks=8)
 
 
 def test_seeded_sampling_ignores_the_company(llama_pair):
@@ -195,7 +221,7 @@ def test_llm_generate_in_order_and_async_streams():
         [llm._ids("Hello there")], max_new_tokens=6, eos_token_id=[]).sequences[0]
     assert text == llm.tokenizer.decode(last.token_ids) and len(cut.token_ids) == 2
     llm._thread.join(5)
-    assert not llm.serving.has_unfinished() and llm.serving.alloc.in_use() == 0
+    assert not llm.serving.has_unfinished() and llm.serving.blocks_in_use() == 0
 
 
 def test_stop_strings_end_the_text_before_them():
