@@ -23,6 +23,14 @@ PRESETS: dict[str, dict] = {
                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
                       hidden_act="silu", tie_word_embeddings=False, bos_token_id=128000,
                       eos_token_id=128001),
+    # Llama-3.2-1B's shape (16 layers x 2048 wide, GQA 32/8 x 64, tied embeddings; no RoPE
+    # scaling): the small model of the serving benchmark
+    "llama3.2-1b": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
+                        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                        hidden_act="silu", tie_word_embeddings=True, bos_token_id=128000,
+                        eos_token_id=128001),
     # EleutherAI/gpt-j-6b's config.json (DeepSpeed's inference tutorials use it)
     "gptj-6b": dict(model_type="gptj", architectures=["GPTJForCausalLM"], vocab_size=50400,
                     n_positions=2048, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,

@@ -16,10 +16,12 @@ generation_config.json (dsjax.settings), plus a sampling seed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +55,17 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" (a stop token or string), "length", "abort"
     stop_string: str | None = None  # the stop string that ended it (OpenAI's and vLLM's
     # semantics: found in the decoded text; the text returned ends before it)
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """The last step(): the chunks it dispatched, the host's seconds from the step's start to
+    its dispatch (scheduling and inputs), and the seconds it then waited for the step before
+    (> 0: the device was still busy, so the dispatched step queued behind it: no idle gap)."""
+
+    chunks: list[Chunk]
+    prepare_s: float
+    wait_s: float
 
 
 @dataclasses.dataclass
@@ -96,9 +109,10 @@ class ServingEngine:
         self._flight = None  # the step dispatched last: (chunks per replica, tokens, logprobs)
         rows = bucket(max_seqs, minimum=4)
         self._no_tokens = jnp.zeros((rows,) if plan is None else (self.replicas, rows), jnp.int32)
-        self._run = (functools.partial(ragged_step, engine.graphdef) if plan is None else
-                     functools.partial(mesh_step, engine.graphdef, mesh=plan.mesh,
-                                       specs=engine.runner.specs))
+        self._step_fn, self._step_kw = ((ragged_step, {}) if plan is None else
+                                        (mesh_step, dict(mesh=plan.mesh, specs=engine.runner.specs)))
+        self._fill = engine.defaults.resolve({})  # the settings of filler rows in empty steps
+        self.last_step, self._waited = StepRecord([], 0.0, 0.0), 0.0
         self.params = engine.params
         log.info("dsjax serving: %d KV blocks of %d tokens%s, %d-token steps, up to %d sequences",
                  num_blocks, block_size, "" if plan is None else f" per replica ({plan.par.dp} "
@@ -183,11 +197,13 @@ class ServingEngine:
         """Dispatches one ragged step, then reads the step before it (which the device has
         finished or is finishing): the host prepares step n + 1 while the device runs step n.
         Returns the outputs of the requests that got a token (or finished) in the step read."""
+        start, self._waited = time.perf_counter(), 0.0
         plans = [[c for c in s.schedule() if c.seq in s.running] for s in self.scheds]
         flight, self._flight = self._flight, None
         if any(plans):
             prev = flight[1] if flight is not None else self._no_tokens
-            self.cache, tok, lp = self._run(self.params, self.cache, self._inputs(plans), prev)
+            self.cache, tok, lp = self._step_fn(self.engine.graphdef, self.params, self.cache,
+                                                self._inputs(plans), prev, **self._step_kw)
             for sched, chunks in zip(self.scheds, plans):
                 sched.advance(chunks)
                 for i, c in enumerate(chunks):
@@ -195,11 +211,17 @@ class ServingEngine:
                         c.seq.out.append(PENDING)
                         c.seq.pending_row = i
             self._flight = (plans, tok, lp)
-        return [] if flight is None else self._read(flight)
+        prepared = time.perf_counter()
+        outs = [] if flight is None else self._read(flight)
+        self.last_step = StepRecord([c for chunks in plans for c in chunks], prepared - start,
+                                    self._waited)
+        return outs
 
     def _read(self, flight) -> list[RequestOutput]:
         plans, tok, lp = flight
+        start = time.perf_counter()
         tok = np.asarray(tok).reshape(self.replicas, -1)
+        self._waited = time.perf_counter() - start
         lp = np.asarray(lp).reshape(self.replicas, -1)
         outs = []
         for r, chunks in enumerate(plans):
@@ -247,12 +269,12 @@ class ServingEngine:
                              list(req.logprobs),
                              new, reason is not None, reason, req.stop_string)
 
-    def _inputs(self, plans: list[list[Chunk]]) -> StepInputs:
+    def _inputs(self, plans: list[list[Chunk]], shape: tuple[int, int] | None = None) -> StepInputs:
         """Each replica's flat batch, padded to the same bucketed N tokens and S sequences
         (stacked [replicas, ...] over a mesh)."""
-        N = bucket(max(sum(c.n for c in chunks) for chunks in plans))
-        S = bucket(max(len(chunks) for chunks in plans), minimum=4)
-        fill = next(self.requests[cs[0].seq.id].settings for cs in plans if cs)
+        N, S = shape or (bucket(max(sum(c.n for c in chunks) for chunks in plans)),
+                         bucket(max(len(chunks) for chunks in plans), minimum=4))
+        fill = self._fill
         batches, settings, prompt_lens = [], [], []
         for chunks in plans:
             batches.append(self._flat(chunks, N, S))
@@ -293,6 +315,22 @@ class ServingEngine:
         return (tokens, from_prev, positions, StepMeta(slots, token_seq, tables), sample_at,
                 new_tokens, seeds)
 
+    def warmup(self, workers: int = 8) -> int:
+        """Compiles the step for every bucket of tokens and sequences a step can take (in
+        parallel threads; XLA compiles outside the GIL), so that serving never stops to
+        compile. Returns how many programs."""
+        top_n = bucket(self.sched.budget)
+        top_s = bucket(self.sched.max_seqs, minimum=4)
+        shapes = [(n, s) for n in _powers(16, top_n) for s in _powers(4, top_s) if s <= max(n, 4)]
+
+        def compile_(shape):
+            inputs = self._inputs([[] for _ in self.scheds], shape)
+            self._step_fn.lower(self.engine.graphdef, self.params, self.cache, inputs,
+                                self._no_tokens, **self._step_kw).compile()
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(compile_, shapes))
+        return len(shapes)
+
     # ------------------------------------------------------------------ offline
 
     def generate(self, prompts, **options) -> list[RequestOutput]:
@@ -314,3 +352,11 @@ def _check_plan(plan):
                          f"{plan.par.pp}{', offload_kv' if plan.par.offload_kv else ''}): build "
                          "it without pipeline_parallel to serve it")
     return plan
+
+
+def _powers(lo: int, hi: int) -> list[int]:
+    """Powers of two from lo to hi."""
+    out = [lo]
+    while out[-1] < hi:
+        out.append(out[-1] * 2)
+    return out

@@ -115,6 +115,24 @@ def test_steady_state_does_not_recompile(llama_pair):
     assert ragged_step._cache_size() == before
 
 
+def test_warmup_compiles_every_step_shape(llama_pair):
+    """After warmup() a run of requests (chunked prompts, then decoding) compiles nothing, and
+    every step's timing record is filled."""
+    _, engine = llama_pair
+    srv = ServingEngine(engine, block_size=8, num_blocks=64, token_budget=32, max_seqs=4)
+    assert srv.warmup() == 2  # steps of 16 or 32 tokens, of up to 4 sequences
+    compiles = []
+    listener = lambda name, secs, **kw: compiles.append(name) if "backend_compile" in name else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        outs = srv.generate([prompt(410 + i, 3 + 9 * i) for i in range(4)], max_new_tokens=6,
+                            eos_token_id=[])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [] and [len(o.token_ids) for o in outs] == [6] * 4
+    assert srv.last_step.prepare_s > 0 and srv.last_step.wait_s >= 0
+
+
 def test_stop_tokens_abort_and_rejection(llama_pair):
     _, engine = llama_pair
     p = prompt(500, 7)
