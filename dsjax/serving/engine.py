@@ -36,7 +36,7 @@ from dsjax.prompts import bucket
 from dsjax.serving.blocks import BlockAllocator
 from dsjax.serving.paged import PagedCache, StepMeta
 from dsjax.serving.scheduler import PENDING, Chunk, Scheduler, Sequence
-from dsjax.serving.step import StepInputs, mesh_step, ragged_step, swap_weights
+from dsjax.serving.step import TOP_LOGPROBS, StepInputs, mesh_step, ragged_step, swap_weights
 from dsjax.validate import id_array
 
 log = logging.getLogger("dsjax")
@@ -55,6 +55,8 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" (a stop token or string), "length", "abort"
     stop_string: str | None = None  # the stop string that ended it (OpenAI's and vLLM's
     # semantics: found in the decoded text; the text returned ends before it)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, the request's
+    # top_logprobs most likely (token, log p), most likely first (None unless asked)
 
 
 @dataclasses.dataclass
@@ -74,7 +76,9 @@ class _Request:
     settings: st.GenerationSettings
     seed: int
     replica: int  # the replica (scheduler and blocks) that runs it
+    top_n: int = 0  # top log-probabilities to report per token
     logprobs: list = dataclasses.field(default_factory=list)
+    top: list = dataclasses.field(default_factory=list)
     searched: int = 0  # decoded characters already searched for stop strings
     stop_string: str | None = None
 
@@ -148,9 +152,13 @@ class ServingEngine:
     # ------------------------------------------------------------------ requests
 
     def add_request(self, prompt, request_id: str | None = None, *, seed: int = 0,
-                    **options) -> str:
+                    top_logprobs: int = 0, **options) -> str:
         """Queues a prompt (token ids) with transformers' generation options (SERVING_OPTIONS)
-        over the model's defaults; refuses at once a request that could never run."""
+        over the model's defaults; refuses at once a request that could never run. seed: the
+        request's sampling seed; top_logprobs: how many of each step's most likely tokens to
+        report with their log-probabilities (at most TOP_LOGPROBS)."""
+        if not 0 <= top_logprobs <= TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs={top_logprobs}: between 0 and {TOP_LOGPROBS}")
         unknown = sorted(set(options) - set(SERVING_OPTIONS))
         if unknown:
             raise TypeError(f"add_request() got options it does not serve {unknown}; it serves "
@@ -167,7 +175,8 @@ class ServingEngine:
         load = [len(s.running) + len(s.waiting) for s in self.scheds]
         replica = load.index(min(load))  # the least busy replica
         self.scheds[replica].add(seq)
-        self.requests[rid] = _Request(seq, settings, int(seed) & 0xFFFFFFFF, replica)
+        self.requests[rid] = _Request(seq, settings, int(seed) & 0xFFFFFFFF, replica,
+                                      int(top_logprobs))
         return rid
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -222,7 +231,7 @@ class ServingEngine:
         start = time.perf_counter()
         tok = np.asarray(tok).reshape(self.replicas, -1)
         self._waited = time.perf_counter() - start
-        lp = np.asarray(lp).reshape(self.replicas, -1)
+        lp = jax.tree.map(lambda x: np.asarray(x).reshape(self.replicas, tok.shape[1], -1), lp)
         outs = []
         for r, chunks in enumerate(plans):
             for i, c in enumerate(chunks):
@@ -231,13 +240,16 @@ class ServingEngine:
                 c.seq.out[c.start + c.n - len(c.seq.prompt)] = int(tok[r, i])
                 if c.seq.out[-1] != PENDING:  # no newer token of it in flight
                     c.seq.pending_row = None
-                if c.seq.id in self.requests:  # not aborted or finished meanwhile
-                    outs.append(self._took(self.requests[c.seq.id], int(tok[r, i]),
-                                           float(lp[r, i])))
+                req = self.requests.get(c.seq.id)
+                if req is not None:  # not aborted or finished meanwhile
+                    top = list(zip(lp.top_ids[r, i, :req.top_n].tolist(),
+                                   lp.top[r, i, :req.top_n].tolist()))
+                    outs.append(self._took(req, int(tok[r, i]), float(lp.chosen[r, i, 0]), top))
         return outs
 
-    def _took(self, req: _Request, token: int, logprob: float) -> RequestOutput:
+    def _took(self, req: _Request, token: int, logprob: float, top: list) -> RequestOutput:
         req.logprobs.append(logprob)
+        req.top.append(top)
         reason = None
         if token in req.settings.eos_token_id:  # (masked on the device before min_new_tokens)
             reason = "stop"
@@ -266,8 +278,8 @@ class ServingEngine:
     @staticmethod
     def _output(req: _Request, new: list[int], reason: str | None) -> RequestOutput:
         return RequestOutput(req.seq.id, req.seq.prompt, req.seq.out[:len(req.logprobs)],
-                             list(req.logprobs),
-                             new, reason is not None, reason, req.stop_string)
+                             list(req.logprobs), new, reason is not None, reason, req.stop_string,
+                             list(req.top) if req.top_n else None)
 
     def _inputs(self, plans: list[list[Chunk]], shape: tuple[int, int] | None = None) -> StepInputs:
         """Each replica's flat batch, padded to the same bucketed N tokens and S sequences

@@ -23,6 +23,17 @@ from dsjax.serving.paged import PagedCache, StepMeta
 # every step program can hold greedy and sampled rows, min_new_tokens and min-p: the request
 # mix changes from step to step, the program does not
 FEATURES = smp.Features(do_sample=True, min_new=True, min_p=True)
+TOP_LOGPROBS = 20  # the most likely tokens each step reports (OpenAI's top_logprobs maximum)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Logprobs:
+    """A step's log-probabilities under the model (before sampling's processors), per row."""
+
+    chosen: jax.Array  # [R] of the token picked
+    top_ids: jax.Array  # [R, TOP_LOGPROBS] the most likely tokens
+    top: jax.Array  # [R, TOP_LOGPROBS] their log-probabilities
 
 
 @jax.tree_util.register_dataclass
@@ -40,8 +51,7 @@ class StepInputs:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
 def ragged_step(graphdef, params, cache: PagedCache, inputs: StepInputs, prev_tokens):
-    """(the cache with this step's K/V written, tokens [R], their log-probabilities under the
-    model [R]); R = prev_tokens' length (the rows of every step's output: one shape, so the
+    """(the cache with this step's K/V written, tokens [R], Logprobs); R = prev_tokens' length (the rows of every step's output: one shape, so the
     next step can read this one's tokens on the device, before the host has seen them). A
     request's draws depend only on its seed and its position, never on what else shares the
     step."""
@@ -55,7 +65,7 @@ def mesh_step(graphdef, params, cache: PagedCache, inputs: StepInputs, prev_toke
     """ragged_step over a ("dp", "pp", "tp") mesh with pp = 1 (dsjax.parallel): each of the dp
     replicas runs its own flat batch (inputs and prev_tokens [dp, ...]) over its own blocks
     (the pools' first axis, dp x its blocks) with its tensor slice of the weights and of the
-    KV heads (the pools' second axis). Returns tokens and log-probabilities [dp, R]."""
+    KV heads (the pools' second axis). Returns tokens [dp, R] and Logprobs ([dp, R, ...])."""
     ONCE.new_program()
     pools, rows = PS("dp", "tp"), PS("dp")
 
@@ -63,7 +73,7 @@ def mesh_step(graphdef, params, cache: PagedCache, inputs: StepInputs, prev_toke
         params = {**params, "layers": jax.tree.map(lambda a: a[0], params["layers"])}
         one = jax.tree.map(lambda a: a[0], (inputs, prev))
         cache, tok, lp = _step(nnx.merge(graphdef, params), cache, *one)
-        return cache, tok[None], lp[None]
+        return cache, tok[None], jax.tree.map(lambda x: x[None], lp)
 
     cache_specs = jax.tree.map(lambda _: pools, cache)
     fn = jax.shard_map(local, mesh=mesh, in_specs=(jax.tree.unflatten(*specs), cache_specs, rows,
@@ -80,9 +90,12 @@ def _step(model, cache: PagedCache, inputs: StepInputs, prev_tokens):
     pos = inputs.positions[inputs.sample_at]
     keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(inputs.seeds, pos)
     tok = smp.choose(logits, keys, inputs.sampling, FEATURES, None, inputs.new_tokens)
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    lp = jnp.take_along_axis(logprobs, tok[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
     pad = prev_tokens.shape[0] - tok.shape[0]
-    return cache.at_step(None), jnp.pad(tok, (0, pad)), jnp.pad(lp, (0, pad))
+    rows = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
+    return cache.at_step(None), rows(tok), Logprobs(rows(lp), rows(top_ids), rows(top_lp))
 
 
 def swap_weights(graphdef, old_params, new_params):

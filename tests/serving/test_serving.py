@@ -162,6 +162,23 @@ def test_stop_tokens_abort_and_rejection(llama_pair):
         ServingEngine(staged, num_blocks=8)
 
 
+def test_top_logprobs_are_the_models(llama_pair):
+    """top_logprobs: each token's most likely tokens and their log-probabilities, as a full
+    forward pass over prompt + output gives them (sorted, the greedy token first)."""
+    _, engine = llama_pair
+    p = prompt(650, 7)
+    srv = ServingEngine(engine, block_size=4, num_blocks=40, token_budget=8)
+    out = srv.generate([p], max_new_tokens=5, eos_token_id=[], top_logprobs=4)[0]
+    logits = np.asarray(engine(np.asarray([p + out.token_ids[:-1]])))[0, len(p) - 1:]
+    want = np.asarray(jax.nn.log_softmax(logits))
+    for step, top in enumerate(out.top_logprobs):
+        ids = [i for i, _ in top]
+        assert ids == list(np.argsort(-want[step])[:4]) and ids[0] == out.token_ids[step]
+        np.testing.assert_allclose([v for _, v in top], want[step][ids], atol=2e-5)
+    with pytest.raises(ValueError, match="top_logprobs"):
+        srv.add_request(p, top_logprobs=21)
+
+
 def test_seeded_sampling_ignores_the_company(llama_pair):
     _, engine = llama_pair
     p, opts = prompt(600, 6), dict(max_new_tokens=8, do_sample=True, temperature=1.5, seed=7)
