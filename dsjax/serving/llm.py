@@ -17,6 +17,7 @@ decoded incrementally: a step's `delta` holds only whole characters.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import threading
 
@@ -27,17 +28,24 @@ SERVING_KEYS = ("block_size", "num_blocks", "memory_fraction", "token_budget", "
 
 
 class IncrementalText:
-    """The text of a growing token list, handed out in pieces that end on whole characters."""
+    """The text of a growing token list, handed out in pieces that end on whole characters;
+    with stop strings, the last characters that could begin one are held back until the end,
+    and the final text ends before the stop string that ended it."""
 
-    def __init__(self, tokenizer, prompt: list[int]):
+    def __init__(self, tokenizer, prompt: list[int], stops=None):
         self.tok, self.prompt, self.shown = tokenizer, list(prompt), ""
+        self.hold = max([len(s) for s in stops or []] + [1]) - 1
 
-    def delta(self, tokens: list[int], final: bool = False) -> str:
+    def delta(self, tokens: list[int], final: bool = False, stop: str | None = None) -> str:
         whole = self.tok.decode(self.prompt + list(tokens))
         start = len(self.tok.decode(self.prompt))
         text = whole[start:]
-        if not final and text.endswith("\ufffd"):  # a character still being spelled out
-            return ""
+        if stop is not None:
+            text = text[:text.find(stop)]
+        elif not final:
+            if text.endswith("\ufffd"):  # a character still being spelled out
+                return ""
+            text = text[:len(text) - self.hold]
         piece = text[len(self.shown):] if text.startswith(self.shown) else text
         self.shown = text
         return piece
@@ -65,6 +73,7 @@ class LLM:
         self.engine = init_inference(model, **options)
         self.serving = ServingEngine(self.engine, **serving)
         self._lock, self._streams, self._thread = threading.Lock(), {}, None
+        self._aborts: collections.deque[str] = collections.deque()  # from closed streams
         self._done: dict[str, RequestOutput] = {}  # finished outputs of generate()'s requests
 
     @property
@@ -95,6 +104,10 @@ class LLM:
     def _step(self) -> None:
         """One engine step; each output goes to its stream's queue, or (finished) to _done."""
         with self._lock:
+            while self._aborts:  # streams whose reader left
+                rid = self._aborts.popleft()
+                if self._streams.pop(rid, None) is not None:
+                    self.serving.abort(rid)
             outs = self.serving.step()
             targets = {o.request_id: self._streams.get(o.request_id) for o in outs}
             for o in outs:
@@ -122,26 +135,31 @@ class LLM:
         return Completion(out, text)
 
     async def stream(self, prompt, **options):
-        """Yields a Completion per new token of one request (delta: its new text); closing the
-        iterator early aborts the request and frees its blocks."""
+        """Yields a Completion per new token of one request (delta: its new text, never a
+        piece of a stop string); closing the iterator early aborts the request and frees its
+        blocks. The event loop never waits for a step: the request is added from a worker
+        thread, an abort is handed to the step thread."""
         queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
         ids = self._ids(prompt)
+        rid = await asyncio.to_thread(self._add, ids, options, (asyncio.get_running_loop(), queue))
+        text = IncrementalText(self.tokenizer, ids, options.get("stop_strings"))
+        finished = False
+        try:
+            while not finished:
+                out: RequestOutput = await queue.get()
+                finished = out.finished
+                piece = text.delta(out.token_ids, final=finished, stop=out.stop_string)
+                yield Completion(out, text.shown, piece)
+        finally:
+            if not finished:
+                self._aborts.append(rid)
+
+    def _add(self, ids, options: dict, target) -> str:
         with self._lock:
             rid = self.serving.add_request(ids, **options)
-            self._streams[rid] = (loop, queue)
+            self._streams[rid] = target
         self._ensure_thread()
-        text = IncrementalText(self.tokenizer, ids)
-        try:
-            while True:
-                out: RequestOutput = await queue.get()
-                yield Completion(out, "", text.delta(out.token_ids, final=out.finished))
-                if out.finished:
-                    return
-        finally:
-            with self._lock:
-                if self._streams.pop(rid, None) is not None:
-                    self.serving.abort(rid)
+        return rid
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
