@@ -136,21 +136,24 @@ def check_kernels(args, trace) -> dict:
     from dsjax.policy import KernelPolicy
     from dsjax.serving.engine import ServingEngine
 
-    reqs = [dict(r, prompt=r["prompt"][:200], max_new=24) for r in trace[:6]]
-    outs = {}
-    for name, policy in (("xla", KernelPolicy()), ("pallas", pallas(linear="xla"))):
-        eng = dsjax.init_inference(args.model, dtype="bf16", max_out_tokens=512, kernels=policy,
-                                   progress=False)
-        srv = ServingEngine(eng, num_blocks=512, token_budget=128, max_seqs=8)
-        outs[name] = srv.generate([r["prompt"] for r in reqs], max_new_tokens=24, eos_token_id=[])
-        del srv, eng
-    same, gaps = 0, []
-    for x, p in zip(outs["xla"], outs["pallas"]):
-        n = next((i for i, (a, b) in enumerate(zip(x.token_ids, p.token_ids)) if a != b), 24)
-        same += n
-        gaps += [abs(a - b) for a, b in zip(x.logprobs[:n + 1], p.logprobs[:n + 1])]
-    return {"tokens_equal_before_divergence": same / (24 * len(reqs)),
-            "max_abs_logprob_diff": float(max(gaps))}
+    reqs = [r["prompt"][:200] for r in trace[:6]]
+    result = {}
+    for dtype in ("bf16", "fp32"):
+        outs = {}
+        for name, policy in (("xla", KernelPolicy()), ("pallas", pallas(linear="xla"))):
+            eng = dsjax.init_inference(args.model, dtype=dtype, max_out_tokens=512,
+                                       kernels=policy, progress=False)
+            srv = ServingEngine(eng, num_blocks=512, token_budget=128, max_seqs=8)
+            outs[name] = srv.generate(reqs, max_new_tokens=24, eos_token_id=[])
+            del srv, eng
+        same, gaps = 0, []
+        for x, p in zip(outs["xla"], outs["pallas"]):
+            n = next((i for i, (a, b) in enumerate(zip(x.token_ids, p.token_ids)) if a != b), 24)
+            same += n
+            gaps += [abs(a - b) for a, b in zip(x.logprobs[:n + 1], p.logprobs[:n + 1])]
+        result[dtype] = {"tokens_equal_before_divergence": same / (24 * len(reqs)),
+                         "max_abs_logprob_diff": float(max(gaps))}
+    return result
 
 
 def run_dsjax(args, trace, res: dict, name: str) -> None:

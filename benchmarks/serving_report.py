@@ -52,10 +52,12 @@ def markdown(res: dict) -> str:
                      f"{_f(ratio, '.2f')}x |")
     lines += _engine_lines(res) + _poisson_lines(res)
     if "check" in res:
-        c = res["check"]
-        lines += ["", f"Pallas paged attention against the XLA reference (6 requests x 24 greedy "
-                      f"tokens): {c['tokens_equal_before_divergence']:.0%} of tokens equal before "
-                      f"the first divergence, max |log-prob difference| {c['max_abs_logprob_diff']:.4f}."]
+        lines += ["", "Pallas paged attention against the XLA reference (6 requests x 24 greedy "
+                      "tokens, two engines of the same weights):", ""]
+        for dtype, c in res["check"].items():
+            lines.append(f"- {dtype}: {c['tokens_equal_before_divergence']:.0%} of tokens equal "
+                         f"before the first divergence, max |log-prob difference| "
+                         f"{c['max_abs_logprob_diff']:.2e} up to it.")
     return "\n".join(lines) + "\n"
 
 

@@ -299,7 +299,7 @@ class ServingEngine:
         else:
             batch = jax.tree.map(lambda *xs: np.stack(xs), *batches)
             sampling = jax.tree.map(lambda x: x.reshape(self.replicas, S, *x.shape[1:]), sampling)
-        return jax.tree.map(jnp.asarray, StepInputs(*batch, sampling))
+        return jax.device_put(StepInputs(*batch, sampling))  # one transfer call for all
 
     def _flat(self, chunks: list[Chunk], N: int, S: int) -> tuple:
         """One replica's chunks as the step's arrays (all but sampling), N tokens, S rows."""
@@ -313,9 +313,9 @@ class ServingEngine:
         for i, c in enumerate(chunks):
             seq = c.seq
             pos = np.arange(c.start, c.start + c.n)
-            tokens[at:at + c.n] = np.maximum(np.asarray(seq.tokens, np.int32)[pos], 0)
+            tokens[at:at + c.n] = np.maximum(seq.token_slice(c.start, c.n), 0)
             if seq.pending_row is not None:  # its last token is the step in flight's
-                last = len(seq.tokens) - 1
+                last = len(seq.prompt) + len(seq.out) - 1
                 if c.start <= last < c.start + c.n:
                     from_prev[at + last - c.start] = seq.pending_row
             positions[at:at + c.n], token_seq[at:at + c.n] = pos, i

@@ -80,8 +80,11 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def _ids(self, prompt) -> list[int]:
+    def token_ids(self, prompt) -> list[int]:
+        """A prompt's token ids (text through the tokenizer; ids as they are)."""
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    _ids = token_ids
 
     def generate(self, prompts, sampling_params=None, *, progress: bool = True) -> list[Completion]:
         """Every prompt (text or token ids) to its end; sampling_params: one dict of options

@@ -33,10 +33,22 @@ class Sequence:
     computed: int = 0  # tokens whose K/V are in the cache
     preemptions: int = 0
     pending_row: int | None = None  # the in-flight step's output row of its last token
+    keys: list[bytes] | None = None  # prefix keys of the prompt's full blocks (set when added)
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.out
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.out)
+
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """tokens[start:start + n] without building the whole list."""
+        p = len(self.prompt)
+        if start + n <= p:
+            return self.prompt[start:start + n]
+        return self.prompt[start:p] + self.out[max(start - p, 0):start + n - p]
 
     @property
     def pending(self) -> int:
@@ -56,7 +68,7 @@ class Chunk:
     @classmethod
     def of(cls, seq: Sequence, n: int) -> Chunk:
         """seq's next n pending tokens."""
-        return cls(seq, seq.computed, n, seq.computed + n == len(seq.tokens))
+        return cls(seq, seq.computed, n, seq.computed + n == seq.length)
 
 
 class Scheduler:
@@ -66,6 +78,7 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.salt, self.preemptions = prefix_salt, 0
+        self.prefix_queried = self.prefix_hits = 0  # full prompt blocks looked up / found
 
     def check(self, prompt_len: int, max_new: int) -> None:
         """Refuses, at admission, a request that could never run."""
@@ -80,6 +93,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.check(len(seq.prompt), seq.max_new)
+        seq.keys = prefix_keys(seq.prompt, self.alloc.block_size, self.salt)
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
@@ -116,20 +130,24 @@ class Scheduler:
         what the prefix cache holds)."""
         if len(self.running) >= self.max_seqs:
             return False
-        tokens = seq.tokens
-        for key in prefix_keys(tokens[:len(tokens) - 1], self.alloc.block_size, self.salt):
+        n = seq.length
+        keys = seq.keys[:(n - 1) // self.alloc.block_size]  # (only prompt blocks
+        # are ever published: a block holding output tokens is never found)
+        for key in keys:
             block = self.alloc.cached(key)
             if block is None:
                 break
             seq.blocks.append(block)
         seq.computed = len(seq.blocks) * self.alloc.block_size
-        need = -(-len(tokens) // self.alloc.block_size) - len(seq.blocks)
+        need = -(-n // self.alloc.block_size) - len(seq.blocks)
         if need > self.alloc.num_free:
             self.alloc.free(seq.blocks)
             seq.blocks, seq.computed = [], 0
             return False
         self.waiting.remove(seq)
         self.running.append(seq)
+        self.prefix_queried += len(keys)
+        self.prefix_hits += len(seq.blocks)
         return True
 
     def _grow(self, seq: Sequence, tokens: int) -> bool:
@@ -161,6 +179,5 @@ class Scheduler:
         for c in chunks:
             c.seq.computed = c.start + c.n
             done = min(c.seq.computed, len(c.seq.prompt)) // bs
-            keys = prefix_keys(c.seq.prompt[:done * bs], bs, self.salt)
             for i in range(c.start // bs, done):
-                self.alloc.publish(c.seq.blocks[i], keys[i])
+                self.alloc.publish(c.seq.blocks[i], c.seq.keys[i])
