@@ -115,7 +115,8 @@ class ServingEngine:
         self._no_tokens = jnp.zeros((rows,) if plan is None else (self.replicas, rows), jnp.int32)
         self._step_fn, self._step_kw = ((ragged_step, {}) if plan is None else
                                         (mesh_step, dict(mesh=plan.mesh, specs=engine.runner.specs)))
-        self._fill = engine.defaults.resolve({})  # the settings of filler rows in empty steps
+        # the settings of filler rows: greedy, so that a step of greedy requests skips sampling
+        self._fill = dataclasses.replace(engine.defaults.resolve({}), do_sample=False)
         self.last_step, self._waited = StepRecord([], 0.0, 0.0), 0.0
         self.params = engine.params
         log.info("dsjax serving: %d KV blocks of %d tokens%s, %d-token steps, up to %d sequences",
@@ -291,7 +292,7 @@ class ServingEngine:
         for chunks in plans:
             batches.append(self._flat(chunks, N, S))
             rows = [self.requests[c.seq.id].settings for c in chunks]
-            settings += rows + [rows[-1] if rows else fill] * (S - len(rows))  # filler rows
+            settings += rows + [fill] * (S - len(rows))  # filler rows
             prompt_lens += [len(c.seq.prompt) for c in chunks] + [0] * (S - len(rows))
         sampling = st.sampling_rows(settings, len(settings), prompt_lens)
         if self.plan is None:
@@ -324,8 +325,9 @@ class ServingEngine:
             sample_at[i], new_tokens[i] = at + c.n - 1, len(seq.out)
             seeds[i] = self.requests[seq.id].seed
             at += c.n
+        report_top = np.bool_(any(self.requests[c.seq.id].top_n for c in chunks))
         return (tokens, from_prev, positions, StepMeta(slots, token_seq, tables), sample_at,
-                new_tokens, seeds)
+                new_tokens, seeds, report_top)
 
     def warmup(self, workers: int = 8) -> int:
         """Compiles the step for every bucket of tokens and sequences a step can take (in

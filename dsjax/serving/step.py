@@ -23,6 +23,7 @@ from dsjax.serving.paged import PagedCache, StepMeta
 # every step program can hold greedy and sampled rows, min_new_tokens and min-p: the request
 # mix changes from step to step, the program does not
 FEATURES = smp.Features(do_sample=True, min_new=True, min_p=True)
+GREEDY = smp.Features(min_new=True)  # the same program's path when no row samples
 TOP_LOGPROBS = 20  # the most likely tokens each step reports (OpenAI's top_logprobs maximum)
 
 
@@ -46,6 +47,7 @@ class StepInputs:
     sample_at: jax.Array  # [S] int32: the index in N of each sequence's last token
     new_tokens: jax.Array  # [S] int32: tokens each sequence has generated so far
     seeds: jax.Array  # [S] uint32: each request's sampling seed
+    report_top: jax.Array  # [] bool: some request wants its top log-probabilities
     sampling: smp.Sampling  # [S] rows
 
 
@@ -89,10 +91,17 @@ def _step(model, cache: PagedCache, inputs: StepInputs, prev_tokens):
     logits = model.logits(hidden[0][inputs.sample_at])  # [S, V]
     pos = inputs.positions[inputs.sample_at]
     keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(inputs.seeds, pos)
-    tok = smp.choose(logits, keys, inputs.sampling, FEATURES, None, inputs.new_tokens)
+    choose = lambda f: lambda: smp.choose(logits, keys, inputs.sampling, f, None,  # noqa: E731
+                                          inputs.new_tokens)
+    # the sampling path sorts the vocabulary for every row: run it only if some row samples
+    tok = jax.lax.cond(jnp.any(inputs.sampling.do_sample), choose(FEATURES), choose(GREEDY))
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
     lp = jnp.take_along_axis(logprobs, tok[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    none = (jnp.zeros((tok.shape[0], TOP_LOGPROBS), jnp.float32),
+            jnp.zeros((tok.shape[0], TOP_LOGPROBS), jnp.int32))
+    top_lp, top_ids = jax.lax.cond(inputs.report_top,
+                                   lambda: tuple(jax.lax.top_k(logprobs, TOP_LOGPROBS)),
+                                   lambda: none)
     pad = prev_tokens.shape[0] - tok.shape[0]
     rows = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
     return cache.at_step(None), rows(tok), Logprobs(rows(lp), rows(top_ids), rows(top_lp))

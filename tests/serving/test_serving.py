@@ -186,6 +186,14 @@ def test_seeded_sampling_ignores_the_company(llama_pair):
     srv = ServingEngine(engine, block_size=4, num_blocks=40, token_budget=8)
     crowd = srv.generate([prompt(601, 11), p, prompt(602, 3)], **opts)
     assert crowd[1].token_ids == alone.token_ids
+    # a greedy request in steps with sampled rows (the sampling path of the step program)
+    want = engine.generate([p], max_new_tokens=8, eos_token_id=[]).sequences[0]
+    srv.add_request(p, request_id="greedy", max_new_tokens=8, eos_token_id=[])
+    srv.add_request(prompt(603, 5), request_id="sampled", **opts)
+    mixed = {}
+    while srv.has_unfinished():
+        mixed.update({o.request_id: o for o in srv.step() if o.finished})
+    assert mixed["greedy"].token_ids == want
     assert crowd[0].token_ids != crowd[2].token_ids or crowd[0].token_ids != alone.token_ids
 
 
