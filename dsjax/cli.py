@@ -5,6 +5,7 @@
     dsjax generate --model DIR --prompt "Hello" --max-new-tokens 32 [--quant int8] [--kernels pallas]
     dsjax embed --model DIR --text "Hello" [--text ...] [--image PIXELS.npy ...]   # encoders
     dsjax bench --model llama3-8b --batch-sizes 1,8 [--quant int8] [--kernels on]  # latency report
+    dsjax serve MODEL [--port 8000] [--max-num-seqs 64] [--api-key KEY]  # OpenAI-compatible server
 
 An expected error (a bad flag value, a missing or malformed checkpoint, an output path that
 cannot be written) is one line `dsjax <command>: <message>` on stderr and exit status 2, raised
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from dsjax import cli_embed
+from dsjax import cli_embed, cli_serve
 
 DTYPES = cli_embed.DTYPES
 
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(p)
 
     cli_embed.add_parser(sub)
+    cli_serve.add_parser(sub)
     _bench_parser(sub)
 
     p = sub.add_parser("convert", help="convert an HF checkpoint into a dsjax checkpoint",
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command; an expected error is one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     commands = {"demo": demo, "generate": generate, "embed": cli_embed.embed, "convert": convert,
-                "bench": bench}
+                "bench": bench, "serve": cli_serve.serve}
     with _log_to_stderr(args.quiet):
         try:
             return commands[args.command](args)
