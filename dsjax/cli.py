@@ -6,6 +6,7 @@
     dsjax embed --model DIR --text "Hello" [--text ...] [--image PIXELS.npy ...]   # encoders
     dsjax bench --model llama3-8b --batch-sizes 1,8 [--quant int8] [--kernels on]  # latency report
     dsjax serve MODEL [--port 8000] [--max-num-seqs 64] [--api-key KEY]  # OpenAI-compatible server
+    dsjax bench serve --url http://127.0.0.1:8000 --num-prompts 100 --request-rate 4  # its load
 
 An expected error (a bad flag value, a missing or malformed checkpoint, an output path that
 cannot be written) is one line `dsjax <command>: <message>` on stderr and exit status 2, raised
@@ -144,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; an expected error is one line on stderr and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "serve"]:  # the load generator: a client, its own flags
+        from dsjax import bench_serve
+
+        return bench_serve.main(argv[2:])
     args = build_parser().parse_args(argv)
     commands = {"demo": demo, "generate": generate, "embed": cli_embed.embed, "convert": convert,
                 "bench": bench, "serve": cli_serve.serve}

@@ -28,6 +28,12 @@ class RequestTiming:
     arrival: float  # seconds (any clock shared with token_times)
     prompt_tokens: int
     token_times: list[float] = dataclasses.field(default_factory=list)  # one per output token
+    # (or per streamed chunk, when a client sees chunks: then output_tokens counts the tokens)
+    output_tokens: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_times) if self.output_tokens is None else self.output_tokens
 
     @property
     def ttft(self) -> float:
@@ -39,8 +45,8 @@ class RequestTiming:
 
     @property
     def tpot(self) -> float | None:
-        n = len(self.token_times)
-        return None if n < 2 else (self.e2e - self.ttft) / (n - 1)
+        n = self.tokens
+        return None if n < 2 or not self.token_times else (self.e2e - self.ttft) / (n - 1)
 
     @property
     def itls(self) -> list[float]:
@@ -71,7 +77,7 @@ def summarize(timings: list[RequestTiming], duration: float) -> dict:
     """The run's figures (see module docstring); duration: seconds from the first arrival to the
     last token."""
     done = [t for t in timings if t.token_times]
-    out_tokens = sum(len(t.token_times) for t in done)
+    out_tokens = sum(t.tokens for t in done)
     in_tokens = sum(t.prompt_tokens for t in done)
     return {
         "requests": len(timings), "completed": len(done), "duration_s": duration,

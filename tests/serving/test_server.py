@@ -267,3 +267,21 @@ def test_load_of_concurrent_streams(server, offline):
     assert all(text == want[p] for p, text in results)
     assert health and set(health) == {200}
     _assert_pool_free(server[1])
+
+
+def test_bench_serve_measures_the_server(server, tmp_path):
+    """The load generator against the server: every request completes with the output length
+    it asked for, and the report has the latency figures."""
+    from dsjax import cli
+
+    args = ["bench", "serve", "--url", server[1], "--api-key", KEY, "--num-prompts", "12",
+            "--input-len", "4,20", "--output-len", "3,9", "--request-rate", "50",
+            "--max-concurrency", "6", "--slo-ttft-ms", "60000", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    fig = json.loads((tmp_path / "bench-serve.json").read_text())
+    from dsjax.bench_serve import dataset, parser
+    want = sum(r["max_tokens"] for r in dataset(parser().parse_args(args[2:])))
+    assert fig["completed"] == 12 and fig["failures"] == 0 and fig["output_tokens"] == want
+    assert 0 < fig["ttft_ms"]["p50"] <= fig["e2e_ms"]["p50"] and fig["tpot_ms"]["p95"] > 0
+    assert fig["goodput"] == pytest.approx(fig["request_throughput"])
+    assert "TTFT" in (tmp_path / "bench-serve.md").read_text()
