@@ -94,7 +94,19 @@ def open_hf(model) -> HFSource:
     policy = policy_for(hf_config)
     config = build_config(policy.make_config, hf_config, f"{type(model).__name__}.config")
     return _checked(hf_config, config, policy,
-                    from_state_dict(model.state_dict(), type(model).__name__), None)
+                    from_state_dict(_stored_names(model), type(model).__name__), None)
+
+
+def _stored_names(model) -> dict:
+    """The model's state dict under the names its checkpoints store: transformers 5 holds some
+    weights in memory in another form than it saves them (e.g. MoE experts fused into one
+    tensor, which checkpoints keep one per expert) and reverts that itself when saving."""
+    state = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without weight conversions
+        return state
+    return revert_weight_conversion(model, state)
 
 
 def _policy_for(hf_config: dict, where: str) -> Policy:

@@ -39,6 +39,8 @@ _OPTIONAL_SIZES = ("num_kv_heads", "head_dim", "rotary_dim", "sliding_window", "
 def build_config(make_config: Callable[[dict], ModelConfig], hf: dict, where: str) -> ModelConfig:
     """A family's make_config(hf), after checking the fields it reads; a field it finds missing
     or of the wrong type is a CheckpointError naming the field and `where` (the file)."""
+    if hf.get("use_sliding_window") is False:  # then sliding_window is unused (Qwen2-MoE
+        hf = {k: v for k, v in hf.items() if k != "sliding_window"}  # writes 0 there)
     check_fields(hf, where)
     try:
         cfg = make_config(hf)

@@ -1,12 +1,14 @@
 """LLaMA and its descendants with the same tensor names: Mistral (sliding window), Qwen2 (QKV
-bias), Gemma (scaled embeddings, GeGLU, RMSNorm with +1, tied head). RMSNorm, rotary (half
-layout), gated MLP, GQA/MQA."""
+bias), Gemma (scaled embeddings, GeGLU, RMSNorm with +1, tied head), and their sparse-expert
+kin Mixtral and Qwen2-MoE (converters/moe.py). RMSNorm, rotary (half layout), gated MLP,
+GQA/MQA."""
 
 from __future__ import annotations
 
 import math
 
 from converters.hf_config import activation, reject, rope_scaling
+from converters import moe
 from converters.loader import CheckpointError
 from converters.policy import (Policy, Rule, fused_linear_rules, layer_norm_rules, linear_rules,
                                lm_head_rules, qkv_widths)
@@ -18,6 +20,8 @@ _QUIRKS = {
     "mistral": {},
     "qwen2": {"qkv_bias": True, "out_bias": False},
     "gemma": {"norm_plus_one": True, "tie_word_embeddings": True},
+    "mixtral": {},
+    "qwen2_moe": {"qkv_bias": True, "out_bias": False},
 }
 
 
@@ -25,7 +29,7 @@ def _windows(hf: dict) -> tuple[int | None, tuple[int, ...] | None]:
     """(sliding_window, local layers or None for all) from `layer_types` / `sliding_window`."""
     window = hf.get("sliding_window")
     types = hf.get("layer_types")
-    if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False):
+    if hf.get("model_type") in ("qwen2", "qwen2_moe") and not hf.get("use_sliding_window", False):
         window = None
     if window is None:
         return None, None
@@ -72,6 +76,7 @@ def make_config(hf: dict) -> ModelConfig:
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", quirks.get("tie_word_embeddings", False))),
         embed_scale=math.sqrt(hf["hidden_size"]) if kind == "gemma" else 1.0,
+        moe=moe.moe_config(hf),
     )
 
 
@@ -86,18 +91,28 @@ def make_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
         *fused_linear_rules(layer + "attn.qkv", tuple(f"{attn}{p}_proj" for p in "qkv"),
                             qkv_widths(cfg), cfg.hidden_size, bias=cfg.qkv_bias),
         *linear_rules(layer + "attn.out", attn + "o_proj", bias=cfg.out_bias),
-        *fused_linear_rules(layer + "mlp.up", (mlp + "gate_proj", mlp + "up_proj"),
-                            (cfg.intermediate_size,) * 2, cfg.hidden_size, bias=cfg.mlp_bias),
-        *linear_rules(layer + "mlp.down", mlp + "down_proj", bias=cfg.mlp_bias),
     ]
+    if cfg.moe is None:
+        rules += _dense_mlp(cfg, layer, mlp)
+    else:  # layer by layer: sparse and dense layers may alternate
+        for i in range(cfg.num_layers):
+            dense = lambda j: _dense_mlp(cfg, f"layers.{j}.", f"layers.{j}.mlp.")  # noqa: E731
+            rules += moe.mlp_rules(cfg, cfg.family, i, dense)
     rules += lm_head_rules(cfg)
     return tuple(rules)
+
+
+def _dense_mlp(cfg: ModelConfig, ours: str, theirs: str) -> list[Rule]:
+    return [*fused_linear_rules(ours + "mlp.up", (theirs + "gate_proj", theirs + "up_proj"),
+                                (cfg.intermediate_size,) * 2, cfg.hidden_size, bias=cfg.mlp_bias),
+            *linear_rules(ours + "mlp.down", theirs + "down_proj", bias=cfg.mlp_bias)]
 
 
 POLICY = Policy(
     name="llama",
     model_types=tuple(_QUIRKS),
-    architectures=tuple(f"{name}{head}" for name in ("Llama", "Mistral", "Qwen2", "Gemma")
+    architectures=tuple(f"{name}{head}" for name in ("Llama", "Mistral", "Qwen2", "Gemma",
+                                                     "Mixtral", "Qwen2Moe")
                         for head in ("ForCausalLM", "Model")),
     prefix="model.",
     make_config=make_config,

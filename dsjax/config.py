@@ -44,6 +44,35 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Sparse MLP layers (Mixtral, Qwen2-MoE): a router picks top_k of num_experts gated MLPs of
+    width expert_size for each token (softmax over all experts, then the top k; norm_topk:
+    their weights renormalized to sum to 1); a shared expert of width shared_size (0: none),
+    scaled by a sigmoid gate, adds to every token's output. layers: the sparse layers (None:
+    all; the others keep the dense MLP of intermediate_size)."""
+
+    num_experts: int
+    top_k: int
+    expert_size: int
+    norm_topk: bool = True
+    shared_size: int = 0
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe: top_k={self.top_k} must lie in [1, num_experts="
+                             f"{self.num_experts}]")
+        if self.expert_size < 1 or self.shared_size < 0:
+            raise ValueError(f"moe: expert_size={self.expert_size} must be >= 1 and "
+                             f"shared_size={self.shared_size} >= 0")
+
+    def sparse(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder or encoder transformer, in family-neutral terms."""
 
@@ -92,12 +121,15 @@ class ModelConfig:
     embed_scale: float = 1.0  # Gemma: sqrt(hidden_size)
     type_vocab_size: int = 0  # BERT token types
     encoder: EncoderConfig | None = None  # set: an encoder (dsjax.encoders.Encoder) around this body
+    moe: MoEConfig | None = None  # set: sparse expert MLPs in the layers it names
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if isinstance(self.encoder, dict):
             object.__setattr__(self, "encoder", EncoderConfig(**self.encoder))
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if isinstance(self.local_layers, list):
             object.__setattr__(self, "local_layers", tuple(self.local_layers))
         _check_choice("norm", self.norm, NORMS)

@@ -226,6 +226,11 @@ def check_plan(cfg: ModelConfig, icfg: InferenceConfig, par: Parallel, devices=N
             f"learned positions of this {cfg.family} model; pass max_out_tokens <= "
             f"{cfg.max_position_embeddings}")
     par.check(cfg)
+    if cfg.moe is not None and (par.is_parallel or icfg.quant is not None
+                                or stored_quant is not None):
+        raise ValueError(f"this {cfg.family} model has expert (MoE) layers, which run on one "
+                         "device in the weights' dtype for now: drop tensor_parallel / "
+                         "pipeline_parallel / data_parallel and quant")
     if par.is_parallel:
         par.check_devices(devices)
         if stored_quant is not None:

@@ -179,17 +179,52 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, policy,
-                 shard: Shard | None = None):
-        width = cfg.intermediate_size * (2 if cfg.gated_mlp else 1)  # gated: [gate | up]
-        self.up = Linear(cfg.hidden_size, width, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs,
+                 shard: Shard | None = None, width: int | None = None):
+        width = width or cfg.intermediate_size  # (a MoE's shared expert has its own)
+        up = width * (2 if cfg.gated_mlp else 1)  # gated: [gate | up]
+        self.up = Linear(cfg.hidden_size, up, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs,
                          policy=policy)
-        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype,
+        self.down = Linear(width, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype,
                            rngs=rngs, policy=policy, reduce=shard)
         self.act, self.gated = cfg.activation, cfg.gated_mlp
 
     def __call__(self, x, *, norm=None, residual=None, partial=False):
         h = self.up(x, norm=norm, activation=self.act, gated=self.gated)
         return self.down(h, residual=residual, partial=partial)
+
+
+class MoE(nnx.Module):
+    """A sparse MLP: the router's softmax picks top_k experts per token (their weights
+    renormalized with norm_topk), ops.experts runs them; a shared expert, scaled by a sigmoid
+    gate, adds to every token (ModelConfig.moe)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, policy):
+        moe, D = cfg.moe, cfg.hidden_size
+        E, I = moe.num_experts, moe.expert_size
+        self.router = Linear(D, E, bias=False, dtype=dtype, rngs=rngs, policy=policy)
+        self.experts_up = nnx.Param(_normal(rngs, (E, D, 2 * I), dtype))  # [gate | up] each
+        self.experts_down = nnx.Param(_normal(rngs, (E, I, D), dtype))
+        self.shared = (MLP(cfg, dtype=dtype, rngs=rngs, policy=policy, width=moe.shared_size)
+                       if moe.shared_size else None)
+        self.shared_gate = (Linear(D, 1, bias=False, dtype=dtype, rngs=rngs, policy=policy)
+                            if moe.shared_size else None)
+        self.moe, self.act, self.policy = moe, cfg.activation, policy
+
+    def __call__(self, x, *, norm=None, residual=None, partial=False):
+        if partial:
+            raise NotImplementedError("MoE layers are not tensor-parallel yet")
+        h = x if norm is None else ops.norm(x, norm, policy=self.policy)
+        flat = h.reshape(-1, h.shape[-1])
+        probs = jax.nn.softmax(self.router(flat).astype(jnp.float32), axis=-1)
+        weights, picks = jax.lax.top_k(probs, self.moe.top_k)
+        if self.moe.norm_topk:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        y = ops.experts(flat, self.experts_up[...], self.experts_down[...], picks,
+                        weights.astype(flat.dtype), activation=self.act, policy=self.policy)
+        if self.shared is not None:
+            y = y + self.shared(flat) * jax.nn.sigmoid(self.shared_gate(flat))
+        y = y.reshape(x.shape)
+        return y if residual is None else y + residual
 
 
 class Block(nnx.Module):
@@ -203,7 +238,9 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs, policy=policy, shard=shard)
         self.mlp_norm = (None if cfg.shared_norm else
                          Norm(cfg, cfg.hidden_size, dtype=dtype, policy=policy))
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, policy=policy, shard=shard)
+        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, policy=policy)
+                    if cfg.moe is not None and cfg.moe.sparse(layer) else
+                    MLP(cfg, dtype=dtype, rngs=rngs, policy=policy, shard=shard))
 
     def __call__(self, x, positions, kv, write_at, key_mask):
         cfg = self.cfg

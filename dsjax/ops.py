@@ -165,6 +165,25 @@ def paged_attention_xla(q, layer, q_pos, *, scale, window, alibi_slopes):
     return o.reshape(1, N, -1)
 
 
+def experts_xla(x, up, down, experts, weights, *, activation: str):
+    """Sparse expert MLPs: x [N, D] -> [N, D], token n's output the sum over its k picks j of
+    weights[n, j] * down_e(act(gate_e(x)) * up_e(x)), e = experts[n, j]; up [E, D, 2I] ([gate |
+    up] per expert), down [E, I, D]. Exact and dropless: the (token, pick) rows sorted by expert
+    run through ragged_dot (each expert's rows against its own weights), then are summed back
+    per token."""
+    N, D = x.shape
+    k = experts.shape[1]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    sizes = jnp.bincount(flat, length=up.shape[0]).astype(jnp.int32)
+    h = jax.lax.ragged_dot(x[token], up, sizes, preferred_element_type=jnp.float32)
+    h = numerics.epilogue(h, activation=activation, gated=True).astype(down.dtype)
+    o = jax.lax.ragged_dot(h, down, sizes, preferred_element_type=jnp.float32)
+    o = o * weights.reshape(-1)[order][:, None].astype(jnp.float32)
+    return jnp.zeros((N, D), jnp.float32).at[token].add(o).astype(x.dtype)
+
+
 # ----------------------------------------------------------------------------- the registry
 
 _REGISTRY = MappingProxyType({op: MappingProxyType(impls) for op, impls in {
@@ -175,6 +194,7 @@ _REGISTRY = MappingProxyType({op: MappingProxyType(impls) for op, impls in {
     "write_kv": {"xla": write_kv_xla, "pallas": pallas_ops.write_kv},
     "paged_write_kv": {"xla": paged_write_kv_xla},
     "paged_attention": {"xla": paged_attention_xla, "pallas": pallas_ops.paged_attention},
+    "experts": {"xla": experts_xla},
 }.items()})
 
 
@@ -233,3 +253,7 @@ def paged_write_kv(qkv, layer, positions, *, heads, rotary, policy: KernelPolicy
 def paged_attention(q, layer, q_pos, *, scale, window, alibi_slopes, policy: KernelPolicy):
     return run("paged_attention", policy, q, layer, q_pos, scale=scale, window=window,
                alibi_slopes=alibi_slopes)
+
+
+def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolicy):
+    return run("experts", policy, x, up, down, picks, weights, activation=activation)

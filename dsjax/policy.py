@@ -15,7 +15,7 @@ import logging
 from dsjax.numerics import NORM_KINDS
 
 OPS = ("norm", "linear", "attention", "cache_attention", "write_kv", "paged_write_kv",
-       "paged_attention")
+       "paged_attention", "experts")
 IMPLEMENTATIONS = ("xla", "pallas")
 # the ops that have a Pallas kernel (dsjax.pallas_ops); the others are XLA under every policy
 PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv", "paged_attention")
@@ -51,6 +51,7 @@ class KernelPolicy:
     write_kv: str = "xla"
     paged_write_kv: str = "xla"  # the serving engine's block pools (dsjax.serving.paged)
     paged_attention: str = "xla"
+    experts: str = "xla"  # sparse expert MLPs (MoE layers)
     gemv_rows: int = 1
     gemv_fused_norms: tuple[str, ...] = ("rmsnorm",)
     norm_in_xla_rows: int = 16

@@ -45,19 +45,24 @@ CASES = {  # name: (HF class, config class, config) -- the quirk each one exerci
 }
 
 
-def build(name, seed=0):
+def build(name, seed=0, cases=None):
     """The HF model with every parameter perturbed (biases and norm scales too), so that a
     wrongly mapped tensor cannot hide behind HF's zero/one initialisation."""
-    cls, config_cls, cfg = CASES[name]
+    cls, config_cls, cfg = (cases or CASES)[name]
     torch.manual_seed(seed)
     return perturb(cls(config_cls(**cfg)))
 
 
+def make_pair(name, cases=None):
+    """(name, the HF model, a dsjax fp32 engine of it): what the tests below take."""
+    model = build(name, cases=cases)
+    return name, model, dsjax.init_inference(model, dtype="fp32", max_out_tokens=64,
+                                             progress=False)
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def pair(request):
-    model = build(request.param)
-    engine = dsjax.init_inference(model, dtype="fp32", max_out_tokens=64, progress=False)
-    return request.param, model, engine
+    return make_pair(request.param)
 
 
 def test_logits_match_hf(pair):

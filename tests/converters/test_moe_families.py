@@ -1,0 +1,100 @@
+"""Sparse-expert (MoE) families against HF transformers' torch models, every parameter (router,
+experts, shared expert and its gate) perturbed: the decoder families' tests (imported below, run
+here on these models: logits, 32 greedy tokens with their log-probabilities, padded batches, a
+saved checkpoint directory, whose experts are stored one tensor each, through the CLI), the
+serving engine, the expert op against a plain loop, and the clear refusals."""
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers as tf
+
+import dsjax
+from dsjax import ops
+from dsjax.policy import KernelPolicy
+from dsjax.serving.engine import ServingEngine
+from tests.conftest import prompt
+from tests.converters import test_decoder_families as families
+from tests.converters.test_decoder_families import (  # noqa: F401 (collected here)
+    SMALL, V, test_32_greedy_tokens_through_the_cache, test_checkpoint_directory_and_cli_generate,
+    test_family_is_recognised, test_left_padded_batch_equals_each_prompt,
+    test_left_padded_logits_match_hf, test_logits_match_hf)
+
+BASE = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, **SMALL)
+CASES = {
+    # softmax top-2 of 4 experts, renormalized
+    "mixtral_top2_of_4": (tf.MixtralForCausalLM, tf.MixtralConfig, dict(
+        BASE, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
+    # top-3 of 6 without renormalization, a sigmoid-gated shared expert, layer 1 dense
+    "qwen2_moe_shared_dense_layer": (tf.Qwen2MoeForCausalLM, tf.Qwen2MoeConfig, dict(
+        BASE, intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=36,
+        num_experts=6, num_experts_per_tok=3, mlp_only_layers=[1])),
+}
+
+
+build = functools.partial(families.build, cases=CASES)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request):
+    return families.make_pair(request.param, CASES)
+
+
+def test_config_reads_the_routing(pair):
+    name, _, engine = pair
+    moe = engine.config.moe
+    if name.startswith("mixtral"):
+        assert (moe.num_experts, moe.top_k, moe.norm_topk, moe.shared_size, moe.layers) == (
+            4, 2, True, 0, None)
+    else:
+        assert (moe.num_experts, moe.top_k, moe.norm_topk, moe.shared_size, moe.layers) == (
+            6, 3, False, 36, (0, 2))
+
+
+def test_serving_engine_equals_generate(pair):
+    _, _, engine = pair
+    prompts = [prompt(20 + i, 3 + 4 * i, V) for i in range(4)]
+    outs = ServingEngine(engine, block_size=4, num_blocks=64, token_budget=16).generate(
+        prompts, max_new_tokens=8, eos_token_id=[])
+    for out, p in zip(outs, prompts):
+        want = engine.generate([p], max_new_tokens=8, eos_token_id=[], return_logprobs=True)
+        assert out.token_ids == want.sequences[0]
+        np.testing.assert_allclose(out.logprobs, want.logprobs[0][:8], atol=2e-5)
+
+
+def test_expert_op_equals_a_loop_over_tokens():
+    """ops.experts against each token's picks computed one by one, with an expert that gets no
+    token, and with every token on one expert."""
+    rng = np.random.default_rng(0)
+    N, D, I, E, k = 7, 8, 6, 4, 2
+    x = rng.normal(size=(N, D)).astype(np.float32)
+    up, down = rng.normal(size=(E, D, 2 * I)), rng.normal(size=(E, I, D))
+    up, down = up.astype(np.float32), down.astype(np.float32)
+    w = rng.uniform(size=(N, k)).astype(np.float32)
+
+    def loop(picks):
+        out = np.zeros((N, D))
+        for n in range(N):
+            for j in range(k):
+                h = x[n] @ up[picks[n, j]]
+                g, u = h[:I], h[I:]
+                out[n] += w[n, j] * ((g / (1 + np.exp(-g))) * u) @ down[picks[n, j]]
+        return out
+    spread = np.array([[0, 2], [2, 0], [1, 2], [0, 1], [2, 1], [1, 0], [0, 2]])  # expert 3 idle
+    pile = np.zeros((N, k), np.int64)  # every pick on expert 0 (twice per token)
+    for picks in (spread, pile):
+        got = ops.experts(jnp.asarray(x), jnp.asarray(up), jnp.asarray(down), jnp.asarray(picks),
+                          jnp.asarray(w), activation="silu", policy=KernelPolicy())
+        np.testing.assert_allclose(np.asarray(got), loop(picks), rtol=2e-5, atol=2e-5)
+
+
+def test_unsupported_combinations_are_refused():
+    model = build("mixtral_top2_of_4")
+    for opts in (dict(tensor_parallel=2), dict(quant={"bits": 8})):
+        with pytest.raises(ValueError, match="expert"):
+            dsjax.init_inference(model, dtype="fp32", progress=False, **opts)
+    with pytest.raises(ValueError, match="top_k"):
+        dsjax.config.MoEConfig(num_experts=2, top_k=3, expert_size=4)
