@@ -1,6 +1,7 @@
 """LLaMA and its descendants with the same tensor names: Mistral (sliding window), Qwen2 (QKV
 bias), Gemma (scaled embeddings, GeGLU, RMSNorm with +1, tied head), and their sparse-expert
-kin Mixtral and Qwen2-MoE (converters/moe.py). RMSNorm, rotary (half layout), gated MLP,
+kin Mixtral, Qwen2-MoE, Qwen3-MoE (q/k RMSNorm per head) and OLMoE (q/k RMSNorm over the
+projections) (converters/moe.py). RMSNorm, rotary (half layout), gated MLP,
 GQA/MQA."""
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _QUIRKS = {
     "gemma": {"norm_plus_one": True, "tie_word_embeddings": True},
     "mixtral": {},
     "qwen2_moe": {"qkv_bias": True, "out_bias": False},
+    "qwen3_moe": {"qk_norm": "head"},
+    "olmoe": {"qk_norm": "full"},
 }
 
 
@@ -29,7 +32,8 @@ def _windows(hf: dict) -> tuple[int | None, tuple[int, ...] | None]:
     """(sliding_window, local layers or None for all) from `layer_types` / `sliding_window`."""
     window = hf.get("sliding_window")
     types = hf.get("layer_types")
-    if hf.get("model_type") in ("qwen2", "qwen2_moe") and not hf.get("use_sliding_window", False):
+    if (hf.get("model_type") in ("qwen2", "qwen2_moe", "qwen3_moe")
+            and not hf.get("use_sliding_window", False)):
         window = None
     if window is None:
         return None, None
@@ -43,7 +47,7 @@ def _windows(hf: dict) -> tuple[int | None, tuple[int, ...] | None]:
 
 
 def make_config(hf: dict) -> ModelConfig:
-    reject(hf, pretraining_tp=lambda v: v not in (None, 1))
+    reject(hf, pretraining_tp=lambda v: v not in (None, 1), clip_qkv=lambda v: v is not None)
     kind = hf.get("model_type", "llama")
     quirks = _QUIRKS[kind]
     theta, scaling = rope_scaling(hf)
@@ -76,6 +80,7 @@ def make_config(hf: dict) -> ModelConfig:
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", quirks.get("tie_word_embeddings", False))),
         embed_scale=math.sqrt(hf["hidden_size"]) if kind == "gemma" else 1.0,
+        qk_norm=quirks.get("qk_norm", "none"),
         moe=moe.moe_config(hf),
     )
 
@@ -92,6 +97,9 @@ def make_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
                             qkv_widths(cfg), cfg.hidden_size, bias=cfg.qkv_bias),
         *linear_rules(layer + "attn.out", attn + "o_proj", bias=cfg.out_bias),
     ]
+    if cfg.qk_norm != "none":
+        rules += [*layer_norm_rules(layer + "attn.q_norm", attn + "q_norm", bias=False),
+                  *layer_norm_rules(layer + "attn.k_norm", attn + "k_norm", bias=False)]
     if cfg.moe is None:
         rules += _dense_mlp(cfg, layer, mlp)
     else:  # layer by layer: sparse and dense layers may alternate
@@ -112,7 +120,7 @@ POLICY = Policy(
     name="llama",
     model_types=tuple(_QUIRKS),
     architectures=tuple(f"{name}{head}" for name in ("Llama", "Mistral", "Qwen2", "Gemma",
-                                                     "Mixtral", "Qwen2Moe")
+                                                     "Mixtral", "Qwen2Moe", "Qwen3Moe", "Olmoe")
                         for head in ("ForCausalLM", "Model")),
     prefix="model.",
     make_config=make_config,

@@ -1,4 +1,4 @@
-"""Sparse expert (MoE) layers of the LLaMA-like families: Mixtral and Qwen2-MoE. The config's
+"""Sparse expert (MoE) layers of the LLaMA-like families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE. The config's
 MoE fields, and the rules that stack each layer's per-expert HF Linears into the generic
 model's expert arrays (experts_up [E, D, 2I] = [gate | up] per expert, experts_down [E, I, D]).
 Checkpoints store one tensor per expert and projection; transformers' in-memory models hold
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from converters.loader import CheckpointError
 from converters.policy import Rule, Transform, fused_linear_rules, linear_rules
 from dsjax.config import ModelConfig, MoEConfig
 
@@ -16,19 +17,31 @@ from dsjax.config import ModelConfig, MoEConfig
 NAMES = {
     "mixtral": ("block_sparse_moe", "gate", "w1", "w3", "w2"),
     "qwen2_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+    "qwen3_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+    "olmoe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
 }
 
 
+def _experts(hf: dict) -> int | None:
+    """The expert count, under either of the names configs use for it (transformers versions
+    write one or the other for the same family)."""
+    a, b = hf.get("num_experts"), hf.get("num_local_experts")
+    if a is not None and b is not None and a != b:
+        raise CheckpointError(f"num_experts={a} and num_local_experts={b} disagree")
+    return a if a is not None else b
+
+
 def moe_config(hf: dict) -> MoEConfig | None:
-    kind, L = hf.get("model_type"), hf["num_hidden_layers"]
-    if kind == "mixtral":
-        return MoEConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
-                         expert_size=hf["intermediate_size"], norm_topk=True)
-    if kind != "qwen2_moe" or not hf.get("num_experts"):
+    kind, L, E = hf.get("model_type"), hf["num_hidden_layers"], _experts(hf)
+    if kind not in NAMES or not E:
         return None
+    if kind in ("mixtral", "olmoe"):
+        return MoEConfig(num_experts=E, top_k=hf["num_experts_per_tok"],
+                         expert_size=hf["intermediate_size"],
+                         norm_topk=kind == "mixtral" or bool(hf.get("norm_topk_prob", False)))
     step, dense = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or ())
     layers = tuple(i for i in range(L) if i not in dense and (i + 1) % step == 0)
-    return MoEConfig(num_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"],
+    return MoEConfig(num_experts=E, top_k=hf["num_experts_per_tok"],
                      expert_size=hf["moe_intermediate_size"],
                      norm_topk=bool(hf.get("norm_topk_prob", False)),
                      shared_size=hf.get("shared_expert_intermediate_size", 0) or 0,

@@ -105,6 +105,8 @@ class ModelConfig:
     # attention
     causal: bool = True  # False for encoders (BERT, CLIP vision)
     attn_scale: float | None = None  # None: 1/sqrt(head_dim); GPT-Neo: 1.0
+    qk_norm: Literal["none", "head", "full"] = "none"  # q, k normed per head (Qwen3) or over
+    # the whole projection (OLMoE), before the rotary embedding
     sliding_window: int | None = None  # keys with q_pos - k_pos >= window are masked
     local_layers: tuple[int, ...] | None = None  # layers that use the window; None: all
     # residual
@@ -137,6 +139,7 @@ class ModelConfig:
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("rotary_layout", self.rotary_layout, ROTARY_LAYOUTS)
+        _check_choice("qk_norm", self.qk_norm, ("none", "head", "full"))
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
             if getattr(self, name) < 1 and not (name == "vocab_size" and self.takes_images):
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")

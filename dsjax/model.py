@@ -144,6 +144,22 @@ class Attention(nnx.Module):
                           rngs=rngs, policy=policy)  # columns [q heads | k heads | v heads]
         self.out = Linear(H * Dh, cfg.hidden_size, bias=cfg.out_bias, dtype=dtype, rngs=rngs,
                           policy=policy, reduce=shard)
+        per_head = cfg.qk_norm == "head"  # "full": over the whole q / k projection
+        self.q_norm, self.k_norm = ((None, None) if cfg.qk_norm == "none" else
+                                    (Norm(cfg, Dh if per_head else H * Dh, dtype=dtype, policy=policy),
+                                     Norm(cfg, Dh if per_head else K * Dh, dtype=dtype, policy=policy)))
+
+    def normed_qk(self, qkv):
+        """qkv [..., (H + 2K) Dh] with q and k normed (Qwen3's per-head RMSNorm, OLMoE's over
+        the projection), before the rotary embedding as HF applies them."""
+        H, K, Dh = self.cfg.num_heads, self.cfg.kv_heads, self.cfg.dim_head
+        q, k, v = jnp.split(qkv, [H * Dh, (H + K) * Dh], axis=-1)
+        if self.cfg.qk_norm == "head":
+            q = self.q_norm(q.reshape(*q.shape[:-1], H, Dh)).reshape(q.shape)
+            k = self.k_norm(k.reshape(*k.shape[:-1], K, Dh)).reshape(k.shape)
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return jnp.concatenate([q, k, v], axis=-1)
 
     def slopes(self):
         """This layer's ALiBi slopes (its tensor slice of them), or None."""
@@ -162,6 +178,8 @@ class Attention(nnx.Module):
         attn = dict(scale=cfg.scale, window=self.window, policy=self.policy,
                     alibi_slopes=self.slopes())
         qkv = self.qkv(x, norm=norm)  # [B, T, (H + 2K) Dh]
+        if self.q_norm is not None:
+            qkv = self.normed_qk(qkv)
         if kv is None:  # attend within this block
             q, k, v = ops.split_heads(qkv, positions, heads=heads, rotary=rotary(cfg))
             o = ops.attention(q, k, v, positions, positions, key_mask, causal=cfg.causal, **attn)

@@ -104,6 +104,9 @@ class Parallel:
                              f"{cfg.family} encoder fits one device: drop tensor_parallel / "
                              "pipeline_parallel")
         tensor.check(cfg, self.tp)
+        if cfg.qk_norm == "full" and self.tp > 1:
+            raise ValueError(f"this {cfg.family} model norms q and k over all heads, which "
+                             "tensor slices split: drop tensor_parallel")
         L, P = cfg.num_layers, self.pp
         if L % P:
             raise ValueError(f"pp_size={P} does not divide the {L} layers; choose one of "

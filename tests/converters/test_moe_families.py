@@ -32,6 +32,13 @@ CASES = {
     "qwen2_moe_shared_dense_layer": (tf.Qwen2MoeForCausalLM, tf.Qwen2MoeConfig, dict(
         BASE, intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=36,
         num_experts=6, num_experts_per_tok=3, mlp_only_layers=[1])),
+    # q/k RMSNorm per head, renormalized top-2 of 4, every other layer sparse
+    "qwen3_moe_qk_norm_sparse_step_2": (tf.Qwen3MoeForCausalLM, tf.Qwen3MoeConfig, dict(
+        BASE, intermediate_size=40, moe_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2)),
+    # q/k RMSNorm over the whole projections, top-2 of 4 not renormalized
+    "olmoe_full_qk_norm": (tf.OlmoeForCausalLM, tf.OlmoeConfig, dict(
+        BASE, intermediate_size=24, num_experts=4, num_experts_per_tok=2)),
 }
 
 
@@ -46,12 +53,11 @@ def pair(request):
 def test_config_reads_the_routing(pair):
     name, _, engine = pair
     moe = engine.config.moe
-    if name.startswith("mixtral"):
-        assert (moe.num_experts, moe.top_k, moe.norm_topk, moe.shared_size, moe.layers) == (
-            4, 2, True, 0, None)
-    else:
-        assert (moe.num_experts, moe.top_k, moe.norm_topk, moe.shared_size, moe.layers) == (
-            6, 3, False, 36, (0, 2))
+    want = {"mixtral": (4, 2, True, 0, None, "none"), "qwen2_moe": (6, 3, False, 36, (0, 2), "none"),
+            "qwen3_moe": (4, 2, True, 0, (1,), "head"), "olmoe": (4, 2, False, 0, None, "full")}
+    got = (moe.num_experts, moe.top_k, moe.norm_topk, moe.shared_size, moe.layers,
+           engine.config.qk_norm)
+    assert got == want[engine.config.family]
 
 
 def test_serving_engine_equals_generate(pair):
