@@ -11,7 +11,8 @@ Ops: norm; linear (dense or quantized weight of either layout, dsjax.weights; a 
 bias / activation / gated / residual epilogues behind); attention (no cache); cache_attention
 (causal over a KV cache, slot == position); write_kv (split the fused QKV output into heads,
 rotate, write K/V into the cache); paged_write_kv and paged_attention (the same over the
-serving engine's block pools, a flat batch of tokens from many sequences: dsjax.serving.paged).
+serving engine's block pools, a flat batch of tokens from many sequences: dsjax.serving.paged);
+experts (sparse expert MLPs of MoE layers, dropless).
 """
 
 from __future__ import annotations
