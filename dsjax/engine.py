@@ -44,8 +44,10 @@ class Options:
       devices. pipeline_parallel: {"pp_size": P, "micro_batches": M (default P), "offload_kv":
       bool}: the layers in P stages, the batch in M micro-batches that keep every stage busy
       while decoding; offload_kv keeps the caches of micro-batches not computing in pinned host
-      memory. data_parallel: {"dp_size": R}: R replicas. The mesh (dp x pp x tp) is built on
-      `devices` (default jax.devices()); see dsjax.parallel.
+      memory. data_parallel: {"dp_size": R}: R replicas. expert_parallel: {"ep_size": E} (or
+      DeepSpeed-MoE's moe={"ep_size": E, "moe_experts": [...]}): a MoE model's experts spread
+      over E replicas (data_parallel follows). The mesh (dp x pp x tp) is built on `devices`
+      (default jax.devices()); see dsjax.parallel.
     max_out_tokens: prompt + new tokens per sequence, the KV cache capacity (default 1024, or
       the model's learned positions if fewer).
     replace_with_kernel_inject: the Pallas kernels for every op that has one
@@ -66,6 +68,8 @@ class Options:
     mp_size: int | None = None
     pipeline_parallel: object = None
     data_parallel: object = None
+    expert_parallel: object = None
+    moe: object = None
     max_out_tokens: int | None = None
     replace_with_kernel_inject: bool = False
     kernels: object = None
@@ -107,7 +111,7 @@ class Options:
 
     def parallel(self) -> Parallel:
         return Parallel.parse(self.tensor_parallel, self.mp_size, self.pipeline_parallel,
-                              self.data_parallel)
+                              self.data_parallel, self.expert_parallel, self.moe)
 
 
 def _same(a, b) -> bool:
@@ -226,11 +230,9 @@ def check_plan(cfg: ModelConfig, icfg: InferenceConfig, par: Parallel, devices=N
             f"learned positions of this {cfg.family} model; pass max_out_tokens <= "
             f"{cfg.max_position_embeddings}")
     par.check(cfg)
-    if cfg.moe is not None and (par.is_parallel or icfg.quant is not None
-                                or stored_quant is not None):
-        raise ValueError(f"this {cfg.family} model has expert (MoE) layers, which run on one "
-                         "device in the weights' dtype for now: drop tensor_parallel / "
-                         "pipeline_parallel / data_parallel and quant")
+    if cfg.moe is not None and (icfg.quant is not None or stored_quant is not None):
+        raise ValueError(f"this {cfg.family} model has expert (MoE) layers, which run in the "
+                         "weights' dtype for now: drop quant")
     if par.is_parallel:
         par.check_devices(devices)
         if stored_quant is not None:

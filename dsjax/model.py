@@ -20,7 +20,7 @@ from flax import nnx
 from dsjax import cache as kv_cache
 from dsjax import ops
 from dsjax.config import ModelConfig
-from dsjax.parallel.tensor import Shard
+from dsjax.parallel.tensor import EXPERT_AXIS, Shard
 from dsjax.serving.paged import PagedLayer
 from dsjax.policy import KernelPolicy
 from dsjax.weights import DenseWeight
@@ -214,35 +214,62 @@ class MLP(nnx.Module):
 class MoE(nnx.Module):
     """A sparse MLP: the router's softmax picks top_k experts per token (their weights
     renormalized with norm_topk), ops.experts runs them; a shared expert, scaled by a sigmoid
-    gate, adds to every token (ModelConfig.moe)."""
+    gate, adds to every token (ModelConfig.moe). Under `shard` each device holds its tensor
+    slice of every expert's width (partial outputs summed over the slices) and, with expert
+    parallelism, only its replica's experts: rows go to the replica holding their expert and
+    come back by all-to-all over the replicas, dropless (every buffer holds all N x k rows)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, policy):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, policy,
+                 shard: Shard | None = None):
         moe, D = cfg.moe, cfg.hidden_size
-        E, I = moe.num_experts, moe.expert_size
-        self.router = Linear(D, E, bias=False, dtype=dtype, rngs=rngs, policy=policy)
+        E, I = moe.num_experts // (shard.experts if shard else 1), moe.expert_size
+        self.router = Linear(D, moe.num_experts, bias=False, dtype=dtype, rngs=rngs, policy=policy)
         self.experts_up = nnx.Param(_normal(rngs, (E, D, 2 * I), dtype))  # [gate | up] each
         self.experts_down = nnx.Param(_normal(rngs, (E, I, D), dtype))
         self.shared = (MLP(cfg, dtype=dtype, rngs=rngs, policy=policy, width=moe.shared_size)
-                       if moe.shared_size else None)
+                       if moe.shared_size else None)  # (whole on every device)
         self.shared_gate = (Linear(D, 1, bias=False, dtype=dtype, rngs=rngs, policy=policy)
                             if moe.shared_size else None)
-        self.moe, self.act, self.policy = moe, cfg.activation, policy
+        self.moe, self.act, self.policy, self.shard = moe, cfg.activation, policy, shard
 
     def __call__(self, x, *, norm=None, residual=None, partial=False):
         if partial:
-            raise NotImplementedError("MoE layers are not tensor-parallel yet")
+            raise NotImplementedError("MoE layers in parallel-residual blocks")
         h = x if norm is None else ops.norm(x, norm, policy=self.policy)
         flat = h.reshape(-1, h.shape[-1])
         probs = jax.nn.softmax(self.router(flat).astype(jnp.float32), axis=-1)
         weights, picks = jax.lax.top_k(probs, self.moe.top_k)
         if self.moe.norm_topk:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        y = ops.experts(flat, self.experts_up[...], self.experts_down[...], picks,
-                        weights.astype(flat.dtype), activation=self.act, policy=self.policy)
+        weights = weights.astype(flat.dtype)
+        if self.shard is not None and self.shard.experts > 1:
+            y = self._exchanged(flat, picks, weights)
+        else:
+            y = ops.experts(flat, self.experts_up[...], self.experts_down[...], picks, weights,
+                            activation=self.act, policy=self.policy)
+        if self.shard is not None:
+            y = self.shard.psum(y)  # the tensor slices' partial sums
         if self.shared is not None:
             y = y + self.shared(flat) * jax.nn.sigmoid(self.shared_gate(flat))
         y = y.reshape(x.shape)
         return y if residual is None else y + residual
+
+    def _exchanged(self, flat, picks, weights):
+        """Expert parallelism: each (token, pick) row to the replica holding its expert, run
+        there, back by all-to-all, weighted and summed per token."""
+        ep, E = self.shard.experts, self.experts_up.shape[0]
+        (N, k), D = picks.shape, flat.shape[-1]
+        dest, local = (picks // E).reshape(-1), (picks % E).reshape(-1)
+        to = dest[None, :] == jnp.arange(ep)[:, None]  # [ep, N k]: row r goes to replica d
+        rows = jnp.where(to[..., None], flat[jnp.arange(N * k) // k][None], 0)
+        swap = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0)  # noqa: E731
+        got, expert = swap(rows), swap(jnp.where(to, local[None], -1))  # from each replica
+        out = ops.experts(got.reshape(-1, D), self.experts_up[...], self.experts_down[...],
+                          jnp.maximum(expert, 0).reshape(-1, 1),
+                          (expert >= 0).reshape(-1, 1).astype(flat.dtype), activation=self.act,
+                          policy=self.policy)
+        back = swap(out.reshape(ep, N * k, D)).sum(0)  # each row's result, from its replica
+        return jnp.sum(back.reshape(N, k, D) * weights[..., None], axis=1)
 
 
 class Block(nnx.Module):
@@ -256,7 +283,7 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs, policy=policy, shard=shard)
         self.mlp_norm = (None if cfg.shared_norm else
                          Norm(cfg, cfg.hidden_size, dtype=dtype, policy=policy))
-        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, policy=policy)
+        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, policy=policy, shard=shard)
                     if cfg.moe is not None and cfg.moe.sparse(layer) else
                     MLP(cfg, dtype=dtype, rngs=rngs, policy=policy, shard=shard))
 

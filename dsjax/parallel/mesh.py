@@ -32,9 +32,11 @@ class Parallel:
     dp: int = 1
     micro_batches: int = 1
     offload_kv: bool = False
+    ep: int = 1  # MoE experts spread over the dp replicas (ep == dp), tokens sent by all-to-all
+    moe_experts: tuple[int, ...] | None = None  # DeepSpeed's per-layer expert counts, checked
 
     def __post_init__(self):
-        for name in ("tp", "pp", "dp", "micro_batches"):
+        for name in ("tp", "pp", "dp", "micro_batches", "ep"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -42,6 +44,10 @@ class Parallel:
         if self.offload_kv and M < 2:
             raise ValueError("offload_kv keeps the caches of micro-batches not computing in host "
                              "memory: it needs micro_batches >= 2")
+        if self.ep > 1 and self.ep != self.dp:
+            raise ValueError(f"ep_size={self.ep}: the experts are spread over the data-parallel "
+                             f"replicas, so ep_size must equal dp_size (got {self.dp}; leave "
+                             "data_parallel unset and it follows ep_size)")
         if M < P and P % M:
             raise ValueError(f"micro_batches={M} must divide pp_size={P} or be at least pp_size "
                              f"(e.g. {P}): the decode schedule cycles micro-batches through the "
@@ -64,10 +70,15 @@ class Parallel:
 
     @classmethod
     def parse(cls, tensor_parallel=None, mp_size=None, pipeline_parallel=None,
-              data_parallel=None) -> Parallel:
+              data_parallel=None, expert_parallel=None, moe=None) -> Parallel:
         """DeepSpeed's spellings: tensor_parallel={"tp_size": N} or an int (mp_size=N, its old
         name); pipeline_parallel={"pp_size": P, "micro_batches": M, "offload_kv": bool} or an
-        int; data_parallel={"dp_size": R} or an int."""
+        int; data_parallel={"dp_size": R} or an int; expert_parallel={"ep_size": E} or an int,
+        or DeepSpeed-MoE's moe={"ep_size": E, "moe_experts": [...]} (data_parallel follows
+        ep_size when unset)."""
+        ep, experts = _expert_degree(expert_parallel, moe)
+        if data_parallel is None and ep > 1:
+            data_parallel = ep
         tp = _degree("tensor_parallel", tensor_parallel, "tp_size")
         if mp_size not in (None, 1) and tp not in (1, mp_size):
             raise ValueError(f"mp_size={mp_size} contradicts tensor_parallel tp_size={tp}")
@@ -83,7 +94,8 @@ class Parallel:
                 micro, offload = None, False
         pp = _degree("pipeline_parallel", pp_opts, "pp_size")
         return cls(tp=tp, pp=pp, dp=_degree("data_parallel", data_parallel, "dp_size"),
-                   micro_batches=pp if micro is None else micro, offload_kv=offload)
+                   micro_batches=pp if micro is None else micro, offload_kv=offload, ep=ep,
+                   moe_experts=experts)
 
     def check_devices(self, devices=None) -> list:
         """The devices to use (default jax.devices()); too few is an error."""
@@ -104,6 +116,13 @@ class Parallel:
                              f"{cfg.family} encoder fits one device: drop tensor_parallel / "
                              "pipeline_parallel")
         tensor.check(cfg, self.tp)
+        if cfg.moe is not None:
+            tensor.check_experts(cfg, self.tp, self.ep, self.pp)
+            if self.moe_experts and set(self.moe_experts) != {cfg.moe.num_experts}:
+                raise ValueError(f"moe_experts={list(self.moe_experts)}: this model has "
+                                 f"{cfg.moe.num_experts} experts in each MoE layer")
+        elif self.ep > 1:
+            raise ValueError(f"ep_size={self.ep}: this {cfg.family} model has no experts")
         if cfg.qk_norm == "full" and self.tp > 1:
             raise ValueError(f"this {cfg.family} model norms q and k over all heads, which "
                              "tensor slices split: drop tensor_parallel")
@@ -135,3 +154,25 @@ def _degree(name: str, value, key: str) -> int:
                              + (", micro_batches, offload_kv" if key == "pp_size" else ""))
         return value.get(key, 1) if value.get("enabled", True) else 1
     return value
+
+
+def _expert_degree(expert_parallel, moe) -> tuple[int, tuple[int, ...] | None]:
+    ep = _degree("expert_parallel", expert_parallel, "ep_size")
+    if moe is None:
+        return ep, None
+    if not isinstance(moe, dict):
+        raise ValueError(f"moe must be a dict like {{'ep_size': 2}}, got {moe!r}")
+    unknown = set(moe) - {"ep_size", "moe_experts", "enabled", "type"}
+    if unknown:
+        raise ValueError(f"unknown moe keys {sorted(unknown)}; known: ep_size, moe_experts, "
+                         "enabled, type")
+    if moe.get("type", "standard") != "standard":
+        raise ValueError(f"moe type {moe['type']!r}: only 'standard' (the checkpoint's own "
+                         "routing) is served")
+    other = moe.get("ep_size", 1) if moe.get("enabled", True) else 1
+    if ep > 1 and other not in (1, ep):
+        raise ValueError(f"expert_parallel ep_size={ep} contradicts moe ep_size={other}")
+    experts = moe.get("moe_experts")
+    experts = None if experts is None else tuple(
+        [experts] if isinstance(experts, int) else experts)
+    return max(ep, other), experts

@@ -90,7 +90,7 @@ def build(cfg: ModelConfig, par: Parallel, mesh: Mesh, flat: dict, dtype, policy
     (the kernel policy) goes to abstract_model unchanged."""
     plan = Plan(cfg, par, mesh)
     graphdef, _ = abstract_model(stage_config(cfg, par), dtype, policy,
-                                 shard=tensor.shard_for(cfg, par.tp))
+                                 shard=tensor.shard_for(cfg, par.tp, par.ep))
     return plan, graphdef, place(flat, plan, quant)
 
 
@@ -111,22 +111,25 @@ def place(flat: dict, plan: Plan, quant: QuantSpec | None = None) -> dict:
             lambda *xs: np.concatenate(xs, axis=how.axis % xs[0].ndim), *parts)
         layer = _LAYER.match(path)
         if layer is None:
-            out[path] = _put(joined, plan.mesh, how, layer=False)
+            out[path] = _put(joined, plan.mesh, how, layer=False, ep=par.ep)
         else:
             stage, j = divmod(int(layer[1]), Lp)
             stacks.setdefault(f"layers.{j}.{layer[2]}", [None] * par.pp)[stage] = (joined, how)
     for path, per_stage in stacks.items():
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *[p for p, _ in per_stage])
-        out[path] = _put(stacked, plan.mesh, per_stage[0][1], layer=True)
+        out[path] = _put(stacked, plan.mesh, per_stage[0][1], layer=True, ep=par.ep)
     return unflatten(out)
 
 
-def _put(x, mesh: Mesh, how: tensor.Slicing, *, layer: bool):
-    """Host arrays -> global arrays whose devices each receive only their slice."""
+def _put(x, mesh: Mesh, how: tensor.Slicing, *, layer: bool, ep: int = 1):
+    """Host arrays -> global arrays whose devices each receive only their slice (expert
+    arrays with expert parallelism: their replica's experts too)."""
     def put(a):
         axes = [None] * (a.ndim - layer)
         if how.axis is not None:
             axes[how.axis % len(axes)] = tensor.AXIS
+        if how.experts and ep > 1:
+            axes[0] = tensor.EXPERT_AXIS
         spec = PS("pp", *axes) if layer else PS(*axes)
         return jax.device_put(a, NamedSharding(mesh, spec))
     return jax.tree.map(put, x)

@@ -27,6 +27,7 @@ import numpy as np
 from dsjax.config import ModelConfig
 
 AXIS = "tp"
+EXPERT_AXIS = "dp"  # expert parallelism spreads the experts over the data-parallel replicas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Shard:
     vocab_size: int  # the whole vocabulary: gathered logits are cut back to it
     num_heads: int  # all query heads (ALiBi slopes belong to global heads)
     axis: str = AXIS
+    experts: int = 1  # the MoE experts are spread over this many replicas (axis EXPERT_AXIS)
 
     def index(self):
         return jax.lax.axis_index(self.axis)
@@ -78,18 +80,34 @@ def check(cfg: ModelConfig, tp: int) -> None:
         raise ValueError(f"tp_size={tp} does not divide the MLP width {cfg.intermediate_size}")
 
 
+def check_experts(cfg: ModelConfig, tp: int, ep: int, pp: int) -> None:
+    """MoE layers over a mesh: experts whole per replica group, sliced by tensor slice."""
+    E, I = cfg.moe.num_experts, cfg.moe.expert_size
+    if E % ep:
+        raise ValueError(f"ep_size={ep} does not divide the {E} experts; choose one of "
+                         f"{[d for d in range(1, E + 1) if E % d == 0]}")
+    if I % tp:
+        raise ValueError(f"tp_size={tp} does not divide the expert width {I}")
+    if pp > 1:
+        raise ValueError("MoE models run tensor and expert parallelism; pipeline stages are "
+                         "not supported for them yet: drop pipeline_parallel")
+
+
 def local_config(cfg: ModelConfig, tp: int) -> ModelConfig:
-    """The config of one device's slice (the module it runs inside shard_map)."""
+    """The config of one device's slice (the module it runs inside shard_map): its heads, MLP
+    width, vocabulary rows and expert width (the expert count stays the whole model's: the
+    router scores them all)."""
     if tp == 1:
         return cfg
+    moe = cfg.moe and dataclasses.replace(cfg.moe, expert_size=cfg.moe.expert_size // tp)
     return dataclasses.replace(
         cfg, num_heads=cfg.num_heads // tp, num_kv_heads=max(cfg.kv_heads // tp, 1),
         head_dim=cfg.dim_head, intermediate_size=cfg.intermediate_size // tp,
-        vocab_size=-(-cfg.vocab_size // tp))
+        vocab_size=-(-cfg.vocab_size // tp), moe=moe)
 
 
-def shard_for(cfg: ModelConfig, tp: int) -> Shard | None:
-    return Shard(tp, cfg.vocab_size, cfg.num_heads) if tp > 1 else None
+def shard_for(cfg: ModelConfig, tp: int, ep: int = 1) -> Shard | None:
+    return Shard(tp, cfg.vocab_size, cfg.num_heads, experts=ep) if tp > 1 or ep > 1 else None
 
 
 # ----------------------------------------------------------------------------- weight slices
@@ -103,6 +121,7 @@ class Slicing:
     axis: int | None
     sections: tuple[tuple[int, int], ...] | None = None
     pad: bool = False
+    experts: bool = False  # axis 0 lists experts: spread over the replicas with expert parallelism
 
 
 def slicing(path: str, cfg: ModelConfig) -> Slicing:
@@ -115,6 +134,10 @@ def slicing(path: str, cfg: ModelConfig) -> Slicing:
         return Slicing(-1, ((I, 1),) * (2 if cfg.gated_mlp else 1))
     if name in ("attn.out.kernel", "mlp.down.kernel"):
         return Slicing(0)
+    if name == "mlp.experts_up":  # [E, D, gate | up]: each expert's columns, as mlp.up's
+        return Slicing(-1, ((cfg.moe.expert_size, 1),) * 2, experts=True)
+    if name == "mlp.experts_down":  # [E, I, D]: the matching rows
+        return Slicing(1, experts=True)
     if name == "embed.embedding":
         return Slicing(0, pad=True)
     if name in ("lm_head.kernel", "lm_head.bias"):

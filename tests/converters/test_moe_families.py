@@ -15,7 +15,7 @@ import dsjax
 from dsjax import ops
 from dsjax.policy import KernelPolicy
 from dsjax.serving.engine import ServingEngine
-from tests.conftest import prompt
+from tests.conftest import hf_greedy, prompt
 from tests.converters import test_decoder_families as families
 from tests.converters.test_decoder_families import (  # noqa: F401 (collected here)
     SMALL, V, test_32_greedy_tokens_through_the_cache, test_checkpoint_directory_and_cli_generate,
@@ -97,10 +97,48 @@ def test_expert_op_equals_a_loop_over_tokens():
         np.testing.assert_allclose(np.asarray(got), loop(picks), rtol=2e-5, atol=2e-5)
 
 
+EIGHT = {"mixtral_top2_of_8": (tf.MixtralForCausalLM, tf.MixtralConfig, dict(
+    CASES["mixtral_top2_of_4"][2], num_local_experts=8))}
+
+
+@pytest.mark.parametrize("name, opts", [
+    ("mixtral_top2_of_4", dict(expert_parallel=2)),
+    ("mixtral_top2_of_4", dict(moe={"ep_size": 4, "moe_experts": [4]})),  # DeepSpeed's spelling
+    ("mixtral_top2_of_8", dict(expert_parallel=8)),
+    ("mixtral_top2_of_4", dict(tensor_parallel=2)),  # every expert sliced over 2 devices
+    ("qwen2_moe_shared_dense_layer", dict(expert_parallel=2, tensor_parallel=2)),
+], ids=["ep2", "ep4", "ep8", "tp2", "qwen2_moe_ep2xtp2"])
+def test_expert_parallel_equals_hf(name, opts):
+    """Experts spread over the replicas (all-to-all), sliced over tensor slices, or both, on
+    simulated devices: HF's greedy tokens for a batch of two, one device's logits."""
+    model = families.build(name, cases={**CASES, **EIGHT})
+    one = dsjax.init_inference(model, dtype="fp32", max_out_tokens=64, progress=False)
+    mesh = dsjax.init_inference(model, dtype="fp32", max_out_tokens=64, progress=False, **opts)
+    ep = mesh.plan.par.ep
+    up = mesh.params["layers"][0]["mlp"]["experts_up"]
+    assert up.addressable_shards[0].data.shape[1] == mesh.config.moe.num_experts // ep
+    prompts = [prompt(3, 11, V), prompt(4, 5, V)]
+    assert mesh.generate(prompts, max_new_tokens=8, eos_token_id=[]).sequences == [
+        hf_greedy(model, p, 8) for p in prompts]
+    np.testing.assert_allclose(np.asarray(mesh(prompts[:1])), np.asarray(one(prompts[:1])),
+                               atol=5e-5)
+    if ep == 2 and mesh.plan.par.tp == 1:  # the serving engine over the same mesh
+        outs = ServingEngine(mesh, block_size=4, num_blocks=32, token_budget=16).generate(
+            prompts, max_new_tokens=8, eos_token_id=[])
+        assert [o.token_ids for o in outs] == [hf_greedy(model, p, 8) for p in prompts]
+
+
 def test_unsupported_combinations_are_refused():
     model = build("mixtral_top2_of_4")
-    for opts in (dict(tensor_parallel=2), dict(quant={"bits": 8})):
-        with pytest.raises(ValueError, match="expert"):
-            dsjax.init_inference(model, dtype="fp32", progress=False, **opts)
+    dense = families.build("qwen2_qkv_bias_gqa")
+    refused = [(model, dict(quant={"bits": 8}), "expert"),
+               (model, dict(expert_parallel=3), "does not divide the 4 experts"),
+               (model, dict(expert_parallel=2, data_parallel=4), "must equal dp_size"),
+               (model, dict(pipeline_parallel=2), "pipeline stages"),
+               (model, dict(moe={"ep_size": 2, "moe_experts": [8]}), "moe_experts"),
+               (dense, dict(expert_parallel=2), "has no experts")]
+    for hf, opts, match in refused:
+        with pytest.raises(ValueError, match=match):
+            dsjax.init_inference(hf, dtype="fp32", progress=False, **opts)
     with pytest.raises(ValueError, match="top_k"):
         dsjax.config.MoEConfig(num_experts=2, top_k=3, expert_size=4)
