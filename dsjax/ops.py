@@ -195,7 +195,7 @@ _REGISTRY = MappingProxyType({op: MappingProxyType(impls) for op, impls in {
     "write_kv": {"xla": write_kv_xla, "pallas": pallas_ops.write_kv},
     "paged_write_kv": {"xla": paged_write_kv_xla},
     "paged_attention": {"xla": paged_attention_xla, "pallas": pallas_ops.paged_attention},
-    "experts": {"xla": experts_xla},
+    "experts": {"xla": experts_xla, "pallas": pallas_ops.experts},
 }.items()})
 
 

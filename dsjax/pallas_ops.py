@@ -14,6 +14,7 @@ import math
 from types import MappingProxyType
 
 import jax
+import jax.numpy as jnp
 
 from dsjax import numerics
 from dsjax.numerics import NormSpec
@@ -217,3 +218,26 @@ def paged_attention(q, layer, q_pos, *, scale, window, alibi_slopes, policy: Ker
                  scale=scale, window=window, alibi_slopes=alibi_slopes, k_scale=layer.k_scale,
                  v_scale=layer.v_scale, interpret=_interpret(policy))
     return out.reshape(1, N, H * Dh)
+
+
+def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolicy):
+    """ops.experts through two grouped GEMMs over the rows laid out by expert (each expert's
+    rows padded to the kernel's row block): [gate | up] with the gated activation, then down
+    with the routing weights in the epilogue; only experts with rows are read."""
+    from pallas_kernels.grouped_matmul import BlockSizes, expert_layout, grouped_matmul
+
+    N, D = x.shape
+    E, _, two_i = up.shape
+    if D % 16 or (two_i // 2) % 16:
+        raise Unsupported(f"hidden size {D} and expert width {two_i // 2} must be multiples of 16")
+    k, bm = picks.shape[1], BlockSizes().block_m
+    _kernel("experts", f"grouped GEMM over {E} experts (top-{k})")
+    slot, block_expert = expert_layout(picks, E, bm)
+    M, token = block_expert.shape[0] * bm, jnp.arange(N * k) // k
+    rows = jnp.zeros((M, D), x.dtype).at[slot].set(x[token])
+    scale = jnp.zeros((M,), jnp.float32).at[slot].set(weights.reshape(-1).astype(jnp.float32))
+    interpret = _interpret(policy)
+    h = grouped_matmul(rows, up, block_expert, activation=activation, interpret=interpret)
+    o = grouped_matmul(h, down, block_expert, scale, interpret=interpret)
+    return jnp.zeros((N, D), jnp.float32).at[token].add(
+        o[slot].astype(jnp.float32)).astype(x.dtype)

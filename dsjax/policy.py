@@ -18,7 +18,7 @@ OPS = ("norm", "linear", "attention", "cache_attention", "write_kv", "paged_writ
        "paged_attention", "experts")
 IMPLEMENTATIONS = ("xla", "pallas")
 # the ops that have a Pallas kernel (dsjax.pallas_ops); the others are XLA under every policy
-PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv", "paged_attention")
+PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv", "paged_attention", "experts")
 GEMV_MAX_ROWS = 8  # the most rows the gemv kernel takes (pallas_kernels.gemv.MAX_ROWS)
 
 log = logging.getLogger("dsjax.ops")

@@ -142,3 +142,19 @@ def test_unsupported_combinations_are_refused():
             dsjax.init_inference(hf, dtype="fp32", progress=False, **opts)
     with pytest.raises(ValueError, match="top_k"):
         dsjax.config.MoEConfig(num_experts=2, top_k=3, expert_size=4)
+
+
+@pytest.mark.parametrize("pair", ["mixtral_top2_of_4"], indirect=True)  # (one family: the
+def test_pallas_experts_equal_xla(pair, caplog):  # kernel does not depend on it)
+    """kernels={"experts": "pallas"}: the grouped GEMM (interpreted on the CPU) gives the XLA
+    path's greedy tokens and log-probabilities, and the log says it ran."""
+    _, model, engine = pair
+    with caplog.at_level("INFO", logger="dsjax"):
+        pallas = dsjax.init_inference(model, dtype="fp32", max_out_tokens=64, progress=False,
+                                      kernels={"experts": "pallas"})
+        p = prompt(30, 9, V)
+        got = pallas.generate([p], max_new_tokens=6, eos_token_id=[], return_logprobs=True)
+    want = engine.generate([p], max_new_tokens=6, eos_token_id=[], return_logprobs=True)
+    assert got.sequences == want.sequences
+    np.testing.assert_allclose(got.logprobs[0][:6], want.logprobs[0][:6], atol=2e-4)
+    assert any("grouped GEMM" in r.getMessage() for r in caplog.records)

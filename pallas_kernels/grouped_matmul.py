@@ -1,0 +1,127 @@
+"""Grouped GEMM for MoE experts in Pallas: rows grouped by expert, each expert's rows against its
+own weights, reading only the experts that have rows.
+
+Layout (made by `expert_layout`): the (token, pick) rows are sorted by expert and each expert's
+group is padded to a multiple of block_m rows, so every block of block_m rows belongs to one
+expert; `block_expert[b]` names it (-1: a block past the last group, skipped: it reads no weight
+and writes zeros). There are at most M / block_m + E blocks for M rows and E experts, a static
+bound, so the routing never changes a shape. Program (b, j) computes output columns
+[j block_n, (j + 1) block_n) of block b's rows, looping over K in block_k steps: it loads only
+its expert's weight tiles, so an expert without rows is never read (XLA's ragged_dot reads every
+expert: docs/decisions.md#expert-layers-in-xla).
+
+Epilogues: gated (the first GEMM of an expert MLP: w holds [gate | up] columns, the output is
+act(x @ gate) * (x @ up), N / 2 columns) and row_scale (the second GEMM: each row times its
+routing weight). Accumulation in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dsjax.numerics import ACTIVATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    block_m: int = 16  # rows per block (tl.dot's minimum): an expert's group is padded to it
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def fit(self, K: int, N: int) -> BlockSizes:
+        """The largest power-of-two tiles (at least 16) that divide K and N."""
+        def tile(size, want):
+            t = want
+            while t > 16 and size % t:
+                t //= 2
+            return t
+        return dataclasses.replace(self, block_k=tile(K, self.block_k), block_n=tile(N, self.block_n))
+
+
+def expert_layout(picks, num_experts: int, block_m: int):
+    """(slot of each (token, pick) row [N k] in the padded layout, block_expert [B]) for picks
+    [N, k]; B = ceil(N k / block_m) + E, the padded row count B x block_m."""
+    flat = picks.reshape(-1)
+    R = flat.shape[0]
+    counts = jnp.bincount(flat, length=num_experts)
+    padded = -(-counts // block_m) * block_m
+    start = jnp.cumsum(padded) - padded  # each expert's first padded slot
+    first = jnp.cumsum(counts) - counts  # each expert's first row in expert order
+    order = jnp.argsort(flat, stable=True)
+    rank = jnp.zeros(R, jnp.int32).at[order].set(jnp.arange(R, dtype=jnp.int32))
+    slot = start[flat] + rank - first[flat]
+    B = -(-R // block_m) + num_experts
+    block_start = jnp.arange(B) * block_m
+    owner = jnp.searchsorted(jnp.cumsum(padded), block_start, side="right")
+    return slot.astype(jnp.int32), jnp.where(owner < num_experts, owner, -1).astype(jnp.int32)
+
+
+def _kernel(expert_ref, x_ref, w_ref, *refs, bn, bk, activation, gated, scaled):
+    refs = list(refs)
+    scale_ref = refs.pop(0) if scaled else None
+    (o_ref,) = refs
+    e, j = expert_ref[()], pl.program_id(1)
+    K = x_ref.shape[1]
+    half = w_ref.shape[2] // 2
+
+    @pl.when(e < 0)
+    def _():
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+    @pl.when(e >= 0)
+    def _():
+        def step(k, acc):
+            x = x_ref[:, pl.ds(k * bk, bk)]
+            a = jnp.dot(x, w_ref[e, pl.ds(k * bk, bk), pl.ds(j * bn, bn)],
+                        preferred_element_type=jnp.float32)
+            if not gated:
+                return acc + a
+            u = jnp.dot(x, w_ref[e, pl.ds(k * bk, bk), pl.ds(half + j * bn, bn)],
+                        preferred_element_type=jnp.float32)
+            return acc[0] + a, acc[1] + u
+        zero = jnp.zeros((x_ref.shape[0], bn), jnp.float32)
+        acc = jax.lax.fori_loop(0, K // bk, step, (zero, zero) if gated else zero)
+        y = ACTIVATIONS[activation](acc[0]) * acc[1] if gated else acc
+        if scaled:
+            y = y * scale_ref[...].astype(jnp.float32)[:, None]
+        o_ref[...] = y.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "block_sizes", "interpret"))
+def grouped_matmul(x, w, block_expert, row_scale=None, *, activation: str | None = None,
+                   block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
+    """x [M, K] (M = B x block_m rows in the padded layout), w [E, K, N], block_expert [B] ->
+    [M, N] (activation given: the gated epilogue, [M, N / 2]); row_scale [M] multiplies each
+    output row."""
+    M, K = x.shape
+    N = w.shape[2]
+    gated = activation is not None
+    out_n = N // 2 if gated else N
+    bs = block_sizes.fit(K, out_n)
+    bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
+    if M % bm or K % bk or out_n % bn or (gated and N % 2):
+        raise ValueError(f"grouped_matmul: M={M}, K={K}, N={out_n} must be multiples of the "
+                         f"tiles ({bm}, {bk}, {bn})")
+    in_specs = [pl.BlockSpec((None,), lambda b, j: (b,)),
+                pl.BlockSpec((bm, K), lambda b, j: (b, 0)),
+                pl.BlockSpec(w.shape, lambda b, j: (0, 0, 0))]  # whole: indexed by the expert
+    inputs = [block_expert.astype(jnp.int32), x, w]
+    if row_scale is not None:
+        in_specs.append(pl.BlockSpec((bm,), lambda b, j: (b,)))
+        inputs.append(row_scale)
+    kernel = functools.partial(_kernel, bn=bn, bk=bk, activation=activation, gated=gated,
+                               scaled=row_scale is not None)
+    return pl.pallas_call(
+        kernel, grid=(M // bm, out_n // bn), in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda b, j: (b, j)),
+        out_shape=jax.ShapeDtypeStruct((M, out_n), x.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret, name="grouped_matmul")(*inputs)
