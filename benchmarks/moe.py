@@ -1,0 +1,169 @@
+"""MoE decode on one GPU: dsjax with XLA's expert op and with the Pallas grouped GEMM, against HF
+transformers eager on the same random weights, and against the active-bytes floor.
+
+    python benchmarks/moe.py [--arch mixtral-8l,qwen3-30b-a3b] [--batch 1,8,64] [--new-tokens 64]
+
+Architectures (random weights, bf16): Mixtral-8x7B's layer shape with 8 of its 32 layers (the
+whole model does not fit one H100 in bf16, and experts cannot be quantized yet), and
+Qwen3-30B-A3B's whole shape (48 layers, 128 experts, top-8). Order per architecture: the HF
+model is made on the GPU, timed (eager, greedy, `generate`), moved to the CPU and converted by
+init_inference (so both run the same weights), then each dsjax variant is timed. decode
+ms/token = (P50 T(n) - P50 T(1)) / (n - 1) (dsjax.bench.timing) for both. Floor of a decode step
+at batch B: (the weights outside the experts + the experts routed to + the KV cache) / the
+measured GEMV bandwidth, with the experts routed to taken as the expected number of distinct
+experts that B tokens x top-k picks reach when routing is uniform, E (1 - (1 - k/E)^B), per
+layer (random routers route near-uniformly). Writes benchmarks/results/NAME.json/.md (+ $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from dsjax import bench  # noqa: E402
+
+ARCHS = {
+    "mixtral-8l": ("MixtralForCausalLM", dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8,
+        num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False)),
+    "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_theta=1e6, tie_word_embeddings=False)),
+    "tiny": ("MixtralForCausalLM", dict(  # a CPU smoke run of this script
+        model_type="mixtral", vocab_size=256, hidden_size=64, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)),
+}
+VARIANTS = {"dsjax-xla": {}, "dsjax-grouped-gemm": {"kernels": {"experts": "pallas"}}}
+
+
+def hf_model(arch: str, device: str):
+    import torch
+    import transformers
+
+    cls_name, cfg = ARCHS[arch]
+    config = transformers.AutoConfig.for_model(**cfg)
+    with torch.device(device):
+        model = getattr(transformers, cls_name)(config).to(torch.bfloat16).eval()
+    return model
+
+
+def time_hf(model, prompts, n_new: int, reps: int) -> dict:
+    import torch
+
+    ids = torch.tensor(np.asarray(prompts), device=model.device)
+
+    def gen(n):
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out[:, ids.shape[1]:].cpu().numpy()
+    return bench.timing(bench.time_generate(gen, n_new, warmup=1, reps=reps), n_new)
+
+
+def floor_ms(engine, batch: int, context: int, bw: float) -> float:
+    cfg, moe = engine.config, engine.config.moe
+    E, k = moe.num_experts, moe.top_k
+    per_expert = 3 * cfg.hidden_size * moe.expert_size * 2  # gate, up, down in bf16
+    sparse = cfg.num_layers if moe.layers is None else len(moe.layers)
+    experts = sparse * E * per_expert
+    active = sparse * E * (1 - (1 - k / E) ** batch) * per_expert
+    kv = bench.kv_bytes_per_step(cfg, batch, context)
+    return (bench.weight_bytes_per_step(engine) - experts + active + kv) / bw * 1e3
+
+
+def run_arch(arch: str, args, bw: float) -> list[dict]:
+    import dsjax
+
+    device = "cuda" if args.hf_device == "cuda" else "cpu"
+    model = hf_model(arch, device)
+    rows = []
+    for batch in args.batch:
+        prompts = bench.random_prompts(ARCHS[arch][1]["vocab_size"], batch, args.prompt_len)
+        try:
+            rows.append(dict(time_hf(model, prompts, args.new_tokens, args.reps), system="hf-eager",
+                             batch=batch))
+        except Exception as e:  # noqa: BLE001 (the row says so)
+            rows.append({"system": "hf-eager", "batch": batch, "error": harness.error_line(e)})
+        print(rows[-1], flush=True)
+    model.to("cpu")
+    gc.collect()
+    for name, opts in VARIANTS.items():
+        engine = dsjax.init_inference(model, dtype="bf16", progress=False,
+                                      max_out_tokens=args.prompt_len + args.new_tokens, **opts)
+        for batch in args.batch:
+            prompts = bench.random_prompts(engine.config.vocab_size, batch, args.prompt_len)
+            try:
+                def gen(n, e=engine, p=prompts):
+                    return e.generate(p, max_new_tokens=n, eos_token_id=[]).tokens
+                t = bench.timing(bench.time_generate(gen, args.new_tokens, warmup=1,
+                                                     reps=args.reps), args.new_tokens)
+                fl = floor_ms(engine, batch, args.prompt_len + args.new_tokens / 2, bw)
+                rows.append(dict(t, system=name, batch=batch, floor_ms=fl,
+                                 floor_ratio=t["decode_ms_per_token"] / fl))
+            except Exception as e:  # noqa: BLE001
+                rows.append({"system": name, "batch": batch, "error": harness.error_line(e)})
+            print(rows[-1], flush=True)
+        del engine
+        gc.collect()
+    return [dict(r, arch=arch) for r in rows]
+
+
+def markdown(rows: list[dict], env: dict, args) -> str:
+    lines = [f"# MoE decode ms/token ({env.get('device')}, bf16, prompt {args.prompt_len}, "
+             f"{args.new_tokens} new tokens)", "",
+             "| arch | batch | system | decode ms/token | x floor | HF eager / this |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['arch']} | {r['batch']} | {r['system']} | {r['error']} | | |")
+            continue
+        hf = next((x for x in rows if x["arch"] == r["arch"] and x["batch"] == r["batch"]
+                   and x["system"] == "hf-eager" and "error" not in x), None)
+        ms = r["decode_ms_per_token"]
+        floor = f"{r['floor_ratio']:.2f}x" if "floor_ratio" in r else "-"
+        speed = f"{hf['decode_ms_per_token'] / ms:.2f}x" if hf else "-"
+        lines.append(f"| {r['arch']} | {r['batch']} | {r['system']} | {ms:.3f} | {floor} | "
+                     f"{speed} |")
+    lines += ["", f"commit {env.get('git_commit')}, jax {env.get('jax')}, torch {env.get('torch')}, "
+              f"transformers {env.get('transformers')}. Floor: see benchmarks/moe.py."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="mixtral-8l,qwen3-30b-a3b")
+    p.add_argument("--batch", type=harness.ints, default=[1, 8, 64])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--hf-device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--name", default="moe")
+    args = p.parse_args(argv)
+    env, t0 = harness.environment(), time.perf_counter()
+    bw = harness.gemv_bandwidth()["bytes_per_s"]
+    rows = []
+    for arch in args.arch.split(","):
+        rows += run_arch(arch, args, bw)
+        harness.save(args.name, {"env": env, "args": vars(args), "bytes_per_s": bw,
+                                 "rows": rows}, markdown(rows, env, args))
+    print(markdown(rows, env, args), f"({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
