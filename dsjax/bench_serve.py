@@ -12,7 +12,8 @@ all at once), at most --max-concurrency in flight. The random dataset sends prom
 output lengths with ignore_eos; a JSONL file gives {"prompt": ..., "max_tokens": n} per line.
 Reports dsjax.serving.metrics' figures (TTFT, TPOT, ITL, E2E at P50/P90/P95/P99, request and
 token throughput, FastGen's effective throughput) and goodput under the SLOs given, as
-NAME.json + NAME.md in --out.
+NAME.json + NAME.md in --out, and NAME.png (the TTFT, TPOT and ITL distributions) where
+matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ async def run(args) -> dict:
     figures.update(requests=len(rows), failed=[e for e in errors if e][:10],
                    failures=sum(e is not None for e in errors), model=model,
                    goodput=_goodput(ok, args, last))
+    figures["samples_ms"] = {  # every request's TTFT and TPOT, every ITL: for the plot
+        "ttft": [t.ttft * 1e3 for t in ok], "tpot": [t.tpot * 1e3 for t in ok if t.tpot],
+        "itl": [x * 1e3 for t in ok for x in t.itls]}
     return figures
 
 
@@ -163,6 +167,29 @@ def markdown(fig: dict, args) -> str:
         row("E2E", fig["e2e_ms"]), ""])
 
 
+def plot(fig: dict, path: Path) -> bool:
+    """The empirical CDFs of TTFT, TPOT and ITL (ms); False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes = plt.subplots(1, 3, figsize=(12, 3.5))[1]
+    for ax, (name, values) in zip(axes, fig["samples_ms"].items()):
+        v = np.sort(values)
+        ax.plot(v, np.arange(1, len(v) + 1) / max(len(v), 1))
+        ax.set_xlabel(f"{name.upper()} (ms)")
+        ax.set_ylabel("fraction of samples")
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"{fig['model']}: {fig['completed']} requests")
+    plt.tight_layout()
+    plt.savefig(path, dpi=110)
+    plt.close()
+    return True
+
+
 def main(argv: list[str]) -> int:
     from dsjax.bench import write
 
@@ -170,5 +197,6 @@ def main(argv: list[str]) -> int:
     fig = asyncio.run(run(args))
     text = markdown(fig, args)
     write(args.out, args.name, dict(fig, args={k: str(v) for k, v in vars(args).items()}), text)
+    plot(fig, Path(args.out) / f"{args.name}.png")
     print(text)
     return 0 if fig["completed"] else 1

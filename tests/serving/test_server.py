@@ -285,3 +285,4 @@ def test_bench_serve_measures_the_server(server, tmp_path):
     assert 0 < fig["ttft_ms"]["p50"] <= fig["e2e_ms"]["p50"] and fig["tpot_ms"]["p95"] > 0
     assert fig["goodput"] == pytest.approx(fig["request_throughput"])
     assert "TTFT" in (tmp_path / "bench-serve.md").read_text()
+    assert len(fig["samples_ms"]["ttft"]) == 12 and len(fig["samples_ms"]["itl"]) > 0
