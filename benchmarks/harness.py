@@ -98,6 +98,12 @@ def environment() -> dict:
                 xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
+def versions_line(env: dict) -> str:
+    """The commit and the versions a result depends on, for a report's last line."""
+    return (f"commit {env.get('git_commit')}, jax {env.get('jax')}, torch {env.get('torch')}, "
+            f"transformers {env.get('transformers')}.")
+
+
 def nvidia_smi(query: str) -> str | None:
     """nvidia-smi --query-gpu=QUERY of the first GPU, or None where there is none."""
     try:

@@ -140,8 +140,7 @@ def markdown(rows: list[dict], env: dict, args) -> str:
         speed = f"{hf['decode_ms_per_token'] / ms:.2f}x" if hf else "-"
         lines.append(f"| {r['arch']} | {r['batch']} | {r['system']} | {ms:.3f} | {floor} | "
                      f"{speed} |")
-    lines += ["", f"commit {env.get('git_commit')}, jax {env.get('jax')}, torch {env.get('torch')}, "
-              f"transformers {env.get('transformers')}. Floor: see benchmarks/moe.py."]
+    lines += ["", harness.versions_line(env) + " Floor: see benchmarks/moe.py."]
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, or inf")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (1: Poisson)")
-    p.add_argument("--dataset", default="random", help="random, or a JSONL file")
+    p.add_argument("--dataset", default="random",
+                   help="random (token-id prompts), random-text (prompts of random words, for "
+                        "servers that take only text), or a JSONL file")
     p.add_argument("--input-len", type=_pair, default=(64, 2048), help="LO,HI prompt tokens")
     p.add_argument("--output-len", type=_pair, default=(16, 512), help="LO,HI output tokens")
     p.add_argument("--no-ignore-eos", action="store_true", help="let answers end at EOS")
@@ -61,7 +63,7 @@ def _pair(text: str) -> tuple[int, int]:
 def dataset(args) -> list[dict]:
     """[{"prompt": text or ids, "max_tokens": n}] * num_prompts."""
     rng = np.random.default_rng(args.seed)
-    if args.dataset != "random":
+    if args.dataset not in ("random", "random-text"):
         rows = [json.loads(line) for line in Path(args.dataset).read_text().splitlines() if line.strip()]
         bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or "prompt" not in r]
         if bad:
@@ -70,8 +72,11 @@ def dataset(args) -> list[dict]:
     lens = rng.integers(args.input_len[0], args.input_len[1] + 1, args.num_prompts)
     lo, hi = np.log(args.output_len[0]), np.log(args.output_len[1])
     outs = np.exp(rng.uniform(lo, hi, args.num_prompts)).round().astype(int)
-    return [{"prompt": rng.integers(10, 256, int(n)).tolist(), "max_tokens": int(o)}
+    rows = [{"prompt": rng.integers(10, 256, int(n)).tolist(), "max_tokens": int(o)}
             for n, o in zip(lens, outs)]
+    if args.dataset == "random-text":  # one word per intended token (the server counts them)
+        rows = [dict(r, prompt=" ".join(f"w{i}" for i in r["prompt"])) for r in rows]
+    return rows
 
 
 def arrivals(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -100,6 +105,7 @@ async def one(client, args, model: str, row: dict, t: RequestTiming, start: floa
                     t.token_times.append(time.perf_counter() - start)
                 if chunk.get("usage"):
                     t.output_tokens = chunk["usage"]["completion_tokens"]
+                    t.prompt_tokens = chunk["usage"].get("prompt_tokens") or t.prompt_tokens
     except Exception as e:  # noqa: BLE001 (counted as a failed request)
         return f"{type(e).__name__}: {e}"
     return None

@@ -331,18 +331,25 @@ class ServingEngine:
 
     def warmup(self, workers: int = 8) -> int:
         """Compiles the step for every bucket of tokens and sequences a step can take (in
-        parallel threads; XLA compiles outside the GIL), so that serving never stops to
-        compile. Returns how many programs."""
+        parallel threads; XLA compiles outside the GIL), then runs each once on an empty batch
+        (which writes nothing), so that serving never stops to trace or compile. Returns how
+        many programs."""
+        if self.has_unfinished():
+            raise ValueError("warmup() needs an idle engine")
         top_n = bucket(self.sched.budget)
         top_s = bucket(self.sched.max_seqs, minimum=4)
         shapes = [(n, s) for n in _powers(16, top_n) for s in _powers(4, top_s) if s <= max(n, 4)]
+        empty = [self._inputs([[] for _ in self.scheds], shape) for shape in shapes]
+        step = functools.partial(self._step_fn, self.engine.graphdef, self.params, **self._step_kw)
 
-        def compile_(shape):
-            inputs = self._inputs([[] for _ in self.scheds], shape)
+        def compile_(inputs):
             self._step_fn.lower(self.engine.graphdef, self.params, self.cache, inputs,
                                 self._no_tokens, **self._step_kw).compile()
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(compile_, shapes))
+            list(pool.map(compile_, empty))
+        for inputs in empty:  # jit's own call path (tracing, the cache of compiled calls)
+            self.cache, tok, _ = step(self.cache, inputs, self._no_tokens)
+        jax.block_until_ready(tok)
         return len(shapes)
 
     # ------------------------------------------------------------------ offline

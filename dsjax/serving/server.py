@@ -35,6 +35,8 @@ class Server:
         self.admitting = 0  # choices accepted that have not had their first token yet
 
     def warm(self) -> None:
+        """Loads the tokenizer and compiles every step shape before reporting ready."""
+        self.llm.tokenizer.encode("warm up")
         self.llm.serving.warmup()
         self.ready.set()
 

@@ -116,12 +116,12 @@ def test_steady_state_does_not_recompile(llama_pair):
 
 
 def test_warmup_compiles_every_step_shape(llama_pair):
-    """After warmup() a run of requests (chunked prompts, then decoding) compiles nothing, and
-    every step's timing record is filled."""
+    """After warmup() a run of requests (chunked prompts, then decoding) traces and compiles
+    nothing, and every step's timing record is filled."""
     _, engine = llama_pair
     srv = ServingEngine(engine, block_size=8, num_blocks=64, token_budget=32, max_seqs=4)
     assert srv.warmup() == 2  # steps of 16 or 32 tokens, of up to 4 sequences
-    compiles = []
+    calls, compiles = ragged_step._cache_size(), []
     listener = lambda name, secs, **kw: compiles.append(name) if "backend_compile" in name else None  # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
@@ -130,6 +130,7 @@ def test_warmup_compiles_every_step_shape(llama_pair):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [] and [len(o.token_ids) for o in outs] == [6] * 4
+    assert ragged_step._cache_size() == calls  # not even traced again
     assert srv.last_step.prepare_s > 0 and srv.last_step.wait_s >= 0
 
 

@@ -1,0 +1,154 @@
+"""`dsjax serve` against `transformers serve --continuous-batching` on the same weights, through
+the same load generator (`dsjax bench serve`), at the same request rates.
+
+    python benchmarks/serve_compare.py [--arch llama3.2-1b] [--num-prompts 200] [--rates 2,8,inf]
+
+The model: a built-in architecture (dsjax/presets.py) with random weights, saved once as an HF
+directory (bf16 safetensors) with a small word-level tokenizer and no EOS token (so every
+answer runs to its max_tokens on both servers: random weights have no meaningful end), which
+both servers load. Prompts are random words (transformers serve takes only text prompts), one
+word per token of the intended length; each server reports the prompt tokens it saw. For each
+server: start it on 127.0.0.1, wait until it answers, run the load at every rate, stop it.
+Writes benchmarks/results/NAME.json/.md (+ $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only sends load: the GPU is the servers'
+
+from benchmarks import harness  # noqa: E402
+
+WORDS = ["<unk>"] + [f"w{i}" for i in range(256)]
+
+
+def model_dir(arch: str, out: Path) -> Path:
+    """A random-weight HF checkpoint of `arch` with a word tokenizer and no EOS."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dsjax import presets
+
+    hf = {k: v for k, v in presets.hf_config(arch).items() if k not in ("eos_token_id", "bos_token_id")}
+    config = transformers.AutoConfig.for_model(**hf)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(out)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(out)
+    return out
+
+
+def server_command(system: str, path: Path, port: int, args) -> list[str]:
+    if system == "dsjax":
+        return [sys.executable, "-m", "dsjax.cli", "serve", str(path), "--port", str(port),
+                "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
+                "--max-batched-tokens", str(args.max_batched_tokens),
+                "--max-model-len", str(args.max_model_len), "--max-waiting", "100000",
+                *(["--num-blocks", str(args.num_blocks)] if args.num_blocks else [])]
+    return ["transformers", "serve", str(path), "--continuous-batching", "--port", str(port)]
+
+
+def wait_ready(proc, url: str, system: str, timeout: float) -> None:
+    import httpx2 as httpx
+
+    path = "/ready" if system == "dsjax" else "/health"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{system} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{system} was not ready within {timeout:.0f} s")
+
+
+def run_system(system: str, path: Path, args, port: int) -> list[dict]:
+    from dsjax import bench_serve
+
+    log = open(Path(os.environ.get("OUT", tempfile.gettempdir())) / f"{system}-server.log", "w")
+    proc = subprocess.Popen(server_command(system, path, port, args), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url, rows = f"http://127.0.0.1:{port}", []
+    try:
+        wait_ready(proc, url, system, args.ready_timeout)
+        for rate in args.rates:
+            load = ["--url", url, "--model", str(path), "--dataset", "random-text",
+                    "--no-ignore-eos", "--num-prompts", str(args.num_prompts),
+                    "--input-len", args.input_len, "--output-len", args.output_len,
+                    "--request-rate", str(rate), "--seed", "0", "--out", tempfile.gettempdir(),
+                    "--name", f"{system}-{rate}"]
+            bench_serve.main(load)
+            fig = json.loads((Path(tempfile.gettempdir()) / f"{system}-{rate}.json").read_text())
+            fig.pop("samples_ms", None)
+            rows.append(dict(fig, system=system, rate=rate))
+    except Exception as e:  # noqa: BLE001 (the report says so)
+        rows.append({"system": system, "error": harness.error_line(e)})
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    return rows
+
+
+def markdown(rows: list[dict], env: dict, args) -> str:
+    lines = [f"# dsjax serve vs transformers serve ({env.get('device')}, {args.arch}, "
+             f"{args.num_prompts} requests, prompts {args.input_len}, outputs {args.output_len})",
+             "", "| system | rate | req/s | out tok/s | TTFT P50/P99 ms | TPOT P50/P99 ms | "
+             "ITL P99 ms | failed |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['system']} | | {r['error']} | | | | | |")
+            continue
+        two = lambda d: "/".join("-" if d[k] is None else f"{d[k]:.1f}" for k in ("p50", "p99"))  # noqa: E731
+        lines.append(f"| {r['system']} | {r['rate']} | {r['request_throughput']:.2f} | "
+                     f"{r['output_tokens_per_s']:.0f} | {two(r['ttft_ms'])} | {two(r['tpot_ms'])} | "
+                     f"{r['itl_ms']['p99'] or 0:.1f} | {r['failures']} |")
+    lines += ["", harness.versions_line(env)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="llama3.2-1b")
+    p.add_argument("--systems", default="dsjax,transformers")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--rates", type=lambda t: t.split(","), default=["2", "8", "inf"])
+    p.add_argument("--input-len", default="64,1024")
+    p.add_argument("--output-len", default="16,256")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-batched-tokens", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=1536)
+    p.add_argument("--num-blocks", type=int)
+    p.add_argument("--ready-timeout", type=float, default=300)
+    p.add_argument("--name", default="serve-compare")
+    args = p.parse_args(argv)
+    env, rows = harness.environment(), []
+    env["device"] = harness.nvidia_smi("name") or env["device"]  # (this process runs on the CPU)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model_dir(args.arch, Path(tmp) / "model")
+        for i, system in enumerate(args.systems.split(",")):
+            rows += run_system(system, path, args, 8400 + i)
+            harness.save(args.name, {"env": env, "args": vars(args), "rows": rows},
+                         markdown(rows, env, args))
+    print(markdown(rows, env, args))
+
+
+if __name__ == "__main__":
+    main()
