@@ -15,7 +15,7 @@ import dsjax
 from dsjax import ops
 from dsjax.policy import KernelPolicy
 from dsjax.serving.engine import ServingEngine
-from tests.conftest import hf_greedy, prompt
+from tests.conftest import hf_greedy, hf_logits, prompt
 from tests.converters import test_decoder_families as families
 from tests.converters.test_decoder_families import (  # noqa: F401 (collected here)
     SMALL, V, test_32_greedy_tokens_through_the_cache, test_checkpoint_directory_and_cli_generate,
@@ -110,9 +110,8 @@ EIGHT = {"mixtral_top2_of_8": (tf.MixtralForCausalLM, tf.MixtralConfig, dict(
 ], ids=["ep2", "ep4", "ep8", "tp2", "qwen2_moe_ep2xtp2"])
 def test_expert_parallel_equals_hf(name, opts):
     """Experts spread over the replicas (all-to-all), sliced over tensor slices, or both, on
-    simulated devices: HF's greedy tokens for a batch of two, one device's logits."""
+    simulated devices: HF's greedy tokens for a batch of two, HF's logits."""
     model = families.build(name, cases={**CASES, **EIGHT})
-    one = dsjax.init_inference(model, dtype="fp32", max_out_tokens=64, progress=False)
     mesh = dsjax.init_inference(model, dtype="fp32", max_out_tokens=64, progress=False, **opts)
     ep = mesh.plan.par.ep
     up = mesh.params["layers"][0]["mlp"]["experts_up"]
@@ -120,8 +119,8 @@ def test_expert_parallel_equals_hf(name, opts):
     prompts = [prompt(3, 11, V), prompt(4, 5, V)]
     assert mesh.generate(prompts, max_new_tokens=8, eos_token_id=[]).sequences == [
         hf_greedy(model, p, 8) for p in prompts]
-    np.testing.assert_allclose(np.asarray(mesh(prompts[:1])), np.asarray(one(prompts[:1])),
-                               atol=5e-5)
+    np.testing.assert_allclose(np.asarray(mesh(prompts[:1])), hf_logits(model, prompts[:1]),
+                               atol=1e-4, rtol=1e-4)
     if ep == 2 and mesh.plan.par.tp == 1:  # the serving engine over the same mesh
         outs = ServingEngine(mesh, block_size=4, num_blocks=32, token_budget=16).generate(
             prompts, max_new_tokens=8, eos_token_id=[])
