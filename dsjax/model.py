@@ -265,9 +265,8 @@ class MoE(nnx.Module):
         swap = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0)  # noqa: E731
         got, expert = swap(rows), swap(jnp.where(to, local[None], -1))  # from each replica
         out = ops.experts(got.reshape(-1, D), self.experts_up[...], self.experts_down[...],
-                          jnp.maximum(expert, 0).reshape(-1, 1),
-                          (expert >= 0).reshape(-1, 1).astype(flat.dtype), activation=self.act,
-                          policy=self.policy)
+                          expert.reshape(-1, 1), jnp.ones((expert.size, 1), flat.dtype),
+                          activation=self.act, policy=self.policy)  # (-1: another's row)
         back = swap(out.reshape(ep, N * k, D)).sum(0)  # each row's result, from its replica
         return jnp.sum(back.reshape(N, k, D) * weights[..., None], axis=1)
 

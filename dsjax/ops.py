@@ -173,15 +173,15 @@ def experts_xla(x, up, down, experts, weights, *, activation: str):
     run through ragged_dot (each expert's rows against its own weights), then are summed back
     per token."""
     N, D = x.shape
-    k = experts.shape[1]
-    flat = experts.reshape(-1)
+    E, k = up.shape[0], experts.shape[1]
+    flat = jnp.where(experts < 0, E, experts).reshape(-1)  # -1: no expert, sorted last
     order = jnp.argsort(flat, stable=True)
     token = order // k
-    sizes = jnp.bincount(flat, length=up.shape[0]).astype(jnp.int32)
+    sizes = jnp.zeros(E, jnp.int32).at[flat].add(1, mode="drop")  # rows past the groups: 0
     h = jax.lax.ragged_dot(x[token], up, sizes, preferred_element_type=jnp.float32)
     h = numerics.epilogue(h, activation=activation, gated=True).astype(down.dtype)
     o = jax.lax.ragged_dot(h, down, sizes, preferred_element_type=jnp.float32)
-    o = o * weights.reshape(-1)[order][:, None].astype(jnp.float32)
+    o = o * jnp.where(flat < E, weights.reshape(-1), 0)[order][:, None].astype(jnp.float32)
     return jnp.zeros((N, D), jnp.float32).at[token].add(o).astype(x.dtype)
 
 

@@ -234,10 +234,11 @@ def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolic
     _kernel("experts", f"grouped GEMM over {E} experts (top-{k})")
     slot, block_expert = expert_layout(picks, E, bm)
     M, token = block_expert.shape[0] * bm, jnp.arange(N * k) // k
-    rows = jnp.zeros((M, D), x.dtype).at[slot].set(x[token])
-    scale = jnp.zeros((M,), jnp.float32).at[slot].set(weights.reshape(-1).astype(jnp.float32))
+    rows = jnp.zeros((M, D), x.dtype).at[slot].set(x[token], mode="drop")
+    scale = jnp.zeros((M,), jnp.float32).at[slot].set(weights.reshape(-1).astype(jnp.float32),
+                                                      mode="drop")
     interpret = _interpret(policy)
     h = grouped_matmul(rows, up, block_expert, activation=activation, interpret=interpret)
     o = grouped_matmul(h, down, block_expert, scale, interpret=interpret)
-    return jnp.zeros((N, D), jnp.float32).at[token].add(
-        o[slot].astype(jnp.float32)).astype(x.dtype)
+    back = jnp.take(o, slot, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+    return jnp.zeros((N, D), jnp.float32).at[token].add(back).astype(x.dtype)

@@ -48,20 +48,23 @@ class BlockSizes:
 
 def expert_layout(picks, num_experts: int, block_m: int):
     """(slot of each (token, pick) row [N k] in the padded layout, block_expert [B]) for picks
-    [N, k]; B = ceil(N k / block_m) + E, the padded row count B x block_m."""
-    flat = picks.reshape(-1)
+    [N, k]; B = ceil(N k / block_m) + E, the padded row count B x block_m. A pick of -1 gets
+    the slot B x block_m, past the layout: it is neither computed nor read back."""
+    E = num_experts
+    flat = jnp.where(picks < 0, E, picks).reshape(-1)  # -1: no expert
     R = flat.shape[0]
-    counts = jnp.bincount(flat, length=num_experts)
+    counts = jnp.zeros(E, jnp.int32).at[flat].add(1, mode="drop")
     padded = -(-counts // block_m) * block_m
     start = jnp.cumsum(padded) - padded  # each expert's first padded slot
     first = jnp.cumsum(counts) - counts  # each expert's first row in expert order
     order = jnp.argsort(flat, stable=True)
     rank = jnp.zeros(R, jnp.int32).at[order].set(jnp.arange(R, dtype=jnp.int32))
-    slot = start[flat] + rank - first[flat]
-    B = -(-R // block_m) + num_experts
+    e = jnp.minimum(flat, E - 1)
+    B = -(-R // block_m) + E
+    slot = jnp.where(flat < E, start[e] + rank - first[e], B * block_m)  # no expert: no slot
     block_start = jnp.arange(B) * block_m
     owner = jnp.searchsorted(jnp.cumsum(padded), block_start, side="right")
-    return slot.astype(jnp.int32), jnp.where(owner < num_experts, owner, -1).astype(jnp.int32)
+    return slot.astype(jnp.int32), jnp.where(owner < E, owner, -1).astype(jnp.int32)
 
 
 def _kernel(expert_ref, x_ref, w_ref, *refs, bn, bk, activation, gated, scaled):

@@ -45,8 +45,10 @@ class IncrementalText:
         elif not final:
             if text.endswith("\ufffd"):  # a character still being spelled out
                 return ""
-            text = text[:len(text) - self.hold]
-        piece = text[len(self.shown):] if text.startswith(self.shown) else text
+            text = text[:max(0, len(text) - self.hold)]
+        # (a decode that changed earlier text, e.g. a tokenizer's space clean-up, cannot be
+        # taken back from the client: only what lies past the text already shown is sent)
+        piece = text[len(self.shown):]
         self.shown = text
         return piece
 
@@ -144,12 +146,22 @@ class LLM:
         thread, an abort is handed to the step thread."""
         queue: asyncio.Queue = asyncio.Queue()
         ids = self._ids(prompt)
-        rid = await asyncio.to_thread(self._add, ids, options, (asyncio.get_running_loop(), queue))
+        adding = asyncio.ensure_future(asyncio.to_thread(
+            self._add, ids, options, (asyncio.get_running_loop(), queue)))
+        try:
+            rid = await asyncio.shield(adding)
+        except asyncio.CancelledError:  # the add goes on in its thread: abort what it adds
+            adding.add_done_callback(
+                lambda f: f.cancelled() or f.exception() or self._aborts.append(f.result()))
+            raise
         text = IncrementalText(self.tokenizer, ids, options.get("stop_strings"))
         finished = False
         try:
             while not finished:
-                out: RequestOutput = await queue.get()
+                out = await queue.get()
+                if isinstance(out, BaseException):  # the step thread failed
+                    finished = True
+                    raise RuntimeError(f"the serving engine failed: {out}") from out
                 finished = out.finished
                 piece = text.delta(out.token_ids, final=finished, stop=out.stop_string)
                 yield Completion(out, text.shown, piece)
@@ -158,21 +170,40 @@ class LLM:
                 self._aborts.append(rid)
 
     def _add(self, ids, options: dict, target) -> str:
+        """Adds a streamed request; starts the step thread if none runs (decided under the
+        lock the thread exits under, so a request never lands after its last look)."""
         with self._lock:
             rid = self.serving.add_request(ids, **options)
             self._streams[rid] = target
-        self._ensure_thread()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="dsjax-steps")
+                self._thread.start()
         return rid
 
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, daemon=True, name="dsjax-steps")
-            self._thread.start()
-
     def _run(self) -> None:
-        """Steps while a stream is open (and until the last step dispatched is read)."""
-        while True:
-            with self._lock:
-                if not self._streams and not self.serving.has_unfinished():
-                    return
-            self._step()
+        """Steps while a stream is open (and until the last step dispatched is read); an error
+        in a step goes to every open stream, whose reader then raises it."""
+        try:
+            while True:
+                with self._lock:
+                    if not self._streams and not self.serving.has_unfinished():
+                        self._thread = None
+                        return
+                self._step()
+        except Exception as e:  # noqa: BLE001 (handed to every reader)
+            self._fail(e)
+
+    def _fail(self, error: Exception) -> None:
+        with self._lock:
+            targets, self._streams, self._thread = list(self._streams.items()), {}, None
+            for rid, _ in targets:
+                try:
+                    self.serving.abort(rid)  # (frees its blocks if the engine still can)
+                except Exception:  # noqa: BLE001
+                    pass
+        for _, (loop, queue) in targets:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, error)
+            except RuntimeError:  # its loop is closed
+                pass

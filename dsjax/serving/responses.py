@@ -167,9 +167,12 @@ def _tokens(c, whole: bool):
 
 
 def _completion_logprobs(srv, c, whole: bool) -> dict:
+    """OpenAI's completions logprobs; text_offset counts from the choice's first character
+    (a streamed chunk's tokens start where the text sent before it ends)."""
     ids, lps, tops = _tokens(c, whole)
     pieces = [_piece(srv, t) for t in ids]
-    offsets = list(itertools.accumulate([0] + [len(p) for p in pieces[:-1]]))
+    base = 0 if whole else len(c.text) - len(c.delta)
+    offsets = list(itertools.accumulate([base] + [len(p) for p in pieces[:-1]]))
     return {"tokens": pieces, "token_logprobs": lps, "text_offset": offsets,
             "top_logprobs": [_by_text(srv, top) for top in tops]}
 

@@ -44,6 +44,9 @@ class Server:
         if not self.ready.is_set():
             raise api.ApiError(503, "the server is warming up", type="service_unavailable",
                                headers={"Retry-After": "5"})
+        if n > self.max_waiting:
+            raise api.ApiError(400, f"this request needs {n} requests (prompts x n); the server "
+                               f"queues at most {self.max_waiting}", "n")
         waiting = self.admitting
         if waiting + n > self.max_waiting:
             raise api.ApiError(429, f"{waiting} requests are waiting for their first token (at "

@@ -85,13 +85,16 @@ def test_expert_op_equals_a_loop_over_tokens():
         out = np.zeros((N, D))
         for n in range(N):
             for j in range(k):
+                if picks[n, j] < 0:
+                    continue
                 h = x[n] @ up[picks[n, j]]
                 g, u = h[:I], h[I:]
                 out[n] += w[n, j] * ((g / (1 + np.exp(-g))) * u) @ down[picks[n, j]]
         return out
     spread = np.array([[0, 2], [2, 0], [1, 2], [0, 1], [2, 1], [1, 0], [0, 2]])  # expert 3 idle
     pile = np.zeros((N, k), np.int64)  # every pick on expert 0 (twice per token)
-    for picks in (spread, pile):
+    none = np.where(spread == 2, -1, spread)  # -1: a row no expert takes (contributes 0)
+    for picks in (spread, pile, none):
         got = ops.experts(jnp.asarray(x), jnp.asarray(up), jnp.asarray(down), jnp.asarray(picks),
                           jnp.asarray(w), activation="silu", policy=KernelPolicy())
         np.testing.assert_allclose(np.asarray(got), loop(picks), rtol=2e-5, atol=2e-5)

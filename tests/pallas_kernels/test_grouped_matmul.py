@@ -19,13 +19,16 @@ def _case(N, k, D, I, E, picks, dtype=jnp.float32, seed=0):
     return x, up, down, jnp.asarray(picks, jnp.int32), w
 
 
-@pytest.mark.parametrize("how", ["spread_with_idle_experts", "all_on_one", "random"])
+@pytest.mark.parametrize("how", ["spread_with_idle_experts", "all_on_one", "random",
+                                 "some_rows_with_no_expert"])
 def test_grouped_gemm_equals_xla(how):
     N, k, D, I, E = 19, 2, 32, 48, 6
     rng = np.random.default_rng(1)
     picks = {"spread_with_idle_experts": np.stack([np.arange(N) % 3, (np.arange(N) + 1) % 3], 1),
              "all_on_one": np.full((N, k), 4),
-             "random": rng.integers(0, E, (N, k))}[how]
+             "random": rng.integers(0, E, (N, k)),
+             "some_rows_with_no_expert": np.where(rng.uniform(size=(N, k)) < 0.4, -1,
+                                                  rng.integers(0, E, (N, k)))}[how]
     x, up, down, picks, w = _case(N, k, D, I, E, picks)
     pallas = KernelPolicy.pallas(interpret=True)  # (called directly: no fallback possible)
     got = pallas_ops.experts(x, up, down, picks, w.astype(x.dtype), activation="silu",

@@ -3,6 +3,8 @@ static engine: on the CPU in fp32 every request's greedy tokens and log-probabil
 engine.generate's for that prompt alone, whatever the arrival order, token budget, chunk split,
 preemptions and prefix-cache hits; and the pool is fully free after every scenario."""
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -264,8 +266,22 @@ def test_llm_generate_in_order_and_async_streams():
     assert last.finished and last.token_ids == llm.engine.generate(
         [llm._ids("Hello there")], max_new_tokens=6, eos_token_id=[]).sequences[0]
     assert text == llm.tokenizer.decode(last.token_ids) and len(cut.token_ids) == 2
-    llm._thread.join(5)
+    deadline = time.time() + 5
+    while llm._thread is not None and time.time() < deadline:  # the step thread ends
+        time.sleep(0.01)
+    assert llm._thread is None
     assert not llm.serving.has_unfinished() and llm.serving.blocks_in_use() == 0
+
+    def lost():
+        raise RuntimeError("device lost")
+    llm.serving.step = lost  # a step that fails reaches the stream waiting on it
+
+    async def waiting():
+        async for _ in llm.stream("Hello", max_new_tokens=3):
+            pass
+    with pytest.raises(RuntimeError, match="device lost"):
+        asyncio.run(asyncio.wait_for(waiting(), 30))
+    assert llm._thread is None and llm.serving.blocks_in_use() == 0
 
 
 def test_stop_strings_end_the_text_before_them():
@@ -281,3 +297,16 @@ def test_stop_strings_end_the_text_before_them():
     assert out.text == text[:text.find(stop)] and out.token_ids == free.token_ids[:len(out.token_ids)]
     assert stop in llm.tokenizer.decode(out.token_ids) and stop not in llm.tokenizer.decode(
         out.token_ids[:-1])
+
+
+def test_incremental_text_holds_back_what_may_begin_a_stop_string():
+    from dsjax.presets import ByteTokenizer
+    from dsjax.serving.llm import IncrementalText
+
+    text = IncrementalText(ByteTokenizer(), list(b"> "), ["Hello"])
+    # (the step whose token completes a stop string is final: the engine found it there)
+    shown = [text.delta(list(b"Hello"[:i])) for i in range(1, 5)]
+    assert shown == [""] * 4 and text.delta(list(b"Hello"), final=True, stop="Hello") == ""
+    text = IncrementalText(ByteTokenizer(), [], ["XY"])
+    assert [text.delta(list(b"abcX"[:i])) for i in range(1, 5)] == ["", "a", "b", "c"]
+    assert text.delta(list(b"abcXZ"), final=True) == "XZ"
