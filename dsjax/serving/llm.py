@@ -32,14 +32,15 @@ class IncrementalText:
     with stop strings, the last characters that could begin one are held back until the end,
     and the final text ends before the stop string that ended it."""
 
+    CONTEXT = 8  # prompt tokens decoded before the output (spaces and merges at the seam)
+
     def __init__(self, tokenizer, prompt: list[int], stops=None):
-        self.tok, self.prompt, self.shown = tokenizer, list(prompt), ""
+        self.tok, self.prompt, self.shown = tokenizer, list(prompt)[-self.CONTEXT:], ""
+        self.start = len(self.tok.decode(self.prompt))  # (not the whole prompt each token)
         self.hold = max([len(s) for s in stops or []] + [1]) - 1
 
     def delta(self, tokens: list[int], final: bool = False, stop: str | None = None) -> str:
-        whole = self.tok.decode(self.prompt + list(tokens))
-        start = len(self.tok.decode(self.prompt))
-        text = whole[start:]
+        text = self.tok.decode(self.prompt + list(tokens))[self.start:]
         if stop is not None:
             text = text[:text.find(stop)]
         elif not final:
