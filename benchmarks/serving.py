@@ -45,15 +45,13 @@ import numpy as np  # noqa: E402
 
 from benchmarks import harness, serving_report as report, serving_systems as systems  # noqa: E402
 from dsjax import presets  # noqa: E402
+from dsjax.bench_serve import arrivals, random_requests  # noqa: E402
 
 
 def make_trace(n: int, vocab: int, prompt_len, output_len, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    lens = rng.integers(prompt_len[0], prompt_len[1] + 1, n)
-    lo, hi = np.log(output_len[0]), np.log(output_len[1])
-    outs = np.exp(rng.uniform(lo, hi, n)).round().astype(int)
-    return [{"prompt": rng.integers(10, vocab, int(p)).tolist(), "max_new": int(o)}
-            for p, o in zip(lens, outs)]
+    """dsjax bench serve's random requests, as {"prompt": ids, "max_new": n}."""
+    return [{"prompt": r["prompt"], "max_new": r["max_tokens"]}
+            for r in random_requests(n, prompt_len, output_len, seed, vocab)]
 
 
 def run_hf(args, trace) -> dict:
@@ -212,7 +210,7 @@ def run_serving(args, trace, engine) -> dict:
     out["poisson"] = []
     for frac in args.rates:
         rate = frac * max_rate
-        fig = systems.serve(srv, sub, systems.poisson_arrivals(len(sub), rate, args.seed + 1))
+        fig = systems.serve(srv, sub, arrivals(len(sub), rate, 1.0, args.seed))  # Poisson
         out["poisson"].append(dict(fig, fraction=frac, rate=rate))
         print(f"poisson {frac:.2f}: TPOT p95 {fig['tpot_ms']['p95']:.1f} ms", flush=True)
     return out

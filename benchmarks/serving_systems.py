@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import jax
-import numpy as np
 
 from dsjax.serving.engine import ServingEngine
 from dsjax.serving.metrics import RequestTiming, summarize
@@ -50,12 +49,6 @@ def serve(srv: ServingEngine, trace: list[dict], arrivals: list[float] | None = 
     figures["prefix_hits"] = sum(s.alloc.hits for s in srv.scheds)
     assert srv.blocks_in_use() == 0, "the run leaked KV blocks"
     return dict(figures, steps=steps)
-
-
-def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
-    """n arrival times of a Poisson process of `rate` requests/s (exponential gaps)."""
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, n)
-    return list(np.cumsum(gaps) - gaps[0])
 
 
 def static_batches(engine, trace: list[dict], batch: int) -> dict:

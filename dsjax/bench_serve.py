@@ -60,20 +60,27 @@ def _pair(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def random_requests(n: int, input_len, output_len, seed: int, vocab: int = 256) -> list[dict]:
+    """n requests {"prompt": ids, "max_tokens": m}: prompt lengths uniform in input_len
+    (LO, HI), output lengths log-uniform in output_len, ids in [10, vocab) (below 256: valid
+    for any vocabulary)."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(input_len[0], input_len[1] + 1, n)
+    lo, hi = np.log(output_len[0]), np.log(output_len[1])
+    outs = np.exp(rng.uniform(lo, hi, n)).round().astype(int)
+    return [{"prompt": rng.integers(10, vocab, int(p)).tolist(), "max_tokens": int(o)}
+            for p, o in zip(lens, outs)]
+
+
 def dataset(args) -> list[dict]:
     """[{"prompt": text or ids, "max_tokens": n}] * num_prompts."""
-    rng = np.random.default_rng(args.seed)
     if args.dataset not in ("random", "random-text"):
         rows = [json.loads(line) for line in Path(args.dataset).read_text().splitlines() if line.strip()]
         bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or "prompt" not in r]
         if bad:
             raise ValueError(f"{args.dataset}: line {bad[0] + 1} has no 'prompt'")
         return [dict(rows[i % len(rows)]) for i in range(args.num_prompts)]
-    lens = rng.integers(args.input_len[0], args.input_len[1] + 1, args.num_prompts)
-    lo, hi = np.log(args.output_len[0]), np.log(args.output_len[1])
-    outs = np.exp(rng.uniform(lo, hi, args.num_prompts)).round().astype(int)
-    rows = [{"prompt": rng.integers(10, 256, int(n)).tolist(), "max_tokens": int(o)}
-            for n, o in zip(lens, outs)]
+    rows = random_requests(args.num_prompts, args.input_len, args.output_len, args.seed)
     if args.dataset == "random-text":  # one word per intended token (the server counts them)
         rows = [dict(r, prompt=" ".join(f"w{i}" for i in r["prompt"])) for r in rows]
     return rows

@@ -117,7 +117,7 @@ class ServingEngine:
                                         (mesh_step, dict(mesh=plan.mesh, specs=engine.runner.specs)))
         # the settings of filler rows: greedy, so that a step of greedy requests skips sampling
         self._fill = dataclasses.replace(engine.defaults.resolve({}), do_sample=False)
-        self.last_step, self._waited = StepRecord([], 0.0, 0.0), 0.0
+        self.last_step = StepRecord([], 0.0, 0.0)
         self.params = engine.params
         log.info("dsjax serving: %d KV blocks of %d tokens%s, %d-token steps, up to %d sequences",
                  num_blocks, block_size, "" if plan is None else f" per replica ({plan.par.dp} "
@@ -207,7 +207,7 @@ class ServingEngine:
         """Dispatches one ragged step, then reads the step before it (which the device has
         finished or is finishing): the host prepares step n + 1 while the device runs step n.
         Returns the outputs of the requests that got a token (or finished) in the step read."""
-        start, self._waited = time.perf_counter(), 0.0
+        start = time.perf_counter()
         plans = [[c for c in s.schedule() if c.seq in s.running] for s in self.scheds]
         flight, self._flight = self._flight, None
         if any(plans):
@@ -222,16 +222,17 @@ class ServingEngine:
                         c.seq.pending_row = i
             self._flight = (plans, tok, lp)
         prepared = time.perf_counter()
-        outs = [] if flight is None else self._read(flight)
+        outs, waited = ([], 0.0) if flight is None else self._read(flight)
         self.last_step = StepRecord([c for chunks in plans for c in chunks], prepared - start,
-                                    self._waited)
+                                    waited)
         return outs
 
-    def _read(self, flight) -> list[RequestOutput]:
+    def _read(self, flight) -> tuple[list[RequestOutput], float]:
+        """The outputs of the step in flight, and the seconds spent waiting for its tokens."""
         plans, tok, lp = flight
         start = time.perf_counter()
         tok = np.asarray(tok).reshape(self.replicas, -1)
-        self._waited = time.perf_counter() - start
+        waited = time.perf_counter() - start
         lp = jax.tree.map(lambda x: np.asarray(x).reshape(self.replicas, tok.shape[1], -1), lp)
         outs = []
         for r, chunks in enumerate(plans):
@@ -246,7 +247,7 @@ class ServingEngine:
                     top = list(zip(lp.top_ids[r, i, :req.top_n].tolist(),
                                    lp.top[r, i, :req.top_n].tolist()))
                     outs.append(self._took(req, int(tok[r, i]), float(lp.chosen[r, i, 0]), top))
-        return outs
+        return outs, waited
 
     def _took(self, req: _Request, token: int, logprob: float, top: list) -> RequestOutput:
         req.logprobs.append(logprob)

@@ -87,8 +87,6 @@ class LLM:
         """A prompt's token ids (text through the tokenizer; ids as they are)."""
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
-    _ids = token_ids
-
     def generate(self, prompts, sampling_params=None, *, progress: bool = True) -> list[Completion]:
         """Every prompt (text or token ids) to its end; sampling_params: one dict of options
         (generate()'s names and a seed) for all, or a list with one per prompt."""
@@ -99,7 +97,7 @@ class LLM:
         if len(per) != len(prompts):
             raise ValueError(f"sampling_params has {len(per)} entries for {len(prompts)} prompts")
         with self._lock:
-            ids = [self.serving.add_request(self._ids(p), **dict(o)) for p, o in zip(prompts, per)]
+            ids = [self.serving.add_request(self.token_ids(p), **dict(o)) for p, o in zip(prompts, per)]
         with tqdm(total=len(ids), disable=not progress, desc="dsjax", unit="req") as bar:
             while any(i not in self._done for i in ids):
                 before = sum(i in self._done for i in ids)
@@ -127,9 +125,7 @@ class LLM:
                 try:
                     loop.call_soon_threadsafe(queue.put_nowait, o)
                 except RuntimeError:  # its event loop is closed: nobody reads it any more
-                    with self._lock:
-                        if self._streams.pop(o.request_id, None) is not None:
-                            self.serving.abort(o.request_id)
+                    self._aborts.append(o.request_id)
 
     def _completion(self, out: RequestOutput) -> Completion:
         try:
@@ -146,7 +142,7 @@ class LLM:
         blocks. The event loop never waits for a step: the request is added from a worker
         thread, an abort is handed to the step thread."""
         queue: asyncio.Queue = asyncio.Queue()
-        ids = self._ids(prompt)
+        ids = self.token_ids(prompt)
         adding = asyncio.ensure_future(asyncio.to_thread(
             self._add, ids, options, (asyncio.get_running_loop(), queue)))
         try:

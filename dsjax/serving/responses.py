@@ -97,11 +97,11 @@ async def _respond(srv, req, streams, prompts, head: dict, choice, *, chat: bool
     arrival, times = time.perf_counter(), [[] for _ in streams]
     usage = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 0}
 
-    done, usage_prompt = set(), [len(p) for p in prompts for _ in range(req.n)]
+    done, prompt_lens = set(), [len(p) for p in prompts for _ in range(req.n)]
 
     def finish(i, c):
         done.add(i)
-        srv.metrics.record(len(c.prompt_token_ids), times[i], arrival, c.finish_reason)
+        srv.metrics.record(prompt_lens[i], times[i], arrival, c.finish_reason)
         usage["completion_tokens"] += len(c.token_ids)
 
     async def chunks():
@@ -110,7 +110,7 @@ async def _respond(srv, req, streams, prompts, head: dict, choice, *, chat: bool
                 yield chunk
         finally:  # the client left: its unfinished choices were aborted
             for i in set(range(len(streams))) - done:
-                srv.metrics.record(usage_prompt[i], times[i], arrival, "abort")
+                srv.metrics.record(prompt_lens[i], times[i], arrival, "abort")
 
     async def _chunks():
         sent_role = set()

@@ -36,10 +36,6 @@ class Sequence:
     keys: list[bytes] | None = None  # prefix keys of the prompt's full blocks (set when added)
 
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.out
-
-    @property
     def length(self) -> int:
         return len(self.prompt) + len(self.out)
 

@@ -247,7 +247,7 @@ def test_llm_generate_in_order_and_async_streams():
     params = [{"max_new_tokens": 5}, {"max_new_tokens": 3}, {"max_new_tokens": 7,
                                                             "eos_token_id": []}]
     outs = llm.generate(prompts, params, progress=False)
-    want = [llm.engine.generate([llm._ids(p)], **o).sequences[0] for p, o in zip(prompts, params)]
+    want = [llm.engine.generate([llm.token_ids(p)], **o).sequences[0] for p, o in zip(prompts, params)]
     assert [o.token_ids for o in outs] == want
     assert outs[0].text == llm.tokenizer.decode(want[0])
 
@@ -264,7 +264,7 @@ def test_llm_generate_in_order_and_async_streams():
         return await asyncio.gather(consume("Hello there", 6), consume("Stop early", 20, 2))
     (text, last), (_, cut) = asyncio.run(main())
     assert last.finished and last.token_ids == llm.engine.generate(
-        [llm._ids("Hello there")], max_new_tokens=6, eos_token_id=[]).sequences[0]
+        [llm.token_ids("Hello there")], max_new_tokens=6, eos_token_id=[]).sequences[0]
     assert text == llm.tokenizer.decode(last.token_ids) and len(cut.token_ids) == 2
     deadline = time.time() + 5
     while llm._thread is not None and time.time() < deadline:  # the step thread ends
