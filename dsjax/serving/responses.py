@@ -105,32 +105,27 @@ async def _respond(srv, req, streams, prompts, head: dict, choice, *, chat: bool
         usage["completion_tokens"] += len(c.token_ids)
 
     async def chunks():
+        sent_role, streamed = set(), dict(head, object=head["object"] + (".chunk" if chat else ""))
         try:
-            async for chunk in _chunks():
-                yield chunk
+            async for i, c in _merged(streams):
+                times[i].append(time.perf_counter())
+                final = c.finish_reason if c.finished else None
+                if final:
+                    finish(i, c)
+                body = choice(i, c, c.delta, final, False)
+                if chat:
+                    text = body.pop("text")
+                    body["delta"] = {} if final and not text else {"content": text}
+                    if i not in sent_role:
+                        body["delta"]["role"] = "assistant"
+                        sent_role.add(i)
+                if body.get("text") or body.get("delta") or final or body.get("logprobs"):
+                    yield dict(streamed, choices=[body])
         finally:  # the client left: its unfinished choices were aborted
             for i in set(range(len(streams))) - done:
                 srv.metrics.record(prompt_lens[i], times[i], arrival, "abort")
-
-    async def _chunks():
-        sent_role = set()
-        async for i, c in _merged(streams):
-            times[i].append(time.perf_counter())
-            final = c.finish_reason if c.finished else None
-            if final:
-                finish(i, c)
-            body = choice(i, c, c.delta, final, False)
-            if chat:
-                text = body.pop("text")
-                body["delta"] = {} if final and not text else {"content": text}
-                if i not in sent_role:
-                    body["delta"]["role"] = "assistant"
-                    sent_role.add(i)
-            if body.get("text") or body.get("delta") or final or body.get("logprobs"):
-                yield dict(head, object=head["object"] + (".chunk" if chat else ""), choices=[body])
         if req.stream_options and req.stream_options.include_usage:
-            yield dict(head, object=head["object"] + (".chunk" if chat else ""), choices=[],
-                       usage=_total(usage))
+            yield dict(streamed, choices=[], usage=_total(usage))
 
     if req.stream:
         return sse(chunks())
