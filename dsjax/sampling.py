@@ -200,7 +200,7 @@ def warp(logits, s: Sampling, f: Features, min_keep: int = 1):
     if f.min_p:
         probs = jax.nn.softmax(logits, axis=-1)
         floor = s.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
-        kth = -jnp.sort(-logits, axis=-1)[:, min_keep - 1:min_keep]
+        kth = jax.lax.top_k(logits, min_keep)[0][:, min_keep - 1:min_keep]
         logits = jnp.where((probs >= floor) | (logits >= kth), logits, -jnp.inf)
     return logits
 

@@ -33,10 +33,11 @@ from dsjax import settings as st
 from dsjax.cache import cache_bytes, device_memory
 from dsjax.parallel import pipeline
 from dsjax.prompts import bucket
+from dsjax.serving import batch
 from dsjax.serving.blocks import BlockAllocator
-from dsjax.serving.paged import PagedCache, StepMeta
+from dsjax.serving.paged import PagedCache
 from dsjax.serving.scheduler import PENDING, Chunk, Scheduler, Sequence
-from dsjax.serving.step import TOP_LOGPROBS, StepInputs, mesh_step, ragged_step, swap_weights
+from dsjax.serving.step import FEATURES, TOP_LOGPROBS, program, swap_weights
 from dsjax.validate import id_array
 
 log = logging.getLogger("dsjax")
@@ -76,6 +77,7 @@ class _Request:
     settings: st.GenerationSettings
     seed: int
     replica: int  # the replica (scheduler and blocks) that runs it
+    record: np.ndarray  # its row of a step's buffer (dsjax.serving.batch)
     top_n: int = 0  # top log-probabilities to report per token
     logprobs: list = dataclasses.field(default_factory=list)
     top: list = dataclasses.field(default_factory=list)
@@ -113,10 +115,11 @@ class ServingEngine:
         self._flight = None  # the step dispatched last: (chunks per replica, tokens, logprobs)
         rows = bucket(max_seqs, minimum=4)
         self._no_tokens = jnp.zeros((rows,) if plan is None else (self.replicas, rows), jnp.int32)
-        self._step_fn, self._step_kw = ((ragged_step, {}) if plan is None else
-                                        (mesh_step, dict(mesh=plan.mesh, specs=engine.runner.specs)))
-        # the settings of filler rows: greedy, so that a step of greedy requests skips sampling
-        self._fill = dataclasses.replace(engine.defaults.resolve({}), do_sample=False)
+        self.program = (program(engine.graphdef) if plan is None else
+                        program(engine.graphdef, plan.mesh, engine.runner.specs))
+        # filler rows: greedy, so that a step of greedy requests runs the greedy program
+        fill = dataclasses.replace(engine.defaults.resolve({}), do_sample=False, eos_token_id=())
+        self._fill = batch.request_record(fill, 0, 0)
         self.last_step = StepRecord([], 0.0, 0.0)
         self.params = engine.params
         log.info("dsjax serving: %d KV blocks of %d tokens%s, %d-token steps, up to %d sequences",
@@ -169,6 +172,7 @@ class ServingEngine:
             raise ValueError("prompt must be one non-empty list of token ids")
         self.cfg.check_ids(ids)
         settings = self.engine.defaults.resolve(options)
+        _check_features(settings)
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -176,7 +180,9 @@ class ServingEngine:
         load = [len(s.running) + len(s.waiting) for s in self.scheds]
         replica = load.index(min(load))  # the least busy replica
         self.scheds[replica].add(seq)
-        self.requests[rid] = _Request(seq, settings, int(seed) & 0xFFFFFFFF, replica,
+        seed = int(seed) & 0xFFFFFFFF
+        self.requests[rid] = _Request(seq, settings, seed, replica,
+                                      batch.request_record(settings, ids.size, seed),
                                       int(top_logprobs))
         return rid
 
@@ -212,15 +218,19 @@ class ServingEngine:
         flight, self._flight = self._flight, None
         if any(plans):
             prev = flight[1] if flight is not None else self._no_tokens
-            self.cache, tok, lp = self._step_fn(self.engine.graphdef, self.params, self.cache,
-                                                self._inputs(plans), prev, **self._step_kw)
+            reqs = [self.requests[c.seq.id] for chunks in plans for c in chunks]
+            full = any(r.top_n or r.settings.do_sample for r in reqs)
+            layout = self._layout(plans, [r.record for r in reqs])
+            self.cache, tok, out = self.program(self.params, self.cache, self._buffer(plans, layout),
+                                                prev, layout=layout, full=full)
+            out.copy_to_host_async()
             for sched, chunks in zip(self.scheds, plans):
                 sched.advance(chunks)
                 for i, c in enumerate(chunks):
                     if c.samples:  # its token exists only on the device until the next step
                         c.seq.out.append(PENDING)
                         c.seq.pending_row = i
-            self._flight = (plans, tok, lp)
+            self._flight = (plans, tok, out)
         prepared = time.perf_counter()
         outs, waited = ([], 0.0) if flight is None else self._read(flight)
         self.last_step = StepRecord([c for chunks in plans for c in chunks], prepared - start,
@@ -229,11 +239,13 @@ class ServingEngine:
 
     def _read(self, flight) -> tuple[list[RequestOutput], float]:
         """The outputs of the step in flight, and the seconds spent waiting for its tokens."""
-        plans, tok, lp = flight
+        plans, _, out = flight
         start = time.perf_counter()
-        tok = np.asarray(tok).reshape(self.replicas, -1)
+        out = np.asarray(out).reshape(self.replicas, -1, out.shape[-1])
         waited = time.perf_counter() - start
-        lp = jax.tree.map(lambda x: np.asarray(x).reshape(self.replicas, tok.shape[1], -1), lp)
+        tok, chosen = out[..., 0], out[..., 1].view(np.float32)
+        top_ids = out[..., 2:2 + TOP_LOGPROBS]
+        top = out[..., 2 + TOP_LOGPROBS:].view(np.float32)
         outs = []
         for r, chunks in enumerate(plans):
             for i, c in enumerate(chunks):
@@ -244,9 +256,9 @@ class ServingEngine:
                     c.seq.pending_row = None
                 req = self.requests.get(c.seq.id)
                 if req is not None:  # not aborted or finished meanwhile
-                    top = list(zip(lp.top_ids[r, i, :req.top_n].tolist(),
-                                   lp.top[r, i, :req.top_n].tolist()))
-                    outs.append(self._took(req, int(tok[r, i]), float(lp.chosen[r, i, 0]), top))
+                    pairs = list(zip(top_ids[r, i, :req.top_n].tolist(),
+                                     top[r, i, :req.top_n].tolist()))
+                    outs.append(self._took(req, int(tok[r, i]), float(chosen[r, i]), pairs))
         return outs, waited
 
     def _took(self, req: _Request, token: int, logprob: float, top: list) -> RequestOutput:
@@ -283,75 +295,47 @@ class ServingEngine:
                              list(req.logprobs), new, reason is not None, reason, req.stop_string,
                              list(req.top) if req.top_n else None)
 
-    def _inputs(self, plans: list[list[Chunk]], shape: tuple[int, int] | None = None) -> StepInputs:
-        """Each replica's flat batch, padded to the same bucketed N tokens and S sequences
-        (stacked [replicas, ...] over a mesh)."""
-        N, S = shape or (bucket(max(sum(c.n for c in chunks) for chunks in plans)),
-                         bucket(max(len(chunks) for chunks in plans), minimum=4))
-        fill = self._fill
-        batches, settings, prompt_lens = [], [], []
-        for chunks in plans:
-            batches.append(self._flat(chunks, N, S))
-            rows = [self.requests[c.seq.id].settings for c in chunks]
-            settings += rows + [fill] * (S - len(rows))  # filler rows
-            prompt_lens += [len(c.seq.prompt) for c in chunks] + [0] * (S - len(rows))
-        sampling = st.sampling_rows(settings, len(settings), prompt_lens)
-        if self.plan is None:
-            batch = batches[0]
-        else:
-            batch = jax.tree.map(lambda *xs: np.stack(xs), *batches)
-            sampling = jax.tree.map(lambda x: x.reshape(self.replicas, S, *x.shape[1:]), sampling)
-        return jax.device_put(StepInputs(*batch, sampling))  # one transfer call for all
+    def _layout(self, plans: list[list[Chunk]], records) -> batch.Layout:
+        """The step's bucketed shapes: N tokens and S sequences to powers of two (the same for
+        every replica)."""
+        return batch.Layout(bucket(max(sum(c.n for c in chunks) for chunks in plans)),
+                            bucket(max(len(chunks) for chunks in plans), minimum=4),
+                            batch.eos_columns(records), self.max_blocks)
 
-    def _flat(self, chunks: list[Chunk], N: int, S: int) -> tuple:
-        """One replica's chunks as the step's arrays (all but sampling), N tokens, S rows."""
+    def _buffer(self, plans: list[list[Chunk]], layout: batch.Layout):
+        """The step's buffer on the device (one transfer; [replicas, ...] over a mesh)."""
         bs = self.scheds[0].alloc.block_size
-        tokens, positions = np.zeros(N, np.int32), np.zeros(N, np.int32)
-        from_prev = np.full(N, -1, np.int32)
-        slots, token_seq = np.full(N, -1, np.int32), np.zeros(N, np.int32)
-        tables = np.zeros((S, self.max_blocks), np.int32)
-        sample_at, new_tokens = np.zeros(S, np.int32), np.zeros(S, np.int32)
-        seeds, at = np.zeros(S, np.uint32), 0
-        for i, c in enumerate(chunks):
-            seq = c.seq
-            pos = np.arange(c.start, c.start + c.n)
-            tokens[at:at + c.n] = np.maximum(seq.token_slice(c.start, c.n), 0)
-            if seq.pending_row is not None:  # its last token is the step in flight's
-                last = len(seq.prompt) + len(seq.out) - 1
-                if c.start <= last < c.start + c.n:
-                    from_prev[at + last - c.start] = seq.pending_row
-            positions[at:at + c.n], token_seq[at:at + c.n] = pos, i
-            slots[at:at + c.n] = np.asarray(seq.blocks)[pos // bs] * bs + pos % bs
-            tables[i, :len(seq.blocks)] = seq.blocks
-            sample_at[i], new_tokens[i] = at + c.n - 1, len(seq.out)
-            seeds[i] = self.requests[seq.id].seed
-            at += c.n
-        report_top = np.bool_(any(self.requests[c.seq.id].top_n for c in chunks))
-        return (tokens, from_prev, positions, StepMeta(slots, token_seq, tables), sample_at,
-                new_tokens, seeds, report_top)
+        bufs = [batch.pack(chunks, [self.requests[c.seq.id].record for c in chunks], self._fill,
+                           layout, bs) for chunks in plans]
+        if self.plan is None:
+            return jax.device_put(bufs[0])
+        return jax.device_put(np.stack(bufs), NamedSharding(self.plan.mesh, PS("dp")))
 
-    def warmup(self, workers: int = 8) -> int:
-        """Compiles the step for every bucket of tokens and sequences a step can take (in
-        parallel threads; XLA compiles outside the GIL), then runs each once on an empty batch
-        (which writes nothing), so that serving never stops to trace or compile. Returns how
-        many programs."""
+    def warmup(self, workers: int = 8, sampling: bool = True) -> int:
+        """Compiles the step for every bucket of tokens and sequences a step can take, greedy
+        and (with sampling) the sampling program, in parallel threads (XLA compiles outside the
+        GIL), then runs each once on an empty batch (which writes nothing), so that serving
+        never stops to trace or compile. Returns how many programs."""
         if self.has_unfinished():
             raise ValueError("warmup() needs an idle engine")
         top_n = bucket(self.sched.budget)
         top_s = bucket(self.sched.max_seqs, minimum=4)
-        shapes = [(n, s) for n in _powers(16, top_n) for s in _powers(4, top_s) if s <= max(n, 4)]
-        empty = [self._inputs([[] for _ in self.scheds], shape) for shape in shapes]
-        step = functools.partial(self._step_fn, self.engine.graphdef, self.params, **self._step_kw)
+        eos = batch.eos_columns([])
+        todo = [(batch.Layout(n, s, eos, self.max_blocks), full) for n in _powers(16, top_n)
+                for s in _powers(4, top_s) if s <= max(n, 4) for full in (False, True)[:1 + sampling]]
+        empty = {lay: self._buffer([[] for _ in self.scheds], lay) for lay, _ in todo}
 
-        def compile_(inputs):
-            self._step_fn.lower(self.engine.graphdef, self.params, self.cache, inputs,
-                                self._no_tokens, **self._step_kw).compile()
+        def compile_(job):
+            lay, full = job
+            self.program.lower(self.params, self.cache, empty[lay], self._no_tokens, layout=lay,
+                               full=full).compile()
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(compile_, empty))
-        for inputs in empty:  # jit's own call path (tracing, the cache of compiled calls)
-            self.cache, tok, _ = step(self.cache, inputs, self._no_tokens)
+            list(pool.map(compile_, todo))
+        for lay, full in todo:  # jit's own call path (tracing, the cache of compiled calls)
+            self.cache, tok, _ = self.program(self.params, self.cache, empty[lay],
+                                              self._no_tokens, layout=lay, full=full)
         jax.block_until_ready(tok)
-        return len(shapes)
+        return len(todo)
 
     # ------------------------------------------------------------------ offline
 
@@ -364,6 +348,23 @@ class ServingEngine:
                 if out.finished:
                     done[out.request_id] = out
         return [done[i] for i in ids]
+
+
+def _check_features(settings: st.GenerationSettings) -> None:
+    """Refuses settings (the model's generation_config.json defaults included) that ask for a
+    logits processor the serving step does not run, rather than ignoring it."""
+    need = st.features([settings])
+    extra = [_UNSERVED[f] for f in _UNSERVED if getattr(need, f) and not getattr(FEATURES, f)]
+    if extra:
+        raise ValueError(f"the serving engine applies temperature, top_k, top_p, min_p, "
+                         f"min_new_tokens, EOS ids and stop strings; these settings (with the "
+                         f"model's generation_config.json defaults) also ask for "
+                         f"{', '.join(extra)}, which it does not implement")
+
+
+_UNSERVED = {"penalties": "repetition/presence/frequency penalties",
+             "ngram": "no_repeat_ngram_size", "bias": "logit bias / suppressed or bad tokens",
+             "bad_seqs": "bad_words_ids sequences"}
 
 
 def _check_plan(plan):

@@ -3,12 +3,12 @@ sequences) through the one model over the paged KV pools, and a token for each s
 last pending token is in the batch.
 
 Shapes are bucketed by the caller (tokens N and sequences S to powers of two, block tables to
-the pool's per-sequence maximum), so steady-state serving reuses a handful of programs.
+the pool's per-sequence maximum), so steady-state serving reuses a handful of programs: two per
+shape (greedy, and sampling with top log-probabilities).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -18,93 +18,83 @@ from jax.sharding import PartitionSpec as PS
 
 from dsjax import sampling as smp
 from dsjax.policy import ONCE
-from dsjax.serving.paged import PagedCache, StepMeta
+from dsjax.serving import batch
+from dsjax.serving.paged import PagedCache
 
-# every step program can hold greedy and sampled rows, min_new_tokens and min-p: the request
-# mix changes from step to step, the program does not
+# the full program holds greedy and sampled rows, min_new_tokens and min-p: the request mix
+# changes from step to step, the program does not
 FEATURES = smp.Features(do_sample=True, min_new=True, min_p=True)
-GREEDY = smp.Features(min_new=True)  # the same program's path when no row samples
+GREEDY = smp.Features(min_new=True)  # the program of steps where no row samples
 TOP_LOGPROBS = 20  # the most likely tokens each step reports (OpenAI's top_logprobs maximum)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Logprobs:
-    """A step's log-probabilities under the model (before sampling's processors), per row."""
+@functools.cache
+def program(graphdef, mesh=None, specs=None):
+    """The jitted step of one model, its graphdef closed over (hashed here, once, not on every
+    call): run(params, cache, buf, prev_tokens, *, layout, full) -> (the cache with this step's
+    K/V written, tokens [R], out [R, 2 (+ 2 TOP_LOGPROBS when full)] int32), R = prev_tokens' length (the rows
+    of every step's output: one shape, so the next step reads this one's tokens on the device,
+    before the host has seen them). buf: the step's buffer (dsjax.serving.batch, its static
+    layout). out: per row the token, its log-probability's bits and, when full, the
+    TOP_LOGPROBS most likely tokens and their log-probabilities' bits. full: the program that
+    samples and reports top log-probabilities; otherwise greedy (the host picks per step, so a
+    greedy step never sorts the vocabulary). A request's draws depend only on its seed and its
+    position, never on what else shares the step.
 
-    chosen: jax.Array  # [R] of the token picked
-    top_ids: jax.Array  # [R, TOP_LOGPROBS] the most likely tokens
-    top: jax.Array  # [R, TOP_LOGPROBS] their log-probabilities
+    Over a ("dp", "pp", "tp") mesh with pp = 1 (dsjax.parallel; specs: the params' partition
+    specs): each of the dp replicas runs its own buffer (buf and prev_tokens [dp, ...]) over its
+    own blocks (the pools' first axis, dp x its blocks) with its tensor slice of the weights
+    and of the KV heads (the pools' second axis); tokens [dp, R] and out [dp, R, ...]."""
+    fn = functools.partial(_one if mesh is None else _over_mesh, graphdef)
+    if mesh is not None:
+        fn = functools.partial(fn, mesh=mesh, specs=specs)
+    return jax.jit(fn, static_argnames=("layout", "full"), donate_argnums=(1,))
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class StepInputs:
-    tokens: jax.Array  # [N] int32 (padding: 0)
-    from_prev: jax.Array  # [N] int32: >= 0 takes the previous step's token of that row instead
-    positions: jax.Array  # [N] int32
-    meta: StepMeta
-    sample_at: jax.Array  # [S] int32: the index in N of each sequence's last token
-    new_tokens: jax.Array  # [S] int32: tokens each sequence has generated so far
-    seeds: jax.Array  # [S] uint32: each request's sampling seed
-    report_top: jax.Array  # [] bool: some request wants its top log-probabilities
-    sampling: smp.Sampling  # [S] rows
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def ragged_step(graphdef, params, cache: PagedCache, inputs: StepInputs, prev_tokens):
-    """(the cache with this step's K/V written, tokens [R], Logprobs); R = prev_tokens' length (the rows of every step's output: one shape, so the
-    next step can read this one's tokens on the device, before the host has seen them). A
-    request's draws depend only on its seed and its position, never on what else shares the
-    step."""
+def _one(graphdef, params, cache: PagedCache, buf, prev_tokens, *, layout, full):
     ONCE.new_program()
-    return _step(nnx.merge(graphdef, params), cache, inputs, prev_tokens)
+    return _step(nnx.merge(graphdef, params), cache, buf, prev_tokens, layout, full)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "specs"), donate_argnums=(2,))
-def mesh_step(graphdef, params, cache: PagedCache, inputs: StepInputs, prev_tokens, *, mesh,
-              specs):
-    """ragged_step over a ("dp", "pp", "tp") mesh with pp = 1 (dsjax.parallel): each of the dp
-    replicas runs its own flat batch (inputs and prev_tokens [dp, ...]) over its own blocks
-    (the pools' first axis, dp x its blocks) with its tensor slice of the weights and of the
-    KV heads (the pools' second axis). Returns tokens [dp, R] and Logprobs ([dp, R, ...])."""
+def _over_mesh(graphdef, params, cache: PagedCache, buf, prev_tokens, *, mesh, specs, layout,
+               full):
     ONCE.new_program()
     pools, rows = PS("dp", "tp"), PS("dp")
 
-    def local(params, cache, inputs, prev):
+    def local(params, cache, buf, prev):
         params = {**params, "layers": jax.tree.map(lambda a: a[0], params["layers"])}
-        one = jax.tree.map(lambda a: a[0], (inputs, prev))
-        cache, tok, lp = _step(nnx.merge(graphdef, params), cache, *one)
-        return cache, tok[None], jax.tree.map(lambda x: x[None], lp)
+        cache, tok, out = _step(nnx.merge(graphdef, params), cache, buf[0], prev[0], layout, full)
+        return cache, tok[None], out[None]
 
     cache_specs = jax.tree.map(lambda _: pools, cache)
     fn = jax.shard_map(local, mesh=mesh, in_specs=(jax.tree.unflatten(*specs), cache_specs, rows,
                                                    rows),
                        out_specs=(cache_specs, rows, rows), check_vma=False)
-    return fn(params, cache, inputs, prev_tokens)
+    return fn(params, cache, buf, prev_tokens)
 
 
-def _step(model, cache: PagedCache, inputs: StepInputs, prev_tokens):
+def _step(model, cache: PagedCache, buf, prev_tokens, layout: batch.Layout, full: bool):
+    inputs = batch.unpack(buf, layout)
     tokens = jnp.where(inputs.from_prev >= 0, prev_tokens[jnp.maximum(inputs.from_prev, 0)],
                        inputs.tokens)
     hidden, cache = model(tokens[None], inputs.positions[None], cache.at_step(inputs.meta))
     logits = model.logits(hidden[0][inputs.sample_at])  # [S, V]
-    pos = inputs.positions[inputs.sample_at]
-    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(inputs.seeds, pos)
-    choose = lambda f: lambda: smp.choose(logits, keys, inputs.sampling, f, None,  # noqa: E731
-                                          inputs.new_tokens)
-    # the sampling path sorts the vocabulary for every row: run it only if some row samples
-    tok = jax.lax.cond(jnp.any(inputs.sampling.do_sample), choose(FEATURES), choose(GREEDY))
+    keys = None
+    if full:
+        pos = inputs.positions[inputs.sample_at]
+        keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(inputs.seeds, pos)
+    tok = smp.choose(logits, keys, inputs.sampling, FEATURES if full else GREEDY, None,
+                     inputs.new_tokens)
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    lp = jnp.take_along_axis(logprobs, tok[:, None], axis=-1)[:, 0]
-    none = (jnp.zeros((tok.shape[0], TOP_LOGPROBS), jnp.float32),
-            jnp.zeros((tok.shape[0], TOP_LOGPROBS), jnp.int32))
-    top_lp, top_ids = jax.lax.cond(inputs.report_top,
-                                   lambda: tuple(jax.lax.top_k(logprobs, TOP_LOGPROBS)),
-                                   lambda: none)
+    bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)  # noqa: E731
+    cols = [tok[:, None], bits(jnp.take_along_axis(logprobs, tok[:, None], axis=-1))]
+    if full:
+        top_lp, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+        cols += [top_ids.astype(jnp.int32), bits(top_lp)]
+    out = jnp.concatenate(cols, axis=1)
     pad = prev_tokens.shape[0] - tok.shape[0]
     rows = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
-    return cache.at_step(None), rows(tok), Logprobs(rows(lp), rows(top_ids), rows(top_lp))
+    return cache.at_step(None), rows(tok), rows(out)
 
 
 def swap_weights(graphdef, old_params, new_params):

@@ -210,10 +210,12 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
 
 def test_a_full_queue_answers_429(server):
     """64 requests may wait for their first token; a burst of 120 gets some 429s with
-    Retry-After, and every other request its answer."""
+    Retry-After, and every other request its answer (answers of 32 tokens: the 8 sequences a
+    step runs hold their places long enough for the queue to fill, however fast steps are)."""
     async def burst():
         async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as c:
-            body = {"model": "tiny-llama", "prompt": "Burst", "max_tokens": 4, "temperature": 0}
+            body = {"model": "tiny-llama", "prompt": "Burst", "max_tokens": 32, "temperature": 0,
+                    "ignore_eos": True}
             return await asyncio.gather(*[c.post(f"{server[1]}/v1/completions", json=body)
                                           for _ in range(120)])
     answers = asyncio.run(asyncio.wait_for(burst(), 120))

@@ -13,7 +13,7 @@ import dsjax
 from dsjax.parallel.mesh import Parallel
 from dsjax.serving.blocks import BlockAllocator, OutOfBlocks, prefix_keys
 from dsjax.serving.engine import ServingEngine
-from dsjax.serving.step import ragged_step
+from dsjax.settings import Defaults
 from tests.conftest import prompt
 from tests.converters.test_decoder_families import build
 
@@ -111,10 +111,10 @@ def test_steady_state_does_not_recompile(llama_pair):
         srv.add_request(prompt(400 + i, 5 + i), max_new_tokens=40, eos_token_id=[])
     for _ in range(8):  # prompts done, every step now decodes four tokens
         srv.step()
-    before = ragged_step._cache_size()
+    before = srv.program._cache_size()
     for _ in range(20):
         srv.step()
-    assert ragged_step._cache_size() == before
+    assert srv.program._cache_size() == before
 
 
 def test_warmup_compiles_every_step_shape(llama_pair):
@@ -122,8 +122,8 @@ def test_warmup_compiles_every_step_shape(llama_pair):
     nothing, and every step's timing record is filled."""
     _, engine = llama_pair
     srv = ServingEngine(engine, block_size=8, num_blocks=64, token_budget=32, max_seqs=4)
-    assert srv.warmup() == 2  # steps of 16 or 32 tokens, of up to 4 sequences
-    calls, compiles = ragged_step._cache_size(), []
+    assert srv.warmup() == 4  # steps of 16 or 32 tokens, of up to 4 sequences, greedy or not
+    calls, compiles = srv.program._cache_size(), []
     listener = lambda name, secs, **kw: compiles.append(name) if "backend_compile" in name else None  # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
@@ -132,7 +132,7 @@ def test_warmup_compiles_every_step_shape(llama_pair):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [] and [len(o.token_ids) for o in outs] == [6] * 4
-    assert ragged_step._cache_size() == calls  # not even traced again
+    assert srv.program._cache_size() == calls  # not even traced again
     assert srv.last_step.prepare_s > 0 and srv.last_step.wait_s >= 0
 
 
@@ -163,6 +163,17 @@ def test_stop_tokens_abort_and_rejection(llama_pair):
                                 parallel=Parallel.parse(pipeline_parallel=2))
     with pytest.raises(ValueError, match="pipeline stages"):
         ServingEngine(staged, num_blocks=8)
+
+
+def test_unserved_generation_defaults_are_refused(llama_pair, monkeypatch):
+    """A model default the step does not apply (a repetition penalty) is an error naming it,
+    not ignored."""
+    _, engine = llama_pair
+    srv = ServingEngine(engine, block_size=4, num_blocks=12)
+    monkeypatch.setattr(engine, "defaults", Defaults({"repetition_penalty": 1.3}, []))
+    with pytest.raises(ValueError, match="repetition/presence/frequency penalties"):
+        srv.add_request(prompt(504, 4), max_new_tokens=2)
+    assert not srv.has_unfinished()
 
 
 def test_top_logprobs_are_the_models(llama_pair):
@@ -205,7 +216,7 @@ def test_weights_swap_in_place_without_recompiling(llama_pair):
     srv = ServingEngine(engine, block_size=4, num_blocks=40)
     p = prompt(700, 6)
     before = srv.generate([p], max_new_tokens=6, eos_token_id=[])[0].token_ids
-    compiled = ragged_step._cache_size()
+    compiled = srv.program._cache_size()
     other = dsjax.init_inference("tiny-llama", dtype="fp32", max_out_tokens=64, progress=False)
     with pytest.raises(ValueError, match="structure|leaf"):
         srv.swap_params(other.params)
@@ -216,7 +227,7 @@ def test_weights_swap_in_place_without_recompiling(llama_pair):
                                                            engine.runner.stored_params()),
                                inference=engine.inference_config)
     assert after == fresh.generate([p], max_new_tokens=6, eos_token_id=[]).sequences[0]
-    assert after != before and ragged_step._cache_size() == compiled
+    assert after != before and srv.program._cache_size() == compiled
 
 
 def test_allocator_refcounts_prefixes_and_lru():
