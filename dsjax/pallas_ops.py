@@ -203,7 +203,8 @@ def write_kv(qkv, kv, positions, write_at, *, heads, rotary, policy: KernelPolic
 
 def paged_attention(q, layer, q_pos, *, scale, window, alibi_slopes, policy: KernelPolicy):
     """The serving step's flat batch q [1, N, H, Dh] over a PagedLayer's block pools (bf16,
-    fp16, fp32 or int8 with scales): one program per (token, kv head) through the block table."""
+    fp16, fp32 or int8 with scales): one program per (tile of a sequence's tokens, kv head)
+    through the block table; padding tokens (no slot) give 0."""
     from pallas_kernels.paged_attention import POOL_DTYPES, paged_attention as kernel
 
     B, N, H, Dh = q.shape
@@ -215,7 +216,7 @@ def paged_attention(q, layer, q_pos, *, scale, window, alibi_slopes, policy: Ker
     _kernel("paged_attention", f"paged_attention kernel ({layer.k.dtype} pools, "
                                f"blocks of {layer.k.shape[2]})")
     out = kernel(q[0], layer.k, layer.v, q_pos[0], meta.token_seq, meta.block_tables,
-                 scale=scale, window=window, alibi_slopes=alibi_slopes, k_scale=layer.k_scale,
+                 meta.slots >= 0, scale=scale, window=window, alibi_slopes=alibi_slopes, k_scale=layer.k_scale,
                  v_scale=layer.v_scale, interpret=_interpret(policy))
     return out.reshape(1, N, H * Dh)
 

@@ -23,7 +23,9 @@ from pallas_kernels.paged_attention import (BlockSizes, paged_attention,
 from tests.conftest import llama_model, prompt
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
-SMALL = BlockSizes(block_k=16)  # several key steps per sequence at these lengths
+# several key steps per sequence at these lengths; programs of one token, and tiles of 4
+# (the 9- and 5-token chunks split into several, the last one partial)
+SIZES = (BlockSizes(block_q=1, block_k=16), BlockSizes(block_q=4, block_k=16))
 # Sequences of lengths 1, 9, 23 and 6; the step holds the last `chunk` tokens of each: a
 # decode token of a one-token sequence, a whole first prompt chunk, a middle chunk (its keys
 # before it written by earlier steps) and a decode token; then 3 padding tokens.
@@ -70,14 +72,16 @@ def quantize(clean, written):
 
 @functools.partial(jax.jit, static_argnames=("scale", "window"))
 def run(q, pos, meta, clean, dirty, slopes, *, scale, window):
-    """(kernel over the dirty pools, its reference, ops.paged_attention_xla), one program:
-    op-by-op dispatch would compile every small op of the interpreter on its own."""
+    """(kernel over the dirty pools [one output per SIZES], its reference,
+    ops.paged_attention_xla), one program: op-by-op dispatch would compile every small op of
+    the interpreter on its own."""
     kw = dict(scale=scale, window=window, alibi_slopes=slopes)
     named = lambda scales: dict(zip(("k_scale", "v_scale"), scales))  # noqa: E731
     k, v, *scales = clean
     kd, vd, *dirty_scales = dirty
-    out = paged_attention(q, kd, vd, pos, meta.token_seq, meta.block_tables, **kw,
-                          **named(dirty_scales), block_sizes=SMALL, interpret=True)
+    out = [paged_attention(q, kd, vd, pos, meta.token_seq, meta.block_tables, meta.slots >= 0,
+                           **kw, **named(dirty_scales), block_sizes=b, interpret=True)
+           for b in SIZES]
     ref = paged_attention_reference(q, k, v, pos, meta.token_seq, meta.block_tables, **kw,
                                     **named(scales))
     layer = PagedLayer(k, v, *(scales or (None, None)), meta)
@@ -85,12 +89,17 @@ def run(q, pos, meta, clean, dirty, slopes, *, scale, window):
     return out, ref, via_xla
 
 
-def check(out, want, dtype, tol_scale=1.0):
-    assert out.dtype == want.dtype == dtype
-    out, want = np.asarray(out, np.float32), np.asarray(want, np.float32)
-    assert np.all(np.isfinite(out))
-    tol = TOL[dtype] * tol_scale
-    np.testing.assert_allclose(out, want, atol=tol, rtol=tol)
+def check(outs, want, dtype, tol_scale=1.0):
+    """Each output's tokens equal want's; its padding tokens are 0."""
+    for out in outs if isinstance(outs, list) else [outs]:
+        assert out.dtype == want.dtype == dtype
+        out, ref = np.asarray(out, np.float32), np.asarray(want, np.float32)
+        assert np.all(np.isfinite(out))
+        tol = TOL[dtype] * tol_scale
+        if isinstance(outs, list):  # the kernel: padding rows are 0
+            assert (out[-PADDING:] == 0).all()
+            out, ref = out[:-PADDING], ref[:-PADDING]
+        np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("H, KVH, Dh, bs, dtype", [
