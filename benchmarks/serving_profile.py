@@ -63,7 +63,7 @@ def fill(srv, args, rng) -> list[float]:
 def capture(srv):
     """The inputs (buffer, layout) of the step the engine would run next (schedule() only grows
     and admits)."""
-    plans = [[c for c in s.schedule() if c.seq in s.running] for s in srv.scheds]
+    plans = [s.schedule() for s in srv.scheds]
     layout = srv._layout(plans, [srv.requests[c.seq.id].record for c in plans[0]])
     return (srv._buffer(plans, layout), layout), sum(c.n for c in plans[0]), len(plans[0])
 

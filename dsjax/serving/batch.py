@@ -93,7 +93,8 @@ def pack(chunks, records: list[np.ndarray], fill: np.ndarray, layout: Layout, bl
                 prev_at.append(len(ids) + last - c.start)
                 prev_row.append(seq.pending_row)
         ids += seq.token_slice(c.start, c.n)
-        tables[i, :len(seq.blocks)] = seq.blocks
+        blocks = seq.block_array()
+        tables[i, :len(blocks)] = blocks
         rows[i, :len(rec)] = rec
     ns = np.fromiter((c.n for c in chunks), np.int32, k)
     ends = np.cumsum(ns, dtype=np.int32)

@@ -214,7 +214,7 @@ class ServingEngine:
         finished or is finishing): the host prepares step n + 1 while the device runs step n.
         Returns the outputs of the requests that got a token (or finished) in the step read."""
         start = time.perf_counter()
-        plans = [[c for c in s.schedule() if c.seq in s.running] for s in self.scheds]
+        plans = [s.schedule() for s in self.scheds]
         flight, self._flight = self._flight, None
         if any(plans):
             prev = flight[1] if flight is not None else self._no_tokens

@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import numpy as np
+
 from dsjax.serving.blocks import BlockAllocator, OutOfBlocks, prefix_keys
 
 
@@ -34,6 +36,18 @@ class Sequence:
     preemptions: int = 0
     pending_row: int | None = None  # the in-flight step's output row of its last token
     keys: list[bytes] | None = None  # prefix keys of the prompt's full blocks (set when added)
+    _table: tuple = dataclasses.field(default=(None, None), repr=False)  # (blocks, as int32)
+
+    def block_array(self) -> np.ndarray:
+        """blocks as an int32 array, kept between steps: a list of blocks only ever grows at its
+        end (preemption and removal replace it)."""
+        src, arr = self._table
+        if src is not self.blocks or len(arr) > len(self.blocks):
+            src, arr = self.blocks, np.asarray(self.blocks, np.int32)
+        elif len(arr) < len(self.blocks):
+            arr = np.concatenate([arr, np.asarray(self.blocks[len(arr):], np.int32)])
+        self._table = (src, arr)
+        return arr
 
     @property
     def length(self) -> int:
@@ -75,6 +89,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.salt, self.preemptions = prefix_salt, 0
         self.prefix_queried = self.prefix_hits = 0  # full prompt blocks looked up / found
+        self._dropped: set[Sequence] = set()  # preempted during the schedule() running
 
     def check(self, prompt_len: int, max_new: int) -> None:
         """Refuses, at admission, a request that could never run."""
@@ -102,24 +117,28 @@ class Scheduler:
         seq.blocks = []
 
     def schedule(self) -> list[Chunk]:
-        """This step's chunks: decode tokens first, then prompt chunks, within the budget."""
-        chunks, left = [], self.budget
+        """This step's chunks: decode tokens first, then prompt chunks, within the budget (none
+        of a sequence preempted meanwhile)."""
+        chunks, left, self._dropped = [], self.budget, set()
         for seq in sorted((s for s in self.running if s.pending == 1), key=lambda s: s.order):
-            if seq not in self.running or left == 0 or len(seq.out) >= seq.max_new:
+            if seq in self._dropped or left == 0 or len(seq.out) >= seq.max_new:
                 continue  # preempted while making room for an older one
             if self._grow(seq, seq.computed + 1):
                 chunks.append(Chunk.of(seq, 1))
                 left -= 1
-        for seq in [s for s in self.running if s.pending > 1] + list(self.waiting):
+        prompts = [s for s in self.running if s.pending > 1]
+        for i, seq in enumerate(prompts + list(self.waiting)):
             if left == 0 or len(chunks) >= self.max_seqs:
                 break
-            if seq in self.waiting and not self._admit(seq):
-                break  # first come, first served: no later request jumps the queue
+            # first come, first served: no later request jumps the queue (whose head may be a
+            # sequence preempted just now: it waits for the next step)
+            if seq in self._dropped or i >= len(prompts) and not self._admit(seq):
+                break
             n = min(seq.pending, left)
             if self._grow(seq, seq.computed + n):
                 chunks.append(Chunk.of(seq, n))
                 left -= n
-        return chunks
+        return [c for c in chunks if c.seq not in self._dropped]
 
     def _admit(self, seq: Sequence) -> bool:
         """Moves the queue's head to running if blocks exist for its whole prompt (after taking
@@ -163,6 +182,7 @@ class Scheduler:
         """Frees seq's blocks and puts it back at the queue's head: it recomputes its prompt and
         the tokens it made so far when it runs again."""
         self.running.remove(seq)
+        self._dropped.add(seq)
         self.alloc.free(seq.blocks)
         seq.blocks, seq.computed = [], 0
         seq.preemptions += 1
