@@ -105,6 +105,9 @@ def run_arch(arch: str, args, bw: float) -> list[dict]:
         print(rows[-1], flush=True)
     model.to("cpu")
     gc.collect()
+    if device == "cuda":  # torch's cache gives its GPU memory back, for JAX to take
+        import torch
+        torch.cuda.empty_cache()
     for name, opts in VARIANTS.items():
         engine = dsjax.init_inference(model, dtype="bf16", progress=False,
                                       max_out_tokens=args.prompt_len + args.new_tokens, **opts)
