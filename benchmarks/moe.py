@@ -4,7 +4,7 @@ transformers eager on the same random weights, and against the active-bytes floo
     python benchmarks/moe.py [--arch mixtral-8l,qwen3-30b-a3b] [--batch 1,8,64] [--new-tokens 64]
 
 Architectures (random weights, bf16): Mixtral-8x7B's layer shape with 8 of its 32 layers (the
-whole model does not fit one H100 in bf16, and experts cannot be quantized yet), and
+whole model does not fit one H100 in bf16 next to HF's copy), and
 Qwen3-30B-A3B's whole shape (48 layers, 128 experts, top-8). Order per architecture: the HF
 model is made on the GPU, timed (eager, greedy, `generate`), moved to the CPU and converted by
 init_inference (so both run the same weights), then each dsjax variant is timed. decode
@@ -49,7 +49,9 @@ ARCHS = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)),
 }
-VARIANTS = {"dsjax-xla": {}, "dsjax-grouped-gemm": {"kernels": {"experts": "pallas"}}}
+VARIANTS = {"dsjax-xla": {}, "dsjax-grouped-gemm": {"kernels": {"experts": "pallas"}},
+            "dsjax-grouped-gemm-int8": {"kernels": {"experts": "pallas"},
+                                        "quant": {"bits": 8, "group_size": 128}}}
 
 
 def hf_model(arch: str, device: str):
@@ -79,11 +81,17 @@ def time_hf(model, prompts, n_new: int, reps: int) -> dict:
 
 
 def floor_ms(engine, batch: int, context: int, bw: float) -> float:
+    import jax
+
+    from dsjax.model import flatten
+    from dsjax.weights import is_experts
+
     cfg, moe = engine.config, engine.config.moe
     E, k = moe.num_experts, moe.top_k
-    per_expert = 3 * cfg.hidden_size * moe.expert_size * 2  # gate, up, down in bf16
     sparse = cfg.num_layers if moe.layers is None else len(moe.layers)
-    experts = sparse * E * per_expert
+    experts = sum(a.size * a.dtype.itemsize for path, w in flatten(engine.params).items()
+                  if is_experts(path) for a in jax.tree.leaves(w))  # (int8: codes + scales)
+    per_expert = experts / (sparse * E)
     active = sparse * E * (1 - (1 - k / E) ** batch) * per_expert
     kv = bench.kv_bytes_per_step(cfg, batch, context)
     return (bench.weight_bytes_per_step(engine) - experts + active + kv) / bw * 1e3

@@ -182,7 +182,7 @@ def convert_checkpoint(src, out_dir, *, dtype="bf16", quant=None, progress: bool
     spec = icfg.quant
 
     def each(path, x):  # quantized as soon as it is converted, back on the host
-        if spec is None or not quantizable(path, spec) or isinstance(x, QuantizedWeight):
+        if spec is None or not quantizable(path, spec, experts=True) or isinstance(x, QuantizedWeight):
             return x
         return jax.device_get(quantize_flat({path: x}, spec)[path])
 
@@ -230,9 +230,11 @@ def check_plan(cfg: ModelConfig, icfg: InferenceConfig, par: Parallel, devices=N
             f"learned positions of this {cfg.family} model; pass max_out_tokens <= "
             f"{cfg.max_position_embeddings}")
     par.check(cfg)
-    if cfg.moe is not None and (icfg.quant is not None or stored_quant is not None):
-        raise ValueError(f"this {cfg.family} model has expert (MoE) layers, which run in the "
-                         "weights' dtype for now: drop quant")
+    quantized = icfg.quant is not None or stored_quant is not None
+    if cfg.moe is not None and quantized and (par.tp > 1 or par.pp > 1 or par.ep > 1):
+        raise ValueError(f"this {cfg.family} model's expert (MoE) layers are quantized on one "
+                         "device or dp replicas; tensor, pipeline and expert parallelism take "
+                         "them in the weights' dtype for now: drop quant or the parallelism")
     if par.is_parallel:
         par.check_devices(devices)
         if stored_quant is not None:
@@ -267,7 +269,7 @@ def quantize(params: dict, spec: QuantSpec | None) -> dict:
         return params
     flat = flatten(params)
     todo = {k: v for k, v in flat.items()
-            if quantizable(k, spec) and not isinstance(v, QuantizedWeight)}
+            if quantizable(k, spec, experts=True) and not isinstance(v, QuantizedWeight)}
     if not todo:
         return params
     log.info("dsjax: quantizing the GEMM weights to %s", quant_name(spec))
@@ -292,6 +294,8 @@ def check_quant(cfg: ModelConfig, spec: QuantSpec | None, tp: int = 1) -> None:
     if spec is None:
         return
     ks = {cfg.hidden_size, cfg.num_heads * cfg.dim_head // tp, cfg.intermediate_size // tp}
+    if cfg.moe is not None:  # the experts' K: hidden (up) and expert width (down)
+        ks.add(cfg.moe.expert_size)
     if spec.lm_head and not cfg.tie_word_embeddings:
         ks.add(cfg.embed_proj_dim or cfg.hidden_size)
     for K in sorted(ks):

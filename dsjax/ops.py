@@ -70,13 +70,23 @@ def qmatmul_xla(x, qw: QuantizedWeight):
     xg = x2.reshape(-1, K // G, G)  # [M, K/G, G]
     spec, shape = ("mag,nag->man", (N, K // G, G)) if qw.k_major else ("mag,agn->man",
                                                                        (K // G, G, N))
-    part = jnp.einsum(spec, xg, q.reshape(shape).astype(x.dtype),
-                      preferred_element_type=jnp.float32)  # [M, K/G, N]
+    part = _einsum_f32(spec, xg, q.reshape(shape).astype(x.dtype))  # [M, K/G, N]
     zero = (8.0 if qw.bits == 4 else None) if qw.zeros is None else qw.zeros
     if zero is not None:
         part = part - zero * jnp.sum(xg.astype(jnp.float32), axis=-1)[..., None]
     y = jnp.sum(part * qw.scales, axis=1)  # [M, N]
     return y.astype(x.dtype).reshape(*lead, N)
+
+
+def _einsum_f32(spec: str, a, b):
+    """einsum with float32 results. The CPU's batched dot has no bf16 x bf16 = f32: there the
+    operands go up to float32 first (the same products, exactly)."""
+    def up(a, b):
+        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+
+    def mixed(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return jax.lax.platform_dependent(a, b, cpu=up, default=mixed)
 
 
 def attention_xla(q, k, v, q_pos, k_pos, k_valid, *, scale: float, causal: bool,
@@ -172,6 +182,7 @@ def experts_xla(x, up, down, experts, weights, *, activation: str):
     up] per expert), down [E, I, D]. Exact and dropless: the (token, pick) rows sorted by expert
     run through ragged_dot (each expert's rows against its own weights), then are summed back
     per token."""
+    up, down = (_dense_experts(w, x.dtype) for w in (up, down))
     N, D = x.shape
     E, k = up.shape[0], experts.shape[1]
     flat = jnp.where(experts < 0, E, experts).reshape(-1)  # -1: no expert, sorted last
@@ -183,6 +194,16 @@ def experts_xla(x, up, down, experts, weights, *, activation: str):
     o = jax.lax.ragged_dot(h, down, sizes, preferred_element_type=jnp.float32)
     o = o * jnp.where(flat < E, weights.reshape(-1), 0)[order][:, None].astype(jnp.float32)
     return jnp.zeros((N, D), jnp.float32).at[token].add(o).astype(x.dtype)
+
+
+def _dense_experts(w, dtype):
+    """Stacked expert weights [E, K, N] in dtype (quantized ones dequantized, expert by expert:
+    the reference; the grouped GEMM dequantizes tiles instead)."""
+    if not isinstance(w, QuantizedWeight):
+        return w
+    one = lambda v, s, z: numerics.dequantize(v, s, z, bits=w.bits, group_size=w.group_size,  # noqa: E731
+                                              dtype=dtype)
+    return jax.vmap(one)(w.values, w.scales, w.zeros)
 
 
 # ----------------------------------------------------------------------------- the registry

@@ -228,11 +228,17 @@ def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolic
     from pallas_kernels.grouped_matmul import BlockSizes, expert_layout, grouped_matmul
 
     N, D = x.shape
-    E, _, two_i = up.shape
+    E, _, two_i = (up.values if isinstance(up, QuantizedWeight) else up).shape
     if D % 16 or (two_i // 2) % 16:
         raise Unsupported(f"hidden size {D} and expert width {two_i // 2} must be multiples of 16")
+    if isinstance(up, QuantizedWeight):
+        halves = 2 if up.bits == 4 else 1  # a K step reads one nibble of 4-bit codes
+        if any(math.gcd(K // halves, up.group_size) % 16 for K in (D, two_i // 2)):
+            raise Unsupported(f"int{up.bits} groups of {up.group_size} with K = {D}, "
+                              f"{two_i // 2} (K steps of 16 or more within one group)")
     k, bm = picks.shape[1], BlockSizes().block_m
-    _kernel("experts", f"grouped GEMM over {E} experts (top-{k})")
+    how = f"int{up.bits} groups of {up.group_size}, " if isinstance(up, QuantizedWeight) else ""
+    _kernel("experts", f"grouped GEMM over {E} experts ({how}top-{k})")
     slot, block_expert = expert_layout(picks, E, bm)
     M, token = block_expert.shape[0] * bm, jnp.arange(N * k) // k
     rows = jnp.zeros((M, D), x.dtype).at[slot].set(x[token], mode="drop")

@@ -60,10 +60,12 @@ class QuantizedWeight:
     k_major: bool = dataclasses.field(default=False, **_STATIC)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """The logical [K, N] of the weight this stands for."""
-        rows, cols = self.values.shape[::-1] if self.k_major else self.values.shape
-        return (rows * 2 if self.bits == 4 else rows), cols
+    def shape(self) -> tuple[int, ...]:
+        """The logical [K, N] of the weight this stands for ([E, K, N]: a stack of MoE experts,
+        each quantized on its own)."""
+        *lead, rows, cols = self.values.shape
+        rows, cols = (cols, rows) if self.k_major else (rows, cols)
+        return (*lead, rows * 2 if self.bits == 4 else rows, cols)
 
     @property
     def symmetric(self) -> bool:
@@ -72,7 +74,7 @@ class QuantizedWeight:
     @property
     def per_channel(self) -> bool:
         """Symmetric, one scale per output channel."""
-        return self.zeros is None and self.scales.shape[0] == 1
+        return self.zeros is None and self.scales.shape[-2] == 1
 
     @property
     def nbytes(self) -> int:
@@ -136,6 +138,12 @@ _swap_donating = jax.jit(_swapped, static_argnums=1, donate_argnums=0)
 # Block GEMM weights (and an untied LM head) by flat parameter path.
 _LAYER_KERNEL = re.compile(r"(^|\.)layers\.\d+\.(attn\.(qkv|out)|mlp\.(up|down))\.kernel$")
 _LM_HEAD = re.compile(r"(^|\.)lm_head\.kernel$")
+_EXPERTS = re.compile(r"(^|\.)layers\.\d+\.mlp\.experts_(up|down)$")
+
+
+def is_experts(path: str) -> bool:
+    """Whether a flat parameter path names an MoE layer's stacked expert weights [E, K, N]."""
+    return bool(_EXPERTS.search(path))
 
 
 def is_gemm(path: str, lm_head: bool = True) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dsjax.numerics import ACTIVATIONS
+from dsjax.weights import QuantizedWeight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +38,18 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
 
-    def fit(self, K: int, N: int) -> BlockSizes:
-        """The largest power-of-two tiles (at least 16) that divide K and N."""
+    def fit(self, K: int, N: int, quant: tuple | None = None) -> BlockSizes:
+        """The largest power-of-two tiles (at least 16) that divide K and N; quant (bits,
+        group size): block_k also divides the group (a K step lies in one group) and, for
+        4-bit codes, K / 2 (a step reads one nibble of its bytes)."""
         def tile(size, want):
             t = want
             while t > 16 and size % t:
                 t //= 2
             return t
-        return dataclasses.replace(self, block_k=tile(K, self.block_k), block_n=tile(N, self.block_n))
+        unit = K if quant is None else math.gcd(K // 2 if quant[0] == 4 else K, quant[1])
+        block_k = tile(unit, self.block_k)
+        return dataclasses.replace(self, block_k=block_k, block_n=tile(N, self.block_n))
 
 
 def expert_layout(picks, num_experts: int, block_m: int):
@@ -67,13 +73,32 @@ def expert_layout(picks, num_experts: int, block_m: int):
     return slot.astype(jnp.int32), jnp.where(owner < E, owner, -1).astype(jnp.int32)
 
 
-def _kernel(expert_ref, x_ref, w_ref, *refs, bn, bk, activation, gated, scaled):
+def _kernel(expert_ref, x_ref, w_ref, *refs, bn, bk, activation, gated, scaled, quant):
+    # quant: None, or (bits, group_size, has zeros): w_ref holds codes ([E, K, N] int8/uint8,
+    # or [E, K/2, N] packed 4-bit) followed by scales (and zeros) [E, K/G, N] refs
     refs = list(refs)
+    qs_ref, qz_ref = (refs.pop(0), refs.pop(0) if quant[2] else None) if quant else (None, None)
     scale_ref = refs.pop(0) if scaled else None
     (o_ref,) = refs
     e, j = expert_ref[()], pl.program_id(1)
     K = x_ref.shape[1]
     half = w_ref.shape[2] // 2
+
+    def tile(k, col):  # expert e's weight rows [k bk, (k + 1) bk), columns [col, col + bn)
+        if quant is None:
+            return w_ref[e, pl.ds(k * bk, bk), pl.ds(col, bn)]
+        bits, group, zeros = quant
+        if bits == 4:  # byte r: row r (low nibble), row r + K / 2 (high nibble)
+            high = k * bk >= K // 2
+            rows = pl.ds(jnp.where(high, k * bk - K // 2, k * bk), bk)
+            q = (w_ref[e, rows, pl.ds(col, bn)].astype(jnp.int32) >> jnp.where(high, 4, 0)) & 15
+        else:
+            q = w_ref[e, pl.ds(k * bk, bk), pl.ds(col, bn)].astype(jnp.int32)
+        g = (k * bk) // group  # the tile lies in one group (bk divides it)
+        scale = qs_ref[e, pl.ds(g, 1), pl.ds(col, bn)]  # [1, bn]
+        zero = (qz_ref[e, pl.ds(g, 1), pl.ds(col, bn)] if zeros
+                else jnp.float32(8.0 if bits == 4 else 0.0))
+        return ((q.astype(jnp.float32) - zero) * scale).astype(x_ref.dtype)
 
     @pl.when(e < 0)
     def _():
@@ -83,12 +108,10 @@ def _kernel(expert_ref, x_ref, w_ref, *refs, bn, bk, activation, gated, scaled):
     def _():
         def step(k, acc):
             x = x_ref[:, pl.ds(k * bk, bk)]
-            a = jnp.dot(x, w_ref[e, pl.ds(k * bk, bk), pl.ds(j * bn, bn)],
-                        preferred_element_type=jnp.float32)
+            a = jnp.dot(x, tile(k, j * bn), preferred_element_type=jnp.float32)
             if not gated:
                 return acc + a
-            u = jnp.dot(x, w_ref[e, pl.ds(k * bk, bk), pl.ds(half + j * bn, bn)],
-                        preferred_element_type=jnp.float32)
+            u = jnp.dot(x, tile(k, half + j * bn), preferred_element_type=jnp.float32)
             return acc[0] + a, acc[1] + u
         zero = jnp.zeros((x_ref.shape[0], bn), jnp.float32)
         acc = jax.lax.fori_loop(0, K // bk, step, (zero, zero) if gated else zero)
@@ -101,27 +124,38 @@ def _kernel(expert_ref, x_ref, w_ref, *refs, bn, bk, activation, gated, scaled):
 @functools.partial(jax.jit, static_argnames=("activation", "block_sizes", "interpret"))
 def grouped_matmul(x, w, block_expert, row_scale=None, *, activation: str | None = None,
                    block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
-    """x [M, K] (M = B x block_m rows in the padded layout), w [E, K, N], block_expert [B] ->
+    """x [M, K] (M = B x block_m rows in the padded layout), w [E, K, N] (or a QuantizedWeight
+    stack: codes, scales [E, K/G, N], zeros; dequantized tile by tile), block_expert [B] ->
     [M, N] (activation given: the gated epilogue, [M, N / 2]); row_scale [M] multiplies each
     output row."""
+    quantized = isinstance(w, QuantizedWeight)
+    codes = w.values if quantized else w
     M, K = x.shape
-    N = w.shape[2]
+    N = codes.shape[2]
     gated = activation is not None
     out_n = N // 2 if gated else N
-    bs = block_sizes.fit(K, out_n)
+    bs = block_sizes.fit(K, out_n, (w.bits, w.group_size) if quantized else None)
     bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
-    if M % bm or K % bk or out_n % bn or (gated and N % 2):
+    unit = math.gcd(K // 2 if w.bits == 4 else K, w.group_size) if quantized else K
+    if M % bm or unit % bk or out_n % bn or (gated and N % 2):
         raise ValueError(f"grouped_matmul: M={M}, K={K}, N={out_n} must be multiples of the "
-                         f"tiles ({bm}, {bk}, {bn})")
+                         f"tiles ({bm}, {bk}, {bn}), and quantization groups (4-bit: K / 2) "
+                         "of block_k")
+    whole = lambda a: pl.BlockSpec(a.shape, lambda b, j: (0,) * a.ndim)  # noqa: E731 (indexed by the expert)
     in_specs = [pl.BlockSpec((None,), lambda b, j: (b,)),
-                pl.BlockSpec((bm, K), lambda b, j: (b, 0)),
-                pl.BlockSpec(w.shape, lambda b, j: (0, 0, 0))]  # whole: indexed by the expert
-    inputs = [block_expert.astype(jnp.int32), x, w]
+                pl.BlockSpec((bm, K), lambda b, j: (b, 0)), whole(codes)]
+    inputs = [block_expert.astype(jnp.int32), x, codes]
+    quant = None
+    if quantized:
+        quant = (w.bits, w.group_size, w.zeros is not None)
+        extra = [w.scales] + ([w.zeros] if w.zeros is not None else [])
+        in_specs += [whole(a) for a in extra]
+        inputs += extra
     if row_scale is not None:
         in_specs.append(pl.BlockSpec((bm,), lambda b, j: (b,)))
         inputs.append(row_scale)
     kernel = functools.partial(_kernel, bn=bn, bk=bk, activation=activation, gated=gated,
-                               scaled=row_scale is not None)
+                               scaled=row_scale is not None, quant=quant)
     return pl.pallas_call(
         kernel, grid=(M // bm, out_n // bn), in_specs=in_specs,
         out_specs=pl.BlockSpec((bm, bn), lambda b, j: (b, j)),

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax import numerics, validate
-from dsjax.weights import QuantizedWeight, is_gemm
+from dsjax.weights import QuantizedWeight, is_experts, is_gemm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,12 +128,19 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32):
                                group_size=qw.group_size, dtype=dtype)
 
 
-def quantizable(path: str, spec: QuantSpec) -> bool:
-    """Block GEMM weights (and, with spec.lm_head, an untied LM head) by flat parameter path."""
-    return is_gemm(path, lm_head=spec.lm_head)
+def quantizable(path: str, spec: QuantSpec, experts: bool = False) -> bool:
+    """Block GEMM weights (and, with spec.lm_head, an untied LM head; with experts, the MoE
+    layers' stacked expert weights) by flat parameter path."""
+    return is_gemm(path, lm_head=spec.lm_head) or experts and is_experts(path)
 
 
-_quantize_jit = jax.jit(quantize, static_argnums=1)
+def quantize_any(w, spec: QuantSpec) -> QuantizedWeight:
+    """quantize() of a [K, N] weight, or of each [K, N] of a stack [E, K, N] (MoE experts: a
+    QuantizedWeight whose leaves carry the expert axis first)."""
+    return quantize(w, spec) if w.ndim == 2 else jax.vmap(lambda x: quantize(x, spec))(w)
+
+
+_quantize_jit = jax.jit(quantize_any, static_argnums=1)
 
 
 def quantize_flat(flat: dict, spec: QuantSpec) -> dict:
@@ -142,11 +149,11 @@ def quantize_flat(flat: dict, spec: QuantSpec) -> dict:
     out = {}
     for path in list(flat):
         w = flat.pop(path)
-        out[path] = _quantize_jit(w, spec) if quantizable(path, spec) else w
+        out[path] = _quantize_jit(w, spec) if quantizable(path, spec, experts=True) else w
     return out
 
 
 def abstract_quantized(flat: dict, spec: QuantSpec) -> dict:
     """{path: ShapeDtypeStruct} -> the same with QuantizedWeight-of-ShapeDtypeStruct leaves."""
-    return {path: (jax.eval_shape(lambda w: quantize(w, spec), s) if quantizable(path, spec) else s)
-            for path, s in flat.items()}
+    return {path: (jax.eval_shape(lambda w: quantize_any(w, spec), s)
+                   if quantizable(path, spec, experts=True) else s) for path, s in flat.items()}

@@ -4,8 +4,10 @@ here on these models: logits, 32 greedy tokens with their log-probabilities, pad
 saved checkpoint directory, whose experts are stored one tensor each, through the CLI), the
 serving engine, the expert op against a plain loop, and the clear refusals."""
 
+import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ import transformers as tf
 import dsjax
 from dsjax import ops
 from dsjax.policy import KernelPolicy
+from dsjax.quant import dequantize
+from dsjax.weights import QuantizedWeight, is_weight
 from dsjax.serving.engine import ServingEngine
 from tests.conftest import hf_greedy, hf_logits, prompt
 from tests.converters import test_decoder_families as families
@@ -133,7 +137,7 @@ def test_expert_parallel_equals_hf(name, opts):
 def test_unsupported_combinations_are_refused():
     model = build("mixtral_top2_of_4")
     dense = families.build("qwen2_qkv_bias_gqa")
-    refused = [(model, dict(quant={"bits": 8}), "expert"),
+    refused = [(model, dict(quant={"bits": 8}, expert_parallel=2), "quantized on one device"),
                (model, dict(expert_parallel=3), "does not divide the 4 experts"),
                (model, dict(expert_parallel=2, data_parallel=4), "must equal dp_size"),
                (model, dict(pipeline_parallel=2), "pipeline stages"),
@@ -160,3 +164,60 @@ def test_pallas_experts_equal_xla(pair, caplog):  # kernel does not depend on it
     assert got.sequences == want.sequences
     np.testing.assert_allclose(got.logprobs[0][:6], want.logprobs[0][:6], atol=2e-4)
     assert any("grouped GEMM" in r.getMessage() for r in caplog.records)
+
+
+def _dequantized(w):
+    """A QuantizedWeight ([K, N], or a stack of experts) as the float32 array it stands for."""
+    if not isinstance(w, QuantizedWeight):
+        return w
+    if w.values.ndim == 2:
+        return dequantize(w)
+    return jnp.stack([dequantize(jax.tree.map(lambda a: a[e], w)) for e in range(w.shape[0])])
+
+
+@pytest.mark.parametrize("pair", ["qwen2_moe_shared_dense_layer"], indirect=True)
+def test_quantized_experts_equal_their_dequantized_weights(pair, tmp_path):
+    """quant= quantizes the experts too (each expert its own groups; the router and the shared
+    expert stay in the weights' dtype): int8 and asymmetric int4 engines give the logits and
+    greedy tokens of an fp32 engine of their weights dequantized, in generate and serving; a
+    saved quantized checkpoint loads back the same."""
+    _, model, _ = pair
+    ids = [prompt(40, 12, V), prompt(41, 7, V)]
+    for quant in ({"bits": 8, "group_size": 8}, {"bits": 4, "group_size": 4, "symmetric": False}):
+        q = dsjax.init_inference(model, dtype="fp32", max_out_tokens=64, progress=False,
+                                 quant=quant)
+        stored = q.runner.stored_params()
+        flat = dsjax.model.flatten(stored)
+        assert isinstance(flat["layers.0.mlp.experts_up"], QuantizedWeight)
+        assert not isinstance(flat["layers.0.mlp.router.kernel"], QuantizedWeight)
+        dense = dsjax.build_engine(
+            q.config, jax.tree.map(_dequantized, stored, is_leaf=is_weight),
+            inference=dataclasses.replace(q.inference_config, quant=None))
+        np.testing.assert_allclose(np.asarray(q(ids[:1])), np.asarray(dense(ids[:1])),
+                                   atol=1e-4, rtol=1e-4)
+        want = [dense.generate([p], max_new_tokens=8, eos_token_id=[]).sequences[0] for p in ids]
+        assert [q.generate([p], max_new_tokens=8, eos_token_id=[]).sequences[0]
+                for p in ids] == want
+    outs = ServingEngine(q, block_size=4, num_blocks=32, token_budget=16).generate(
+        ids, max_new_tokens=8, eos_token_id=[])
+    assert [o.token_ids for o in outs] == want
+    back = dsjax.init_inference(q.save(tmp_path / "int4"), dtype="fp32", max_out_tokens=64,
+                                progress=False)
+    np.testing.assert_array_equal(np.asarray(back(ids[:1])), np.asarray(q(ids[:1])))
+
+
+@pytest.mark.parametrize("pair", ["mixtral_top2_of_4"], indirect=True)
+def test_pallas_quantized_experts_equal_xla(pair, caplog):
+    """int8 experts through the grouped GEMM (interpreted) give the XLA path's greedy tokens."""
+    _, model, _ = pair
+    kw = dict(dtype="fp32", max_out_tokens=64, progress=False, quant={"bits": 8, "group_size": 16})
+    p = prompt(42, 9, V)
+    with caplog.at_level("INFO", logger="dsjax"):
+        got = dsjax.init_inference(model, kernels={"experts": "pallas"}, **kw).generate(
+            [p], max_new_tokens=6, eos_token_id=[], return_logprobs=True)
+    want = dsjax.init_inference(model, **kw).generate([p], max_new_tokens=6, eos_token_id=[],
+                                                      return_logprobs=True)
+    assert got.sequences == want.sequences
+    np.testing.assert_allclose(got.logprobs[0][:6], want.logprobs[0][:6], atol=2e-4)
+    assert any("grouped GEMM over 4 experts (int8 groups of 16" in r.getMessage()
+               for r in caplog.records)

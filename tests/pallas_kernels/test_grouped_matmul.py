@@ -1,13 +1,18 @@
 """The MoE grouped GEMM (interpret mode) against XLA's expert op: experts with and without
-rows, every row on one expert, a padded layout, the gated and routing-weight epilogues."""
+rows, every row on one expert, a padded layout, the gated and routing-weight epilogues, int8
+and int4 expert weights (dequantized tile by tile)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dsjax import ops, pallas_ops
-from dsjax.policy import KernelPolicy
-from pallas_kernels.grouped_matmul import expert_layout
+from dsjax.policy import KernelPolicy, Unsupported
+from dsjax.quant import QuantSpec, dequantize
+from dsjax.quant.weights import quantize_any
+from dsjax.weights import QuantizedWeight
+from pallas_kernels.grouped_matmul import expert_layout, grouped_matmul
 
 
 def _case(N, k, D, I, E, picks, dtype=jnp.float32, seed=0):
@@ -38,6 +43,40 @@ def test_grouped_gemm_equals_xla(how):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("bits, group, symmetric, I", [
+    (8, 16, True, 48),  # int8 groups of 16: two K steps of one group each
+    (4, 16, True, 32),  # packed 4-bit: K steps in the low, then the high nibbles
+    (4, 32, False, 32),  # with zero points
+])
+def test_quantized_experts_equal_xla(bits, group, symmetric, I):
+    """Quantized expert stacks (dsjax.quant, each expert on its own): the grouped GEMM
+    dequantizes tile by tile what the XLA op dequantizes whole; experts idle and rows with no
+    expert included."""
+    N, k, D, E = 19, 2, 32, 6
+    rng = np.random.default_rng(2)
+    picks = np.where(rng.uniform(size=(N, k)) < 0.2, -1, rng.integers(0, E - 2, (N, k)))
+    x, up, down, picks, w = _case(N, k, D, I, E, picks)
+    spec = QuantSpec(bits=bits, group_size=group, symmetric=symmetric)
+    up, down = quantize_any(up, spec), quantize_any(down, spec)
+    assert up.values.shape[0] == E and up.scales.shape == (E, D // group, 2 * I)
+    pallas = KernelPolicy.pallas(interpret=True)
+    got = pallas_ops.experts(x, up, down, picks, w, activation="silu", policy=pallas)
+    want = ops.experts(x, up, down, picks, w, activation="silu", policy=KernelPolicy())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
+    dense = ops.experts(x, *(jnp.stack([dequantize(jax.tree.map(lambda a: a[e], q))
+                                        for e in range(E)]) for q in (up, down)),
+                        picks, w, activation="silu", policy=KernelPolicy())
+    np.testing.assert_allclose(np.asarray(want), np.asarray(dense), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_groups_the_kernel_cannot_step_are_unsupported():
+    x, up, down, picks, w = _case(4, 1, 32, 32, 2, np.zeros((4, 1)))
+    q = QuantSpec(bits=4, group_size=8)  # K steps of 8: under tl.dot's 16
+    with pytest.raises(Unsupported, match="K steps of 16"):
+        pallas_ops.experts(x, quantize_any(up, q), quantize_any(down, q), picks, w,
+                           activation="silu", policy=KernelPolicy.pallas(interpret=True))
+
+
 def test_layout_gives_each_block_one_expert():
     picks = jnp.asarray([[2, 0], [2, 2], [0, 5]], jnp.int32)  # experts 1, 3, 4 idle
     slot, block_expert = expert_layout(picks, 6, 4)
@@ -46,3 +85,22 @@ def test_layout_gives_each_block_one_expert():
     for row, s in enumerate(np.asarray(slot)):
         assert np.asarray(block_expert)[s // 4] == flat[row]
     assert np.asarray(block_expert).tolist() == [0, 2, 5] + [-1] * 5  # ceil(6 / 4) + 6 blocks
+
+
+def test_quantized_kernel_lowers_for_cuda():
+    """The GPU kernel (not its interpreter) lowers to Triton with int4 codes and zero points:
+    nibble selection by K step, per-group scales (this machine has no GPU)."""
+    sd = jax.ShapeDtypeStruct
+    E, K, N, M, G = 4, 64, 128, 64, 32
+    w = QuantizedWeight(sd((E, K // 2, N), jnp.uint8), sd((E, K // G, N), jnp.float32),
+                        sd((E, K // G, N), jnp.float32), 4, G)
+    fn = jax.jit(lambda x, w, b: grouped_matmul(x, w, b, activation="silu"))
+    try:
+        exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            sd((M, K), jnp.bfloat16), w, sd((M // 16,), jnp.int32))
+    except RuntimeError as e:  # JAX 0.11's Triton lowering asks the GPU for its compute capability
+        if "No supported GPU devices found" not in str(e):
+            raise
+        pytest.skip(f"this JAX ({jax.__version__}) lowers Triton kernels only with a GPU present")
+    assert 'name = "grouped_matmul"' in exported.mlir_module()

@@ -1,5 +1,9 @@
 """Quantized models end to end: closeness to the full-precision model, orbax round trip."""
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,6 +48,21 @@ def test_dtype_int8_is_bf16_compute_with_int8_weights():
     assert engine.params["embed"]["embedding"].dtype == np.dtype("bfloat16")
     full = dsjax.init_inference(llama_model(), dtype="bf16", progress=False)
     assert engine.weight_bytes() < 0.7 * full.weight_bytes()
+
+
+def test_bf16_group_quantized_runs_on_the_cpu():
+    """Groups of 16 in bf16: the per-group partial products are float32 (the CPU's dot has no
+    bf16 x bf16 = f32: its operands go up first), close to fp32 compute of the same codes."""
+    hf, ids = llama_model(), np.random.default_rng(1).integers(0, 96, (2, 12))
+    bf16 = dsjax.init_inference(hf, dtype="bf16", quant={"bits": 4, "group_size": 16},
+                                progress=False)
+    same = jax.tree.map(lambda a: a.astype(np.float32) if a.dtype == jnp.bfloat16 else a,
+                        bf16.runner.stored_params())  # (bf16 -> fp32: exact)
+    fp32 = dsjax.build_engine(bf16.config, same, inference=dataclasses.replace(
+        bf16.inference_config, dtype="float32"))
+    got, want = np.asarray(bf16(ids), np.float32), np.asarray(fp32(ids))
+    assert np.isfinite(got).all()
+    assert np.sqrt(((got - want) ** 2).mean()) < 0.05 * want.std()
 
 
 def test_quantized_checkpoint_round_trip(tmp_path):
