@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import statistics
 import sys
 import time
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only print results: no log lines, no progress bars")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error instead of one line")
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="compile every program anew (DSJAX_COMPILATION_CACHE=0; default: "
+                             "programs compiled before are read from ~/.cache/dsjax/jax)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the built-in default job: no download needed",
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_serve.main(argv[2:])
     args = build_parser().parse_args(argv)
+    if args.no_compilation_cache:
+        os.environ["DSJAX_COMPILATION_CACHE"] = "0"
     commands = {"demo": demo, "generate": generate, "embed": cli_embed.embed, "convert": convert,
                 "bench": bench, "serve": cli_serve.serve}
     with _log_to_stderr(args.quiet):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from dsjax import checkpoint, validate
+from dsjax import checkpoint, compile_cache, validate
 from dsjax.cache import check_cache_fits
 from dsjax.config import QUANTIZED_DTYPES, InferenceConfig, ModelConfig, dtype_name
 from dsjax.encoders import module_for
@@ -131,6 +131,7 @@ def init_inference(model, config: dict | None = None, **options) -> InferenceEng
     config: a DeepSpeed-style dict with the same keys as the keyword options (see Options).
     """
     opts = Options.parse(config, options)
+    compile_cache.enable()
     source = open_source(model)
     icfg = inference_config(opts, source)
     par = opts.parallel()
@@ -150,6 +151,7 @@ def build_engine(config: ModelConfig, params: dict, *, inference: InferenceConfi
     are; a mesh: each device its slice, quantized per slice), and wraps them in an engine."""
     icfg = inference or InferenceConfig()
     par = parallel or Parallel()
+    compile_cache.enable()
     check_plan(config, icfg, par, devices)
     policy, dtype = icfg.kernels, icfg.jnp_dtype
     if par.is_parallel:
