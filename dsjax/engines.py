@@ -171,10 +171,11 @@ class DecoderEngine(InferenceEngine):
 
     def pack(self, rows, pad: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Prompt rows right-padded to this engine's bucketed [B', T] (dsjax.prompts.pack): one
-        row at least under the Pallas gemv, two under XLA's GEMMs."""
+        row at least under the Pallas gemv or on the CPU, two under XLA's GPU GEMMs."""
         return pack([np.asarray(r) for r in rows], self.inference_config.max_out_tokens,
                     self._in_vocab(self.pad_token_id if pad is None else pad),
-                    groups=self.runner.batch_groups, min_rows=self.policy.min_rows)
+                    groups=self.runner.batch_groups,
+                    min_rows=self.policy.rows_on(self.runner.device.platform))
 
     def _in_vocab(self, pad: int) -> int:
         """The pad id the model may read: a config's pad outside the vocabulary (kept only to

@@ -121,9 +121,13 @@ class KernelPolicy:
 
     @property
     def min_rows(self) -> int:
-        """The fewest rows a packed batch gets: one under the Pallas gemv, two under XLA's GEMMs
-        (docs/decisions.md#two-row-batch-minimum)."""
+        """The fewest rows a packed batch gets on a GPU: one under the Pallas gemv, two under
+        XLA's GEMMs (docs/decisions.md#two-row-batch-minimum)."""
         return 1 if self.k_major else 2
+
+    def rows_on(self, platform: str) -> int:
+        """min_rows on a device of `platform`: the CPU's dots take one row fastest."""
+        return 1 if platform == "cpu" else self.min_rows
 
     def describe(self) -> str:
         """'pallas' / 'xla', or the per-op choice when they differ."""
