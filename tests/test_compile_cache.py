@@ -1,11 +1,16 @@
 """The persistent compilation cache (dsjax.compile_cache) in fresh processes: the first one
 writes its programs under the user's cache directory, the second reads them back instead of
-compiling, and DSJAX_COMPILATION_CACHE=0 leaves JAX without one."""
+compiling; DSJAX_COMPILATION_CACHE=0 adds none, and a directory the user gave JAX wins."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import jax
+
+from dsjax import compile_cache
 
 SCRIPT = """
 import json, jax, dsjax
@@ -37,5 +42,14 @@ def test_second_process_reads_the_first_ones_programs(tmp_path):
     assert any(name.startswith("jit_") for name in written)
     second = _run(tmp_path)
     assert second["hits"] >= 1 and second["out"] == first["out"]
-    off = _run(tmp_path / "off", DSJAX_COMPILATION_CACHE="0")
-    assert off["dir"] is None and off["hits"] == 0 and not (tmp_path / "off").exists()
+
+
+def test_off_and_the_users_own_directory(tmp_path, monkeypatch):
+    """DSJAX_COMPILATION_CACHE=0: no directory; a JAX directory of the user's own: that one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("DSJAX_COMPILATION_CACHE", "0")
+    assert compile_cache.directory() is None and compile_cache.enable() is None
+    monkeypatch.setenv("DSJAX_COMPILATION_CACHE", "1")
+    assert compile_cache.directory() == Path(jax.config.jax_compilation_cache_dir)  # (the
+    # suite's own, set by tests/conftest.py before JAX started)
+    assert not (tmp_path / "dsjax").exists()
