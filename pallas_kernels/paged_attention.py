@@ -107,8 +107,7 @@ def _paged_kernel(start_ref, count_ref, table_ref, qpos_ref, q_ref, k_ref, v_ref
     ks_ref, vs_ref = (refs.pop(0), refs.pop(0)) if quantized else (None, None)
     (o_ref,) = refs
     gq, (rows, dp), bs = q_ref.shape[1], o_ref.shape, k_ref.shape[1]
-    i = jnp.arange(rows)
-    tok, g = i // gq, i % gq
+    tok, g = jnp.arange(rows) // gq, jnp.arange(rows) % gq
     ok = (tok < jnp.minimum(count_ref[()], block_q)) & (g < groups)  # [R] real rows
     at = jnp.where(ok, start_ref[()] + tok, 0)  # each row's token in the flat batch
     d = jnp.arange(dp)
