@@ -245,8 +245,8 @@ class MoE(nnx.Module):
         if self.shard is not None and self.shard.experts > 1:
             y = self._exchanged(flat, picks, weights)
         else:
-            y = ops.experts(flat, self.experts_up.get_value(), self.experts_down.get_value(), picks, weights,
-                            activation=self.act, policy=self.policy)
+            y = ops.experts(flat, self.experts_up.get_value(), self.experts_down.get_value(),
+                            picks, weights, activation=self.act, policy=self.policy)
         if self.shard is not None:
             y = self.shard.psum(y)  # the tensor slices' partial sums
         if self.shared is not None:
@@ -264,8 +264,9 @@ class MoE(nnx.Module):
         rows = jnp.where(to[..., None], flat[jnp.arange(N * k) // k][None], 0)
         swap = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0)  # noqa: E731
         got, expert = swap(rows), swap(jnp.where(to, local[None], -1))  # from each replica
-        out = ops.experts(got.reshape(-1, D), self.experts_up.get_value(), self.experts_down.get_value(),
-                          expert.reshape(-1, 1), jnp.ones((expert.size, 1), flat.dtype),
+        out = ops.experts(got.reshape(-1, D), self.experts_up.get_value(),
+                          self.experts_down.get_value(), expert.reshape(-1, 1),
+                          jnp.ones((expert.size, 1), flat.dtype),
                           activation=self.act, policy=self.policy)  # (-1: another's row)
         back = swap(out.reshape(ep, N * k, D)).sum(0)  # each row's result, from its replica
         return jnp.sum(back.reshape(N, k, D) * weights[..., None], axis=1)

@@ -29,6 +29,7 @@ from dsjax import cache as kv_cache
 from dsjax import numerics, pallas_ops
 from dsjax.numerics import NormSpec
 from dsjax.policy import KernelPolicy, Unsupported, announce
+from dsjax.quant.weights import dequantize
 from dsjax.serving import paged
 from dsjax.weights import QuantizedWeight, as_weight
 
@@ -182,7 +183,8 @@ def experts_xla(x, up, down, experts, weights, *, activation: str):
     up] per expert), down [E, I, D]. Exact and dropless: the (token, pick) rows sorted by expert
     run through ragged_dot (each expert's rows against its own weights), then are summed back
     per token."""
-    up, down = (_dense_experts(w, x.dtype) for w in (up, down))
+    up, down = (dequantize(w, x.dtype) if isinstance(w, QuantizedWeight) else w  # (the
+                for w in (up, down))  # reference: the grouped GEMM dequantizes tiles instead)
     N, D = x.shape
     E, k = up.shape[0], experts.shape[1]
     flat = jnp.where(experts < 0, E, experts).reshape(-1)  # -1: no expert, sorted last
@@ -194,16 +196,6 @@ def experts_xla(x, up, down, experts, weights, *, activation: str):
     o = jax.lax.ragged_dot(h, down, sizes, preferred_element_type=jnp.float32)
     o = o * jnp.where(flat < E, weights.reshape(-1), 0)[order][:, None].astype(jnp.float32)
     return jnp.zeros((N, D), jnp.float32).at[token].add(o).astype(x.dtype)
-
-
-def _dense_experts(w, dtype):
-    """Stacked expert weights [E, K, N] in dtype (quantized ones dequantized, expert by expert:
-    the reference; the grouped GEMM dequantizes tiles instead)."""
-    if not isinstance(w, QuantizedWeight):
-        return w
-    one = lambda v, s, z: numerics.dequantize(v, s, z, bits=w.bits, group_size=w.group_size,  # noqa: E731
-                                              dtype=dtype)
-    return jax.vmap(one)(w.values, w.scales, w.zeros)
 
 
 # ----------------------------------------------------------------------------- the registry

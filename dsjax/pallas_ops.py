@@ -216,8 +216,8 @@ def paged_attention(q, layer, q_pos, *, scale, window, alibi_slopes, policy: Ker
     _kernel("paged_attention", f"paged_attention kernel ({layer.k.dtype} pools, "
                                f"blocks of {layer.k.shape[2]})")
     out = kernel(q[0], layer.k, layer.v, q_pos[0], meta.token_seq, meta.block_tables,
-                 meta.slots >= 0, scale=scale, window=window, alibi_slopes=alibi_slopes, k_scale=layer.k_scale,
-                 v_scale=layer.v_scale, interpret=_interpret(policy))
+                 meta.slots >= 0, scale=scale, window=window, alibi_slopes=alibi_slopes,
+                 k_scale=layer.k_scale, v_scale=layer.v_scale, interpret=_interpret(policy))
     return out.reshape(1, N, H * Dh)
 
 
@@ -225,17 +225,15 @@ def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolic
     """ops.experts through two grouped GEMMs over the rows laid out by expert (each expert's
     rows padded to the kernel's row block): [gate | up] with the gated activation, then down
     with the routing weights in the epilogue; only experts with rows are read."""
-    from pallas_kernels.grouped_matmul import BlockSizes, expert_layout, grouped_matmul
+    from pallas_kernels.grouped_matmul import BlockSizes, expert_layout, grouped_matmul, k_unit
 
     N, D = x.shape
-    E, _, two_i = (up.values if isinstance(up, QuantizedWeight) else up).shape
+    E, _, two_i = up.shape
     if D % 16 or (two_i // 2) % 16:
         raise Unsupported(f"hidden size {D} and expert width {two_i // 2} must be multiples of 16")
-    if isinstance(up, QuantizedWeight):
-        halves = 2 if up.bits == 4 else 1  # a K step reads one nibble of 4-bit codes
-        if any(math.gcd(K // halves, up.group_size) % 16 for K in (D, two_i // 2)):
-            raise Unsupported(f"int{up.bits} groups of {up.group_size} with K = {D}, "
-                              f"{two_i // 2} (K steps of 16 or more within one group)")
+    if isinstance(up, QuantizedWeight) and any(k_unit(K, up) % 16 for K in (D, two_i // 2)):
+        raise Unsupported(f"int{up.bits} groups of {up.group_size} with K = {D}, "
+                          f"{two_i // 2} (K steps of 16 or more within one group)")
     k, bm = picks.shape[1], BlockSizes().block_m
     how = f"int{up.bits} groups of {up.group_size}, " if isinstance(up, QuantizedWeight) else ""
     _kernel("experts", f"grouped GEMM over {E} experts ({how}top-{k})")

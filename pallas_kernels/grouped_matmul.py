@@ -38,18 +38,23 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
 
-    def fit(self, K: int, N: int, quant: tuple | None = None) -> BlockSizes:
-        """The largest power-of-two tiles (at least 16) that divide K and N; quant (bits,
-        group size): block_k also divides the group (a K step lies in one group) and, for
-        4-bit codes, K / 2 (a step reads one nibble of its bytes)."""
+    def fit(self, K: int, N: int, w=None) -> BlockSizes:
+        """The largest power-of-two tiles (at least 16) that divide N and k_unit(K, w)."""
         def tile(size, want):
             t = want
             while t > 16 and size % t:
                 t //= 2
             return t
-        unit = K if quant is None else math.gcd(K // 2 if quant[0] == 4 else K, quant[1])
-        block_k = tile(unit, self.block_k)
+        block_k = tile(k_unit(K, w), self.block_k)
         return dataclasses.replace(self, block_k=block_k, block_n=tile(N, self.block_n))
+
+
+def k_unit(K: int, w=None) -> int:
+    """What block_k must divide: K; for a QuantizedWeight w also its group (a K step lies in one
+    group) and, for 4-bit codes, K / 2 (a step reads one nibble of its bytes)."""
+    if not isinstance(w, QuantizedWeight):
+        return K
+    return math.gcd(K // 2 if w.bits == 4 else K, w.group_size)
 
 
 def expert_layout(picks, num_experts: int, block_m: int):
@@ -134,10 +139,9 @@ def grouped_matmul(x, w, block_expert, row_scale=None, *, activation: str | None
     N = codes.shape[2]
     gated = activation is not None
     out_n = N // 2 if gated else N
-    bs = block_sizes.fit(K, out_n, (w.bits, w.group_size) if quantized else None)
+    bs = block_sizes.fit(K, out_n, w)
     bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
-    unit = math.gcd(K // 2 if w.bits == 4 else K, w.group_size) if quantized else K
-    if M % bm or unit % bk or out_n % bn or (gated and N % 2):
+    if M % bm or k_unit(K, w) % bk or out_n % bn or (gated and N % 2):
         raise ValueError(f"grouped_matmul: M={M}, K={K}, N={out_n} must be multiples of the "
                          f"tiles ({bm}, {bk}, {bn}), and quantization groups (4-bit: K / 2) "
                          "of block_k")

@@ -122,7 +122,10 @@ def pack_int4(codes):
 
 
 def dequantize(qw: QuantizedWeight, dtype=jnp.float32):
-    """QuantizedWeight -> W [K, N] in dtype (a reference; the kernels never materialize it)."""
+    """QuantizedWeight -> W [K, N] (a stack of experts: [E, K, N], each on its own) in dtype (a
+    reference; the kernels never materialize it)."""
+    if qw.values.ndim == 3:
+        return jax.vmap(lambda one: dequantize(one, dtype))(qw)
     values = qw.values.T if qw.k_major else qw.values
     return numerics.dequantize(values, qw.scales, qw.zeros, bits=qw.bits,
                                group_size=qw.group_size, dtype=dtype)

@@ -167,15 +167,6 @@ def test_pallas_experts_equal_xla(pair, caplog):  # kernel does not depend on it
     assert any("grouped GEMM" in r.getMessage() for r in caplog.records)
 
 
-def _dequantized(w):
-    """A QuantizedWeight ([K, N], or a stack of experts) as the float32 array it stands for."""
-    if not isinstance(w, QuantizedWeight):
-        return w
-    if w.values.ndim == 2:
-        return dequantize(w)
-    return jnp.stack([dequantize(jax.tree.map(lambda a: a[e], w)) for e in range(w.shape[0])])
-
-
 @pytest.mark.parametrize("pair", ["qwen2_moe_shared_dense_layer"], indirect=True)
 def test_quantized_experts_equal_their_dequantized_weights(pair, tmp_path):
     """quant= quantizes the experts too (each expert its own groups; the router and the shared
@@ -193,7 +184,8 @@ def test_quantized_experts_equal_their_dequantized_weights(pair, tmp_path):
         assert isinstance(flat["layers.0.mlp.experts_up"], QuantizedWeight)
         assert not isinstance(flat["layers.0.mlp.router.kernel"], QuantizedWeight)
         dense = dsjax.build_engine(
-            q.config, jax.tree.map(_dequantized, stored, is_leaf=is_weight),
+            q.config, jax.tree.map(lambda w: dequantize(w) if isinstance(w, QuantizedWeight)
+                                   else w, stored, is_leaf=is_weight),
             inference=dataclasses.replace(q.inference_config, quant=None))
         np.testing.assert_allclose(np.asarray(q(ids[:1])), np.asarray(dense(ids[:1])),
                                    atol=1e-4, rtol=1e-4)
