@@ -7,12 +7,14 @@ Architectures (random weights, bf16): Mixtral-8x7B's layer shape with 8 of its 3
 whole model does not fit one H100 in bf16 next to HF's copy), and
 Qwen3-30B-A3B's whole shape (48 layers, 128 experts, top-8). Order per architecture: the HF
 model is made on the GPU, timed (eager, greedy, `generate`), moved to the CPU and converted by
-init_inference (so both run the same weights), then each dsjax variant is timed. decode
+init_inference (so both run the same weights), then each dsjax variant is checked and timed. decode
 ms/token = (P50 T(n) - P50 T(1)) / (n - 1) (dsjax.bench.timing) for both. Floor of a decode step
 at batch B: (the weights outside the experts + the experts routed to + the KV cache) / the
 measured GEMV bandwidth, with the experts routed to taken as the expected number of distinct
 experts that B tokens x top-k picks reach when routing is uniform, E (1 - (1 - k/E)^B), per
-layer (random routers route near-uniformly). Writes benchmarks/results/NAME.json/.md (+ $OUT).
+layer (random routers route near-uniformly). Check of each variant against dsjax-xla (the exact
+expert op) on 8 prompts: the last position's logits (largest difference over the largest logit)
+and the 16 greedy tokens (how many agree before the first that differs, of 8 x 16). Writes benchmarks/results/NAME.json/.md (+ $OUT).
 """
 
 from __future__ import annotations
@@ -97,6 +99,22 @@ def floor_ms(engine, batch: int, context: int, bw: float) -> float:
     return (bench.weight_bytes_per_step(engine) - experts + active + kv) / bw * 1e3
 
 
+def check(engine, vocab: int, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The last position's logits and 16 greedy tokens of 8 random prompts."""
+    prompts = bench.random_prompts(vocab, 8, prompt_len, seed=1)
+    logits = np.asarray(engine(prompts)[:, -1], np.float32)
+    tokens = np.asarray(engine.generate(prompts, max_new_tokens=16, eos_token_id=[]).tokens)
+    return logits, tokens
+
+
+def agreement(got, want) -> dict:
+    (lg, tg), (lw, tw) = got, want
+    same = np.cumprod(tg == tw, axis=1).sum()  # tokens equal before each row's first difference
+    return {"logit_diff": float(np.abs(lg - lw).max() / np.abs(lw).max()),
+            "same_argmax": float((lg.argmax(-1) == lw.argmax(-1)).mean()),
+            "tokens_agreeing": f"{int(same)}/{tw.size}"}
+
+
 def run_arch(arch: str, args, bw: float) -> list[dict]:
     import dsjax
 
@@ -116,10 +134,19 @@ def run_arch(arch: str, args, bw: float) -> list[dict]:
     if device == "cuda":  # torch's cache gives its GPU memory back, for JAX to take
         import torch
         torch.cuda.empty_cache()
+    reference = None
     for name, opts in VARIANTS.items():
-        engine = dsjax.init_inference(model, dtype="bf16", progress=False,
-                                      max_out_tokens=args.prompt_len + args.new_tokens, **opts)
-        for batch in args.batch:
+        engine = None
+        try:
+            engine = dsjax.init_inference(model, dtype="bf16", progress=False, **opts,
+                                          max_out_tokens=args.prompt_len + max(args.new_tokens, 16))
+            got = check(engine, engine.config.vocab_size, args.prompt_len)
+            reference = reference or got
+            rows.append(dict(agreement(got, reference), system=name, batch="check"))
+        except Exception as e:  # noqa: BLE001
+            rows.append({"system": name, "batch": "check", "error": harness.error_line(e)})
+        print(rows[-1], flush=True)
+        for batch in args.batch if engine is not None else []:
             prompts = bench.random_prompts(engine.config.vocab_size, batch, args.prompt_len)
             try:
                 def gen(n, e=engine, p=prompts):
@@ -142,7 +169,10 @@ def markdown(rows: list[dict], env: dict, args) -> str:
              f"{args.new_tokens} new tokens)", "",
              "| arch | batch | system | decode ms/token | x floor | HF eager / this |",
              "|---|---|---|---|---|---|"]
+    checks = [r for r in rows if r["batch"] == "check"]
     for r in rows:
+        if r in checks:
+            continue
         if "error" in r:
             lines.append(f"| {r['arch']} | {r['batch']} | {r['system']} | {r['error']} | | |")
             continue
@@ -153,6 +183,12 @@ def markdown(rows: list[dict], env: dict, args) -> str:
         speed = f"{hf['decode_ms_per_token'] / ms:.2f}x" if hf else "-"
         lines.append(f"| {r['arch']} | {r['batch']} | {r['system']} | {ms:.3f} | {floor} | "
                      f"{speed} |")
+    lines += ["", "Against dsjax-xla on 8 prompts: |logit difference| / largest |logit| at the last "
+              "position, argmax agreement, greedy tokens equal before each row's first difference.",
+              "", "| arch | system | logit diff | same argmax | tokens agreeing |", "|---|---|---|---|---|"]
+    lines += [f"| {r['arch']} | {r['system']} | {r['error']} | | |" if "error" in r else
+              f"| {r['arch']} | {r['system']} | {r['logit_diff']:.2e} | {r['same_argmax']:.2f} | "
+              f"{r['tokens_agreeing']} |" for r in checks]
     lines += ["", harness.versions_line(env) + " Floor: see benchmarks/moe.py."]
     return "\n".join(lines) + "\n"
 
