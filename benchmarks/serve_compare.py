@@ -8,7 +8,8 @@ directory (bf16 safetensors) with a small word-level tokenizer and no EOS token 
 answer runs to its max_tokens on both servers: random weights have no meaningful end), which
 both servers load. Prompts are random words (transformers serve takes only text prompts), one
 word per token of the intended length; each server reports the prompt tokens it saw. For each
-server: start it on 127.0.0.1, wait until it answers, run the load at every rate, stop it.
+server: start it on 127.0.0.1, wait until it answers, send a warm-up burst (not reported), run
+the load at every rate, stop it.
 Writes benchmarks/results/NAME.json/.md (+ $OUT).
 """
 
@@ -88,13 +89,18 @@ def run_system(system: str, path: Path, args, port: int) -> list[dict]:
     url, rows = f"http://127.0.0.1:{port}", []
     try:
         wait_ready(proc, url, system, args.ready_timeout)
-        for rate in args.rates:
+        for seed, rate in enumerate(["warmup"] + args.rates):  # warmup: a burst, not reported
             load = ["--url", url, "--model", str(path), "--dataset", "random-text",
-                    "--no-ignore-eos", "--num-prompts", str(args.num_prompts),
-                    "--input-len", args.input_len, "--output-len", args.output_len,
-                    "--request-rate", str(rate), "--seed", "0", "--out", tempfile.gettempdir(),
-                    "--name", f"{system}-{rate}"]
+                    "--no-ignore-eos", "--input-len", args.input_len,
+                    "--output-len", args.output_len, "--seed", str(seed),  # (no prompt twice:
+                    # dsjax's prefix cache would serve a repeat)
+                    "--out", tempfile.gettempdir(), "--name", f"{system}-{rate}",
+                    *(["--num-prompts", str(args.warmup), "--request-rate", "inf"]
+                      if rate == "warmup" else
+                      ["--num-prompts", str(args.num_prompts), "--request-rate", str(rate)])]
             bench_serve.main(load)
+            if rate == "warmup":
+                continue
             fig = json.loads((Path(tempfile.gettempdir()) / f"{system}-{rate}.json").read_text())
             fig.pop("samples_ms", None)
             rows.append(dict(fig, system=system, rate=rate))
@@ -136,6 +142,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-batched-tokens", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=1536)
     p.add_argument("--num-blocks", type=int)
+    p.add_argument("--warmup", type=int, default=16, help="requests sent first, not reported "
+                   "(the first requests pay one-time costs: CUDA graphs, allocator growth)")
     p.add_argument("--ready-timeout", type=float, default=300)
     p.add_argument("--name", default="serve-compare")
     args = p.parse_args(argv)
