@@ -13,7 +13,7 @@ at batch B: (the weights outside the experts + the experts routed to + the KV ca
 measured GEMV bandwidth, with the experts routed to taken as the expected number of distinct
 experts that B tokens x top-k picks reach when routing is uniform, E (1 - (1 - k/E)^B), per
 layer (random routers route near-uniformly). Check of each variant against dsjax-xla (the exact
-expert op) on 8 prompts: the last position's logits (largest difference over the largest logit)
+expert op) and against HF (bf16 both: rounding differences are expected) on 8 prompts: the last position's logits (largest difference over the largest logit)
 and the 16 greedy tokens (how many agree before the first that differs, of 8 x 16). Writes benchmarks/results/NAME.json/.md (+ $OUT).
 """
 
@@ -107,6 +107,18 @@ def check(engine, vocab: int, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
     return logits, tokens
 
 
+def check_hf(model, vocab: int, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """check() of the HF model (the same prompts)."""
+    import torch
+
+    ids = torch.tensor(bench.random_prompts(vocab, 8, prompt_len, seed=1), device=model.device)
+    with torch.no_grad():
+        logits = model(ids).logits[:, -1].float().cpu().numpy()
+        out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                             pad_token_id=0)
+    return logits, out[:, ids.shape[1]:].cpu().numpy()
+
+
 def agreement(got, want) -> dict:
     (lg, tg), (lw, tw) = got, want
     same = np.cumprod(tg == tw, axis=1).sum()  # tokens equal before each row's first difference
@@ -129,6 +141,7 @@ def run_arch(arch: str, args, bw: float) -> list[dict]:
         except Exception as e:  # noqa: BLE001 (the row says so)
             rows.append({"system": "hf-eager", "batch": batch, "error": harness.error_line(e)})
         print(rows[-1], flush=True)
+    hf = check_hf(model, ARCHS[arch][1]["vocab_size"], args.prompt_len)
     model.to("cpu")
     gc.collect()
     if device == "cuda":  # torch's cache gives its GPU memory back, for JAX to take
@@ -142,7 +155,8 @@ def run_arch(arch: str, args, bw: float) -> list[dict]:
                                           max_out_tokens=args.prompt_len + max(args.new_tokens, 16))
             got = check(engine, engine.config.vocab_size, args.prompt_len)
             reference = reference or got
-            rows.append(dict(agreement(got, reference), system=name, batch="check"))
+            rows.append(dict(agreement(got, reference), system=name, batch="check",
+                             hf=agreement(got, hf)))
         except Exception as e:  # noqa: BLE001
             rows.append({"system": name, "batch": "check", "error": harness.error_line(e)})
         print(rows[-1], flush=True)
@@ -183,12 +197,15 @@ def markdown(rows: list[dict], env: dict, args) -> str:
         speed = f"{hf['decode_ms_per_token'] / ms:.2f}x" if hf else "-"
         lines.append(f"| {r['arch']} | {r['batch']} | {r['system']} | {ms:.3f} | {floor} | "
                      f"{speed} |")
-    lines += ["", "Against dsjax-xla on 8 prompts: |logit difference| / largest |logit| at the last "
-              "position, argmax agreement, greedy tokens equal before each row's first difference.",
-              "", "| arch | system | logit diff | same argmax | tokens agreeing |", "|---|---|---|---|---|"]
+    lines += ["", "Against dsjax-xla / HF eager on 8 prompts: |logit difference| / largest |logit| "
+              "at the last position, argmax agreement, greedy tokens equal before each row's "
+              "first difference.", "", "| arch | system | logit diff | same argmax | "
+              "tokens agreeing |", "|---|---|---|---|---|"]
+    both = lambda r, k, f: f"{f(r[k])} / {f(r['hf'][k])}"  # noqa: E731
     lines += [f"| {r['arch']} | {r['system']} | {r['error']} | | |" if "error" in r else
-              f"| {r['arch']} | {r['system']} | {r['logit_diff']:.2e} | {r['same_argmax']:.2f} | "
-              f"{r['tokens_agreeing']} |" for r in checks]
+              f"| {r['arch']} | {r['system']} | {both(r, 'logit_diff', '{:.2e}'.format)} | "
+              f"{both(r, 'same_argmax', '{:.2f}'.format)} | {both(r, 'tokens_agreeing', str)} |"
+              for r in checks]
     lines += ["", harness.versions_line(env) + " Floor: see benchmarks/moe.py."]
     return "\n".join(lines) + "\n"
 
