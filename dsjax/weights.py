@@ -12,7 +12,8 @@ see that form). What `ops.linear` receives is one of:
             k_major: the codes are [N, K], scales and zeros stay [K/G, N]
     4 bits: uint8 [K/2, N]; byte r holds row r in its low nibble and row r + K/2 in its high
             one, u in [0, 15]; symmetric: W = (u - 8) * s, asymmetric: W = (u - z) * s
-    scales, zeros: float32 [K/G, N] (zeros only when asymmetric; integer-valued)
+    scales, zeros: float32 [K/G, N] (zeros only when asymmetric: integers from dsjax.quant,
+                  fractional from GGUF's Q4_1)
 
 An engine whose linear op runs the Pallas kernels holds its layer GEMM weights (and an untied
 LM head) K-major, converted once when it is built and back to [K, N] when it is saved; INT4

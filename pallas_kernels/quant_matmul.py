@@ -16,8 +16,9 @@ Two forms, as in matmul.py. block_m >= 16, tensor cores: the tile is shifted to 
 (the z' term only with zero points). block_m < 16, FMA GEMV: each code u becomes the float
 2^23 + u by placing its bits under the exponent of 2^23 (one prmt per element in inline PTX on
 the GPU), and W = (2^23 + u) - (2^23 + z) [* s] exactly; per channel the scale multiplies the
-K sum instead. No dequantized weight is ever stored. Zero points must be integers (as
-dsjax.quant makes them). Grid, split-K and the fused norm / epilogue are as in matmul.py.
+K sum instead (fractional zero points, as GGUF's Q4_1 has, are subtracted from u itself). No
+dequantized weight is ever stored. Grid, split-K and the fused norm / epilogue are as in
+matmul.py.
 """
 
 from __future__ import annotations
@@ -123,14 +124,17 @@ class _Weights:
 
     def fma_step(self, acc_rows, xs, v, r0, c0):
         """Per row acc [bk, bn] ([bn, bk] transposed) + x * W, W = (u - z) [* s] =
-        (2^23 + u) - (2^23 + z): exact for integer codes and zeros. Per channel the scale
-        multiplies the K sum instead (finish)."""
+        (2^23 + u) - (2^23 + z): exact for integer codes and zeros. Zero points may be
+        fractional (GGUF's Q4_1: z = -m / d), which 2^23 + z would round: those are subtracted
+        after the code, (2^23 + u) - 2^23 - z. Per channel the scale multiplies the K sum
+        instead (finish)."""
         s = self.s
         floats = fusion.code_floats(v, nibbles=s.bits == 4, flip=s.bits == 8 and not s.asym,
                                     asm=s.asm)
         for p, f in enumerate(floats):
             row = r0 + self.halves[p]
-            w = f - (8388608.0 + self.along_n(self.zero_point(row, c0)))
+            zero = self.along_n(self.zero_point(row, c0))
+            w = (f - 8388608.0) - zero if s.asym else f - (8388608.0 + zero)
             if not self.per_channel:
                 w = w * self.along_n(self.group_row(self.sc_ref, row, c0))
             acc_rows = tuple(fusion.fma(a, xv, w, transpose_w=s.transpose_w)

@@ -147,3 +147,17 @@ def test_bad_arguments():
         quant_matmul(x, values, scales, bits=8, group_size=32, transpose_w=True)
     with pytest.raises(ValueError, match="power-of-two"):
         quant_matmul(jnp.zeros((2, 160), jnp.bfloat16), values, scales, bits=8, group_size=40)
+
+
+@pytest.mark.parametrize("M,bits,blocks", [(3, 4, FMA4), (1, 8, FMA1), (16, 4, SMALL)])
+def test_fractional_zero_points(M, bits, blocks):
+    """Zero points that are no integers (GGUF's Q4_1: z = -m / d) in both forms."""
+    rng = np.random.default_rng(M + bits)
+    K, N, G = 128, 48, 32
+    values, scales, zeros = _weight(K, N, bits, False, G, rng)
+    zeros = zeros + jnp.asarray(rng.uniform(0, 1, zeros.shape).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((M, K), np.float32))
+    y = quant_matmul(x, values, scales, zeros, bits=bits, group_size=G, block_sizes=blocks,
+                     interpret=True)
+    assert_close(y, quant_matmul_reference(x, values, scales, zeros, bits=bits, group_size=G),
+                 TOL[jnp.float32])
