@@ -13,13 +13,13 @@ import pkgutil
 from pathlib import Path
 
 from converters.hf_config import build_config
-from converters.loader import (CheckpointError, TensorSource, from_directory, from_state_dict,
-                               read_json)
+from converters.loader import CheckpointError, TensorSource, from_state_dict, read_json
 from converters.megatron import MegatronCheckpoint
 from converters.megatron import is_checkpoint as is_megatron
 from converters.megatron import open_checkpoint as open_megatron
 from converters.policy import Policy, convert, match, untie_if_head_differs
 from dsjax.config import ModelConfig
+from dsjax.formats.compressed import open_tensors, refuse_compressed_in_memory
 
 
 def _discover() -> dict[str, Policy]:
@@ -85,7 +85,9 @@ def open_hf(model) -> HFSource:
             raise CheckpointError(f"{cfg_path}: holds a JSON {type(hf_config).__name__}, not an object")
         policy = _policy_for(hf_config, str(cfg_path))  # before touching any weight file
         config = build_config(policy.make_config, hf_config, str(cfg_path))
-        return _checked(hf_config, config, policy, from_directory(directory), directory)
+        # a quantization_config (compressed-tensors, FP8) is read and checked before any header
+        tensors = open_tensors(hf_config, directory, str(cfg_path))
+        return _checked(hf_config, config, policy, tensors, directory)
     if not (hasattr(model, "state_dict") and hasattr(model, "config")):
         raise TypeError(f"expected an HF checkpoint directory or a transformers model, got {type(model)}")
     hf_config = model.config.to_dict()
@@ -93,8 +95,9 @@ def open_hf(model) -> HFSource:
     hf_config["architectures"] = [type(model).__name__]
     policy = policy_for(hf_config)
     config = build_config(policy.make_config, hf_config, f"{type(model).__name__}.config")
-    return _checked(hf_config, config, policy,
-                    from_state_dict(_stored_names(model), type(model).__name__), None)
+    tensors = from_state_dict(_stored_names(model), type(model).__name__)
+    refuse_compressed_in_memory(hf_config, tensors)
+    return _checked(hf_config, config, policy, tensors, None)
 
 
 def _stored_names(model) -> dict:

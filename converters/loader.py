@@ -35,6 +35,8 @@ SAFETENSORS_DTYPES = {
 # valid in the safetensors format, but not read by dsjax
 UNSUPPORTED_DTYPES = ("F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0", "F6_E2M3",
                       "F6_E3M2", "F4", "U16", "U32", "U64", "C64")
+# read only where the checkpoint's quantization_config says how they are scaled (dsjax.formats)
+FP8_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn}
 _MAX_HEADER = 100 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024 * 1024
 
@@ -93,8 +95,9 @@ class TensorInfo:
     end: int
 
 
-def read_header(path: Path) -> tuple[int, dict[str, TensorInfo]]:
-    """Returns (data section offset, {name: TensorInfo}) after validating the whole header."""
+def read_header(path: Path, fp8: bool = False) -> tuple[int, dict[str, TensorInfo]]:
+    """Returns (data section offset, {name: TensorInfo}) after validating the whole header;
+    FP8 tensors are refused unless fp8 (a quantization config that scales them)."""
     size = regular_file(path, "safetensors file")
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -111,7 +114,7 @@ def read_header(path: Path) -> tuple[int, dict[str, TensorInfo]]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        infos[name] = _tensor_info(path, name, entry, data_size)
+        infos[name] = _tensor_info(path, name, entry, data_size, fp8)
     spans = sorted((i.start, i.end, k) for k, i in infos.items())
     for (s0, e0, k0), (s1, _, k1) in zip(spans, spans[1:]):
         if s1 < e0:
@@ -126,18 +129,19 @@ def _ints(value) -> tuple[int, ...] | None:
     return None
 
 
-def _tensor_info(path: Path, name: str, entry, data_size: int) -> TensorInfo:
+def _tensor_info(path: Path, name: str, entry, data_size: int, fp8: bool = False) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry (not an object)")
     kind = entry.get("dtype")
-    if kind in UNSUPPORTED_DTYPES:
+    known = {**SAFETENSORS_DTYPES, **FP8_DTYPES} if fp8 else SAFETENSORS_DTYPES
+    if kind in UNSUPPORTED_DTYPES and kind not in known:
         raise CheckpointError(f"{path}: unsupported dtype {kind} (tensor {name!r}); dsjax reads "
                               f"{', '.join(SAFETENSORS_DTYPES)}")
     shape, offsets = _ints(entry.get("shape")), _ints(entry.get("data_offsets"))
-    if kind not in SAFETENSORS_DTYPES or shape is None or offsets is None or len(offsets) != 2:
+    if kind not in known or shape is None or offsets is None or len(offsets) != 2:
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry (it needs a "
                               "safetensors dtype, a list of integer dims and two data_offsets)")
-    dtype, (start, end) = np.dtype(SAFETENSORS_DTYPES[kind]), offsets
+    dtype, (start, end) = np.dtype(known[kind]), offsets
     if any(d < 0 for d in shape) or not 0 <= start <= end <= data_size:
         raise CheckpointError(
             f"{path}: tensor {name!r} offsets [{start}, {end}) fall outside the {data_size}-byte data")
@@ -151,9 +155,9 @@ def _tensor_info(path: Path, name: str, entry, data_size: int) -> TensorInfo:
 class SafetensorsFile:
     """One validated safetensors file; `get(name)` is a zero-copy numpy view."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, fp8: bool = False):
         self.path = Path(path)
-        self.data_offset, self.infos = read_header(self.path)
+        self.data_offset, self.infos = read_header(self.path, fp8)
         self._map = None
 
     def get(self, name: str) -> np.ndarray:
@@ -165,11 +169,14 @@ class SafetensorsFile:
 
 
 class TensorSource(Mapping):
-    """name -> numpy array, read lazily; `shapes` is known without reading any data."""
+    """name -> numpy array, read lazily; `shapes` (and, for safetensors files, `dtypes` and the
+    `files` holding each tensor) are known without reading any data."""
 
     def __init__(self, getters: dict[str, Callable[[], np.ndarray]], shapes: dict[str, tuple],
-                 origin: str):
+                 origin: str, dtypes: dict[str, np.dtype] | None = None,
+                 files: dict[str, Path] | None = None):
         self._getters, self.shapes, self.origin = getters, shapes, origin
+        self.dtypes, self.files = dtypes, files
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._getters[name]()
@@ -180,31 +187,37 @@ class TensorSource(Mapping):
     def __len__(self) -> int:
         return len(self._getters)
 
+    def quantized_kernel(self, transform: str, names: list[str]):
+        """The kernel a rule makes from `names` as a dsjax QuantizedWeight, where they are
+        stored quantized (dsjax.formats.compressed); None: read them as arrays."""
+        return None
 
-def from_safetensors(files: list[Path], origin: str) -> TensorSource:
-    getters, shapes = {}, {}
+
+def from_safetensors(files: list[Path], origin: str, fp8: bool = False) -> TensorSource:
+    getters, shapes, dtypes, where = {}, {}, {}, {}
     for path in files:
-        st = SafetensorsFile(path)
+        st = SafetensorsFile(path, fp8)
         for name, info in st.infos.items():
             if name in getters:
                 raise CheckpointError(f"{origin}: tensor {name!r} appears in more than one shard")
             getters[name] = (lambda st=st, name=name: st.get(name))
-            shapes[name] = info.shape
-    return TensorSource(getters, shapes, origin)
+            shapes[name], dtypes[name], where[name] = info.shape, info.dtype, path
+    return TensorSource(getters, shapes, origin, dtypes, where)
 
 
-def from_directory(path: str | Path) -> TensorSource:
+def from_directory(path: str | Path, fp8: bool = False) -> TensorSource:
     """Tensors of an HF checkpoint directory: model.safetensors, a sharded index, or .bin. With
-    both a single file and an index, the single file is read, as transformers reads it."""
+    both a single file and an index, the single file is read, as transformers reads it. FP8
+    tensors are read only with fp8 (a quantization config that scales them)."""
     path = Path(path)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.exists():
         if index.exists():
             log.info("%s: reading model.safetensors; model.safetensors.index.json is not read "
                      "(transformers, too, reads the single file when both are present)", path)
-        return from_safetensors([single], str(path))
+        return from_safetensors([single], str(path), fp8)
     if index.exists():
-        return _from_index(path, index)
+        return _from_index(path, index, fp8)
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
         return from_state_dict(_torch_load(bins), str(path))
@@ -212,7 +225,7 @@ def from_directory(path: str | Path) -> TensorSource:
         f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin found")
 
 
-def _from_index(path: Path, index: Path) -> TensorSource:
+def _from_index(path: Path, index: Path, fp8: bool = False) -> TensorSource:
     """The shards an index names, each a file inside the checkpoint directory."""
     weight_map = read_json(index, "the shard index")
     weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
@@ -223,7 +236,7 @@ def _from_index(path: Path, index: Path) -> TensorSource:
     missing = [s for s, f in zip(shards, files) if not f.exists()]
     if missing:
         raise CheckpointError(f"{index} names shard files that are missing: {missing}")
-    source = from_safetensors(files, str(path))
+    source = from_safetensors(files, str(path), fp8)
     unlisted = set(source) ^ set(weight_map)
     if unlisted:
         raise CheckpointError(

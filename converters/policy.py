@@ -259,6 +259,17 @@ def convert(policy: Policy, cfg: ModelConfig, source: TensorSource,
             expected: dict[str, jax.ShapeDtypeStruct], dtype, progress: bool = True,
             put: Callable[[str, np.ndarray], jax.Array] | None = None) -> dict[str, jax.Array]:
     """Runs the policy's table over `source`; returns {param path: device array} in `dtype`."""
+    rules, names = checked_rules(policy, cfg, source, expected)
+    put = put or (lambda path, x: jnp.asarray(x))
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    return {r.target: put(r.target, convert_rule(r, names, source, np_dtype))
+            for r in _progress(rules, progress, f"loading {policy.name}")}
+
+
+def checked_rules(policy: Policy, cfg: ModelConfig, source: TensorSource,
+                  expected: dict[str, jax.ShapeDtypeStruct]) -> tuple[list[Rule], dict]:
+    """match()'s (rules, names), once the rules make exactly the expected parameters and every
+    shape they produce, computed from the headers, is the expected one: no tensor is read."""
     rules, names = match(policy, cfg, source)
     targets = [r.target for r in rules]
     if sorted(targets) != sorted(expected):
@@ -271,15 +282,19 @@ def convert(policy: Policy, cfg: ModelConfig, source: TensorSource,
             raise CheckpointError(
                 f"{source.origin}: {', '.join(names[s] for s in r.sources)} gives shape {got} for "
                 f"{r.target}, but the config implies {tuple(expected[r.target].shape)}")
-    put = put or (lambda path, x: jnp.asarray(x))
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    params = {}
-    for r in _progress(rules, progress, f"loading {policy.name}"):
-        value = r.transform.apply(*(source[names[s]] for s in r.sources))
-        if np_dtype == np.float16:
-            _check_fits_fp16(value, source.origin, [names[s] for s in r.sources])
-        params[r.target] = put(r.target, np.asarray(value, dtype=np_dtype))
-    return params
+    return rules, names
+
+
+def convert_rule(rule: Rule, names: dict, source: TensorSource, np_dtype: np.dtype) -> np.ndarray:
+    """One rule's parameter: its tensors read, transformed and cast to np_dtype; a kernel the
+    checkpoint stores quantized comes as its QuantizedWeight (TensorSource.quantized_kernel)."""
+    quantized = source.quantized_kernel(rule.transform.name, [names[s] for s in rule.sources])
+    if quantized is not None:
+        return quantized
+    value = rule.transform.apply(*(source[names[s]] for s in rule.sources))
+    if np_dtype == np.float16:
+        _check_fits_fp16(value, source.origin, [names[s] for s in rule.sources])
+    return np.asarray(value, dtype=np_dtype)
 
 
 _WIDER_THAN_FP16 = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))

@@ -42,7 +42,8 @@ META_FILE = "dsjax.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
+                   "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json",
+                   "chat_template.jinja")
 _READ_BYTES = 1 << 24
 
 
@@ -85,7 +86,9 @@ def save(path, cfg: ModelConfig, params: dict, *, generation: dict | None = None
          tokenizer_dir: Path | None = None, quant: QuantSpec | None = None) -> Path:
     """Writes OUT/params (orbax), OUT/dsjax.json and copies tokenizer files from tokenizer_dir,
     atomically. Quantized weights are stored as their parts (`<path>.values`, `.scales`,
-    `.zeros`) with the QuantSpec in dsjax.json. Host (numpy) arrays are written as they are."""
+    `.zeros`) with the QuantSpec in dsjax.json; without one, quantized weights (each in its own
+    format, as a GGUF file holds them) are listed with theirs under "quant_layout". Host (numpy)
+    arrays are written as they are."""
     path = check_output(path)
     flat = flatten(params)
     dtype = next(jnp.dtype(v.dtype).name for v in flat.values() if not isinstance(v, QuantizedWeight))
@@ -107,6 +110,9 @@ def save(path, cfg: ModelConfig, params: dict, *, generation: dict | None = None
                 "model": json.loads(cfg.to_json()),
                 "quant": None if quant is None else dataclasses.asdict(quant),
                 "files": checksums(tmp)}
+        layout = _layout(flat) if quant is None else {}
+        if layout:
+            meta["quant_layout"] = layout
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         _move_into_place(tmp, path)
     except BaseException:
@@ -152,6 +158,12 @@ def _parts(flat: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def _layout(flat: dict) -> dict:
+    """{path: QuantSpec fields} of every quantized weight (G = K: one group per channel)."""
+    return {k: {"bits": v.bits, "group_size": v.group_size, "symmetric": v.zeros is None}
+            for k, v in flat.items() if isinstance(v, QuantizedWeight)}
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -233,6 +245,14 @@ def load_meta(path) -> tuple[ModelConfig, dict]:
             stored_quant(meta)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{file}: field 'quant' is not a valid QuantSpec ({e})") from None
+    layout = _field(meta, "quant_layout", dict, file) if "quant_layout" in meta else {}
+    for path, spec in layout.items():  # weights stored each in its own format
+        _check_fields(spec, QuantSpec, f"quant_layout[{path!r}]", file)
+        try:
+            QuantSpec(**spec)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{file}: field 'quant_layout[{path!r}]' is not a valid "
+                                  f"QuantSpec ({e})") from None
     if version >= 2:
         for name, entry in _field(meta, "files", dict, file).items():
             if not _FILE_NAME.fullmatch(name):
@@ -331,6 +351,12 @@ def _name(hint) -> str:
 
 def stored_quant(meta: dict) -> QuantSpec | None:
     return None if meta.get("quant") is None else QuantSpec(**meta["quant"])
+
+
+def stored_layout(meta: dict) -> dict[str, QuantSpec] | None:
+    """{param path: QuantSpec} of weights stored each in its own format (absent before it)."""
+    layout = meta.get("quant_layout")
+    return None if not layout else {k: QuantSpec(**v) for k, v in layout.items()}
 
 
 # ----------------------------------------------------------------------------- restore

@@ -1,7 +1,7 @@
 """`dsjax demo | generate | embed | convert | bench`: the command line.
 
     dsjax demo                                  # built-in GPT-2 (random weights) vs HF transformers
-    dsjax convert HF_DIR OUT_DIR --dtype bf16   # HF checkpoint -> dsjax (orbax) checkpoint
+    dsjax convert HF_DIR OUT_DIR --dtype bf16   # HF checkpoint (or GGUF file) -> dsjax checkpoint
     dsjax generate --model DIR --prompt "Hello" --max-new-tokens 32 [--quant int8] [--kernels pallas]
     dsjax embed --model DIR --text "Hello" [--text ...] [--image PIXELS.npy ...]   # encoders
     dsjax bench --model llama3-8b --batch-sizes 1,8 [--quant int8] [--kernels on]  # latency report
@@ -138,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert an HF checkpoint into a dsjax checkpoint",
                        description="Reads an HF checkpoint directory (safetensors, no torch needed) "
-                       "and writes an orbax checkpoint + dsjax.json (with a checksum of every "
+                       "or a GGUF file (its quantized weights kept as they are) and writes an orbax checkpoint + dsjax.json (with a checksum of every "
                        "stored file) + tokenizer files to OUT_DIR, whole or not at all.")
-    p.add_argument("hf_dir", help="HF checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("hf_dir", help="HF checkpoint directory (config.json + *.safetensors) or a "
+                   ".gguf file")
     p.add_argument("out_dir", help="output directory (must not exist or be empty)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="stored dtype (default bf16)")
     _quant_flags(p)

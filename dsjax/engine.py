@@ -124,10 +124,11 @@ def _same(a, b) -> bool:
 def init_inference(model, config: dict | None = None, **options) -> InferenceEngine:
     """Builds an inference engine.
 
-    model: an HF checkpoint directory, a dsjax checkpoint directory (`dsjax convert`), an
-      in-memory transformers model, a built-in architecture name (random weights, see
-      dsjax.presets), a ModelConfig (random weights), or a dsjax.sources.Source opened from
-      one of these (its config checked before any weight is read).
+    model: an HF checkpoint directory, a dsjax checkpoint directory (`dsjax convert`), a
+      llama.cpp GGUF file (dsjax.formats.gguf), an in-memory transformers model, a built-in
+      architecture name (random weights, see dsjax.presets), a ModelConfig (random weights),
+      or a dsjax.sources.Source opened from one of these (its config checked before any
+      weight is read).
     config: a DeepSpeed-style dict with the same keys as the keyword options (see Options).
     """
     opts = Options.parse(config, options)
@@ -135,7 +136,7 @@ def init_inference(model, config: dict | None = None, **options) -> InferenceEng
     source = open_source(model)
     icfg = inference_config(opts, source)
     par = opts.parallel()
-    check_plan(source.config, icfg, par, opts.devices, stored_quant=source.stored_quant)
+    check_plan(source.config, icfg, par, opts.devices, prequantized=source.prequantized)
     params = load_params(source, icfg, host=par.is_parallel, seed=opts.seed,
                          progress=opts.progress, check_finite=opts.check_finite)
     return build_engine(source.config, params, inference=icfg, parallel=par,
@@ -172,11 +173,12 @@ def build_engine(config: ModelConfig, params: dict, *, inference: InferenceConfi
 
 
 def convert_checkpoint(src, out_dir, *, dtype="bf16", quant=None, progress: bool = True) -> Path:
-    """HF checkpoint directory (or in-memory HF model) -> dsjax checkpoint at out_dir; with
-    quant (or dtype int8/int4) the GEMM weights are stored quantized. out_dir is checked before
-    anything is read. The converted weights stay host arrays (views of the source where no
-    conversion is needed), each GEMM weight quantized as soon as it is converted, and orbax writes
-    them as they are: about one copy of them in memory (docs/decisions.md#streaming-convert)."""
+    """HF checkpoint directory (or in-memory HF model, or GGUF file) -> dsjax checkpoint at
+    out_dir; with quant (or dtype int8/int4) the GEMM weights are stored quantized (a GGUF
+    file's quantized weights are stored as they are). out_dir is checked before anything is
+    read. The converted weights stay host arrays (views of the source where no conversion is
+    needed), each GEMM weight quantized as soon as it is converted, and orbax writes them as
+    they are: about one copy of them in memory (docs/decisions.md#streaming-convert)."""
     out_dir = checkpoint.check_output(out_dir)
     source = open_source(src)
     icfg = inference_config(Options(dtype=dtype, quant=quant), source)
@@ -206,6 +208,10 @@ def inference_config(opts: Options, source: Source) -> InferenceConfig:
         if spec is not None and spec.bits != bits:
             raise ValueError(f"dtype={dtype!r} contradicts quant bits={spec.bits}")
         spec, dtype = spec or QuantSpec(bits=bits), "bfloat16"
+    if source.stored_layout and spec is not None:
+        raise ValueError(f"this checkpoint stores quantized weights, each in its own format "
+                         f"({layout_name(source.stored_layout)}); it cannot be re-quantized to "
+                         f"{quant_name(spec)}: load it without quant= (or dtype int8/int4)")
     stored = source.stored_quant
     if stored is not None:
         if spec is not None and spec != stored:
@@ -222,25 +228,25 @@ def inference_config(opts: Options, source: Source) -> InferenceConfig:
 
 
 def check_plan(cfg: ModelConfig, icfg: InferenceConfig, par: Parallel, devices=None, *,
-               stored_quant: QuantSpec | None = None) -> None:
+               prequantized: bool = False) -> None:
     """Everything the configs decide, before any weight is read: the token budget against
     learned positions, the degrees against the model and the devices, quantization against
-    each slice."""
+    each slice (prequantized: the source stores quantized weights)."""
     if cfg.positions == "learned" and icfg.max_out_tokens > cfg.max_position_embeddings:
         raise ValueError(
             f"max_out_tokens={icfg.max_out_tokens} exceeds the {cfg.max_position_embeddings} "
             f"learned positions of this {cfg.family} model; pass max_out_tokens <= "
             f"{cfg.max_position_embeddings}")
     par.check(cfg)
-    quantized = icfg.quant is not None or stored_quant is not None
+    quantized = icfg.quant is not None or prequantized
     if cfg.moe is not None and quantized and (par.tp > 1 or par.pp > 1 or par.ep > 1):
         raise ValueError(f"this {cfg.family} model's expert (MoE) layers are quantized on one "
                          "device or dp replicas; tensor, pipeline and expert parallelism take "
                          "them in the weights' dtype for now: drop quant or the parallelism")
     if par.is_parallel:
         par.check_devices(devices)
-        if stored_quant is not None:
-            raise ValueError("this dsjax checkpoint stores quantized weights, which are sliced "
+        if prequantized:
+            raise ValueError("this checkpoint stores quantized weights, which are sliced "
                              "for one device; for tensor/pipeline parallelism load the "
                              "full-precision checkpoint and pass quant= to init_inference "
                              "(each slice is quantized)")
@@ -288,6 +294,14 @@ def layout(params: dict, policy: KernelPolicy) -> dict:
 def quant_name(spec: QuantSpec) -> str:
     group = f"groups of {spec.group_size}" if spec.group_size else "per channel"
     return f"int{spec.bits} ({'symmetric' if spec.symmetric else 'asymmetric'}, {group})"
+
+
+def layout_name(layout: dict) -> str:
+    """The formats of weights stored each in its own, with how many weights hold each."""
+    counts = {}
+    for spec in layout.values():
+        counts[quant_name(spec)] = counts.get(quant_name(spec), 0) + 1
+    return "; ".join(f"{n} x {name}" for name, n in counts.items())
 
 
 def check_quant(cfg: ModelConfig, spec: QuantSpec | None, tp: int = 1) -> None:

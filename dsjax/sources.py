@@ -3,6 +3,7 @@ config, its generation defaults, its tokenizer directory, and its weights on req
 
   HFSource           an HF checkpoint directory or an in-memory transformers model (converters/)
   CheckpointSource   a dsjax checkpoint directory (`dsjax convert`, engine.save())
+  GGUFSource         a llama.cpp GGUF file (dsjax.formats.gguf)
   RandomSource       a ModelConfig or a built-in architecture name: random weights
 """
 
@@ -19,7 +20,7 @@ from dsjax import checkpoint, integrity, presets, validate
 from dsjax.config import ModelConfig
 from dsjax.encoders import module_for
 from dsjax.model import flatten, random_params, unflatten
-from dsjax.quant import QuantSpec, abstract_quantized
+from dsjax.quant import QuantSpec, abstract_layout, abstract_quantized
 
 log = logging.getLogger("dsjax")
 
@@ -38,6 +39,14 @@ class Source:
     tokenizer_dir: Path | None = None
     random_weights: bool = False
     stored_quant: QuantSpec | None = None  # the checkpoint's stored weight format
+    # or, where weights are stored each in its own format (GGUF files mix types): {param path:
+    # QuantSpec}; load() returns those as QuantizedWeight, the others in `dtype`
+    stored_layout: dict[str, QuantSpec] | None = None
+
+    @property
+    def prequantized(self) -> bool:
+        """Whether the source stores quantized weights (which are taken as they are)."""
+        return self.stored_quant is not None or bool(self.stored_layout)
 
     def load(self, expected: dict, dtype, *, seed: int, progress: bool, host: bool = False,
              check_finite: bool = True, each=None) -> dict:
@@ -69,10 +78,13 @@ class CheckpointSource(Source):
         self.generation = self.meta["generation"]
         self.generation_fields = generation_fields(path)
         self.stored_quant = checkpoint.stored_quant(self.meta)
+        self.stored_layout = checkpoint.stored_layout(self.meta)
 
     def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
         if self.stored_quant is not None:
             expected = abstract_quantized(expected, self.stored_quant)
+        if self.stored_layout:
+            expected = abstract_layout(expected, self.stored_layout)
         params = checkpoint.restore(self.path, expected, dtype, meta=self.meta,
                                     device=jax.devices("cpu")[0] if host else None)
         if check_finite:
@@ -83,22 +95,24 @@ class CheckpointSource(Source):
 class HFSource(Source):
     def __init__(self, model):
         import converters
+        from dsjax.formats.compressed import stored_layout
 
         self.hf = converters.open_hf(model)
         self.config, self.tokenizer_dir = self.hf.config, self.hf.directory
         self.generation = generation_defaults(self.hf.hf_config, self.hf.directory,
                                               self.config.vocab_size)
         self.generation_fields = generation_fields(self.hf.directory)
+        self.stored_layout = stored_layout(self.hf)  # compressed-tensors kernels, as stored
 
     def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
         import converters
 
         origin = self.hf.tensors.origin
 
-        def put(path, x):  # each converted tensor, checked on the host before it moves
+        def put(path, x):  # each converted tensor (or QuantizedWeight), checked on the host
             if check_finite:
                 integrity.check(path, x, origin)
-            x = x if host else jnp.asarray(x)
+            x = x if host else jax.tree.map(jnp.asarray, x)
             return x if each is None else each(path, x)
 
         flat = converters.convert(self.hf.policy, self.hf.config, self.hf.tensors, expected, dtype,
@@ -117,6 +131,8 @@ def open_source(model) -> Source:
         path = Path(model)
         if checkpoint.is_checkpoint(path):
             return CheckpointSource(path)
+        if _is_gguf(path):
+            return GGUFSource(path)
         if not path.exists() and str(model) in presets.PRESETS:
             hf_config = presets.hf_config(str(model))
             cfg = presets.model_config(str(model))
@@ -125,6 +141,35 @@ def open_source(model) -> Source:
             raise FileNotFoundError(f"{model!r} is neither a directory nor a built-in architecture "
                                     f"({', '.join(presets.PRESETS)})")
     return HFSource(model)
+
+
+def _is_gguf(path: Path) -> bool:
+    """A regular file named *.gguf or starting with GGUF's magic."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+class GGUFSource(Source):
+    """A llama.cpp GGUF file, parsed and checked when opened (dsjax.formats.gguf: its config,
+    tokenizer and weights, the quantized ones each in its own format)."""
+
+    def __init__(self, path: Path):
+        try:
+            from dsjax.formats.gguf import GGUFFile
+        except ImportError as e:
+            raise ImportError(f"{path} is a GGUF file, which needs the gguf package ({e}); "
+                              "pip install 'dsjax[gguf]'") from None
+        self.file = GGUFFile(path)
+        self.config, self.tokenizer_dir = self.file.config, self.file.tokenizer_dir
+        self.stored_layout = self.file.stored_layout
+        self.generation = generation_defaults(self.file.hf_config, None, self.config.vocab_size)
+
+    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
+        return self.file.load(expected, dtype, host=host, check_finite=check_finite, each=each)
 
 
 def load_tokenizer(directory: Path | None, random_weights: bool):

@@ -4,9 +4,9 @@ needs the `train` extra and is imported as dsjax.quant.train)."""
 
 from dsjax.quant.moq import (BitSchedule, EigenvalueSchedule, MoQConfig, export_weight,
                              fake_quantize)
-from dsjax.quant.weights import (QuantizedWeight, QuantSpec, abstract_quantized, dequantize,
-                                 quantizable, quantize, quantize_flat)
+from dsjax.quant.weights import (QuantizedWeight, QuantSpec, abstract_layout, abstract_quantized,
+                                 dequantize, quantizable, quantize, quantize_flat)
 
 __all__ = ["BitSchedule", "EigenvalueSchedule", "MoQConfig", "QuantSpec", "QuantizedWeight",
-           "abstract_quantized", "dequantize", "export_weight", "fake_quantize", "quantizable",
-           "quantize", "quantize_flat"]
+           "abstract_layout", "abstract_quantized", "dequantize", "export_weight", "fake_quantize",
+           "quantizable", "quantize", "quantize_flat"]

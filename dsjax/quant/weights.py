@@ -160,3 +160,10 @@ def abstract_quantized(flat: dict, spec: QuantSpec) -> dict:
     """{path: ShapeDtypeStruct} -> the same with QuantizedWeight-of-ShapeDtypeStruct leaves."""
     return {path: (jax.eval_shape(lambda w: quantize_any(w, spec), s)
                    if quantizable(path, spec, experts=True) else s) for path, s in flat.items()}
+
+
+def abstract_layout(flat: dict, layout: dict) -> dict:
+    """{path: ShapeDtypeStruct} -> the same with each path `layout` names ({path: QuantSpec},
+    weights each stored in its own format) a QuantizedWeight-of-ShapeDtypeStruct."""
+    return {path: (jax.eval_shape(lambda w, spec=layout[path]: quantize_any(w, spec), s)
+                   if path in layout else s) for path, s in flat.items()}
