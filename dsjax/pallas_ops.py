@@ -237,12 +237,16 @@ def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolic
     k, bm = picks.shape[1], BlockSizes().block_m
     how = f"int{up.bits} groups of {up.group_size}, " if isinstance(up, QuantizedWeight) else ""
     _kernel("experts", f"grouped GEMM over {E} experts ({how}top-{k})")
+    interpret = _interpret(policy)
+    if jax.default_backend() == "gpu" and not interpret:
+        announce("ops.experts: the Pallas grouped GEMM gave wrong results when compiled for an "
+                 "H100 (docs/decisions.md#expert-layers-in-xla); use experts='xla' for real "
+                 "work until benchmarks/moe_kernel_check.py passes", logging.WARNING)
     slot, block_expert = expert_layout(picks, E, bm)
     M, token = block_expert.shape[0] * bm, jnp.arange(N * k) // k
     rows = jnp.zeros((M, D), x.dtype).at[slot].set(x[token], mode="drop")
     scale = jnp.zeros((M,), jnp.float32).at[slot].set(weights.reshape(-1).astype(jnp.float32),
                                                       mode="drop")
-    interpret = _interpret(policy)
     h = grouped_matmul(rows, up, block_expert, activation=activation, interpret=interpret)
     o = grouped_matmul(h, down, block_expert, scale, interpret=interpret)
     back = jnp.take(o, slot, axis=0, mode="fill", fill_value=0).astype(jnp.float32)

@@ -19,6 +19,10 @@ OPS = ("norm", "linear", "attention", "cache_attention", "write_kv", "paged_writ
 IMPLEMENTATIONS = ("xla", "pallas")
 # the ops that have a Pallas kernel (dsjax.pallas_ops); the others are XLA under every policy
 PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv", "paged_attention", "experts")
+# the ops KernelPolicy.pallas() (replace_with_kernel_inject) runs as kernels: not "experts", whose
+# grouped GEMM disagrees with the XLA op when compiled for the GPU
+# (docs/decisions.md#expert-layers-in-xla): it runs only where a policy names it
+INJECTED_OPS = tuple(op for op in PALLAS_OPS if op != "experts")
 GEMV_MAX_ROWS = 8  # the most rows the gemv kernel takes (pallas_kernels.gemv.MAX_ROWS)
 
 log = logging.getLogger("dsjax.ops")
@@ -83,8 +87,9 @@ class KernelPolicy:
 
     @classmethod
     def pallas(cls, **changes) -> KernelPolicy:
-        """DeepSpeed's replace_with_kernel_inject=True: every op with a Pallas kernel runs it."""
-        return cls(**{**{op: "pallas" for op in PALLAS_OPS}, **changes})
+        """DeepSpeed's replace_with_kernel_inject=True: every op with a Pallas kernel runs it
+        (but the experts: INJECTED_OPS)."""
+        return cls(**{**{op: "pallas" for op in INJECTED_OPS}, **changes})
 
     @classmethod
     def parse(cls, kernels=None, inject: bool = False) -> KernelPolicy:

@@ -104,3 +104,11 @@ def test_quantized_kernel_lowers_for_cuda():
             raise
         pytest.skip(f"this JAX ({jax.__version__}) lowers Triton kernels only with a GPU present")
     assert 'name = "grouped_matmul"' in exported.mlir_module()
+
+
+def test_kernel_injection_leaves_experts_on_xla():
+    """replace_with_kernel_inject runs every other kernel but not the grouped GEMM, which has
+    not passed its GPU check: it runs only where a policy names it."""
+    assert KernelPolicy.pallas().experts == "xla"
+    assert KernelPolicy.parse(None, inject=True).experts == "xla"
+    assert KernelPolicy.parse({"experts": "pallas"}, inject=True).experts == "pallas"
