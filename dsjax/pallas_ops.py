@@ -239,9 +239,9 @@ def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolic
     _kernel("experts", f"grouped GEMM over {E} experts ({how}top-{k})")
     interpret = _interpret(policy)
     if jax.default_backend() == "gpu" and not interpret:
-        announce("ops.experts: the Pallas grouped GEMM gave wrong results when compiled for an "
-                 "H100 (docs/decisions.md#expert-layers-in-xla); use experts='xla' for real "
-                 "work until benchmarks/moe_kernel_check.py passes", logging.WARNING)
+        announce("ops.experts: the compiled Pallas grouped GEMM disagreed with the XLA op on an "
+                 "H100 (docs/decisions.md#expert-layers-in-xla); it is unverified on GPUs until "
+                 "benchmarks/moe_kernel_check.py passes", logging.WARNING)
     slot, block_expert = expert_layout(picks, E, bm)
     M, token = block_expert.shape[0] * bm, jnp.arange(N * k) // k
     rows = jnp.zeros((M, D), x.dtype).at[slot].set(x[token], mode="drop")
