@@ -70,10 +70,12 @@ def write_gguf(path: Path, cfg: dict, kind: str, rng) -> int:
 
     qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
     w = gguf.GGUFWriter(str(path), "llama")
-    for key, field in (("block_count", "num_hidden_layers"), ("context_length", "max_position_embeddings"),
-                       ("embedding_length", "hidden_size"), ("feed_forward_length", "intermediate_size"),
-                       ("attention.head_count", "num_attention_heads"),
-                       ("attention.head_count_kv", "num_key_value_heads"), ("vocab_size", "vocab_size")):
+    keys = dict(block_count="num_hidden_layers", context_length="max_position_embeddings",
+                embedding_length="hidden_size", feed_forward_length="intermediate_size",
+                vocab_size="vocab_size")
+    keys.update({"attention.head_count": "num_attention_heads",
+                 "attention.head_count_kv": "num_key_value_heads"})
+    for key, field in keys.items():
         w.add_uint32(f"llama.{key}", cfg[field])
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
@@ -103,11 +105,14 @@ def _linear_tensors(kind: str, out: int, inp: int, gen) -> dict:
     import torch
 
     if kind == "ct-int4":  # 8 unsigned 4-bit codes (value + 8) per int32 along K
-        return {"weight_packed": torch.randint(-2**31, 2**31 - 1, (out, inp // 8), dtype=torch.int32, generator=gen),
-                "weight_scale": torch.rand(out, inp // 128, generator=gen).to(torch.bfloat16) * 0.01 + 1e-3,
+        scale = torch.rand(out, inp // 128, generator=gen) * 0.01 + 1e-3
+        return {"weight_packed": torch.randint(-2**31, 2**31 - 1, (out, inp // 8),
+                                               dtype=torch.int32, generator=gen),
+                "weight_scale": scale.to(torch.bfloat16),
                 "weight_shape": torch.tensor([out, inp], dtype=torch.int64)}
     weight = (torch.randn(out, inp, generator=gen) * 0.5).to(torch.float8_e4m3fn)
-    return {"weight": weight, "weight_scale_inv": torch.rand(out // 128, inp // 128, generator=gen) * 0.01 + 1e-3}
+    return {"weight": weight,
+            "weight_scale_inv": torch.rand(out // 128, inp // 128, generator=gen) * 0.01 + 1e-3}
 
 
 QUANT_CONFIGS = {

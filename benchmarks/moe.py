@@ -3,18 +3,22 @@ transformers eager on the same random weights, and against the active-bytes floo
 
     python benchmarks/moe.py [--arch mixtral-8l,qwen3-30b-a3b] [--batch 1,8,64] [--new-tokens 64]
 
-Architectures (random weights, bf16): Mixtral-8x7B's layer shape with 8 of its 32 layers (the
-whole model does not fit one H100 in bf16 next to HF's copy), and
-Qwen3-30B-A3B's whole shape (48 layers, 128 experts, top-8). Order per architecture: the HF
-model is made on the GPU, timed (eager, greedy, `generate`), moved to the CPU and converted by
-init_inference (so both run the same weights), then each dsjax variant is checked and timed. decode
-ms/token = (P50 T(n) - P50 T(1)) / (n - 1) (dsjax.bench.timing) for both. Floor of a decode step
-at batch B: (the weights outside the experts + the experts routed to + the KV cache) / the
-measured GEMV bandwidth, with the experts routed to taken as the expected number of distinct
-experts that B tokens x top-k picks reach when routing is uniform, E (1 - (1 - k/E)^B), per
-layer (random routers route near-uniformly). Check of each variant against dsjax-xla (the exact
-expert op) and against HF (bf16 both: rounding differences are expected) on 8 prompts: the last position's logits (largest difference over the largest logit)
-and the 16 greedy tokens (how many agree before the first that differs, of 8 x 16). Writes benchmarks/results/NAME.json/.md (+ $OUT).
+Variants: dsjax-xla (ragged_dot), dsjax-xla-sliced (up to 16 (token, pick) rows, each row
+against its own expert sliced from the stacks: bs 1 and 8 of top-2), the grouped GEMM in bf16
+and int8. Architectures (random weights, bf16): Mixtral-8x7B's layer shape with 8 of its 32
+layers (the whole model does not fit one H100 in bf16 next to HF's copy), and Qwen3-30B-A3B's
+whole shape (48 layers, 128 experts, top-8). Order per architecture: the HF model is made on
+the GPU, timed (eager, greedy, `generate`), checked, moved to the CPU and converted by
+init_inference (so both run the same weights), then each dsjax variant is checked and timed.
+decode ms/token = (P50 T(n) - P50 T(1)) / (n - 1) (dsjax.bench.timing) for both. Floor of a
+decode step at batch B: (the weights outside the experts + the experts routed to + the KV
+cache) / the measured GEMV bandwidth, with the experts routed to taken as the expected number
+of distinct experts that B tokens x top-k picks reach when routing is uniform,
+E (1 - (1 - k/E)^B), per layer (random routers route near-uniformly). Check of each variant
+against dsjax-xla (the exact expert op) and against HF (bf16 both: rounding differences are
+expected) on 8 prompts: the last position's logits (largest difference over the largest
+logit) and 16 greedy tokens (how many agree before the first that differs, of 8 x 16). Writes
+benchmarks/results/NAME.json/.md (+ $OUT).
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ ARCHS = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)),
 }
-VARIANTS = {"dsjax-xla": {}, "dsjax-grouped-gemm": {"kernels": {"experts": "pallas"}},
+VARIANTS = {"dsjax-xla": {}, "dsjax-xla-sliced": {"kernels": {"expert_slice_rows": 16}},
+            "dsjax-grouped-gemm": {"kernels": {"experts": "pallas"}},
             "dsjax-grouped-gemm-int8": {"kernels": {"experts": "pallas"},
                                         "quant": {"bits": 8, "group_size": 128}}}
 

@@ -198,6 +198,33 @@ def experts_xla(x, up, down, experts, weights, *, activation: str):
     return jnp.zeros((N, D), jnp.float32).at[token].add(o).astype(x.dtype)
 
 
+def experts_sliced(x, up, down, experts, weights, *, activation: str):
+    """experts_xla's result with each (token, pick) row run against its own expert's weights,
+    sliced from the stacks by a dynamic index: a step with few rows reads only the experts it
+    picked (ragged_dot reads them all). One row at a time (the rows are few: the policy's
+    expert_slice_rows bounds them); a row of expert -1 contributes 0."""
+    N, D = x.shape
+    k = experts.shape[1]
+    picks, scale = experts.reshape(-1), weights.reshape(-1).astype(jnp.float32)
+    out = []
+    for r in range(N * k):
+        e = jnp.maximum(picks[r], 0)
+        u, d = (_one_expert(w, e, x.dtype) for w in (up, down))
+        h = jnp.dot(x[r // k][None], u, preferred_element_type=jnp.float32)
+        h = numerics.epilogue(h, activation=activation, gated=True).astype(d.dtype)
+        o = jnp.dot(h, d, preferred_element_type=jnp.float32)[0]
+        out.append(o * jnp.where(picks[r] >= 0, scale[r], 0))
+    return jnp.stack(out).reshape(N, k, D).sum(1).astype(x.dtype)
+
+
+def _one_expert(w, e, dtype):
+    """Expert e of a stack [E, K, N] (a QuantizedWeight stack: its parts sliced, dequantized)."""
+    take = lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False)  # noqa: E731
+    if isinstance(w, QuantizedWeight):
+        return dequantize(jax.tree.map(take, w), dtype)
+    return take(w)
+
+
 # ----------------------------------------------------------------------------- the registry
 
 _REGISTRY = MappingProxyType({op: MappingProxyType(impls) for op, impls in {
@@ -270,4 +297,7 @@ def paged_attention(q, layer, q_pos, *, scale, window, alibi_slopes, policy: Ker
 
 
 def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolicy):
+    if policy.experts == "xla" and picks.size <= policy.expert_slice_rows:
+        announce(f"ops.experts runs each of its {picks.size} rows against its expert's slice (XLA)")
+        return experts_sliced(x, up, down, picks, weights, activation=activation)
     return run("experts", policy, x, up, down, picks, weights, activation=activation)

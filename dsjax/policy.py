@@ -41,7 +41,10 @@ class KernelPolicy:
     gemv_fused_norms: the norms the gemv takes fused (the others run in XLA first);
     norm_in_xla_rows: up to this many rows a norm runs in XLA before a K-major GEMM kernel
       instead of fused into its prologue; int8_gemv_rows: per-channel int8 codes run the gemv up
-      to this many rows (0: quant_matmul at every row count); min_split_keys: cache slots a
+      to this many rows (0: quant_matmul at every row count); expert_slice_rows: up to this
+      many (token, pick) rows the XLA expert op runs each row against its own expert sliced
+      from the stacks, reading only the picked experts, instead of ragged_dot (which reads
+      every expert; 0: never; off until measured on a GPU); min_split_keys: cache slots a
       decode-attention split covers at least (0: one key block); interpret: run the Pallas
       kernels in interpret mode (None: when the backend is the CPU).
     Why each default: docs/decisions.md (gemv-rows, gemv-fused-norms, norm-in-xla-rows,
@@ -61,6 +64,7 @@ class KernelPolicy:
     norm_in_xla_rows: int = 16
     int8_gemv_rows: int = 0
     min_split_keys: int = 0
+    expert_slice_rows: int = 0
     interpret: bool | None = None
 
     def __post_init__(self):
@@ -76,7 +80,8 @@ class KernelPolicy:
         for norm in self.gemv_fused_norms:
             if norm not in NORM_KINDS:
                 raise ValueError(f"gemv_fused_norms: {norm!r} is not one of {NORM_KINDS}")
-        for name in ("gemv_rows", "norm_in_xla_rows", "int8_gemv_rows", "min_split_keys"):
+        for name in ("gemv_rows", "norm_in_xla_rows", "int8_gemv_rows", "min_split_keys",
+                     "expert_slice_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"KernelPolicy.{name} must be an integer >= 0, got {value!r}")

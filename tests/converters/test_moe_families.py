@@ -16,7 +16,8 @@ import transformers as tf
 import dsjax
 from dsjax import ops
 from dsjax.policy import KernelPolicy
-from dsjax.quant import dequantize
+from dsjax.quant import QuantSpec, dequantize
+from dsjax.quant.weights import quantize_any
 from dsjax.weights import QuantizedWeight, is_weight
 from dsjax.serving.engine import ServingEngine
 from tests.conftest import hf_greedy, hf_logits, prompt
@@ -100,9 +101,30 @@ def test_expert_op_equals_a_loop_over_tokens():
     pile = np.zeros((N, k), np.int64)  # every pick on expert 0 (twice per token)
     none = np.where(spread == 2, -1, spread)  # -1: a row no expert takes (contributes 0)
     for picks in (spread, pile, none):
-        got = ops.experts(jnp.asarray(x), jnp.asarray(up), jnp.asarray(down), jnp.asarray(picks),
-                          jnp.asarray(w), activation="silu", policy=KernelPolicy())
-        np.testing.assert_allclose(np.asarray(got), loop(picks), rtol=2e-5, atol=2e-5)
+        for policy in (KernelPolicy(), KernelPolicy(expert_slice_rows=N * k)):  # ragged, sliced
+            got = ops.experts(jnp.asarray(x), jnp.asarray(up), jnp.asarray(down),
+                              jnp.asarray(picks), jnp.asarray(w), activation="silu",
+                              policy=policy)
+            np.testing.assert_allclose(np.asarray(got), loop(picks), rtol=2e-5, atol=2e-5)
+
+
+def test_sliced_experts_take_quantized_stacks_and_bf16():
+    """The per-row sliced path equals ragged_dot's for int4 stacks (sliced part by part, then
+    dequantized) and in bf16."""
+    rng = np.random.default_rng(1)
+    N, D, I, E, k = 3, 32, 16, 4, 2
+    x = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+    up = jnp.asarray(rng.normal(size=(E, D, 2 * I)) / 6, jnp.float32)
+    down = jnp.asarray(rng.normal(size=(E, I, D)) / 4, jnp.float32)
+    picks, w = jnp.asarray([[3, 1], [1, -1], [0, 3]]), jnp.asarray(rng.uniform(size=(N, k)))
+    q = QuantSpec(bits=4, group_size=8, symmetric=False)
+    cases = [(x, quantize_any(up, q), quantize_any(down, q), 1e-5),
+             (x.astype(jnp.bfloat16), up.astype(jnp.bfloat16), down.astype(jnp.bfloat16), 2e-2)]
+    for xs, us, ds, tol in cases:
+        want = ops.experts_xla(xs, us, ds, picks, w.astype(xs.dtype), activation="silu")
+        got = ops.experts_sliced(xs, us, ds, picks, w.astype(xs.dtype), activation="silu")
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=tol, atol=tol)
 
 
 EIGHT = {"mixtral_top2_of_8": (tf.MixtralForCausalLM, tf.MixtralConfig, dict(
@@ -152,19 +174,22 @@ def test_unsupported_combinations_are_refused():
 
 
 @pytest.mark.parametrize("pair", ["mixtral_top2_of_4"], indirect=True)  # (one family: the
-def test_pallas_experts_equal_xla(pair, caplog):  # kernel does not depend on it)
-    """kernels={"experts": "pallas"}: the grouped GEMM (interpreted on the CPU) gives the XLA
-    path's greedy tokens and log-probabilities, and the log says it ran."""
+@pytest.mark.parametrize("kernels, logged", [({"experts": "pallas"}, "grouped GEMM"),
+                                             ({"expert_slice_rows": 2}, "expert's slice")])
+def test_other_expert_paths_equal_xla(pair, kernels, logged, caplog):  # kernel does not depend on it)
+    """The grouped GEMM (interpreted on the CPU), and the per-row expert slices on decode steps
+    (2 rows: one token's top-2), give the ragged_dot path's greedy tokens and
+    log-probabilities, and the log says they ran."""
     _, model, engine = pair
     with caplog.at_level("INFO", logger="dsjax"):
-        pallas = dsjax.init_inference(model, dtype="fp32", max_out_tokens=64, progress=False,
-                                      kernels={"experts": "pallas"})
+        other = dsjax.init_inference(model, dtype="fp32", max_out_tokens=64, progress=False,
+                                     kernels=kernels)
         p = prompt(30, 9, V)
-        got = pallas.generate([p], max_new_tokens=6, eos_token_id=[], return_logprobs=True)
+        got = other.generate([p], max_new_tokens=6, eos_token_id=[], return_logprobs=True)
     want = engine.generate([p], max_new_tokens=6, eos_token_id=[], return_logprobs=True)
     assert got.sequences == want.sequences
     np.testing.assert_allclose(got.logprobs[0][:6], want.logprobs[0][:6], atol=2e-4)
-    assert any("grouped GEMM" in r.getMessage() for r in caplog.records)
+    assert any(logged in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("pair", ["qwen2_moe_shared_dense_layer"], indirect=True)
