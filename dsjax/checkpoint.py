@@ -162,7 +162,8 @@ def _parts(flat: dict) -> dict:
 
 def _layout(flat: dict) -> dict:
     """{path: QuantSpec fields} of every quantized weight (G = K: one group per channel)."""
-    return {k: {"bits": v.bits, "group_size": v.group_size, "symmetric": v.zeros is None}
+    return {k: {"bits": v.bits, "group_size": v.group_size, "symmetric": v.zeros is None,
+                "fp8": bool(jnp.issubdtype(v.values.dtype, jnp.floating))}
             for k, v in flat.items() if isinstance(v, QuantizedWeight)}
 
 

@@ -293,6 +293,8 @@ def layout(params: dict, policy: KernelPolicy) -> dict:
 
 def quant_name(spec: QuantSpec) -> str:
     group = f"groups of {spec.group_size}" if spec.group_size else "per channel"
+    if spec.fp8:
+        return f"fp8 e4m3 ({group})"
     return f"int{spec.bits} ({'symmetric' if spec.symmetric else 'asymmetric'}, {group})"
 
 

@@ -130,8 +130,9 @@ def unpack_int4(values):
 
 def dequantize(values, scales, zeros=None, *, bits: int, group_size: int, dtype=jnp.float32):
     """W [K, N] from quantized codes (int8/uint8 [K, N] or packed 4-bit [K/2, N]), scales and
-    zero points [K/G, N]: W = (q - z) * s, z = 8 for symmetric 4-bit, 0 for symmetric 8-bit."""
-    q = values.astype(jnp.int32)
+    zero points [K/G, N]: W = (q - z) * s, z = 8 for symmetric 4-bit, 0 for symmetric 8-bit
+    (and for FP8 codes, float values)."""
+    q = values if jnp.issubdtype(values.dtype, jnp.floating) else values.astype(jnp.int32)
     if bits == 4:
         q = unpack_int4(q)
     K, N = q.shape

@@ -72,8 +72,14 @@ def route_linear(w, rows: int, norm: NormSpec | None, policy: KernelPolicy) -> R
     return Route(kernel, "xla" if w.k_major and rows <= policy.norm_in_xla_rows else "fused")
 
 
+def _integer_codes(w, op: str) -> None:
+    if isinstance(w, QuantizedWeight) and jnp.issubdtype(w.values.dtype, jnp.floating):
+        raise Unsupported(f"{w.values.dtype} codes: the Pallas {op} kernels read integer codes")
+
+
 def linear(x, w, bias=None, residual=None, *, norm=None, activation=None, gated=False,
            policy: KernelPolicy):
+    _integer_codes(w, "GEMM")
     route = route_linear(w, math.prod(x.shape[:-1]), norm, policy)
     if route.norm == "xla":
         x, norm = numerics.apply_norm(x, norm), None
@@ -229,6 +235,7 @@ def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolic
 
     N, D = x.shape
     E, _, two_i = up.shape
+    _integer_codes(up, "grouped GEMM")
     if D % 16 or (two_i // 2) % 16:
         raise Unsupported(f"hidden size {D} and expert width {two_i // 2} must be multiples of 16")
     if isinstance(up, QuantizedWeight) and any(k_unit(K, up) % 16 for K in (D, two_i // 2)):

@@ -9,7 +9,9 @@ see that form). What `ops.linear` receives is one of:
                                 integer codes cut along K into groups of G rows (G = K: one
                                 scale per output channel):
     8 bits: int8 [K, N] (symmetric: W = q * s) or uint8 [K, N] (asymmetric: W = (q - z) * s);
-            k_major: the codes are [N, K], scales and zeros stay [K/G, N]
+            k_major: the codes are [N, K], scales and zeros stay [K/G, N]; or FP8:
+            float8_e4m3fn [K, N] values (W = q * s; FP8 checkpoints, quant fp8), which XLA
+            runs and the Pallas kernels decline
     4 bits: uint8 [K/2, N]; byte r holds row r in its low nibble and row r + K/2 in its high
             one, u in [0, 15]; symmetric: W = (u - 8) * s, asymmetric: W = (u - z) * s
     scales, zeros: float32 [K/G, N] (zeros only when asymmetric: integers from dsjax.quant,

@@ -13,22 +13,31 @@ from dsjax import numerics, validate
 from dsjax.weights import QuantizedWeight, is_experts, is_gemm
 
 
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8).max)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """bits: 8 or 4; group_size: rows of K per scale (None: one scale per output channel);
-    symmetric: zero points or not; lm_head: also quantize an untied LM head."""
+    symmetric: zero points or not; lm_head: also quantize an untied LM head; fp8: the 8-bit
+    codes are FP8 e4m3 values (W = q s, symmetric), not integers."""
 
     bits: int = 8
     group_size: int | None = None
     symmetric: bool = True
     lm_head: bool = False
+    fp8: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "bits", validate.integer("quant bits", self.bits))
-        for name in ("symmetric", "lm_head"):
+        for name in ("symmetric", "lm_head", "fp8"):
             object.__setattr__(self, name, validate.boolean(f"quant {name}", getattr(self, name)))
         if self.bits not in (8, 4):
             raise ValueError(f"quant bits must be 8 or 4, got {self.bits!r}")
+        if self.fp8 and (self.bits != 8 or not self.symmetric):
+            raise ValueError("quant fp8 codes are 8 bits and symmetric (W = q s): "
+                             f"got bits={self.bits}, symmetric={self.symmetric}")
         if self.group_size is not None:
             object.__setattr__(self, "group_size",
                                validate.integer("quant group_size", self.group_size))
@@ -98,6 +107,11 @@ def quantize(w, spec: QuantSpec) -> QuantizedWeight:
     G = spec.groups(K)
     qmax = 2 ** spec.bits - 1
     wg = w.astype(jnp.float32).reshape(K // G, G, N)
+    if spec.fp8:  # scaled so each group's largest magnitude is e4m3's largest finite value
+        amax = jnp.max(jnp.abs(wg), axis=1)
+        scales = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+        q = jnp.clip(wg / scales[:, None], -FP8_MAX, FP8_MAX).astype(FP8)
+        return QuantizedWeight(q.reshape(K, N), scales, None, 8, G)
     if spec.symmetric:
         half = 127 if spec.bits == 8 else 7
         amax = jnp.max(jnp.abs(wg), axis=1)  # [K/G, N]

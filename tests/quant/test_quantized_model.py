@@ -96,3 +96,36 @@ def test_convert_stores_quantized_weights(tmp_path):
     prompts = [[1, 2, 3, 4]]
     np.testing.assert_array_equal(restored.generate(prompts, max_new_tokens=6).tokens,
                                   direct.generate(prompts, max_new_tokens=6).tokens)
+
+
+def test_fp8_weights_equal_their_dequantized_model_and_save(tmp_path, caplog):
+    """quant={"fp8": True}: e4m3 codes with float32 group scales (W = q s) run through XLA's
+    dot exactly as an fp32 engine of the dequantized weights does; the Pallas GEMM kernels,
+    which read integer codes, decline them (XLA runs, logged); a save loads back the same."""
+    from dsjax.quant import dequantize
+    from dsjax.weights import is_weight
+
+    hf = llama_model()
+    quant = {"bits": 8, "fp8": True, "group_size": 16}
+    engine = dsjax.init_inference(hf, dtype="fp32", quant=quant, progress=False)
+    stored = engine.runner.stored_params()
+    kernel = stored["layers"][1]["mlp"]["down"]["kernel"]
+    assert kernel.values.dtype == jnp.float8_e4m3fn and kernel.group_size == 16
+    dense = dsjax.build_engine(engine.config, jax.tree.map(
+        lambda w: dequantize(w) if isinstance(w, QuantizedWeight) else w, stored,
+        is_leaf=is_weight), inference=dataclasses.replace(engine.inference_config, quant=None))
+    ids = [[5, 6, 7, 8, 9, 10]]
+    np.testing.assert_allclose(np.asarray(engine(ids)), np.asarray(dense(ids)), atol=1e-4,
+                               rtol=1e-4)
+    with caplog.at_level("WARNING", logger="dsjax"):
+        pallas = dsjax.init_inference(hf, dtype="fp32", quant=quant, progress=False,
+                                      replace_with_kernel_inject=True)
+        np.testing.assert_allclose(np.asarray(pallas(ids)), np.asarray(engine(ids)), atol=1e-4,
+                                   rtol=1e-4)
+    assert any("integer codes" in r.getMessage() for r in caplog.records)
+    engine.save(tmp_path / "fp8")
+    back = dsjax.init_inference(tmp_path / "fp8", dtype="fp32", progress=False)
+    assert back.params["layers"][1]["mlp"]["down"]["kernel"].values.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(back(ids)), np.asarray(engine(ids)))
+    with pytest.raises(ValueError, match="fp8 codes are 8 bits and symmetric"):
+        dsjax.init_inference(hf, quant={"bits": 4, "fp8": True}, progress=False)
