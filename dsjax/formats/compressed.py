@@ -11,7 +11,9 @@ How each layer is delivered (the choices: docs/decisions.md#pre-quantized-checkp
   int 4/8-bit, contiguous groups or per channel   an exact dsjax QuantizedWeight
   int with act-order (g_idx not k // G)            dequantized to float32, then the
                                                    engine dtype, with a log line naming the layers
-  FP8 e4m3 (any scale layout)                      dequantized to float32, then the
+  FP8 e4m3, scales per tensor / channel, or        an exact FP8 QuantizedWeight (e4m3 codes,
+  groups or blocks dividing K                      float32 scales per group of K)
+  FP8 e4m3 with other groups or blocks             dequantized to float32, then the
                                                    engine dtype, with one log line
 Activation quantization in the config (W8A8, FP8 dynamic) is not applied: dsjax runs activations
 in the engine dtype, and says so in one warning.
@@ -112,7 +114,9 @@ class QuantizedSource(TensorSource):
         if layout is None:
             return None
         lins = [self.linears[n] for n in names]
-        parts = [codes.to_quantized(self._stored(lin), lin.scheme, *lin.shape, layout.bits)
+        parts = [codes.fp8_to_quantized(self._stored(lin)["codes"], self._stored(lin)["scale"],
+                                        lin.scheme, *lin.shape) if layout.fp8 else
+                 codes.to_quantized(self._stored(lin), lin.scheme, *lin.shape, layout.bits)
                  for lin in lins]
         return parts[0] if len(parts) == 1 else codes.fuse(parts)
 
@@ -141,6 +145,10 @@ class QuantizedSource(TensorSource):
         """The QuantSpec of the dsjax QuantizedWeight a Linear maps onto exactly; None where it
         does not (dense, FP8, act-order, groups dsjax cannot hold)."""
         lin = self.linears.get(name)
+        if lin is not None and lin.scheme.type == "float":
+            G = codes.fp8_group(lin.scheme, lin.shape[1])
+            return None if G is None else QuantSpec(
+                bits=8, group_size=None if G == lin.shape[1] else G, fp8=True)
         if lin is None or lin.scheme.type != "int" or self.g_idx.get(name) is not None:
             return None
         N, K = lin.shape
@@ -188,7 +196,7 @@ class QuantizedSource(TensorSource):
         """Why a quantized Linear is not delivered as the QuantizedWeight of its own bits."""
         lin, spec = self.linears[name], self._layout(name)
         if lin.scheme.type == "float":
-            return "fp8"
+            return None if spec is not None else "fp8"
         if self.g_idx.get(name) is not None:
             return "act_order"
         if spec is None:
@@ -213,7 +221,7 @@ class QuantizedSource(TensorSource):
 
 _EXACT = "dequantized to float32, then the engine dtype"
 _DELIVERY = {
-    "fp8": f"FP8 layers (%s) {_EXACT}: dsjax has no FP8 weight type",
+    "fp8": f"FP8 layers (%s) {_EXACT}: their scales' groups do not divide K evenly",
     "act_order": f"act-order layers (%s) {_EXACT}: their g_idx is not the contiguous "
                  "k // group_size, and dsjax's quantized linear reads contiguous groups",
     "groups": f"int layers (%s) {_EXACT}: their group size does not divide K evenly into the "

@@ -106,6 +106,34 @@ def dequantize_fp8(weight: np.ndarray, scale: np.ndarray, scheme) -> np.ndarray:
     return w * np.repeat(np.repeat(s, bn, axis=0), bk, axis=1)[:N, :K]
 
 
+def fp8_to_quantized(weight: np.ndarray, scale: np.ndarray, scheme, N: int, K: int) -> QuantizedWeight:
+    """The exact dsjax QuantizedWeight [K, N] of an FP8 weight [N, K]: its e4m3 values
+    transposed, its scales as [K/G, N] groups: one row for a tensor's or a channel's scale (G =
+    K), a group's [N, K/G] transposed, a block's repeated over its rows of N (G = the block's
+    columns of K). fp8_layout says which layouts fit (K a multiple of G)."""
+    s = np.asarray(scale).astype(np.float32)
+    if scheme.strategy == "tensor":
+        cols = np.full((1, N), s.reshape(()), np.float32)
+    elif scheme.strategy == "channel":
+        cols = s.reshape(1, N)
+    elif scheme.strategy == "group":
+        cols = s.T
+    else:
+        cols = np.repeat(s, scheme.block[0], axis=0)[:N].T
+    values = np.ascontiguousarray(np.asarray(weight).T)
+    return QuantizedWeight(values, np.ascontiguousarray(cols), None, 8, K // cols.shape[0])
+
+
+def fp8_group(scheme, K: int) -> int | None:
+    """The group size (K: one per channel) an FP8 weight's scales map onto exactly; None where
+    they do not (groups or blocks that do not divide K into even groups)."""
+    G = {"tensor": K, "channel": K, "group": scheme.group_size,
+         "block": scheme.block[1] if scheme.block else None}[scheme.strategy]
+    if G is None or K % G or (G != K and G % 2):
+        return None
+    return G
+
+
 def fuse(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Quantized [K, N_j] weights of one layout -> one [K, sum N_j] (fused QKV, gate|up)."""
     first = parts[0]

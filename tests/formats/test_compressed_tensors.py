@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -102,25 +103,27 @@ def act_order(base, directory):
     return reference
 
 
-def block_fp8(base, directory):
+def block_fp8(base, directory, block=(128, 128)):
     """An HF block-FP8 checkpoint (DeepSeek-V3 / Qwen3 FP8 layout): every Linear but lm_head as
-    float8_e4m3fn [N, K] with float32 weight_scale_inv [N/128, K/128]; the reference holds
-    W = fp8 * scale_inv per 128 x 128 block."""
-    reference = copy.deepcopy(base)
+    float8_e4m3fn [N, K] with float32 weight_scale_inv [ceil(N/bn), ceil(K/bk)]; the reference
+    holds W = fp8 * scale_inv per bn x bk block (the last ones partial where they do not divide)."""
+    (bn, bk), reference = block, copy.deepcopy(base)
     base.save_pretrained(directory)
     tensors = load_file(directory / "model.safetensors")
     state = reference.state_dict()
     for name in [n for n in tensors if n.endswith("_proj.weight")]:
         w = tensors[name]
-        blocks = w.reshape(w.shape[0] // 128, 128, w.shape[1] // 128, 128)
-        scale = blocks.abs().amax(dim=(1, 3)) / 448.0
-        full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        (N, K), nb, kb = w.shape, -(-w.shape[0] // bn), -(-w.shape[1] // bk)
+        padded = torch.zeros(nb * bn, kb * bk)
+        padded[:N, :K] = w.abs()
+        scale = padded.reshape(nb, bn, kb, bk).amax(dim=(1, 3)) / 448.0
+        full = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:N, :K]
         fp8 = (w / full).to(torch.float8_e4m3fn)
         tensors[name], tensors[name + "_scale_inv"] = fp8, scale.float()
         state[name] = fp8.float() * full
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     _edit_config(directory, lambda q: None, {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                             "weight_block_size": [128, 128]})
+                                             "weight_block_size": [bn, bk]})
     reference.load_state_dict(state)
     return reference
 
@@ -134,15 +137,17 @@ def _edit_config(directory, edit, replace=None):
     path.write_text(json.dumps(config))
 
 
-# name -> (writer, the QuantizedWeight (bits, group size, symmetric) each layer kernel holds;
-# None: dequantized at load, dense)
+# name -> (writer, the QuantizedWeight (bits, group size, symmetric, codes dtype) each layer
+# kernel holds; None: dequantized at load, dense)
+FP8 = np.dtype(jnp.float8_e4m3fn)
 CASES = {
-    "int4_g128": (lambda b, d: compressed(b, "W4A16", d), (4, 128, True)),
-    "int4_g128_asym": (lambda b, d: compressed(b, "W4A16_ASYM", d), (4, 128, False)),
+    "int4_g128": (lambda b, d: compressed(b, "W4A16", d), (4, 128, True, np.uint8)),
+    "int4_g128_asym": (lambda b, d: compressed(b, "W4A16_ASYM", d), (4, 128, False, np.uint8)),
     "int4_act_order": (act_order, None),
-    "int8_channel": (lambda b, d: compressed(b, "W8A8", d), (8, "K", True)),
-    "fp8_channel": (lambda b, d: compressed(b, "FP8_DYNAMIC", d), None),
-    "fp8_block_hf": (block_fp8, None),
+    "int8_channel": (lambda b, d: compressed(b, "W8A8", d), (8, "K", True, np.int8)),
+    "fp8_channel": (lambda b, d: compressed(b, "FP8_DYNAMIC", d), (8, "K", True, FP8)),
+    "fp8_block_hf": (block_fp8, (8, 128, True, FP8)),
+    "fp8_blocks_not_dividing_k": (lambda b, d: block_fp8(b, d, (128, 192)), None),
 }
 
 
@@ -174,17 +179,17 @@ def test_matches_the_formats_own_dequantization(name, checkpoint, caplog):
         if layout is None:
             assert not isinstance(w, QuantizedWeight) and w.dtype == np.float32, path
         else:
-            bits, group, symmetric = layout
+            bits, group, symmetric, codes = layout
             assert isinstance(w, QuantizedWeight), path
-            assert (w.bits, w.group_size, w.symmetric) == (
-                bits, w.shape[0] if group == "K" else group, symmetric), path
+            assert (w.bits, w.group_size, w.symmetric, w.values.dtype) == (
+                bits, w.shape[0] if group == "K" else group, symmetric, codes), path
     assert not isinstance(params["lm_head.kernel"], QuantizedWeight)  # the config ignores it
     want = hf_logits(reference, PROMPTS)
     got = np.asarray(engine(PROMPTS))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     ours = engine.generate([PROMPTS[0]], max_new_tokens=12, eos_token_id=[]).sequences[0]
     assert ours == hf_greedy(reference, PROMPTS[0], 12)
-    if name.startswith("fp8"):
+    if name == "fp8_blocks_not_dividing_k":  # (K = 256 and 512: blocks of 192 columns)
         assert "FP8 layers" in caplog.text and "dequantized to float32" in caplog.text
     if name == "int4_act_order":
         assert "act-order layers" in caplog.text
