@@ -13,7 +13,7 @@ random weights. Each format is written to a temporary directory, loaded, timed a
 before the next. decode ms/token = (P50 T(n) - P50 T(1)) / (n - 1) (dsjax.bench.timing), under
 each kernel policy (xla: KernelPolicy(); pallas: KernelPolicy.pallas(), the quantized GEMV
 kernels). Two floors per row, each the bytes over the measured GEMV bandwidth (+ the KV cache):
-`held`, the weights as the engine holds them (an FP8 checkpoint is held in bf16); `format`, the
+`held`, the weights as the engine holds them (codes and float32 scales); `format`, the
 checkpoint's own bytes of the weights a step reads (all but the input embedding). Writes
 benchmarks/results/NAME.json/.md (+ $OUT).
 """
@@ -60,7 +60,8 @@ def gguf_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
 
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    raw[..., :2] = rng.uniform(1e-3, 1e-2, (rows, cols // block, 1)).astype(np.float16).view(np.uint8)
+    scales = rng.uniform(1e-3, 1e-2, (rows, cols // block, 1)).astype(np.float16)
+    raw[..., :2] = scales.view(np.uint8)
     return raw.reshape(rows, -1)
 
 
@@ -135,7 +136,8 @@ def write_hf(path: Path, cfg: dict, kind: str, seed: int) -> int:
     gen = torch.Generator().manual_seed(seed)
     D, V = cfg["hidden_size"], cfg["vocab_size"]
     made = {s: _linear_tensors(kind, *s, gen) for s in set(shapes(cfg).values())}
-    tensors = {"model.embed_tokens.weight": torch.randn(V, D, generator=gen).to(torch.bfloat16) * 0.02,
+    embed = torch.randn(V, D, generator=gen).to(torch.bfloat16) * 0.02
+    tensors = {"model.embed_tokens.weight": embed,
                "lm_head.weight": torch.randn(V, D, generator=gen).to(torch.bfloat16) * 0.02,
                "model.norm.weight": torch.ones(D, dtype=torch.bfloat16)}
     read = 2 * V * D + 2 * D
