@@ -21,8 +21,9 @@ class NonFiniteWeights(ValueError):
 
 def check(name: str, x, origin: str) -> None:
     """Raises NonFiniteWeights when x (a numpy or JAX array, or a quantized weight's float
-    scales and zeros) holds NaN or inf."""
-    parts = [getattr(x, f) for f in ("scales", "zeros")] if hasattr(x, "scales") else [x]
+    scales and zeros, and its codes when they are floats: FP8) holds NaN or inf."""
+    fields = ("values", "scales", "zeros")  # (integer codes pass _finite as they are)
+    parts = [getattr(x, f) for f in fields] if hasattr(x, "scales") else [x]
     for part in parts:
         if part is not None and not _finite(part):
             raise NonFiniteWeights(
@@ -56,6 +57,8 @@ def _host_finite(x: np.ndarray) -> bool:
     info = ml_dtypes.finfo(x.dtype)
     bits = np.dtype(f"u{x.dtype.itemsize}")
     mask = bits.type(((1 << info.nexp) - 1) << info.nmant)
+    if x.dtype == ml_dtypes.float8_e4m3fn:  # no inf; all-ones exponents are finite but for
+        mask = bits.type(0x7F)  # the one NaN pattern, every bit but the sign set
     x = x.T if x.flags.f_contiguous else x
     x = x.reshape(-1) if x.flags.c_contiguous else x
     step = max(1, _CHUNK // max(1, x[:1].size))  # leading-axis entries per pass

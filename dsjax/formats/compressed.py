@@ -282,6 +282,10 @@ def _check_linear(source: TensorSource, module: str, s: Scheme) -> StoredLinear:
         parts["shape"] = _tensor(source, module, "weight_shape",
                                  (np.dtype(np.int64), np.dtype(np.int32)), (2,), why)
         N, K = (int(v) for v in np.asarray(source[parts["shape"]]))
+        if N <= 0 or K <= 0:
+            raise CheckpointError(f"{_file(source, parts['shape'])}: tensor {parts['shape']!r} "
+                                  f"gives the weight shape [{N}, {K}]; expected two positive "
+                                  "sizes")
         parts["codes"] = _tensor(source, module, "weight_packed", (np.dtype(np.int32),),
                                  (N, math.ceil(K * s.bits / 32)), why)
     else:

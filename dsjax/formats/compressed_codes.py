@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dsjax.quant.weights import pack_int4
 from dsjax.weights import QuantizedWeight
 
 
@@ -28,13 +29,6 @@ def unpack_int32(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
         return raw[:, :count].copy()
     low, high = raw & 0xF, raw >> 4
     return np.stack([low, high], axis=-1).reshape(raw.shape[0], -1)[:, :count]
-
-
-def pack_int4_np(codes: np.ndarray) -> np.ndarray:
-    """uint8 codes [K, N] in [0, 15] -> dsjax's 4-bit packing [K/2, N] (row r low nibble, row
-    r + K/2 high nibble; dsjax.quant.weights.pack_int4)."""
-    half = codes.shape[0] // 2
-    return codes[:half] | (codes[half:] << 4)
 
 
 def scale_columns(scale: np.ndarray, N: int) -> np.ndarray:
@@ -71,7 +65,7 @@ def to_quantized(stored: dict, scheme, N: int, K: int, bits: int) -> QuantizedWe
     if zeros is not None:
         zeros = np.ascontiguousarray(zeros.T.astype(np.float32))  # [groups, N]
     if bits == 4:
-        values = pack_int4_np(codes)
+        values = pack_int4(codes)
     elif zeros is None:  # symmetric 8-bit codes are signed
         values = (codes.astype(np.int16) - (1 << (scheme.bits - 1))).astype(np.int8)
     else:
@@ -106,7 +100,8 @@ def dequantize_fp8(weight: np.ndarray, scale: np.ndarray, scheme) -> np.ndarray:
     return w * np.repeat(np.repeat(s, bn, axis=0), bk, axis=1)[:N, :K]
 
 
-def fp8_to_quantized(weight: np.ndarray, scale: np.ndarray, scheme, N: int, K: int) -> QuantizedWeight:
+def fp8_to_quantized(weight: np.ndarray, scale: np.ndarray, scheme, N: int,
+                     K: int) -> QuantizedWeight:
     """The exact dsjax QuantizedWeight [K, N] of an FP8 weight [N, K]: its e4m3 values
     transposed, its scales as [K/G, N] groups: one row for a tensor's or a channel's scale (G =
     K), a group's [N, K/G] transposed, a block's repeated over its rows of N (G = the block's

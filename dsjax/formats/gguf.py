@@ -30,7 +30,7 @@ from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as Q
 
 import converters
-from converters.hf_config import build_config
+from converters.hf_config import build_config, check_fields
 from converters.loader import CheckpointError, TensorSource, regular_file
 from converters.policy import (CONCAT_TRANSPOSED, TRANSPOSE, checked_rules, convert_rule, expand,
                                match)
@@ -173,6 +173,7 @@ def hf_config(meta: dict, tensors: set, vocab: int | None, path: Path) -> dict:
         hf["hidden_activation"] = "gelu_pytorch_tanh"  # ggml's gelu is the tanh form
     hf.update({ours: meta[f"tokenizer.ggml.{key}"] for key, ours in _SPECIAL.items()
                if f"tokenizer.ggml.{key}" in meta})
+    check_fields(hf, str(path))  # before _check_rope does arithmetic on them
     _check_rope(meta, arch, hf, tensors, path)
     if meta.get(f"{arch}.expert_count"):
         raise CheckpointError(f"{path}: a {arch} file with experts (MoE) is not supported")
@@ -180,18 +181,19 @@ def hf_config(meta: dict, tensors: set, vocab: int | None, path: Path) -> dict:
 
 
 def _check_rope(meta: dict, arch: str, hf: dict, tensors: set, path: Path) -> None:
-    """Rotary over whole heads, with no scaling or linear scaling (into hf)."""
-    heads = hf.get("num_attention_heads")
-    head_dim = hf.get("head_dim") or (hf["hidden_size"] // heads if heads else None)
+    """Rotary over whole heads, with no scaling or linear scaling (into hf). As llama.cpp reads
+    them: a missing scaling type is "linear", its factor (or the older key rope.scale_linear)
+    applies unless the type is "none", and a factor of 0 means none."""
+    head_dim = _head_dim(hf)
     dims = meta.get(f"{arch}.rope.dimension_count")
     if dims is not None and dims != head_dim:
         raise CheckpointError(f"{path}: {arch}.rope.dimension_count={dims} rotates part of each "
                               f"{head_dim}-wide head, which dsjax's {arch} does not do")
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    if kind == "linear":
-        hf["rope_scaling"] = {"rope_type": "linear",
-                              "factor": meta.get(f"{arch}.rope.scaling.factor", 1.0)}
-    elif kind != "none":
+    kind = meta.get(f"{arch}.rope.scaling.type", "linear")
+    factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear", 0.0))
+    if kind == "linear" and factor not in (0, 1):
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    elif kind not in ("linear", "none"):
         raise CheckpointError(f"{path}: {arch}.rope.scaling.type={kind!r} is not supported "
                               "(none, linear)")
     if "rope_freqs.weight" in tensors and arch != "llama":
@@ -199,14 +201,22 @@ def _check_rope(meta: dict, arch: str, hf: dict, tensors: set, path: Path) -> No
                               f"which dsjax reads only for llama files")
 
 
-def llama3_scaling(freqs: np.ndarray, meta: dict) -> dict:
+def _head_dim(hf: dict) -> int:
+    """Each attention head's width (fields checked by check_fields; head count required)."""
+    return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+
+
+def llama3_scaling(freqs: np.ndarray, meta: dict, path: Path) -> dict:
     """The HF rope_scaling that llama.cpp's converter wrote rope_freqs.weight from (Llama 3.1
     and later: each frequency divided by its factor). The file keeps the factors alone; their
     largest is the scaling factor, and the band edges are Llama 3's (low 1, high 4, an original
     context of 8192 unless the metadata says another): GGUFFile checks the factors they give."""
+    key = "llama.rope.scaling.original_context_length"
+    original = meta.get(key, 8192)
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+        raise CheckpointError(f"{path}: {key} is {original!r}; expected a positive integer")
     return {"rope_type": "llama3", "factor": float(np.max(freqs)), "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": int(
-                meta.get("llama.rope.scaling.original_context_length", 8192))}
+            "high_freq_factor": 4.0, "original_max_position_embeddings": original}
 
 
 def _unpermute(x: np.ndarray, heads: int) -> np.ndarray:
@@ -231,8 +241,11 @@ class GGUFFile:
         self.hf_config = hf = hf_config(meta, set(self.kinds), _vocab_size(self.reader), self.path)
         self.arch = meta["general.architecture"]
         freqs = self._rope_freqs()
+        if freqs is not None and "rope_scaling" in hf:
+            raise CheckpointError(f"{self.path}: holds rope_freqs.weight and a linear rope "
+                                  "scaling factor; dsjax applies one or the other")
         if freqs is not None:
-            hf["rope_scaling"] = llama3_scaling(freqs, meta)
+            hf["rope_scaling"] = llama3_scaling(freqs, meta, self.path)
         base = converters.policy_for(hf)
         self.config = build_config(base.make_config, hf, str(self.path))
         self._check_rope_freqs(freqs)
@@ -255,11 +268,16 @@ class GGUFFile:
                     f"cannot read (it reads {', '.join(blocks.readable_names())})")
 
     def _rope_freqs(self) -> np.ndarray | None:
-        """rope_freqs.weight (a few hundred bytes, the only tensor read while opening)."""
+        """rope_freqs.weight (one factor per rotary frequency, the only tensor read while
+        opening: its shape is checked first)."""
         if "rope_freqs.weight" not in self.kinds:
             return None
-        freqs = blocks.dense(self.kinds["rope_freqs.weight"],
-                             self._by_name["rope_freqs.weight"].data).astype(np.float32)
+        t, half = self._by_name["rope_freqs.weight"], _head_dim(self.hf_config) // 2
+        if [int(d) for d in t.shape] != [half]:
+            raise CheckpointError(f"{self.path}: rope_freqs.weight has shape "
+                                  f"{[int(d) for d in t.shape]}, not [{half}] (one factor per "
+                                  "rotary frequency)")
+        freqs = blocks.dense(self.kinds["rope_freqs.weight"], t.data).astype(np.float32)
         if freqs.ndim != 1 or not freqs.size or not np.all(np.isfinite(freqs) & (freqs > 0)):
             raise CheckpointError(f"{self.path}: rope_freqs.weight is not a vector of positive "
                                   "factors")

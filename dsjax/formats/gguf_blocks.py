@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as Q
 
+from dsjax.quant.weights import pack_int4
 from dsjax.weights import QuantizedWeight
 
 GROUP = 32  # elements of K per block, for every mapped type
@@ -111,8 +112,7 @@ def quantized(kind: Q, parts: list[np.ndarray]) -> QuantizedWeight:
     zeros = None if symmetric else np.ascontiguousarray(
         np.concatenate([z for _, _, z in decoded]).T)
     if bits == 4:
-        half = codes.shape[0] // 2
-        values = codes[:half] | (codes[half:] << 4)  # dsjax.quant.weights.pack_int4
+        values = pack_int4(codes)
     else:
         values = np.ascontiguousarray(codes)
     return QuantizedWeight(values, scales, zeros, bits, GROUP)

@@ -18,6 +18,7 @@ import pytest
 
 import dsjax
 from converters.loader import CheckpointError
+from dsjax.integrity import NonFiniteWeights
 from dsjax.model import flatten
 from dsjax.weights import QuantizedWeight
 from tests.conftest import hf_greedy, hf_logits, llama_model, prompt
@@ -249,6 +250,8 @@ Q = "model.layers.0.self_attn.q_proj"
 BAD = {
     "scale_shape": (None, lambda t: t.update({f"{Q}.weight_scale": t[f"{Q}.weight_scale"][:, :1].contiguous()}),
                     rf"{Q}.weight_scale' is float32 \(256, 1\), expected .*\(256, 2\)"),
+    "weight_shape": (None, lambda t: t.update({f"{Q}.weight_shape": torch.tensor([256, -8])}),
+                     rf"{Q}.weight_shape' gives the weight shape \[256, -8\]"),
     "missing_scale": (None, lambda t: t.pop(f"{Q}.weight_scale"),
                       rf"{Q}.weight_scale' is missing"),
     "format": (lambda q: q["config_groups"]["group_0"].update(format="marlin-24"), None,
@@ -281,6 +284,20 @@ def test_fp8_without_a_quantization_config_is_refused(checkpoint, tmp_path):
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="unsupported dtype F8_E4M3"):
         dsjax.sources.open_source(directory)
+
+
+def test_a_nan_fp8_code_is_named(checkpoint, tmp_path):
+    """FP8 codes are floats: one NaN code (e4m3 has no inf; 0x7F is its NaN, while all-ones
+    exponents with other mantissas are finite) is refused naming the weight, not NaN logits."""
+    directory = _variant(checkpoint, tmp_path, name="fp8_block_hf")
+    tensors = load_file(directory / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    codes = tensors[name].view(torch.uint8).clone()
+    codes[3, 5] = 0x7F
+    tensors[name] = codes.view(torch.float8_e4m3fn)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteWeights, match="layers.0.mlp.down"):
+        _engine(directory)
 
 
 def test_in_memory_compressed_model_names_the_way_to_read_it(checkpoint):

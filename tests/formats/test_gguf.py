@@ -6,7 +6,6 @@ transformers loading the same file."""
 from __future__ import annotations
 
 import logging
-import struct
 
 import jax
 import numpy as np
@@ -114,7 +113,8 @@ def add_tokenizer(w) -> None:
 def write_gguf(path, model, arch: str, qtype=T.F32, raw: dict | None = None, skip=(),
                meta: dict | None = None, extra: dict | None = None):
     """model as a GGUF file: 2-D weights (the embedding too) in qtype, norms and biases F32;
-    raw {name: (uint8 bytes, type)} replaces tensors; meta overrides {key: value} (ints);
+    raw {name: (uint8 bytes, type)} replaces tensors; meta overrides {key: value} (ints, floats,
+    strings);
     extra {name: float32 array} adds tensors."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -124,7 +124,8 @@ def write_gguf(path, model, arch: str, qtype=T.F32, raw: dict | None = None, ski
             "attention.head_count": cfg.num_attention_heads,
             "attention.head_count_kv": cfg.num_key_value_heads, **(meta or {})}
     for key, value in meta.items():
-        w.add_uint32(f"{arch}.{key}", value)
+        add = {str: w.add_string, float: w.add_float32}.get(type(value), w.add_uint32)
+        add(f"{arch}.{key}", value)
     w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else 10000.0)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -244,9 +245,35 @@ def test_llama3_rope_factors(tmp_path):
     assert engine.config.rope_scaling.kind == "llama3" and engine.config.rope_scaling.factor == 8
     np.testing.assert_allclose(np.asarray(engine(np.array(IDS))), hf_logits(model, IDS),
                                atol=1e-4, rtol=1e-4)
+    path = write_gguf(tmp_path / "long.gguf", model, "llama",
+                      extra={"rope_freqs.weight": np.ones(4096, np.float32)})
+    with pytest.raises(CheckpointError, match=r"long\.gguf: rope_freqs\.weight has shape \[4096\]"):
+        dsjax.init_inference(str(path), progress=False)
     factors[0] = 3.0  # no Llama 3 scaling gives this
     path = write_gguf(tmp_path / "bad.gguf", model, "llama", extra={"rope_freqs.weight": factors})
     with pytest.raises(CheckpointError, match=r"bad\.gguf: rope_freqs\.weight holds rotary"):
+        dsjax.init_inference(str(path), progress=False)
+
+
+def test_linear_rope_factor_without_its_type(tmp_path):
+    """llama.cpp reads a missing {arch}.rope.scaling.type as "linear": a factor alone (or under
+    the older key rope.scale_linear) scales the positions; type "none" turns it off."""
+    model = hf_model("llama", seed=5, rope_scaling=dict(rope_type="linear", factor=4.0,
+                                                        rope_theta=10000.0))
+    for key in ("rope.scaling.factor", "rope.scale_linear"):
+        path = write_gguf(tmp_path / f"{key}.gguf", model, "llama", meta={key: 4.0})
+        engine = dsjax.init_inference(str(path), dtype="fp32", progress=False)
+        assert engine.config.rope_scaling.kind == "linear", key
+        assert engine.config.rope_scaling.factor == 4, key
+        np.testing.assert_allclose(np.asarray(engine(np.array(IDS))), hf_logits(model, IDS),
+                                   atol=1e-4, rtol=1e-4, err_msg=key)
+    path = write_gguf(tmp_path / "none.gguf", model, "llama",
+                      meta={"rope.scaling.type": "none", "rope.scaling.factor": 4.0})
+    engine = dsjax.init_inference(str(path), dtype="fp32", progress=False)
+    assert engine.config.rope_scaling is None
+    path = write_gguf(tmp_path / "both.gguf", model, "llama", meta={"rope.scaling.factor": 4.0},
+                      extra={"rope_freqs.weight": np.ones(8, np.float32)})
+    with pytest.raises(CheckpointError, match=r"both\.gguf: .*rope_freqs\.weight"):
         dsjax.init_inference(str(path), progress=False)
 
 
@@ -382,74 +409,3 @@ def test_k_quants_are_dequantized_exactly(tmp_path, caplog):
                                   gguf.quants.dequantize(v, T.Q6_K).T)
     np.testing.assert_array_equal(np.asarray(down_w), gguf.quants.dequantize(down, T.Q4_K).T)
     assert isinstance(flat["layers.1.attn.qkv.kernel"], QuantizedWeight)
-
-
-# ----------------------------------------------------------------------------- bad files
-
-@pytest.fixture(scope="module")
-def good_file(tmp_path_factory):
-    model = hf_model("llama", seed=3)
-    return model, write_gguf(tmp_path_factory.mktemp("good") / "good.gguf", model, "llama", T.Q8_0)
-
-
-def test_bad_magic_and_truncation(good_file, tmp_path):
-    _, path = good_file
-    raw = path.read_bytes()
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"GGUX" + raw[4:])
-    with pytest.raises(CheckpointError, match=r"bad\.gguf: is not a GGUF file"):
-        dsjax.init_inference(str(bad), progress=False)
-    for keep in (20, 2000, len(raw) - 100):  # inside the header, the metadata, the tensor data
-        cut = tmp_path / f"cut{keep}.gguf"
-        cut.write_bytes(raw[:keep])
-        with pytest.raises(CheckpointError, match=rf"cut{keep}\.gguf: .*truncated"):
-            dsjax.init_inference(str(cut), progress=False)
-
-
-def test_unsupported_type_is_named(good_file, tmp_path):
-    model, _ = good_file
-    kind = T.Q8_1  # a type gguf.quants cannot dequantize
-    block, size = gguf.GGML_QUANT_SIZES[kind]
-    raw = np.zeros((128, 64 // block * size), np.uint8)
-    path = write_gguf(tmp_path / "u.gguf", model, "llama", raw={"blk.1.ffn_up.weight": (raw, kind)})
-    with pytest.raises(CheckpointError, match=r"u\.gguf: tensor 'blk\.1\.ffn_up\.weight' is stored "
-                                              r"as Q8_1"):
-        dsjax.init_inference(str(path), progress=False)
-
-
-def test_missing_tensor_and_shape_mismatch(good_file, tmp_path):
-    model, _ = good_file
-    path = write_gguf(tmp_path / "m.gguf", model, "llama", skip=("blk.1.attn_k.weight",))
-    with pytest.raises(CheckpointError, match=r"m\.gguf: .*missing, e\.g\. 'blk\.1\.attn_k\."):
-        dsjax.init_inference(str(path), progress=False)
-    path = write_gguf(tmp_path / "s.gguf", model, "llama", meta={"feed_forward_length": 96})
-    with pytest.raises(CheckpointError, match=r"s\.gguf: .*ffn_gate\.weight.*shape"):
-        dsjax.init_inference(str(path), progress=False)
-
-
-def test_unknown_architecture_and_block_count(good_file, tmp_path):
-    model, path = good_file
-    raw = path.read_bytes()
-    other = tmp_path / "a.gguf"  # "llama" -> "llamb" everywhere: architecture and its keys
-    other.write_bytes(raw.replace(b"llama", b"llamb"))
-    with pytest.raises(CheckpointError, match=r"a\.gguf: general\.architecture 'llamb' is not"):
-        dsjax.init_inference(str(other), progress=False)
-    # blk.0.ffn_up [ne0=64, ne1=128] Q8_0 -> ne0 = 48: not a whole number of 32-value blocks
-    name = b"blk.0.ffn_up.weight"
-    at = raw.index(struct.pack("<Q", len(name)) + name) + 8 + len(name) + 4
-    assert struct.unpack("<Q", raw[at:at + 8])[0] == 64
-    odd = tmp_path / "b.gguf"
-    odd.write_bytes(raw[:at] + struct.pack("<Q", 48) + raw[at + 8:])
-    with pytest.raises(CheckpointError, match=r"b\.gguf: .*(blocks|multiple)"):
-        dsjax.init_inference(str(odd), progress=False)
-
-
-def test_non_finite_scale_is_named(good_file, tmp_path):
-    model, _ = good_file
-    x = gguf_tensors(model, "llama")["blk.1.ffn_down.weight"]
-    blocks = gguf.quants.quantize(x, T.Q8_0).reshape(x.shape[0], -1, 34)
-    blocks[3, 1, :2] = np.array([np.inf], np.float16).view(np.uint8)  # one block's d
-    path = write_gguf(tmp_path / "n.gguf", model, "llama", T.Q8_0,
-                      raw={"blk.1.ffn_down.weight": (blocks.reshape(x.shape[0], -1), T.Q8_0)})
-    with pytest.raises(ValueError, match=r"n\.gguf: weight 'layers\.1\.mlp\.down\.kernel'"):
-        dsjax.init_inference(str(path), progress=False)
