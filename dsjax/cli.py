@@ -67,6 +67,7 @@ def _parallel_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-device (a dp x pp x tp mesh over jax.devices())")
     g.add_argument("--tp", type=_at_least(1), default=1, help="tensor-parallel degree (default 1)")
     g.add_argument("--pp", type=_at_least(1), default=1, help="pipeline stages (default 1)")
+    g.add_argument("--dp", type=_at_least(1), default=1, help="data-parallel replicas (default 1)")
     g.add_argument("--micro-batches", type=_at_least(1),
                    help="pipeline micro-batches the batch is cut into (default: --pp)")
 
@@ -76,7 +77,9 @@ def _parallel(args) -> dict:
     pipe = {"pp_size": args.pp}
     if args.micro_batches is not None:
         pipe["micro_batches"] = args.micro_batches
-    return dict(tensor_parallel={"tp_size": args.tp}, pipeline_parallel=pipe)
+    return dict(tensor_parallel={"tp_size": args.tp}, pipeline_parallel=pipe,
+                data_parallel={"dp_size": args.dp},
+                distributed=bool(os.environ.get("DSJAX_COORDINATOR")))  # under dsjax launch
 
 
 def _quant(args) -> dict | None:
@@ -134,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_embed.add_parser(sub)
     cli_serve.add_parser(sub)
+    sub.add_parser("launch", add_help=False,  # run by dsjax.launch, listed here for --help
+                   help="N local processes of one dsjax command over one mesh "
+                   "(dsjax launch -n N -- generate ...; see dsjax launch -h)")
     _bench_parser(sub)
 
     p = sub.add_parser("convert", help="convert an HF checkpoint into a dsjax checkpoint",
@@ -155,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         from dsjax import bench_serve
 
         return bench_serve.main(argv[2:])
+    if argv[:1] == ["launch"]:  # N processes of one command (jax.distributed): its own flags
+        from dsjax import launch
+
+        return launch.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.no_compilation_cache:
         os.environ["DSJAX_COMPILATION_CACHE"] = "0"

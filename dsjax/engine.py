@@ -23,7 +23,7 @@ from dsjax.config import QUANTIZED_DTYPES, InferenceConfig, ModelConfig, dtype_n
 from dsjax.encoders import module_for
 from dsjax.engines import DecoderEngine, EncoderEngine, InferenceEngine
 from dsjax.model import abstract_model, flatten, unflatten
-from dsjax.parallel import pipeline
+from dsjax.parallel import distributed, pipeline
 from dsjax.parallel.mesh import Parallel
 from dsjax.policy import KernelPolicy
 from dsjax.quant import QuantSpec, quantizable, quantize_flat
@@ -59,8 +59,11 @@ class Options:
     kv_cache_dtype: "auto" (the compute dtype) or "int8" (K/V quantized per token and head).
     seed: for random weights. devices: the mesh's devices. progress: a progress bar while
       converting. check_finite: refuse weights holding NaN or inf after loading (default True;
-      False skips the check). seed, devices, progress and check_finite are not DeepSpeed
-      config keys.
+      False skips the check). distributed: one process of several (one per host) joins the
+      others first (dsjax.parallel.distributed: DSJAX_* or JAX's own environment variables;
+      a caller's earlier jax.distributed.initialize counts) and the mesh spans every
+      process's devices. seed, devices, progress, check_finite and distributed are not
+      DeepSpeed config keys.
     """
 
     dtype: object = None
@@ -79,11 +82,13 @@ class Options:
     devices: object = None
     progress: bool = True
     check_finite: bool = True
+    distributed: bool = False
 
-    CALL_ONLY = ("seed", "devices", "progress", "check_finite")  # not DeepSpeed config keys
+    # not DeepSpeed config keys
+    CALL_ONLY = ("seed", "devices", "progress", "check_finite", "distributed")
 
     def __post_init__(self):
-        for name in ("replace_with_kernel_inject", "progress", "check_finite"):
+        for name in ("replace_with_kernel_inject", "progress", "check_finite", "distributed"):
             validate.boolean(name, getattr(self, name))
         object.__setattr__(self, "seed", validate.integer("seed", self.seed))
         if self.max_out_tokens is not None:
@@ -132,6 +137,8 @@ def init_inference(model, config: dict | None = None, **options) -> InferenceEng
     config: a DeepSpeed-style dict with the same keys as the keyword options (see Options).
     """
     opts = Options.parse(config, options)
+    if opts.distributed:
+        distributed.initialize()
     compile_cache.enable()
     source = open_source(model)
     icfg = inference_config(opts, source)
@@ -243,8 +250,8 @@ def check_plan(cfg: ModelConfig, icfg: InferenceConfig, par: Parallel, devices=N
         raise ValueError(f"this {cfg.family} model's expert (MoE) layers are quantized on one "
                          "device or dp replicas; tensor, pipeline and expert parallelism take "
                          "them in the weights' dtype for now: drop quant or the parallelism")
-    if par.is_parallel:
-        par.check_devices(devices)
+    if par.is_parallel or distributed.multiprocess():
+        par.check_processes(devices)
         if prequantized:
             raise ValueError("this checkpoint stores quantized weights, which are sliced "
                              "for one device; for tensor/pipeline parallelism load the "
@@ -258,7 +265,11 @@ def check_plan(cfg: ModelConfig, icfg: InferenceConfig, par: Parallel, devices=N
 
 
 def _first_device(par: Parallel, devices):
-    return par.check_devices(devices)[0] if par.is_parallel else jax.devices()[0]
+    """The first device of this process that the engine uses."""
+    if not par.is_parallel:
+        return jax.local_devices()[0]
+    return next(d for d in par.check_devices(devices)[:par.devices]
+                if d.process_index == jax.process_index())
 
 
 def load_params(source: Source, icfg: InferenceConfig, *, host: bool, seed: int,

@@ -13,7 +13,7 @@ import numpy as np
 from dsjax import generate as gen
 from dsjax.encoders import module_for
 from dsjax.model import abstract_model, flatten
-from dsjax.parallel import offload, pipeline
+from dsjax.parallel import distributed, offload, pipeline
 from dsjax.weights import stored_params
 
 
@@ -85,8 +85,9 @@ class MeshRunner:
         rows = -(-B // dp) * dp
         ids, mask = (np.concatenate([a, np.repeat(a[-1:], rows - B, 0)]).reshape(dp, rows // dp, -1)
                      for a in (ids, mask))
-        logits = pipeline.forward(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask),
-                                  plan=self.plan, specs=self.specs)
+        logits = distributed.gather(pipeline.forward(
+            self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask), plan=self.plan,
+            specs=self.specs))
         return logits.reshape(rows, *logits.shape[2:])[:B]
 
     def generate_program(self, tokens, lengths, key, pad_id, request: gen.Request, *,
@@ -104,6 +105,8 @@ class MeshRunner:
                   int8_cache=prog.int8_cache)
         if par.offload_kv:
             return offload.generate_offloaded, args, dict(kw, ticks=self._ticks)
+        if distributed.multiprocess():
+            return _gathered(pipeline.generate), args, kw
         return pipeline.generate, args, kw
 
     def rows(self, x):
@@ -114,7 +117,9 @@ class MeshRunner:
 
     @property
     def device(self):
-        return self.plan.mesh.devices.flat[0]
+        """The mesh's first device of this process."""
+        return next(d for d in self.plan.mesh.devices.flat
+                    if d.process_index == jax.process_index())
 
     def stored_params(self) -> dict:
         raise ValueError("save() writes single-device checkpoints; this engine's weights are "
@@ -126,6 +131,14 @@ class MeshRunner:
         cfg = self.plan.cfg
         _, expected = abstract_model(cfg, module=module_for(cfg))
         return sum(int(np.prod(x.shape)) for x in expected.values())
+
+
+def _gathered(fn):
+    """fn whose outputs, sharded over several processes' devices, reach every process whole."""
+    def run(*args, **kw):
+        return distributed.gather(fn(*args, **kw))
+    run.lower = fn.lower
+    return run
 
 
 def _mesh_request(req: gen.Request, prog: gen.Program):

@@ -65,7 +65,8 @@ class RandomSource(Source):
         self.config, self.generation = config, generation or {}
 
     def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
-        where = jax.default_device(jax.devices("cpu")[0]) if host else contextlib.nullcontext()
+        cpu = jax.local_devices(backend="cpu")[0]  # this process's, over several processes
+        where = jax.default_device(cpu) if host else contextlib.nullcontext()
         with where:
             return _each(random_params(self.config, dtype, seed, module=module_for(self.config)),
                          each)
@@ -86,7 +87,7 @@ class CheckpointSource(Source):
         if self.stored_layout:
             expected = abstract_layout(expected, self.stored_layout)
         params = checkpoint.restore(self.path, expected, dtype, meta=self.meta,
-                                    device=jax.devices("cpu")[0] if host else None)
+                                    device=jax.local_devices(backend="cpu")[0] if host else None)
         if check_finite:
             integrity.check_all(flatten(params), str(self.path))
         return _each(params, each)

@@ -107,6 +107,22 @@ class Parallel:
                              "XLA_FLAGS=--xla_force_host_platform_device_count=N")
         return devices
 
+    def check_processes(self, devices=None) -> list:
+        """check_devices, and over several processes (jax.distributed): the mesh takes every
+        device of every process, and no host-driven schedule (offload_kv) runs."""
+        devices = self.check_devices(devices)
+        if jax.process_count() == 1:
+            return devices
+        if len(devices) != self.devices:
+            raise ValueError(f"over {jax.process_count()} processes the mesh takes all "
+                             f"{len(devices)} devices (each process drives its own): "
+                             f"dp x pp x tp = {self.dp} x {self.pp} x {self.tp} = "
+                             f"{self.devices}; choose degrees whose product is {len(devices)}")
+        if self.offload_kv:
+            raise ValueError("offload_kv runs its ticks from one host: it is not available "
+                             "over several processes")
+        return devices
+
     def check(self, cfg: ModelConfig) -> None:
         """Model-side errors: heads, MLP width or layers that the degrees do not divide."""
         if not self.is_parallel:

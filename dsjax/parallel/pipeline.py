@@ -50,7 +50,7 @@ from dsjax import generate as gen
 from dsjax.cache import KVCache
 from dsjax.config import ModelConfig
 from dsjax.model import abstract_model, unflatten
-from dsjax.parallel import tensor
+from dsjax.parallel import distributed, tensor
 from dsjax.parallel.mesh import Parallel
 from dsjax.policy import ONCE
 from dsjax.quant import QuantSpec, quantizable, quantize
@@ -131,7 +131,7 @@ def _put(x, mesh: Mesh, how: tensor.Slicing, *, layer: bool, ep: int = 1):
         if how.experts and ep > 1:
             axes[0] = tensor.EXPERT_AXIS
         spec = PS("pp", *axes) if layer else PS(*axes)
-        return jax.device_put(a, NamedSharding(mesh, spec))
+        return distributed.place(a, NamedSharding(mesh, spec))
     return jax.tree.map(put, x)
 
 

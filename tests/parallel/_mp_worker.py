@@ -1,0 +1,82 @@
+"""One process of a multi-process test (tests/parallel/test_multiprocess.py): joins the others
+through DSJAX_* environment variables, builds a tiny random model over the global mesh,
+generates, and writes its tokens as JSON.
+
+    python _mp_worker.py CASES OUT.json     (CASES: see main)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+CASES = {  # mesh degrees, dp x pp x tp = 8 over two processes of 4 devices
+    "tp": dict(tensor_parallel=8),
+    "pp": dict(tensor_parallel=4, pipeline_parallel=2),
+    "dp": dict(tensor_parallel=4, data_parallel=2),
+}
+PROMPTS = [[1, 5, 9, 13], [1, 7], [1, 2, 3, 4, 5, 6], [1, 100, 200]]
+
+
+def config():
+    from dsjax.config import ModelConfig
+
+    return ModelConfig(family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=8,
+                       num_kv_heads=8, intermediate_size=128, norm="rmsnorm", activation="silu",
+                       gated_mlp=True, positions="rotary")
+
+
+def run(engine, case: str) -> dict:
+    """Greedy tokens with their log-probabilities of PROMPTS; sampled tokens (fixed key), or
+    for the dp case engine(ids)'s logits instead (a program fewer to compile)."""
+    import jax
+
+    greedy = engine.generate(PROMPTS, max_new_tokens=6, eos_token_id=[], return_logprobs=True)
+    out = dict(greedy=greedy.sequences, logprobs=greedy.logprobs.tolist())
+    if case == "dp":
+        out["logits"] = np.asarray(engine([PROMPTS[0][:2], PROMPTS[1]])).tolist()
+    else:
+        out["sampled"] = engine.generate(PROMPTS, max_new_tokens=6, eos_token_id=[],
+                                         do_sample=True, temperature=1.0,
+                                         prng_key=jax.random.key(7)).sequences
+    return out
+
+
+def engine_for(case: str, **kw):
+    import dsjax
+
+    return dsjax.init_inference(config(), dtype="fp32", max_out_tokens=16, progress=False,
+                                seed=3, **{**CASES[case], **kw})
+
+
+def main(cases: str, out: str) -> None:
+    """cases: comma-separated names of CASES, each run in turn; "die-R" / "die-R-late":
+    rank R leaves right after joining / after building its engine (the others must fail,
+    not hang)."""
+    from dsjax.parallel import distributed
+
+    distributed.initialize()
+    rank = int(os.environ["DSJAX_PROCESS_ID"])
+    if cases.startswith("die-"):
+        _, dying, *late = cases.split("-")
+        if not late and rank == int(dying):
+            os._exit(3)
+        engine = engine_for("tp", distributed=True)
+        if rank == int(dying):
+            os._exit(3)
+        run(engine, "tp")
+        return
+    result = {case: run(engine_for(case, distributed=True), case) for case in cases.split(",")}
+    try:  # degrees that leave devices out: an error before any weight is read
+        engine_for("tp", distributed=True, tensor_parallel=4)
+    except ValueError as e:
+        result["error"] = str(e)
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

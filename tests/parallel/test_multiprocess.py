@@ -1,0 +1,168 @@
+"""Several processes, one mesh: two CPU processes of 4 devices each (gloo collectives) run
+tensor, pipeline and data parallelism over all 8 devices (tests/parallel/_mp_worker.py), and
+give the tokens of this process's one-process engine on its 8 simulated devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsjax.launch import free_port
+from tests.parallel import _mp_worker as worker
+
+WORKER = Path(worker.__file__)
+ROOT = WORKER.parents[2]
+
+
+def _env(rank: int, port: int) -> dict:
+    flags = os.environ.get("XLA_FLAGS", "").replace("device_count=8", "device_count=4")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    return dict(env, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+                DSJAX_COMPILATION_CACHE="0",  # no persistent cache shared between ranks
+                DSJAX_COORDINATOR=f"127.0.0.1:{port}", DSJAX_NUM_PROCESSES="2",
+                DSJAX_PROCESS_ID=str(rank), DSJAX_HEARTBEAT_TIMEOUT="5")
+
+
+class Pair:
+    """Two worker processes on `cases`; their outputs go to files under `tmp`."""
+
+    def __init__(self, cases: str, tmp: Path):
+        port, self.tmp = free_port(), tmp
+        self.logs = [open(tmp / f"log{r}.txt", "w") for r in range(2)]
+        self.procs = [subprocess.Popen(
+            [sys.executable, str(WORKER), cases, str(tmp / f"out{r}.json")], env=_env(r, port),
+            stdout=self.logs[r], stderr=subprocess.STDOUT, cwd=ROOT) for r in range(2)]
+
+    def wait(self, timeout: float, fail_fast: bool) -> list[int | None]:
+        """Exit codes (None: still running at the timeout, then killed); fail_fast kills the
+        other process as soon as one fails."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in self.procs]
+            if all(c is not None for c in codes) or (fail_fast and any(codes)):
+                break
+            time.sleep(0.2)
+        codes = [p.poll() for p in self.procs]
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in self.logs:
+            f.close()
+        return codes
+
+    def log(self, rank: int) -> str:
+        return (self.tmp / f"log{rank}.txt").read_text()[-3000:]
+
+    def result(self, rank: int) -> dict:
+        return json.loads((self.tmp / f"out{rank}.json").read_text())
+
+
+def test_two_processes_give_the_one_process_tokens(tmp_path):
+    cases = list(worker.CASES)
+    pair = Pair(",".join(cases), tmp_path)
+    try:  # the one-process reference, on this process's 8 devices, while they run
+        expected = {case: worker.run(worker.engine_for(case), case) for case in cases}
+    finally:
+        codes = pair.wait(timeout=180, fail_fast=True)
+    assert codes == [0, 0], f"exit codes {codes}\n{pair.log(0)}\n{pair.log(1)}"
+    got = [pair.result(r) for r in range(2)]
+    assert got[0] == got[1]
+    for case in cases:
+        assert got[0][case]["greedy"] == expected[case]["greedy"], case
+        assert got[0][case].get("sampled") == expected[case].get("sampled"), case
+        for numbers in ("logprobs", "logits"):
+            np.testing.assert_allclose(got[0][case].get(numbers, 0.0),
+                                       expected[case].get(numbers, 0.0), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{case} {numbers}")
+    assert "choose degrees whose product is 8" in got[0]["error"]
+
+
+@pytest.mark.parametrize("cases", ["die-0", "die-1-late"])
+def test_a_dead_process_fails_the_other(tmp_path, cases):
+    """Rank 0 (the coordinator) dies right after joining, or rank 1 after building its
+    engine: the survivor exits non-zero within the heartbeat timeout, never hangs."""
+    start = time.monotonic()
+    pair = Pair(cases, tmp_path)
+    codes = pair.wait(timeout=60, fail_fast=False)
+    assert None not in codes, f"a process still ran after 60 s\n{pair.log(0)}\n{pair.log(1)}"
+    assert all(codes), codes
+    assert time.monotonic() - start < 60
+    survivor = 1 if cases == "die-0" else 0
+    assert "another task died" in pair.log(survivor)
+
+
+def test_partial_environment_is_a_clear_error(monkeypatch):
+    from dsjax.parallel import distributed
+
+    monkeypatch.setattr(distributed.jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("DSJAX_COORDINATOR", "127.0.0.1:1234")
+    monkeypatch.delenv("DSJAX_NUM_PROCESSES", raising=False)
+    with pytest.raises(ValueError, match="set all of DSJAX_COORDINATOR"):
+        distributed.initialize()
+    monkeypatch.setenv("DSJAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("DSJAX_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match="must be in 0..1"):
+        distributed.initialize()
+
+
+def test_launch_runs_one_command_on_every_rank(monkeypatch):
+    import io
+
+    from dsjax import launch
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("DSJAX_COMPILATION_CACHE", "0")
+    out = io.StringIO()
+    code = launch.main(["-n", "2", "--cpu-devices", "4", "--", "-q", "generate", "--model",
+                        "tiny-llama", "--prompt", "hello", "--tp", "4", "--pp", "2", "--dtype",
+                        "fp32", "--max-new-tokens", "3", "--max-out-tokens", "16"], out=out)
+    lines = out.getvalue().splitlines()
+    assert code == 0, "\n".join(lines[-20:])
+    texts = [[ln[4:] for ln in lines if ln.startswith(f"[{r}] [0] hello")] for r in range(2)]
+    assert len(texts[0]) == 1 and texts[0] == texts[1]
+
+
+def test_launch_stops_the_others_when_one_fails():
+    import io
+
+    from dsjax import launch
+
+    script = ("import os, sys, time\n"
+              "rank = int(os.environ['DSJAX_PROCESS_ID'])\n"
+              "print('rank', rank, os.environ['DSJAX_NUM_PROCESSES'], flush=True)\n"
+              "time.sleep(60 * rank)\n"
+              "sys.exit(0 if rank else 5)\n")
+    out, start = io.StringIO(), time.monotonic()
+    assert launch.run([sys.executable, "-c", script], 2, out=out) == 5
+    assert time.monotonic() - start < 20
+    assert "[0] rank 0 2" in out.getvalue()
+    assert launch.main(["-n", "2"]) == 2  # no command: a usage line, nothing started
+
+
+def test_no_cluster_is_a_clear_error(monkeypatch):
+    import jax
+
+    from dsjax.parallel import distributed
+
+    def no_cluster(**kw):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    for name in distributed.ENV:
+        monkeypatch.delenv(name, raising=False)
+    before = jax.config.jax_cpu_collectives_implementation
+    try:
+        with pytest.raises(ValueError, match="found no cluster.*dsjax launch"):
+            distributed.initialize()
+    finally:
+        jax.config.update("jax_cpu_collectives_implementation", before)
