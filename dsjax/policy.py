@@ -140,11 +140,13 @@ class KernelPolicy:
         return 1 if platform == "cpu" else self.min_rows
 
     def describe(self) -> str:
-        """'pallas' / 'xla', or the per-op choice when they differ."""
-        names = {getattr(self, op) for op in PALLAS_OPS}
-        if len(names) == 1:
-            return names.pop()
-        return ", ".join(f"{op}={getattr(self, op)}" for op in PALLAS_OPS)
+        """'pallas' / 'xla' (as the injected ops run; the experts named where they differ),
+        or the per-op choice when they differ."""
+        names = {getattr(self, op) for op in INJECTED_OPS}
+        if len(names) > 1:
+            return ", ".join(f"{op}={getattr(self, op)}" for op in PALLAS_OPS)
+        name = names.pop()
+        return name if self.experts == name else f"{name}, experts={self.experts}"
 
 
 # ----------------------------------------------------------------------------- the kernel log
