@@ -140,13 +140,13 @@ class KernelPolicy:
         return 1 if platform == "cpu" else self.min_rows
 
     def describe(self) -> str:
-        """'pallas' / 'xla' (as the injected ops run; the experts named where they differ),
-        or the per-op choice when they differ."""
+        """'pallas' / 'xla' (how the injected ops run; the experts named when they run the
+        grouped GEMM, which injection leaves out), or the per-op choice when they differ."""
         names = {getattr(self, op) for op in INJECTED_OPS}
         if len(names) > 1:
             return ", ".join(f"{op}={getattr(self, op)}" for op in PALLAS_OPS)
         name = names.pop()
-        return name if self.experts == name else f"{name}, experts={self.experts}"
+        return name if self.experts == "xla" else f"{name}, experts={self.experts}"
 
 
 # ----------------------------------------------------------------------------- the kernel log
