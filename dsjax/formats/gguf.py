@@ -36,6 +36,7 @@ from converters.policy import (CONCAT_TRANSPOSED, TRANSPOSE, checked_rules, conv
                                match)
 from dsjax import integrity
 from dsjax.formats import gguf_blocks as blocks
+from dsjax.formats.gguf_header import check_metadata
 from dsjax.model import rope_inv_freq, unflatten
 from dsjax.quant import QuantSpec
 from dsjax.weights import is_gemm
@@ -106,6 +107,7 @@ def open_reader(path: Path) -> GGUFReader:
     if magic != MAGIC:
         raise CheckpointError(f"{path}: is not a GGUF file (it starts with {magic!r}, not "
                               f"{MAGIC!r}; {size} bytes)")
+    check_metadata(path)  # bounded, before GGUFReader makes an object of every item
     try:
         reader = GGUFReader(path)
     except Exception as e:  # noqa: BLE001  any failure to parse an untrusted file is the file's

@@ -96,3 +96,24 @@ def test_metadata_of_the_wrong_type_is_named(good_file, tmp_path):
                       extra={"rope_freqs.weight": np.ones(8, np.float32)})
     with pytest.raises(CheckpointError, match=r"c\.gguf: llama\.rope\.scaling\.original_context"):
         dsjax.init_inference(str(path), progress=False)
+
+
+def test_huge_or_overrunning_metadata_is_refused_before_parsing(good_file, tmp_path):
+    """A metadata array declaring more items than are read, or more bytes than the file holds,
+    is an error naming the key before gguf's reader builds an object per item."""
+    from dsjax.formats import gguf_header
+
+    _, path = good_file
+    raw = path.read_bytes()
+
+    def count_at(key):  # the item count's offset: past the key, its type (array), the item type
+        return raw.index(key) + len(key) + 4 + 4
+    for key, count, match in ((b"tokenizer.ggml.tokens", gguf_header.MAX_ITEMS + 1, "declares"),
+                              (b"tokenizer.ggml.tokens", 1 << 40, "declares"),
+                              (b"tokenizer.ggml.token_type", gguf_header.MAX_ITEMS,
+                               "past the end")):
+        at, bad = count_at(key), tmp_path / f"count{count}.gguf"
+        bad.write_bytes(raw[:at] + struct.pack("<Q", count) + raw[at + 8:])
+        with pytest.raises(CheckpointError, match=f"count{count}.gguf.*{match}"):
+            dsjax.init_inference(str(bad), progress=False)
+    gguf_header.check_metadata(path)  # the good file passes
