@@ -106,19 +106,23 @@ class HFSource(Source):
         self.stored_layout = stored_layout(self.hf)  # compressed-tensors kernels, as stored
 
     def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
-        import converters
+        return _convert(self.hf.policy, self.hf.config, self.hf.tensors, expected, dtype,
+                        progress=progress, host=host, check_finite=check_finite, each=each)
 
-        origin = self.hf.tensors.origin
 
-        def put(path, x):  # each converted tensor (or QuantizedWeight), checked on the host
-            if check_finite:
-                integrity.check(path, x, origin)
-            x = x if host else jax.tree.map(jnp.asarray, x)
-            return x if each is None else each(path, x)
+def _convert(policy, config, tensors, expected, dtype, *, progress, host, check_finite, each):
+    """converters.convert over a TensorSource: each converted tensor (or QuantizedWeight the
+    source keeps quantized) checked on the host, then placed unless host, then each(path, x)."""
+    import converters
 
-        flat = converters.convert(self.hf.policy, self.hf.config, self.hf.tensors, expected, dtype,
-                                  progress, put=put)
-        return unflatten(flat)
+    def put(path, x):
+        if check_finite:
+            integrity.check(path, x, tensors.origin)
+        x = x if host else jax.tree.map(jnp.asarray, x)
+        return x if each is None else each(path, x)
+
+    return unflatten(converters.convert(policy, config, tensors, expected, dtype, progress,
+                                        put=put))
 
 
 def open_source(model) -> Source:
@@ -170,7 +174,9 @@ class GGUFSource(Source):
         self.generation = generation_defaults(self.file.hf_config, None, self.config.vocab_size)
 
     def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
-        return self.file.load(expected, dtype, host=host, check_finite=check_finite, each=each)
+        self.file.announce(dtype)
+        return _convert(self.file.policy, self.file.config, self.file.tensors, expected, dtype,
+                        progress=progress, host=host, check_finite=check_finite, each=each)
 
 
 def load_tokenizer(directory: Path | None, random_weights: bool):

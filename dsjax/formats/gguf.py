@@ -23,7 +23,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFReader
@@ -32,12 +31,10 @@ from gguf import GGMLQuantizationType as Q
 import converters
 from converters.hf_config import build_config, check_fields
 from converters.loader import CheckpointError, TensorSource, regular_file
-from converters.policy import (CONCAT_TRANSPOSED, TRANSPOSE, checked_rules, convert_rule, expand,
-                               match)
-from dsjax import integrity
+from converters.policy import CONCAT_TRANSPOSED, TRANSPOSE, expand, match
 from dsjax.formats import gguf_blocks as blocks
 from dsjax.formats.gguf_header import check_metadata
-from dsjax.model import rope_inv_freq, unflatten
+from dsjax.model import rope_inv_freq
 from dsjax.quant import QuantSpec
 from dsjax.weights import is_gemm
 
@@ -253,9 +250,9 @@ class GGUFFile:
         self._check_rope_freqs(freqs)
         self.policy = dataclasses.replace(base, prefix="", renames=TO_HF, prefix_for=None,
                                           ignore=base.ignore + (r"rope_freqs\.weight",))
-        self.tensors = TensorSource({n: functools.partial(self._dense, n) for n in self.kinds},
-                                    {t.name: tuple(int(d) for d in reversed(t.shape))
-                                     for t in self.reader.tensors}, str(self.path))
+        self.tensors = _Tensors({n: functools.partial(self._dense, n) for n in self.kinds},
+                                {t.name: tuple(int(d) for d in reversed(t.shape))
+                                 for t in self.reader.tensors}, str(self.path))
         self._check_missing()  # tied exactly when the file holds no output.weight: no untying
         self.rules, self.names = match(self.policy, self.config, self.tensors)
         self.stored_layout, self.dequantized = self._plan()
@@ -324,9 +321,13 @@ class GGUFFile:
             x = x.astype(np.float32) - 1.0  # llama.cpp stores Gemma's RMSNorm scales + 1
         return x
 
+    def _quantized(self, kind, names: list[str]):
+        return blocks.quantized(kind, [self._raw(n) for n in names])
+
     def _plan(self) -> tuple[dict, dict]:
         """({param path: QuantSpec} of the weights kept quantized, {reason: [tensor names]} of
-        those dequantized), from the tensor types alone."""
+        those dequantized), from the tensor types alone; the kept ones are registered with the
+        tensor source, which delivers them quantized."""
         layout, dequantized = {}, collections.defaultdict(list)
         for r in self.rules:
             names = [self.names[s] for s in r.sources]
@@ -335,7 +336,9 @@ class GGUFFile:
                 continue
             why = self._why_dense(r, kinds, names)
             if why is None:
-                bits, symmetric = blocks.MAPPED[kinds.pop()]
+                kind = next(iter(kinds))
+                self.tensors.kept[tuple(names)] = functools.partial(self._quantized, kind, names)
+                bits, symmetric = blocks.MAPPED[kind]
                 layout[r.target] = QuantSpec(bits=bits, group_size=blocks.GROUP,
                                              symmetric=symmetric,
                                              lm_head=r.target.endswith("lm_head.kernel"))
@@ -358,27 +361,25 @@ class GGUFFile:
             return "4-bit groups of 32 need K/2 divisible by 32"
         return None
 
-    def load(self, expected: dict, dtype, *, host: bool = False, check_finite: bool = True,
-             each=None) -> dict:
-        """Nested params shaped like `expected` (see dsjax.sources.Source.load)."""
-        rules, names = checked_rules(self.policy, self.config, self.tensors, expected)
+    def announce(self, dtype) -> None:
+        """The log line naming the tensors dequantized (and why), once per load."""
         if self.dequantized:
             log.info("dsjax: %s: dequantized exactly (to float32, then %s): %s", self.path.name,
                      jnp.dtype(dtype).name, "; ".join(f"{', '.join(ns)}: {why}"
                                                       for why, ns in self.dequantized.items()))
-        np_dtype = np.dtype(jnp.dtype(dtype))
-        params = {}
-        for r in rules:
-            if r.target in self.stored_layout:
-                kind = self.kinds[names[r.sources[0]]]
-                x = blocks.quantized(kind, [self._raw(names[s]) for s in r.sources])
-            else:
-                x = convert_rule(r, names, self.tensors, np_dtype)
-            if check_finite:
-                integrity.check(r.target, x, str(self.path))
-            x = x if host else jax.tree.map(jnp.asarray, x)
-            params[r.target] = x if each is None else each(r.target, x)
-        return unflatten(params)
+
+
+class _Tensors(TensorSource):
+    """The file's tensors by name, dense when read; the kernels the plan keeps quantized come
+    as QuantizedWeight through quantized_kernel (converters.policy.convert_rule asks it)."""
+
+    def __init__(self, getters, shapes, origin):
+        super().__init__(getters, shapes, origin)
+        self.kept = {}  # (tensor names of one rule) -> () -> QuantizedWeight: filled by _plan
+
+    def quantized_kernel(self, transform: str, names: list[str]):
+        make = self.kept.get(tuple(names))
+        return None if make is None else make()
 
 
 def _counted(names: list[tuple[str, str]]) -> list[str]:
