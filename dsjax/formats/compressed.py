@@ -114,9 +114,8 @@ class QuantizedSource(TensorSource):
         if layout is None:
             return None
         lins = [self.linears[n] for n in names]
-        parts = [codes.fp8_to_quantized(self._stored(lin)["codes"], self._stored(lin)["scale"],
-                                        lin.scheme, *lin.shape) if layout.fp8 else
-                 codes.to_quantized(self._stored(lin), lin.scheme, *lin.shape, layout.bits)
+        parts = [codes.fp8_to_quantized(self._stored(lin), lin.scheme, *lin.shape) if layout.fp8
+                 else codes.to_quantized(self._stored(lin), lin.scheme, *lin.shape, layout.bits)
                  for lin in lins]
         return parts[0] if len(parts) == 1 else codes.fuse(parts)
 

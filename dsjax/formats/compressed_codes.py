@@ -100,13 +100,13 @@ def dequantize_fp8(weight: np.ndarray, scale: np.ndarray, scheme) -> np.ndarray:
     return w * np.repeat(np.repeat(s, bn, axis=0), bk, axis=1)[:N, :K]
 
 
-def fp8_to_quantized(weight: np.ndarray, scale: np.ndarray, scheme, N: int,
-                     K: int) -> QuantizedWeight:
-    """The exact dsjax QuantizedWeight [K, N] of an FP8 weight [N, K]: its e4m3 values
+def fp8_to_quantized(stored: dict, scheme, N: int, K: int) -> QuantizedWeight:
+    """The exact dsjax QuantizedWeight [K, N] of an FP8 weight [N, K] (stored codes and scale,
+    as to_quantized takes them): its e4m3 values
     transposed, its scales as [K/G, N] groups: one row for a tensor's or a channel's scale (G =
     K), a group's [N, K/G] transposed, a block's repeated over its rows of N (G = the block's
     columns of K). fp8_layout says which layouts fit (K a multiple of G)."""
-    s = np.asarray(scale).astype(np.float32)
+    s = np.asarray(stored["scale"]).astype(np.float32)
     if scheme.strategy == "tensor":
         cols = np.full((1, N), s.reshape(()), np.float32)
     elif scheme.strategy == "channel":
@@ -115,7 +115,7 @@ def fp8_to_quantized(weight: np.ndarray, scale: np.ndarray, scheme, N: int,
         cols = s.T
     else:
         cols = np.repeat(s, scheme.block[0], axis=0)[:N].T
-    values = np.ascontiguousarray(np.asarray(weight).T)
+    values = np.ascontiguousarray(np.asarray(stored["codes"]).T)
     return QuantizedWeight(values, np.ascontiguousarray(cols), None, 8, K // cols.shape[0])
 
 
