@@ -268,8 +268,7 @@ def _first_device(par: Parallel, devices):
     """The first device of this process that the engine uses."""
     if not par.is_parallel:
         return jax.local_devices()[0]
-    return next(d for d in par.check_devices(devices)[:par.devices]
-                if d.process_index == jax.process_index())
+    return distributed.first_own(par.check_devices(devices)[:par.devices])
 
 
 def load_params(source: Source, icfg: InferenceConfig, *, host: bool, seed: int,

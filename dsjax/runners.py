@@ -118,8 +118,7 @@ class MeshRunner:
     @property
     def device(self):
         """The mesh's first device of this process."""
-        return next(d for d in self.plan.mesh.devices.flat
-                    if d.process_index == jax.process_index())
+        return distributed.first_own(self.plan.mesh.devices.flat)
 
     def stored_params(self) -> dict:
         raise ValueError("save() writes single-device checkpoints; this engine's weights are "

@@ -76,6 +76,11 @@ def multiprocess() -> bool:
     return jax.process_count() > 1
 
 
+def first_own(devices):
+    """The first of `devices` that belongs to this process."""
+    return next(d for d in devices if d.process_index == jax.process_index())
+
+
 def place(x, sharding: Sharding) -> jax.Array:
     """A global array of host array `x` (the same on every process): each process slices out
     only the shards its own devices hold (a memmap view is read only there)."""
