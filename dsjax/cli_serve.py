@@ -58,7 +58,7 @@ def serve(args) -> int:
         options["quant"] = quant
     llm = LLM(args.model, **options)
     app = create_app(llm, args.served_model_name or args.model, api_key=args.api_key,
-                     max_waiting=args.max_waiting, chat_template=template)
+                     max_waiting=args.max_waiting, chat_template=template, fatal_warmup=True)
     # uvicorn drains on SIGTERM / SIGINT, then raises the signal again under the handlers it
     # found: these make that a clean exit (status 0) instead of death by the signal
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -324,11 +324,16 @@ class ServingEngine:
         todo = [(batch.Layout(n, s, eos, self.max_blocks), full) for n in _powers(16, top_n)
                 for s in _powers(4, top_s) if s <= max(n, 4) for full in (False, True)[:1 + sampling]]
         empty = {lay: self._buffer([[] for _ in self.scheds], lay) for lay, _ in todo}
+        start, done = time.perf_counter(), itertools.count(1)
 
         def compile_(job):
             lay, full = job
             self.program.lower(self.params, self.cache, empty[lay], self._no_tokens, layout=lay,
                                full=full).compile()
+            n = next(done)
+            if n % max(1, len(todo) // 8) == 0 or n == len(todo):
+                log.info("dsjax serving: compiled %d of %d step programs (%.0f s)", n, len(todo),
+                         time.perf_counter() - start)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(compile_, todo))
         for lay, full in todo:  # jit's own call path (tracing, the cache of compiled calls)

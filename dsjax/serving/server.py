@@ -11,6 +11,8 @@ request (its KV blocks freed at the next step).
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 
@@ -21,6 +23,8 @@ from fastapi.responses import JSONResponse, Response
 from dsjax.serving import openai_api as api
 from dsjax.serving.responses import chat_completion, completion
 from dsjax.serving.server_metrics import ServerMetrics
+
+log = logging.getLogger("dsjax")
 
 
 class Server:
@@ -33,14 +37,28 @@ class Server:
         self.metrics = ServerMetrics(llm.serving)
         self.created = int(time.time())
         self.admitting = 0  # choices accepted that have not had their first token yet
+        self.failed: str | None = None  # the warm-up's error
+        self.fatal_warmup = False
 
     def warm(self) -> None:
-        """Loads the tokenizer and compiles every step shape before reporting ready."""
-        self.llm.tokenizer.encode("warm up")
-        self.llm.serving.warmup()
+        """Loads the tokenizer and compiles every step shape before reporting ready. A failure
+        is logged and reported by /ready (500); with `fatal_warmup` the process exits (1)."""
+        try:
+            self.llm.tokenizer.encode("warm up")
+            self.llm.serving.warmup()
+        except Exception as e:  # noqa: BLE001 (reported, never left as a server that never warms)
+            self.failed = f"{type(e).__name__}: {e}"
+            log.exception("dsjax serve: the warm-up failed; the server cannot serve")
+            if self.fatal_warmup:
+                logging.shutdown()
+                os._exit(1)
+            return
         self.ready.set()
 
     def check_capacity(self, n: int) -> None:
+        if self.failed:
+            raise api.ApiError(500, f"the server's warm-up failed ({self.failed})",
+                               type="server_error")
         if not self.ready.is_set():
             raise api.ApiError(503, "the server is warming up", type="service_unavailable",
                                headers={"Retry-After": "5"})
@@ -61,8 +79,10 @@ class Server:
 
 
 def create_app(llm, name: str, *, api_key: str | None = None, max_waiting: int = 256,
-               chat_template: str | None = None, warm: bool = True) -> FastAPI:
+               chat_template: str | None = None, warm: bool = True,
+               fatal_warmup: bool = False) -> FastAPI:
     srv = Server(llm, name, api_key=api_key, max_waiting=max_waiting, chat_template=chat_template)
+    srv.fatal_warmup = fatal_warmup
 
     async def lifespan(app):
         if warm:
@@ -112,6 +132,8 @@ def _routes(app: FastAPI, srv: Server) -> None:
 
     @app.get("/ready")
     async def ready():
+        if srv.failed:
+            return JSONResponse({"status": "failed", "error": srv.failed}, status_code=500)
         if not srv.ready.is_set():
             return JSONResponse({"status": "warming up"}, status_code=503)
         return {"status": "ready"}

@@ -288,3 +288,36 @@ def test_bench_serve_measures_the_server(server, tmp_path):
     assert fig["goodput"] == pytest.approx(fig["request_throughput"])
     assert "TTFT" in (tmp_path / "bench-serve.md").read_text()
     assert len(fig["samples_ms"]["ttft"]) == 12 and len(fig["samples_ms"]["itl"]) > 0
+
+
+def test_a_failed_warmup_is_reported_not_left_warming():
+    """A warm-up that raises (e.g. out of memory compiling) is logged and answered: /ready and
+    every request say it failed and why (500), instead of 'warming up' forever."""
+    from dsjax.serving.server import create_app
+
+    class Serving:
+        scheds = []
+
+        def blocks_in_use(self):
+            return 0
+
+        def warmup(self):
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling")
+
+    class BrokenLLM:
+        serving, tokenizer = Serving(), type("Tok", (), {"encode": lambda self, s: [1]})()
+
+        def token_ids(self, prompt):
+            return [1]
+
+    app = create_app(BrokenLLM(), "m")
+    app.state.server.warm()
+
+    async def ask():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            return (await c.get("/ready"),
+                    await c.post("/v1/completions", json={"model": "m", "prompt": "hi"}))
+    ready, completion = asyncio.run(ask())
+    assert ready.status_code == 500 and "out of memory" in ready.json()["error"]
+    assert completion.status_code == 500 and "warm-up failed" in completion.text
