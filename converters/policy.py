@@ -23,6 +23,7 @@ import numpy as np
 
 from converters.loader import CheckpointError, TensorSource
 from dsjax.config import ModelConfig
+from dsjax.lazy import Lazy, Mapped, ReadCounter, Stored
 
 log = logging.getLogger("dsjax.converters")
 
@@ -56,9 +57,9 @@ def qkv_per_head(num_heads: int) -> Transform:
     """A fused QKV Linear stored per head, rows [H, 3, Dh] (BLOOM, GPT-NeoX, Megatron), ->
     dsjax's [in, q heads | k heads | v heads] kernel; 1-D biases are reordered the same way."""
 
-    def apply(x):
-        rest = x.shape[1:]  # (in,) for weights, () for biases
-        y = x.reshape((num_heads, 3, -1) + rest).swapaxes(0, 1).reshape(x.shape)
+    def apply(x):  # rows [H, 3, Dh] -> [3, H, Dh], as a gather (which lazy tensors take)
+        rows = np.arange(x.shape[0]).reshape(num_heads, 3, -1).swapaxes(0, 1).reshape(-1)
+        y = np.take(x, rows, axis=0)
         return y.T if y.ndim == 2 else y
 
     def shape(s):
@@ -257,12 +258,15 @@ def untie_if_head_differs(policy: Policy, cfg: ModelConfig, source: TensorSource
 
 def convert(policy: Policy, cfg: ModelConfig, source: TensorSource,
             expected: dict[str, jax.ShapeDtypeStruct], dtype, progress: bool = True,
-            put: Callable[[str, np.ndarray], jax.Array] | None = None) -> dict[str, jax.Array]:
-    """Runs the policy's table over `source`; returns {param path: device array} in `dtype`."""
+            put: Callable[[str, np.ndarray], jax.Array] | None = None,
+            counter: ReadCounter | None = None) -> dict[str, jax.Array]:
+    """Runs the policy's table over `source`; returns {param path: device array} in `dtype`.
+    With a counter, the values are lazy tensors (dsjax.lazy) that read only the blocks asked
+    of them, counting the bytes read."""
     rules, names = checked_rules(policy, cfg, source, expected)
     put = put or (lambda path, x: jnp.asarray(x))
     np_dtype = np.dtype(jnp.dtype(dtype))
-    return {r.target: put(r.target, convert_rule(r, names, source, np_dtype))
+    return {r.target: put(r.target, convert_rule(r, names, source, np_dtype, counter))
             for r in _progress(rules, progress, f"loading {policy.name}")}
 
 
@@ -285,16 +289,23 @@ def checked_rules(policy: Policy, cfg: ModelConfig, source: TensorSource,
     return rules, names
 
 
-def convert_rule(rule: Rule, names: dict, source: TensorSource, np_dtype: np.dtype) -> np.ndarray:
+def convert_rule(rule: Rule, names: dict, source: TensorSource, np_dtype: np.dtype,
+                 counter: ReadCounter | None = None) -> np.ndarray | Lazy:
     """One rule's parameter: its tensors read, transformed and cast to np_dtype; a kernel the
-    checkpoint stores quantized comes as its QuantizedWeight (TensorSource.quantized_kernel)."""
-    quantized = source.quantized_kernel(rule.transform.name, [names[s] for s in rule.sources])
+    checkpoint stores quantized comes as its QuantizedWeight (TensorSource.quantized_kernel).
+    With a counter: a lazy tensor, each block checked and cast as it is read."""
+    tensors = [names[s] for s in rule.sources]
+    quantized = source.quantized_kernel(rule.transform.name, tensors)
     if quantized is not None:
         return quantized
-    value = rule.transform.apply(*(source[names[s]] for s in rule.sources))
-    if np_dtype == np.float16:
-        _check_fits_fp16(value, source.origin, [names[s] for s in rule.sources])
-    return np.asarray(value, dtype=np_dtype)
+    read = (lambda n: Stored(source[n], counter)) if counter is not None else source.__getitem__
+    value = rule.transform.apply(*(read(n) for n in tensors))
+
+    def cast(v):
+        if np_dtype == np.float16:
+            _check_fits_fp16(v, source.origin, tensors)
+        return np.asarray(v, dtype=np_dtype)
+    return Mapped(value, cast, np_dtype) if isinstance(value, Lazy) else cast(value)
 
 
 _WIDER_THAN_FP16 = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))

@@ -144,8 +144,8 @@ def init_inference(model, config: dict | None = None, **options) -> InferenceEng
     icfg = inference_config(opts, source)
     par = opts.parallel()
     check_plan(source.config, icfg, par, opts.devices, prequantized=source.prequantized)
-    params = load_params(source, icfg, host=par.is_parallel, seed=opts.seed,
-                         progress=opts.progress, check_finite=opts.check_finite)
+    params = load_params(source, icfg, host=par.is_parallel, lazy=par.is_parallel,
+                         seed=opts.seed, progress=opts.progress, check_finite=opts.check_finite)
     return build_engine(source.config, params, inference=icfg, parallel=par,
                         devices=opts.devices, source=source)
 
@@ -272,13 +272,14 @@ def _first_device(par: Parallel, devices):
 
 
 def load_params(source: Source, icfg: InferenceConfig, *, host: bool, seed: int,
-                progress: bool, check_finite: bool = True, each=None) -> dict:
-    """The source's weights as nested params: on the default device, or host arrays for a mesh;
-    with check_finite, a weight holding NaN or inf is an error naming it; each(path, weight)
+                progress: bool, check_finite: bool = True, each=None, lazy: bool = False) -> dict:
+    """The source's weights as nested params: on the default device, or host arrays for a mesh
+    (lazy: read block by block as the mesh places them, where the source can); with
+    check_finite, a weight holding NaN or inf is an error naming it; each(path, weight)
     replaces every weight as it is made (see Source.load)."""
     _, expected = abstract_model(source.config, icfg.jnp_dtype, module=module_for(source.config))
     return source.load(expected, icfg.jnp_dtype, seed=seed, progress=progress, host=host,
-                       check_finite=check_finite, each=each)
+                       check_finite=check_finite, each=each, lazy=lazy)
 
 
 def quantize(params: dict, spec: QuantSpec | None) -> dict:

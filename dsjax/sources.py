@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from dsjax import checkpoint, integrity, presets, validate
 from dsjax.config import ModelConfig
 from dsjax.encoders import module_for
+from dsjax.lazy import Lazy, ReadCounter
 from dsjax.model import flatten, random_params, unflatten
 from dsjax.quant import QuantSpec, abstract_layout, abstract_quantized
 
@@ -31,7 +32,10 @@ class Source:
     default device, or as host arrays with host=True (to be sliced over a mesh: a model larger
     than one device is never made on one); with check_finite, a weight holding NaN or inf is an
     error (dsjax.integrity); each(path, array), if given, replaces every weight as it is made
-    (a converter calls it per tensor, so that e.g. quantizing never holds two full copies)."""
+    (a converter calls it per tensor, so that e.g. quantizing never holds two full copies).
+    With lazy=True (and host), a source that reads a file by offset (HF safetensors, GGUF)
+    returns lazy tensors (dsjax.lazy) that read only the blocks asked of them, each checked as
+    it is read, and counts the bytes read in `read`; the other sources return host arrays."""
 
     config: ModelConfig
     generation: dict  # eos_token_id / pad_token_id defaults
@@ -42,6 +46,7 @@ class Source:
     # or, where weights are stored each in its own format (GGUF files mix types): {param path:
     # QuantSpec}; load() returns those as QuantizedWeight, the others in `dtype`
     stored_layout: dict[str, QuantSpec] | None = None
+    read: ReadCounter | None = None  # bytes the lazy loads read (sources that read lazily)
 
     @property
     def prequantized(self) -> bool:
@@ -49,7 +54,7 @@ class Source:
         return self.stored_quant is not None or bool(self.stored_layout)
 
     def load(self, expected: dict, dtype, *, seed: int, progress: bool, host: bool = False,
-             check_finite: bool = True, each=None) -> dict:
+             check_finite: bool = True, each=None, lazy: bool = False) -> dict:
         raise NotImplementedError
 
 
@@ -64,7 +69,8 @@ class RandomSource(Source):
     def __init__(self, config: ModelConfig, generation: dict | None = None):
         self.config, self.generation = config, generation or {}
 
-    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
+    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None,
+             lazy=False):
         cpu = jax.local_devices(backend="cpu")[0]  # this process's, over several processes
         where = jax.default_device(cpu) if host else contextlib.nullcontext()
         with where:
@@ -81,7 +87,8 @@ class CheckpointSource(Source):
         self.stored_quant = checkpoint.stored_quant(self.meta)
         self.stored_layout = checkpoint.stored_layout(self.meta)
 
-    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
+    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None,
+             lazy=False):
         if self.stored_quant is not None:
             expected = abstract_quantized(expected, self.stored_quant)
         if self.stored_layout:
@@ -104,25 +111,36 @@ class HFSource(Source):
                                               self.config.vocab_size)
         self.generation_fields = generation_fields(self.hf.directory)
         self.stored_layout = stored_layout(self.hf)  # compressed-tensors kernels, as stored
+        self.read = ReadCounter()
 
-    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
+    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None,
+             lazy=False):
         return _convert(self.hf.policy, self.hf.config, self.hf.tensors, expected, dtype,
-                        progress=progress, host=host, check_finite=check_finite, each=each)
+                        progress=progress, host=host, check_finite=check_finite, each=each,
+                        counter=self.read if lazy and host else None)
 
 
-def _convert(policy, config, tensors, expected, dtype, *, progress, host, check_finite, each):
+def _convert(policy, config, tensors, expected, dtype, *, progress, host, check_finite, each,
+             counter=None):
     """converters.convert over a TensorSource: each converted tensor (or QuantizedWeight the
-    source keeps quantized) checked on the host, then placed unless host, then each(path, x)."""
+    source keeps quantized) checked on the host, then placed unless host, then each(path, x).
+    With a counter: lazy tensors, each block checked as it is read."""
     import converters
 
+    if counter is not None and each is not None:
+        raise ValueError("a lazy load takes no each(): its tensors are read block by block")
+
     def put(path, x):
+        if isinstance(x, Lazy):
+            return x.map(lambda b: (integrity.check(path, b, tensors.origin), b)[1]) \
+                if check_finite else x
         if check_finite:
             integrity.check(path, x, tensors.origin)
         x = x if host else jax.tree.map(jnp.asarray, x)
         return x if each is None else each(path, x)
 
     return unflatten(converters.convert(policy, config, tensors, expected, dtype, progress,
-                                        put=put))
+                                        put=put, counter=counter))
 
 
 def open_source(model) -> Source:
@@ -171,12 +189,15 @@ class GGUFSource(Source):
         self.file = GGUFFile(path)
         self.config, self.tokenizer_dir = self.file.config, self.file.tokenizer_dir
         self.stored_layout = self.file.stored_layout
+        self.read = ReadCounter()
         self.generation = generation_defaults(self.file.hf_config, None, self.config.vocab_size)
 
-    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None):
+    def load(self, expected, dtype, *, seed, progress, host=False, check_finite=True, each=None,
+             lazy=False):
         self.file.announce(dtype)
         return _convert(self.file.policy, self.file.config, self.file.tensors, expected, dtype,
-                        progress=progress, host=host, check_finite=check_finite, each=each)
+                        progress=progress, host=host, check_finite=check_finite, each=each,
+                        counter=self.read if lazy and host else None)
 
 
 def load_tokenizer(directory: Path | None, random_weights: bool):

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Sharding
 
+from dsjax.lazy import Lazy
+
 ENV = ("DSJAX_COORDINATOR", "DSJAX_NUM_PROCESSES", "DSJAX_PROCESS_ID")
 HEARTBEAT_TIMEOUT = 30  # seconds; JAX's default (100) leaves a survivor waiting long
 INIT_TIMEOUT = 120  # seconds for every process to join
@@ -82,11 +84,19 @@ def first_own(devices):
 
 
 def place(x, sharding: Sharding) -> jax.Array:
-    """A global array of host array `x` (the same on every process): each process slices out
-    only the shards its own devices hold (a memmap view is read only there)."""
-    if sharding.is_fully_addressable:
+    """A global array of host array `x` (the same on every process, or a dsjax.lazy tensor):
+    each process reads and slices out only the blocks its own devices hold, each distinct
+    block once (replicas share it)."""
+    if sharding.is_fully_addressable and not isinstance(x, Lazy):
         return jax.device_put(x, sharding)
-    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x[index]))
+    blocks = {}
+
+    def block(index):
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in blocks:
+            blocks[key] = np.asarray(x[index])
+        return blocks[key]
+    return jax.make_array_from_callback(np.shape(x), sharding, block)
 
 
 def gather(tree):

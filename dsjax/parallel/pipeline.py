@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as PS
 from dsjax import generate as gen
 from dsjax.cache import KVCache
 from dsjax.config import ModelConfig
+from dsjax.lazy import Computed, Lazy
 from dsjax.model import abstract_model, unflatten
 from dsjax.parallel import distributed, tensor
 from dsjax.parallel.mesh import Parallel
@@ -102,11 +103,12 @@ def place(flat: dict, plan: Plan, quant: QuantSpec | None = None) -> dict:
     Lp = cfg.num_layers // par.pp
     out, stacks = {}, {}
     for path in list(flat):
-        x = np.asarray(flat.pop(path))
+        x = flat.pop(path)
+        x = x if isinstance(x, Lazy) else np.asarray(x)
         how = tensor.slicing(path, cfg)
         parts = tensor.pieces(x, how, par.tp)
         if quant is not None and quantizable(path, quant):
-            parts = [jax.tree.map(np.asarray, quantize(jnp.asarray(p), quant)) for p in parts]
+            parts = [_quantized(p, quant) for p in parts]
         joined = parts[0] if how.axis is None else jax.tree.map(
             lambda *xs: np.concatenate(xs, axis=how.axis % xs[0].ndim), *parts)
         layer = _LAYER.match(path)
@@ -119,6 +121,18 @@ def place(flat: dict, plan: Plan, quant: QuantSpec | None = None) -> dict:
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *[p for p, _ in per_stage])
         out[path] = _put(stacked, plan.mesh, per_stage[0][1], layer=True, ep=par.ep)
     return unflatten(out)
+
+
+def _quantized(part, quant: QuantSpec):
+    """One slice quantized; a lazy slice as a QuantizedWeight of lazy leaves, quantized (once,
+    for all its leaves) only where a device of this process holds it."""
+    if not isinstance(part, Lazy):
+        return jax.tree.map(np.asarray, quantize(jnp.asarray(part), quant))
+    shapes = jax.eval_shape(lambda w: quantize(w, quant), jax.ShapeDtypeStruct(part.shape, part.dtype))
+    whole = functools.cache(lambda: jax.tree.leaves(_quantized(np.asarray(part), quant)))
+    leaves, tree = jax.tree.flatten(shapes)
+    return jax.tree.unflatten(tree, [Computed(s.shape, s.dtype, lambda i=i: whole()[i])
+                                     for i, s in enumerate(leaves)])
 
 
 def _put(x, mesh: Mesh, how: tensor.Slicing, *, layer: bool, ep: int = 1):

@@ -17,6 +17,9 @@ CASES = {  # mesh degrees, dp x pp x tp = 8 over two processes of 4 devices
     "tp": dict(tensor_parallel=8),
     "pp": dict(tensor_parallel=4, pipeline_parallel=2),
     "dp": dict(tensor_parallel=4, data_parallel=2),
+    # an HF safetensors checkpoint (its directory in DSJAX_TEST_HF), int8 weights: each process
+    # reads and quantizes only its devices' slices
+    "hf": dict(tensor_parallel=8, quant={"bits": 8, "group_size": 8}),
 }
 PROMPTS = [[1, 5, 9, 13], [1, 7], [1, 2, 3, 4, 5, 6], [1, 100, 200]]
 
@@ -36,6 +39,8 @@ def run(engine, case: str) -> dict:
 
     greedy = engine.generate(PROMPTS, max_new_tokens=6, eos_token_id=[], return_logprobs=True)
     out = dict(greedy=greedy.sequences, logprobs=greedy.logprobs.tolist())
+    if engine.bytes_read is not None:
+        out["bytes_read"] = engine.bytes_read
     if case == "dp":
         out["logits"] = np.asarray(engine([PROMPTS[0][:2], PROMPTS[1]])).tolist()
     else:
@@ -47,9 +52,13 @@ def run(engine, case: str) -> dict:
 
 def engine_for(case: str, **kw):
     import dsjax
+    from dsjax.sources import open_source
 
-    return dsjax.init_inference(config(), dtype="fp32", max_out_tokens=16, progress=False,
-                                seed=3, **{**CASES[case], **kw})
+    model = open_source(os.environ["DSJAX_TEST_HF"]) if case == "hf" else config()
+    engine = dsjax.init_inference(model, dtype="fp32", max_out_tokens=16, progress=False,
+                                  seed=3, **{**CASES[case], **kw})
+    engine.bytes_read = model.read.bytes_read if case == "hf" else None
+    return engine
 
 
 def main(cases: str, out: str) -> None:

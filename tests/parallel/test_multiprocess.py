@@ -21,6 +21,25 @@ WORKER = Path(worker.__file__)
 ROOT = WORKER.parents[2]
 
 
+def hf_checkpoint(directory: Path) -> int:
+    """A tiny HF LLaMA saved as safetensors (fp32, every parameter random); its weight bytes."""
+    import torch
+    import transformers
+
+    cfg = worker.config()
+    hf = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(directory)
+    return sum(p.numel() * 4 for p in model.parameters())
+
+
 def _env(rank: int, port: int) -> dict:
     flags = os.environ.get("XLA_FLAGS", "").replace("device_count=8", "device_count=4")
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
@@ -65,7 +84,11 @@ class Pair:
         return json.loads((self.tmp / f"out{rank}.json").read_text())
 
 
-def test_two_processes_give_the_one_process_tokens(tmp_path):
+def test_two_processes_give_the_one_process_tokens(tmp_path, monkeypatch):
+    """Every case's tokens equal the one-process engine's; from an HF checkpoint each process
+    reads about half of its bytes (the one process all of them, each once)."""
+    weights = hf_checkpoint(tmp_path / "hf")
+    monkeypatch.setenv("DSJAX_TEST_HF", str(tmp_path / "hf"))
     cases = list(worker.CASES)
     pair = Pair(",".join(cases), tmp_path)
     try:  # the one-process reference, on this process's 8 devices, while they run
@@ -74,6 +97,9 @@ def test_two_processes_give_the_one_process_tokens(tmp_path):
         codes = pair.wait(timeout=180, fail_fast=True)
     assert codes == [0, 0], f"exit codes {codes}\n{pair.log(0)}\n{pair.log(1)}"
     got = [pair.result(r) for r in range(2)]
+    assert expected["hf"].pop("bytes_read") == weights
+    read = [g["hf"].pop("bytes_read") for g in got]
+    assert sum(read) >= weights and all(0.45 * weights < r < 0.55 * weights for r in read), read
     assert got[0] == got[1]
     for case in cases:
         assert got[0][case]["greedy"] == expected[case]["greedy"], case
