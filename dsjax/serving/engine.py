@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as PS
 
 from dsjax import settings as st
 from dsjax.cache import cache_bytes, device_memory
-from dsjax.parallel import pipeline
+from dsjax.parallel import distributed, pipeline
 from dsjax.prompts import bucket
 from dsjax.serving import batch
 from dsjax.serving.blocks import BlockAllocator
@@ -114,7 +114,8 @@ class ServingEngine:
         self._ids = itertools.count()
         self._flight = None  # the step dispatched last: (chunks per replica, tokens, logprobs)
         rows = bucket(max_seqs, minimum=4)
-        self._no_tokens = jnp.zeros((rows,) if plan is None else (self.replicas, rows), jnp.int32)
+        self._no_tokens = (jnp.zeros((rows,), jnp.int32) if plan is None else distributed.place(
+            np.zeros((self.replicas, rows), np.int32), NamedSharding(plan.mesh, PS("dp"))))
         self.program = (program(engine.graphdef) if plan is None else
                         program(engine.graphdef, plan.mesh, engine.runner.specs))
         # filler rows: greedy, so that a step of greedy requests runs the greedy program
@@ -241,7 +242,7 @@ class ServingEngine:
         """The outputs of the step in flight, and the seconds spent waiting for its tokens."""
         plans, _, out = flight
         start = time.perf_counter()
-        out = np.asarray(out).reshape(self.replicas, -1, out.shape[-1])
+        out = np.asarray(distributed.gather(out)).reshape(self.replicas, -1, out.shape[-1])
         waited = time.perf_counter() - start
         tok, chosen = out[..., 0], out[..., 1].view(np.float32)
         top_ids = out[..., 2:2 + TOP_LOGPROBS]
@@ -309,7 +310,7 @@ class ServingEngine:
                            layout, bs) for chunks in plans]
         if self.plan is None:
             return jax.device_put(bufs[0])
-        return jax.device_put(np.stack(bufs), NamedSharding(self.plan.mesh, PS("dp")))
+        return distributed.place(np.stack(bufs), NamedSharding(self.plan.mesh, PS("dp")))
 
     def warmup(self, workers: int = 8, sampling: bool = True) -> int:
         """Compiles the step for every bucket of tokens and sequences a step can take, greedy

@@ -20,6 +20,8 @@ CASES = {  # mesh degrees, dp x pp x tp = 8 over two processes of 4 devices
     # an HF safetensors checkpoint (its directory in DSJAX_TEST_HF), int8 weights: each process
     # reads and quantizes only its devices' slices
     "hf": dict(tensor_parallel=8, quant={"bits": 8, "group_size": 8}),
+    # the continuous-batching engine, a replica on each process
+    "serve": dict(tensor_parallel=4, data_parallel=2),
 }
 PROMPTS = [[1, 5, 9, 13], [1, 7], [1, 2, 3, 4, 5, 6], [1, 100, 200]]
 
@@ -34,8 +36,12 @@ def config():
 
 def run(engine, case: str) -> dict:
     """Greedy tokens with their log-probabilities of PROMPTS; sampled tokens (fixed key), or
-    for the dp case engine(ids)'s logits instead (a program fewer to compile)."""
+    for the dp case engine(ids)'s logits instead (a program fewer to compile); for the serve
+    case the serving engine's tokens, greedy and sampled (seeded), and its blocks in use."""
     import jax
+
+    if case == "serve":
+        return serve(engine)
 
     greedy = engine.generate(PROMPTS, max_new_tokens=6, eos_token_id=[], return_logprobs=True)
     out = dict(greedy=greedy.sequences, logprobs=greedy.logprobs.tolist())
@@ -48,6 +54,22 @@ def run(engine, case: str) -> dict:
                                          do_sample=True, temperature=1.0,
                                          prng_key=jax.random.key(7)).sequences
     return out
+
+
+def serve(engine) -> dict:
+    from dsjax.serving.engine import ServingEngine
+
+    srv = ServingEngine(engine, block_size=4, num_blocks=24, token_budget=16, max_seqs=4)
+    ids = [srv.add_request(p, max_new_tokens=6, eos_token_id=[]) for p in PROMPTS]
+    ids += [srv.add_request(PROMPTS[0], max_new_tokens=6, eos_token_id=[], do_sample=True,
+                            temperature=1.0, seed=11)]
+    replicas = sorted({srv.requests[i].replica for i in ids})
+    done = {}
+    while srv.has_unfinished():
+        done.update({o.request_id: o for o in srv.step() if o.finished})
+    return dict(greedy=[done[i].token_ids for i in ids[:-1]], sampled=done[ids[-1]].token_ids,
+                logprobs=[done[i].logprobs for i in ids[:-1]], blocks=srv.blocks_in_use(),
+                replicas=replicas)
 
 
 def engine_for(case: str, **kw):

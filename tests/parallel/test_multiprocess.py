@@ -108,6 +108,7 @@ def test_two_processes_give_the_one_process_tokens(tmp_path, monkeypatch):
             np.testing.assert_allclose(got[0][case].get(numbers, 0.0),
                                        expected[case].get(numbers, 0.0), rtol=1e-5, atol=1e-5,
                                        err_msg=f"{case} {numbers}")
+    assert got[0]["serve"]["blocks"] == 0 and got[0]["serve"]["replicas"] == [0, 1]
     assert "choose degrees whose product is 8" in got[0]["error"]
 
 
