@@ -23,7 +23,9 @@ from dsjax import ops, pallas_ops  # noqa: E402
 from dsjax.numerics import ACTIVATIONS  # noqa: E402
 from dsjax.policy import KernelPolicy  # noqa: E402
 
-SHAPES = {"small": (19, 2, 32, 48, 6), "mixtral": (64, 2, 4096, 14336, 8)}  # N, k, D, I, E
+# N, k, D, I, E: the test shape, and Mixtral's at a decode step of 1 and 64 rows and a prompt
+SHAPES = {"small": (19, 2, 32, 48, 6), "mixtral": (64, 2, 4096, 14336, 8),
+          "mixtral-1": (1, 2, 4096, 14336, 8), "mixtral-1024": (1024, 2, 4096, 14336, 8)}
 
 
 def reference(x, up, down, picks, w):

@@ -19,8 +19,8 @@ OPS = ("norm", "linear", "attention", "cache_attention", "write_kv", "paged_writ
 IMPLEMENTATIONS = ("xla", "pallas")
 # the ops that have a Pallas kernel (dsjax.pallas_ops); the others are XLA under every policy
 PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv", "paged_attention", "experts")
-# the ops KernelPolicy.pallas() (replace_with_kernel_inject) runs as kernels: not "experts", whose
-# grouped GEMM, compiled for the GPU, disagreed with the XLA op and is unverified there
+# the ops KernelPolicy.pallas() (replace_with_kernel_inject) runs as kernels: not "experts": with
+# its grouped GEMM a model's logits differed from the XLA op's on a GPU, not yet explained
 # (docs/decisions.md#expert-layers-in-xla): it runs only where a policy names it
 INJECTED_OPS = tuple(op for op in PALLAS_OPS if op != "experts")
 GEMV_MAX_ROWS = 8  # the most rows the gemv kernel takes (pallas_kernels.gemv.MAX_ROWS)
