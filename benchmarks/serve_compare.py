@@ -59,8 +59,15 @@ def server_command(system: str, path: Path, port: int, args) -> list[str]:
                 "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
                 "--max-batched-tokens", str(args.max_batched_tokens),
                 "--max-model-len", str(args.max_model_len), "--max-waiting", "100000",
-                *(["--num-blocks", str(args.num_blocks)] if args.num_blocks else [])]
+                "--num-blocks", str(args.num_blocks or pool_blocks(args))]
     return ["transformers", "serve", str(path), "--continuous-batching", "--port", str(port)]
+
+
+def pool_blocks(args) -> int:
+    """dsjax's KV pool for the comparison: every sequence slot at max_model_len, 16-token blocks
+    (the default pool, 0.9 of the free memory, is ~200x that for a 1B model on an H100; with
+    it the server was not ready within 300 s in the first GPU run, why not yet known)."""
+    return args.max_num_seqs * -(-args.max_model_len // 16)
 
 
 def wait_ready(proc, url: str, system: str, timeout: float) -> None:
@@ -141,7 +148,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-batched-tokens", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=1536)
-    p.add_argument("--num-blocks", type=int)
+    p.add_argument("--num-blocks", type=int, help="dsjax's KV blocks (default: max-num-seqs "
+                   "sequences of max-model-len tokens)")
     p.add_argument("--warmup", type=int, default=16, help="requests sent first, not reported "
                    "(the first requests pay one-time costs: CUDA graphs, allocator growth)")
     p.add_argument("--ready-timeout", type=float, default=300)
