@@ -118,6 +118,7 @@ class ServingEngine:
             np.zeros((self.replicas, rows), np.int32), NamedSharding(plan.mesh, PS("dp"))))
         self.program = (program(engine.graphdef) if plan is None else
                         program(engine.graphdef, plan.mesh, engine.runner.specs))
+        self._executables = {}  # (layout, full) -> the step compiled by warmup()
         # filler rows: greedy, so that a step of greedy requests runs the greedy program
         fill = dataclasses.replace(engine.defaults.resolve({}), do_sample=False, eos_token_id=())
         self._fill = batch.request_record(fill, 0, 0)
@@ -222,8 +223,7 @@ class ServingEngine:
             reqs = [self.requests[c.seq.id] for chunks in plans for c in chunks]
             full = any(r.top_n or r.settings.do_sample for r in reqs)
             layout = self._layout(plans, [r.record for r in reqs])
-            self.cache, tok, out = self.program(self.params, self.cache, self._buffer(plans, layout),
-                                                prev, layout=layout, full=full)
+            self.cache, tok, out = self._run(self._buffer(plans, layout), prev, layout, full)
             out.copy_to_host_async()
             for sched, chunks in zip(self.scheds, plans):
                 sched.advance(chunks)
@@ -315,8 +315,9 @@ class ServingEngine:
     def warmup(self, workers: int = 8, sampling: bool = True) -> int:
         """Compiles the step for every bucket of tokens and sequences a step can take, greedy
         and (with sampling) the sampling program, in parallel threads (XLA compiles outside the
-        GIL), then runs each once on an empty batch (which writes nothing), so that serving
-        never stops to trace or compile. Returns how many programs."""
+        GIL), keeps the executables, which the steps then call (never tracing again), and runs
+        each once on an empty batch (which writes nothing), so that serving never stops to
+        trace or compile. Returns how many programs."""
         if self.has_unfinished():
             raise ValueError("warmup() needs an idle engine")
         top_n = bucket(self.sched.budget)
@@ -329,19 +330,26 @@ class ServingEngine:
 
         def compile_(job):
             lay, full = job
-            self.program.lower(self.params, self.cache, empty[lay], self._no_tokens, layout=lay,
-                               full=full).compile()
+            self._executables[job] = self.program.lower(
+                self.params, self.cache, empty[lay], self._no_tokens, layout=lay, full=full).compile()
             n = next(done)
             if n % max(1, len(todo) // 8) == 0 or n == len(todo):
                 log.info("dsjax serving: compiled %d of %d step programs (%.0f s)", n, len(todo),
                          time.perf_counter() - start)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(compile_, todo))
-        for lay, full in todo:  # jit's own call path (tracing, the cache of compiled calls)
-            self.cache, tok, _ = self.program(self.params, self.cache, empty[lay],
-                                              self._no_tokens, layout=lay, full=full)
+        for lay, full in todo:  # each program run once (the runtime's first-call costs)
+            self.cache, tok, _ = self._run(empty[lay], self._no_tokens, lay, full)
         jax.block_until_ready(tok)
         return len(todo)
+
+    def _run(self, buf, prev, layout, full):
+        """One step program: the executable warmup() compiled for its shape, else jit's call
+        path (which traces and compiles a shape met for the first time)."""
+        exe = self._executables.get((layout, full))
+        if exe is None:
+            return self.program(self.params, self.cache, buf, prev, layout=layout, full=full)
+        return exe(self.params, self.cache, buf, prev)
 
     # ------------------------------------------------------------------ offline
 
