@@ -3,7 +3,7 @@ GEMM, compiled, not interpreted) against a float32 reference computed expert by 
 plain dots, at a test-sized shape and at Mixtral's, bf16 and fp32, with routings that leave
 experts idle or put every row on one expert. Prints one line per case; writes $OUT/moe_kernel_check.json.
 
-    python benchmarks/moe_kernel_check.py
+    python benchmarks/moe_kernel_check.py [SHAPE,...]      (default: every shape of SHAPES)
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def case(shape: str, how: str, dtype) -> dict:
 
 
 def main() -> None:
-    rows = []
-    for shape in SHAPES:
+    rows, shapes = [], sys.argv[1].split(",") if len(sys.argv) > 1 else list(SHAPES)
+    for shape in shapes:
         for how in ("random", "one_expert", "idle_experts")[:3 if shape == "small" else 1]:
             for dtype in (jnp.float32, jnp.bfloat16):
                 rows.append(case(shape, how, dtype))
