@@ -298,13 +298,18 @@ def convert_rule(rule: Rule, names: dict, source: TensorSource, np_dtype: np.dty
     quantized = source.quantized_kernel(rule.transform.name, tensors)
     if quantized is not None:
         return quantized
-    read = (lambda n: Stored(source[n], counter)) if counter is not None else source.__getitem__
-    value = rule.transform.apply(*(read(n) for n in tensors))
-
     def cast(v):
         if np_dtype == np.float16:
             _check_fits_fp16(v, source.origin, tensors)
         return np.asarray(v, dtype=np_dtype)
+
+    def read(name):  # a memory map stays unread; an array the source made is cast now
+        a = source[name]
+        if not isinstance(a, np.memmap) and a.dtype.itemsize > np_dtype.itemsize:
+            a = cast(a)  # (as the whole-array path does: not kept wider than needed)
+        return Stored(a, counter)
+
+    value = rule.transform.apply(*(read(n) if counter is not None else source[n] for n in tensors))
     return Mapped(value, cast, np_dtype) if isinstance(value, Lazy) else cast(value)
 
 

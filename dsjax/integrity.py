@@ -19,16 +19,19 @@ class NonFiniteWeights(ValueError):
     """A loaded weight holds NaN or inf."""
 
 
-def check(name: str, x, origin: str) -> None:
+def check(name: str, x, origin: str, whole: tuple | None = None) -> None:
     """Raises NonFiniteWeights when x (a numpy or JAX array, or a quantized weight's float
-    scales and zeros, and its codes when they are floats: FP8) holds NaN or inf."""
+    scales and zeros, and its codes when they are floats: FP8) holds NaN or inf; whole: the
+    weight's shape where x is one device's slice of it."""
     fields = ("values", "scales", "zeros")  # (integer codes pass _finite as they are)
     parts = [getattr(x, f) for f in fields] if hasattr(x, "scales") else [x]
     for part in parts:
         if part is not None and not _finite(part):
+            where = (f"shape {tuple(part.shape)}" if whole is None else
+                     f"shape {tuple(whole)}, in the slice of shape {tuple(part.shape)} read for a device")
             raise NonFiniteWeights(
-                f"{origin}: weight {name!r} ({part.dtype}, shape {tuple(part.shape)}) holds NaN "
-                "or inf; the checkpoint is corrupt or was saved from a diverged model "
+                f"{origin}: weight {name!r} ({part.dtype}, {where}) holds NaN or inf; the "
+                "checkpoint is corrupt or was saved from a diverged model "
                 "(init_inference(check_finite=False) loads it anyway)")
 
 

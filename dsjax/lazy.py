@@ -6,8 +6,9 @@ A `Lazy` has a shape and a dtype and answers `np.asarray(x[index])` by reading j
 from the file (a memory map). The converters' transforms and the mesh placement build them
 with the numpy functions they already use on arrays: `.T`, slicing, `np.concatenate`,
 `np.stack` (axis 0), `np.take`, `np.split`, `np.pad` (zeros) and `astype`. Any other numpy
-function is a TypeError, never a silent read of the whole tensor. `Stored` wraps the array a
-source gives (a memory-map view) and counts the bytes read through it into a `ReadCounter`.
+function or ufunc (np.abs, x * 2) is a TypeError, never a silent read of the whole tensor.
+`Stored` wraps the array a source gives (a memory-map view) and counts the bytes read through
+it into a `ReadCounter`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ReadCounter:
 class Lazy:
     shape: tuple
     dtype: np.dtype
+    __array_ufunc__ = None  # np.abs(x), x * 2, ...: a TypeError, not a read of the whole tensor
 
     def block(self, index: Index) -> np.ndarray:
         """The outer-indexed block x[np.ix_(*index)]."""
@@ -171,6 +173,7 @@ class Taken(Lazy):
 class Concat(Lazy):
     def __init__(self, parts: list[Lazy], axis: int):
         self.parts, self.axis = parts, axis % parts[0].ndim
+        _same_shapes(parts, self.axis)
         self.offsets = np.cumsum([0] + [p.shape[self.axis] for p in parts])
         self.shape = _along(parts[0].shape, self.axis, int(self.offsets[-1]))
         self.dtype = np.result_type(*(p.dtype for p in parts))
@@ -188,12 +191,22 @@ class Concat(Lazy):
 
 class Stacked(Lazy):
     def __init__(self, parts: list[Lazy]):
+        _same_shapes(parts, None)
         self.parts, self.shape = parts, (len(parts),) + parts[0].shape
         self.dtype = np.result_type(*(p.dtype for p in parts))
 
     def block(self, index: Index) -> np.ndarray:
         return np.stack([self.parts[i].block(index[1:]).astype(self.dtype, copy=False)
                          for i in np.asarray(index[0])])
+
+
+def _same_shapes(parts: list[Lazy], axis: int | None) -> None:
+    """As numpy: parts joined along `axis` (None: stacked) agree on every other axis."""
+    def other(shape):
+        return shape if axis is None else shape[:axis] + shape[axis + 1:]
+    if len({(p.ndim, other(p.shape)) for p in parts}) > 1:
+        raise ValueError(f"lazy tensors of shapes {[p.shape for p in parts]} do not join "
+                         f"{'by stacking' if axis is None else f'along axis {axis}'}")
 
 
 def _at(index: tuple, axis: int, value) -> tuple:

@@ -35,7 +35,9 @@ class Source:
     (a converter calls it per tensor, so that e.g. quantizing never holds two full copies).
     With lazy=True (and host), a source that reads a file by offset (HF safetensors, GGUF)
     returns lazy tensors (dsjax.lazy) that read only the blocks asked of them, each checked as
-    it is read, and counts the bytes read in `read`; the other sources return host arrays."""
+    it is read, and counts the bytes read in `read` (tensors the source makes in memory, such
+    as GGUF's dequantized or unpermuted ones, are whole arrays under them); the other sources
+    return host arrays."""
 
     config: ModelConfig
     generation: dict  # eos_token_id / pad_token_id defaults
@@ -132,7 +134,7 @@ def _convert(policy, config, tensors, expected, dtype, *, progress, host, check_
 
     def put(path, x):
         if isinstance(x, Lazy):
-            return x.map(lambda b: (integrity.check(path, b, tensors.origin), b)[1]) \
+            return x.map(lambda b: (integrity.check(path, b, tensors.origin, x.shape), b)[1]) \
                 if check_finite else x
         if check_finite:
             integrity.check(path, x, tensors.origin)

@@ -21,13 +21,23 @@ _OPTIONAL = ("--xla_cpu_use_fusion_emitters=false",)
 
 def _xla_knows(flag: str) -> bool:
     """Whether this jaxlib's XLA takes `flag` (an unknown flag aborts the process that
-    starts a backend): asked of a child process, once per session (the workers inherit)."""
+    starts a backend): asked of a child process, once per session (the answer travels to the
+    workers in DSJAX_TESTS_XLA_UNKNOWN)."""
     import subprocess
     import sys
 
+    if flag in os.environ.get("DSJAX_TESTS_XLA_UNKNOWN", "").split():
+        return False
     env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
-                          capture_output=True, timeout=120).returncode == 0
+    try:
+        known = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                               capture_output=True, timeout=120).returncode == 0
+    except subprocess.TimeoutExpired:
+        known = False
+    if not known:
+        os.environ["DSJAX_TESTS_XLA_UNKNOWN"] = (os.environ.get("DSJAX_TESTS_XLA_UNKNOWN", "")
+                                                 + " " + flag).strip()
+    return known
 
 
 for _flag in _FLAGS + _OPTIONAL:

@@ -56,4 +56,11 @@ def test_unsupported_functions_are_errors_not_whole_reads(pair):
         x[[1, 2]]
     with pytest.raises(TypeError, match="zeros only"):
         np.pad(x, 1, mode="edge")
+    for elementwise in (np.abs, np.isfinite, lambda a: a * 2):
+        with pytest.raises(TypeError):
+            elementwise(x)
+    with pytest.raises(ValueError, match="do not join"):
+        np.concatenate([x, x.T], axis=0)
+    with pytest.raises(ValueError, match="do not join"):
+        np.stack([x, x[:3]])
     assert counter.bytes_read == 0

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Sharding
 
+from dsjax.integrity import NonFiniteWeights
 from dsjax.lazy import Lazy
 
 ENV = ("DSJAX_COORDINATOR", "DSJAX_NUM_PROCESSES", "DSJAX_PROCESS_ID")
@@ -97,6 +98,32 @@ def place(x, sharding: Sharding) -> jax.Array:
             blocks[key] = np.asarray(x[index])
         return blocks[key]
     return jax.make_array_from_callback(np.shape(x), sharding, block)
+
+
+_ERROR_BYTES = 2048
+
+
+def agree(error: Exception | None) -> None:
+    """Every process raises if any process met an error in a step that each does on its own
+    slices (a bad weight only one process reads): its own error where it has one, else the
+    first failing process's, by type and message; one process: `error` as it is."""
+    if error is not None and not multiprocess():
+        raise error
+    if not multiprocess():
+        return
+    from jax.experimental import multihost_utils
+
+    text = b"" if error is None else f"{type(error).__name__}\n{error}".encode()[:_ERROR_BYTES]
+    mine = np.zeros(_ERROR_BYTES + 1, np.uint8)  # [failed?, the message's bytes...]
+    mine[0], mine[1:1 + len(text)] = bool(text), np.frombuffer(text, np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    if error is not None:
+        raise error
+    for process, row in enumerate(everyone):
+        if row[0]:
+            kind, message = bytes(row[1:]).rstrip(b"\0").decode(errors="replace").split("\n", 1)
+            cls = NonFiniteWeights if kind == NonFiniteWeights.__name__ else ValueError
+            raise cls(f"process {process} failed ({kind}): {message}")
 
 
 def gather(tree):

@@ -96,9 +96,20 @@ def build(cfg: ModelConfig, par: Parallel, mesh: Mesh, flat: dict, dtype, policy
 
 
 def place(flat: dict, plan: Plan, quant: QuantSpec | None = None) -> dict:
-    """Full single-device parameters {path: host array} -> the stage-stacked, tensor-sliced
-    arrays, each device receiving only its slice. Quantizable weights are quantized per slice
-    (so a row-parallel per-channel weight gets one scale row per slice)."""
+    """Full single-device parameters {path: host array or lazy tensor} -> the stage-stacked,
+    tensor-sliced arrays, each device receiving only its slice. Quantizable weights are
+    quantized per slice (so a row-parallel per-channel weight gets one scale row per slice).
+    A bad value met in one process's slices fails every process (distributed.agree)."""
+    error = out = None
+    try:
+        out = _place(flat, plan, quant)
+    except ValueError as e:  # a non-finite or out-of-range weight, read by this process only
+        error = e
+    distributed.agree(error)
+    return out
+
+
+def _place(flat: dict, plan: Plan, quant: QuantSpec | None) -> dict:
     cfg, par = plan.cfg, plan.par
     Lp = cfg.num_layers // par.pp
     out, stacks = {}, {}

@@ -23,6 +23,7 @@ CASES = {  # mesh degrees, dp x pp x tp = 8 over two processes of 4 devices
     # the continuous-batching engine, a replica on each process
     "serve": dict(tensor_parallel=4, data_parallel=2),
 }
+NAN = dict(tensor_parallel=8)  # DSJAX_TEST_HF_NAN: a checkpoint with a NaN one process reads
 PROMPTS = [[1, 5, 9, 13], [1, 7], [1, 2, 3, 4, 5, 6], [1, 100, 200]]
 
 
@@ -76,9 +77,10 @@ def engine_for(case: str, **kw):
     import dsjax
     from dsjax.sources import open_source
 
-    model = open_source(os.environ["DSJAX_TEST_HF"]) if case == "hf" else config()
+    hf = {"hf": "DSJAX_TEST_HF", "nan": "DSJAX_TEST_HF_NAN"}.get(case)
+    model = open_source(os.environ[hf]) if hf else config()
     engine = dsjax.init_inference(model, dtype="fp32", max_out_tokens=16, progress=False,
-                                  seed=3, **{**CASES[case], **kw})
+                                  seed=3, **{**CASES.get(case, NAN), **kw})
     engine.bytes_read = model.read.bytes_read if case == "hf" else None
     return engine
 
@@ -105,6 +107,10 @@ def main(cases: str, out: str) -> None:
         engine_for("tp", distributed=True, tensor_parallel=4)
     except ValueError as e:
         result["error"] = str(e)
+    try:  # a NaN in a slice that one process reads: both fail, naming it
+        engine_for("nan", distributed=True)
+    except ValueError as e:
+        result["nan"] = f"{type(e).__name__}: {e}"
     with open(out, "w") as f:
         json.dump(result, f)
 

@@ -21,8 +21,10 @@ WORKER = Path(worker.__file__)
 ROOT = WORKER.parents[2]
 
 
-def hf_checkpoint(directory: Path) -> int:
-    """A tiny HF LLaMA saved as safetensors (fp32, every parameter random); its weight bytes."""
+def hf_checkpoint(directory: Path, nan: bool = False) -> int:
+    """A tiny HF LLaMA saved as safetensors (fp32, every parameter random; with nan, the last
+    row of layer 1's up_proj, which one device's slice holds, starts with NaN); its weight
+    bytes."""
     import torch
     import transformers
 
@@ -36,6 +38,8 @@ def hf_checkpoint(directory: Path) -> int:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
+        if nan:
+            model.model.layers[1].mlp.up_proj.weight[-1, 0] = float("nan")
     model.save_pretrained(directory)
     return sum(p.numel() * 4 for p in model.parameters())
 
@@ -86,9 +90,12 @@ class Pair:
 
 def test_two_processes_give_the_one_process_tokens(tmp_path, monkeypatch):
     """Every case's tokens equal the one-process engine's; from an HF checkpoint each process
-    reads about half of its bytes (the one process all of them, each once)."""
+    reads about half of its bytes (the one process all of them, each once); a NaN that only
+    one process reads fails both, naming the weight."""
     weights = hf_checkpoint(tmp_path / "hf")
+    hf_checkpoint(tmp_path / "nan", nan=True)
     monkeypatch.setenv("DSJAX_TEST_HF", str(tmp_path / "hf"))
+    monkeypatch.setenv("DSJAX_TEST_HF_NAN", str(tmp_path / "nan"))
     cases = list(worker.CASES)
     pair = Pair(",".join(cases), tmp_path)
     try:  # the one-process reference, on this process's 8 devices, while they run
@@ -100,6 +107,9 @@ def test_two_processes_give_the_one_process_tokens(tmp_path, monkeypatch):
     assert expected["hf"].pop("bytes_read") == weights
     read = [g["hf"].pop("bytes_read") for g in got]
     assert sum(read) >= weights and all(0.45 * weights < r < 0.55 * weights for r in read), read
+    nan = [g.pop("nan") for g in got]  # process 1 read the NaN; process 0 says so
+    assert all(n.startswith("NonFiniteWeights") and "layers.1.mlp.up.kernel" in n for n in nan), nan
+    assert "process 1 failed" in nan[0] and "in the slice of shape" in nan[1], nan
     assert got[0] == got[1]
     for case in cases:
         assert got[0][case]["greedy"] == expected[case]["greedy"], case
@@ -110,6 +120,7 @@ def test_two_processes_give_the_one_process_tokens(tmp_path, monkeypatch):
                                        err_msg=f"{case} {numbers}")
     assert got[0]["serve"]["blocks"] == 0 and got[0]["serve"]["replicas"] == [0, 1]
     assert "choose degrees whose product is 8" in got[0]["error"]
+
 
 
 @pytest.mark.parametrize("cases", ["die-0", "die-1-late"])

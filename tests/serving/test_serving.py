@@ -134,6 +134,19 @@ def test_warmup_compiles_every_step_shape(llama_pair):
     assert compiles == [] and [len(o.token_ids) for o in outs] == [6] * 4
     assert srv.program._cache_size() == calls  # not even traced again
     assert srv.last_step.prepare_s > 0 and srv.last_step.wait_s >= 0
+    # swapped weights run in the warmed executables: as jit's path gives them, no compile
+    p, noisy = prompt(420, 9), jax.tree.map(lambda x: x * 1.5, engine.params)
+    jit_path = ServingEngine(engine, block_size=8, num_blocks=64, token_budget=32, max_seqs=4)
+    for s in (srv, jit_path):
+        s.swap_params(noisy)
+    want = jit_path.generate([p], max_new_tokens=6, eos_token_id=[])[0].token_ids
+    calls = srv.program._cache_size()  # (the same jitted step as jit_path's, which traced it)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        got = srv.generate([p], max_new_tokens=6, eos_token_id=[])[0].token_ids
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert got == want and compiles == [] and srv.program._cache_size() == calls
 
 
 def test_stop_tokens_abort_and_rejection(llama_pair):
