@@ -209,6 +209,9 @@ def test_a_nan_weight_is_named_and_check_finite_false_loads_it(gpt2_dir, tmp_pat
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(NonFiniteWeights, match=r"'layers\.1\.mlp\.down\.kernel' .* holds NaN or inf"):
         dsjax.init_inference(bad, dtype="fp32", max_out_tokens=128, progress=False)
+    with pytest.raises(NonFiniteWeights, match=r"'layers\.1\.mlp\.down\.kernel' .*in the slice"):
+        dsjax.init_inference(bad, dtype="fp32", max_out_tokens=128, progress=False,
+                             tensor_parallel=2)  # a lazy load: the slice holding it, checked
     engine = dsjax.init_inference(bad, dtype="fp32", max_out_tokens=128, progress=False,
                                   check_finite=False)
     assert not np.isfinite(np.asarray(engine.params["layers"][1]["mlp"]["down"]["kernel"])).all()
