@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import os
 import time
 
 import jax
@@ -312,10 +313,10 @@ class ServingEngine:
             return jax.device_put(bufs[0])
         return distributed.place(np.stack(bufs), NamedSharding(self.plan.mesh, PS("dp")))
 
-    def warmup(self, workers: int = 8, sampling: bool = True) -> int:
+    def warmup(self, workers: int | None = None, sampling: bool = True) -> int:
         """Compiles the step for every bucket of tokens and sequences a step can take, greedy
         and (with sampling) the sampling program, in parallel threads (XLA compiles outside the
-        GIL), keeps the executables, which the steps then call (never tracing again), and runs
+        GIL; default: one per CPU, at most 32), keeps the executables, which the steps then call (never tracing again), and runs
         each once on an empty batch (which writes nothing), so that serving never stops to
         trace or compile. Returns how many programs."""
         if self.has_unfinished():
@@ -336,7 +337,7 @@ class ServingEngine:
             if n % max(1, len(todo) // 8) == 0 or n == len(todo):
                 log.info("dsjax serving: compiled %d of %d step programs (%.0f s)", n, len(todo),
                          time.perf_counter() - start)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        with concurrent.futures.ThreadPoolExecutor(workers or min(32, os.cpu_count() or 8)) as pool:
             list(pool.map(compile_, todo))
         for lay, full in todo:  # each program run once (the runtime's first-call costs)
             self.cache, tok, _ = self._run(empty[lay], self._no_tokens, lay, full)
