@@ -13,25 +13,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from dsjax.bench import median_time  # noqa: E402
+
 K, N, LAYERS = 768, 3072, 12
 BYTES = LAYERS * 2 * K * N * 4
 
 
 def median_us(fn, reps: int = 50) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e6
+    return median_time(fn, reps)[0] * 1e6
 
 
 def xla_rows(rng) -> list[dict]:
@@ -39,7 +34,8 @@ def xla_rows(rng) -> list[dict]:
     import jax.numpy as jnp
 
     x = jnp.asarray(rng.standard_normal((1, K), dtype=np.float32))
-    forms = {"dot": lambda x, w: x @ w, "multiply + reduce": lambda x, w: (x[0][:, None] * w).sum(0)[None]}
+    forms = {"dot": lambda x, w: x @ w,
+             "multiply + reduce": lambda x, w: (x[0][:, None] * w).sum(0)[None]}
     rows = []
     for parts in (1, 2, 4):
         ups = [[jnp.asarray(rng.standard_normal((K, N // parts), dtype=np.float32))
