@@ -27,8 +27,8 @@ def check(name: str, x, origin: str, whole: tuple | None = None) -> None:
     parts = [getattr(x, f) for f in fields] if hasattr(x, "scales") else [x]
     for part in parts:
         if part is not None and not _finite(part):
-            where = (f"shape {tuple(part.shape)}" if whole is None else
-                     f"shape {tuple(whole)}, in the slice of shape {tuple(part.shape)} read for a device")
+            where = f"shape {tuple(part.shape)}" if whole is None else (
+                f"shape {tuple(whole)}, in the slice of shape {tuple(part.shape)} read for a device")
             raise NonFiniteWeights(
                 f"{origin}: weight {name!r} ({part.dtype}, {where}) holds NaN or inf; the "
                 "checkpoint is corrupt or was saved from a diverged model "

@@ -11,7 +11,8 @@ from dsjax.parallel.tensor import Slicing, pieces
 @pytest.fixture
 def pair():
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((12, 10)).astype(np.float32), rng.standard_normal((6, 10)).astype(np.float32)
+    a = rng.standard_normal((12, 10)).astype(np.float32)
+    b = rng.standard_normal((6, 10)).astype(np.float32)
     counter = ReadCounter()
     return (a, b), (Stored(a, counter), Stored(b, counter)), counter
 
@@ -23,9 +24,9 @@ def build(x, y):
     rows = np.arange(12).reshape(2, 3, 2).swapaxes(0, 1).reshape(-1)
     heads = np.take(x, rows, axis=0).T  # [10, 12]
     padded = np.pad(fused, [(0, 0), (0, 2)])  # [10, 20]
-    halves = np.split(padded, 4, axis=1)
-    stacked = np.stack([np.concatenate(halves[::-1], axis=1), padded])
-    return [fused, heads, padded, *halves, stacked, stacked.astype(np.float16), heads[2:7, 3:]]
+    quarters = np.split(padded, 4, axis=1)
+    stacked = np.stack([np.concatenate(quarters[::-1], axis=1), padded])
+    return [fused, heads, padded, *quarters, stacked, stacked.astype(np.float16), heads[2:7, 3:]]
 
 
 def test_blocks_equal_numpy(pair):

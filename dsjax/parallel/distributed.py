@@ -107,9 +107,9 @@ def agree(error: Exception | None) -> None:
     """Every process raises if any process met an error in a step that each does on its own
     slices (a bad weight only one process reads): its own error where it has one, else the
     first failing process's, by type and message; one process: `error` as it is."""
-    if error is not None and not multiprocess():
-        raise error
     if not multiprocess():
+        if error is not None:
+            raise error
         return
     from jax.experimental import multihost_utils
 

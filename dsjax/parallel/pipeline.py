@@ -139,7 +139,8 @@ def _quantized(part, quant: QuantSpec):
     for all its leaves) only where a device of this process holds it."""
     if not isinstance(part, Lazy):
         return jax.tree.map(np.asarray, quantize(jnp.asarray(part), quant))
-    shapes = jax.eval_shape(lambda w: quantize(w, quant), jax.ShapeDtypeStruct(part.shape, part.dtype))
+    shapes = jax.eval_shape(lambda w: quantize(w, quant),
+                            jax.ShapeDtypeStruct(part.shape, part.dtype))
     whole = functools.cache(lambda: jax.tree.leaves(_quantized(np.asarray(part), quant)))
     leaves, tree = jax.tree.flatten(shapes)
     return jax.tree.unflatten(tree, [Computed(s.shape, s.dtype, lambda i=i: whole()[i])

@@ -316,9 +316,9 @@ class ServingEngine:
     def warmup(self, workers: int | None = None, sampling: bool = True) -> int:
         """Compiles the step for every bucket of tokens and sequences a step can take, greedy
         and (with sampling) the sampling program, in parallel threads (XLA compiles outside the
-        GIL; default: one per CPU, at most 32), keeps the executables, which the steps then call (never tracing again), and runs
-        each once on an empty batch (which writes nothing), so that serving never stops to
-        trace or compile. Returns how many programs."""
+        GIL; default: one per CPU, at most 32), keeps the executables, which the steps then
+        call (never tracing again), and runs each once on an empty batch (which writes
+        nothing), so that serving never stops to trace or compile. Returns how many programs."""
         if self.has_unfinished():
             raise ValueError("warmup() needs an idle engine")
         top_n = bucket(self.sched.budget)

@@ -31,14 +31,14 @@ class Server:
     """What the routes share: the LLM, the served name, limits, readiness and metrics."""
 
     def __init__(self, llm, name: str, *, api_key: str | None, max_waiting: int,
-                 chat_template: str | None):
+                 chat_template: str | None, fatal_warmup: bool = False):
         self.llm, self.name, self.api_key, self.max_waiting = llm, name, api_key, max_waiting
         self.chat_template, self.ready = chat_template, threading.Event()
         self.metrics = ServerMetrics(llm.serving)
         self.created = int(time.time())
         self.admitting = 0  # choices accepted that have not had their first token yet
         self.failed: str | None = None  # the warm-up's error
-        self.fatal_warmup = False
+        self.fatal_warmup = fatal_warmup
 
     def warm(self) -> None:
         """Loads the tokenizer and compiles every step shape before reporting ready. A failure
@@ -81,8 +81,8 @@ class Server:
 def create_app(llm, name: str, *, api_key: str | None = None, max_waiting: int = 256,
                chat_template: str | None = None, warm: bool = True,
                fatal_warmup: bool = False) -> FastAPI:
-    srv = Server(llm, name, api_key=api_key, max_waiting=max_waiting, chat_template=chat_template)
-    srv.fatal_warmup = fatal_warmup
+    srv = Server(llm, name, api_key=api_key, max_waiting=max_waiting, chat_template=chat_template,
+                 fatal_warmup=fatal_warmup)
 
     async def lifespan(app):
         if warm:
