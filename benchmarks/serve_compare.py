@@ -84,6 +84,9 @@ def wait_ready(proc, url: str, system: str, timeout: float) -> None:
         except httpx.TransportError:
             pass
         time.sleep(1)
+    if system == "dsjax":  # its threads' stacks into its log, to say where it stands
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(3)
     raise TimeoutError(f"{system} was not ready within {timeout:.0f} s")
 
 
@@ -154,11 +157,16 @@ def main(argv=None) -> None:
                    "(the first requests pay one-time costs: CUDA graphs, allocator growth)")
     p.add_argument("--ready-timeout", type=float, default=300)
     p.add_argument("--name", default="serve-compare")
+    p.add_argument("--model-dir", type=Path, help="keep the checkpoint here (written if absent)")
     args = p.parse_args(argv)
+    # a `timeout` stops this script with SIGTERM: exit through the `finally`s that stop servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     env, rows = harness.environment(), []
     env["device"] = harness.nvidia_smi("name") or env["device"]  # (this process runs on the CPU)
     with tempfile.TemporaryDirectory() as tmp:
-        path = model_dir(args.arch, Path(tmp) / "model")
+        path = args.model_dir or Path(tmp) / "model"
+        if not (path / "config.json").exists():
+            model_dir(args.arch, path)
         for i, system in enumerate(args.systems.split(",")):
             rows += run_system(system, path, args, 8400 + i)
             harness.save(args.name, {"env": env, "args": vars(args), "rows": rows},

@@ -2,11 +2,13 @@
 
 It listens at once (/health answers), compiles every step shape in the background, and reports
 ready (/ready 200, requests served) when that is done. SIGTERM or Ctrl-C: no new connections,
-in-flight requests run to their end (up to --drain-timeout seconds), then it exits.
+in-flight requests run to their end (up to --drain-timeout seconds), then it exits. SIGUSR1
+prints every thread's Python stack to stderr (what a server that seems stuck is doing).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 import sys
 from pathlib import Path
@@ -63,6 +65,7 @@ def serve(args) -> int:
     # found: these make that a clean exit (status 0) instead of death by the signal
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     print(f"dsjax serve: listening on http://{args.host}:{args.port} (ready when /ready says "
           "so: the step programs compile first)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",

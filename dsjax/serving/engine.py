@@ -339,9 +339,12 @@ class ServingEngine:
                          time.perf_counter() - start)
         with concurrent.futures.ThreadPoolExecutor(workers or min(32, os.cpu_count() or 8)) as pool:
             list(pool.map(compile_, todo))
-        for lay, full in todo:  # each program run once (the runtime's first-call costs)
+        for n, (lay, full) in enumerate(todo, 1):  # each run once (the first-call costs)
             self.cache, tok, _ = self._run(empty[lay], self._no_tokens, lay, full)
-        jax.block_until_ready(tok)
+            jax.block_until_ready(tok)
+            if n % max(1, len(todo) // 8) == 0 or n == len(todo):
+                log.info("dsjax serving: ran %d of %d step programs once (%.0f s)", n, len(todo),
+                         time.perf_counter() - start)
         return len(todo)
 
     def _run(self, buf, prev, layout, full):
