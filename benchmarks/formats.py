@@ -225,10 +225,10 @@ def run(args, bw: float, env: dict) -> list[dict]:
                     rows.append({"format": kind, "kernels": policy, "error": harness.error_line(e)})
                     print(rows[-1], flush=True)
                 gc.collect()
+                harness.save(args.name, {"env": env, "args": vars(args), "bytes_per_s": bw,
+                                         "rows": rows}, markdown(rows, env, args))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        harness.save(args.name, {"env": env, "args": vars(args), "bytes_per_s": bw, "rows": rows},
-                     markdown(rows, env, args))
     return rows
 
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+SERVER_ENV = dict(os.environ)  # the servers' environment: as this script was started
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only sends load: the GPU is the servers'
 
 from benchmarks import harness  # noqa: E402
@@ -65,8 +66,7 @@ def server_command(system: str, path: Path, port: int, args) -> list[str]:
 
 def pool_blocks(args) -> int:
     """dsjax's KV pool for the comparison: every sequence slot at max_model_len, 16-token blocks
-    (the default pool, 0.9 of the free memory, is ~200x that for a 1B model on an H100; with
-    it the server was not ready within 300 s in the first GPU run, why not yet known)."""
+    (the default pool, 0.9 of the free memory, is ~200x that for a 1B model on an H100)."""
     return args.max_num_seqs * -(-args.max_model_len // 16)
 
 
@@ -93,12 +93,15 @@ def wait_ready(proc, url: str, system: str, timeout: float) -> None:
 def run_system(system: str, path: Path, args, port: int) -> list[dict]:
     from dsjax import bench_serve
 
-    log = open(Path(os.environ.get("OUT", tempfile.gettempdir())) / f"{system}-server.log", "w")
-    proc = subprocess.Popen(server_command(system, path, port, args), stdout=log,
+    log_path = Path(os.environ.get("OUT", tempfile.gettempdir())) / f"{system}-server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(server_command(system, path, port, args), stdout=log, env=SERVER_ENV,
                             stderr=subprocess.STDOUT, start_new_session=True)
     url, rows = f"http://127.0.0.1:{port}", []
     try:
         wait_ready(proc, url, system, args.ready_timeout)
+        device = next((line.rsplit(", on ", 1)[1].strip() for line in open(log_path)
+                       if line.startswith("dsjax: ") and ", on " in line), None)
         for seed, rate in enumerate(["warmup"] + args.rates):  # warmup: a burst, not reported
             load = ["--url", url, "--model", str(path), "--dataset", "random-text",
                     "--no-ignore-eos", "--input-len", args.input_len,
@@ -113,7 +116,7 @@ def run_system(system: str, path: Path, args, port: int) -> list[dict]:
                 continue
             fig = json.loads((Path(tempfile.gettempdir()) / f"{system}-{rate}.json").read_text())
             fig.pop("samples_ms", None)
-            rows.append(dict(fig, system=system, rate=rate))
+            rows.append(dict(fig, system=system, rate=rate, server_device=device))
     except Exception as e:  # noqa: BLE001 (the report says so)
         rows.append({"system": system, "error": harness.error_line(e)})
     finally:
@@ -132,7 +135,8 @@ def markdown(rows: list[dict], env: dict, args) -> str:
             lines.append(f"| {r['system']} | | {r['error']} | | | | | |")
             continue
         two = lambda d: "/".join("-" if d[k] is None else f"{d[k]:.1f}" for k in ("p50", "p99"))  # noqa: E731
-        lines.append(f"| {r['system']} | {r['rate']} | {r['request_throughput']:.2f} | "
+        name = r["system"] + (f" ({r['server_device']})" if r.get("server_device") else "")
+        lines.append(f"| {name} | {r['rate']} | {r['request_throughput']:.2f} | "
                      f"{r['output_tokens_per_s']:.0f} | {two(r['ttft_ms'])} | {two(r['tpot_ms'])} | "
                      f"{r['itl_ms']['p99'] or 0:.1f} | {r['failures']} |")
     lines += ["", harness.versions_line(env)]
@@ -157,14 +161,14 @@ def main(argv=None) -> None:
                    "(the first requests pay one-time costs: CUDA graphs, allocator growth)")
     p.add_argument("--ready-timeout", type=float, default=300)
     p.add_argument("--name", default="serve-compare")
-    p.add_argument("--model-dir", type=Path, help="keep the checkpoint here (written if absent)")
+    p.add_argument("--model-dir", help="keep the checkpoint here (written if absent)")
     args = p.parse_args(argv)
     # a `timeout` stops this script with SIGTERM: exit through the `finally`s that stop servers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     env, rows = harness.environment(), []
     env["device"] = harness.nvidia_smi("name") or env["device"]  # (this process runs on the CPU)
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model_dir or Path(tmp) / "model"
+        path = Path(args.model_dir or Path(tmp) / "model")
         if not (path / "config.json").exists():
             model_dir(args.arch, path)
         for i, system in enumerate(args.systems.split(",")):

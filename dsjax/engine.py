@@ -169,9 +169,10 @@ def build_engine(config: ModelConfig, params: dict, *, inference: InferenceConfi
     else:
         graphdef, _ = abstract_model(config, dtype, policy, module=module_for(config))
         runner = LocalRunner(graphdef, layout(quantize(params, icfg.quant), policy))
-    log.info("dsjax: %s, %d layers, %s%s, budget %d tokens, kernels %s%s", config.family,
-             config.num_layers, icfg.dtype, f", weights {quant_name(icfg.quant)}" if icfg.quant
-             else "", icfg.max_out_tokens, policy.describe(), f", {par}" if par.is_parallel else "")
+    log.info("dsjax: %s, %d layers, %s%s, budget %d tokens, kernels %s%s, on %s",
+             config.family, config.num_layers, icfg.dtype,
+             f", weights {quant_name(icfg.quant)}" if icfg.quant else "", icfg.max_out_tokens,
+             policy.describe(), f", {par}" if par.is_parallel else "", _device_name(par, devices))
     engine = EncoderEngine if config.encoder is not None else DecoderEngine
     return engine(config, icfg, runner, generation=source.generation if source else None,
                   tokenizer_dir=source.tokenizer_dir if source else None,
@@ -329,3 +330,11 @@ def check_quant(cfg: ModelConfig, spec: QuantSpec | None, tp: int = 1) -> None:
         ks.add(cfg.embed_proj_dim or cfg.hidden_size)
     for K in sorted(ks):
         spec.groups(K)
+
+
+def _device_name(par: Parallel, devices) -> str:
+    """The devices the engine runs on, in words ("cuda: NVIDIA H100 80GB HBM3", "cpu x8")."""
+    devs = (par.check_devices(devices)[:par.devices] if par.is_parallel
+            else [_first_device(par, devices)])
+    kind = f"{devs[0].platform}: {devs[0].device_kind}" if devs[0].platform != "cpu" else "cpu"
+    return kind + (f" x{len(devs)}" if len(devs) > 1 else "")

@@ -193,7 +193,10 @@ def test_a_client_that_leaves_frees_its_request(server):
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path):
+    """SIGTERM mid-stream: the stream ends normally, then the process exits 0. SIGUSR1 before
+    it prints every thread's stack and leaves the server serving."""
     proc, url = start(tmp_path)
+    proc.send_signal(signal.SIGUSR1)
     body = {"model": "tiny-llama", "prompt": "Drain", "max_tokens": 40, "stream": True,
             "ignore_eos": True}
     chunks = []
@@ -206,6 +209,8 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     assert chunks[-1] == "[DONE]"
     assert json.loads(chunks[-2])["choices"][0]["finish_reason"] == "length"
     assert proc.wait(60) == 0
+    log = proc.stdout.read()
+    assert "(most recent call first)" in log and "uvicorn/server.py" in log
 
 
 def test_a_full_queue_answers_429(server):
