@@ -45,7 +45,8 @@ def model_dir(arch: str, out: Path) -> Path:
     hf = {k: v for k, v in presets.hf_config(arch).items() if k not in ("eos_token_id", "bos_token_id")}
     config = transformers.AutoConfig.for_model(**hf)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # (a 1B init: 90 s on
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # a CPU)
     model.generation_config.eos_token_id = None
     model.save_pretrained(out)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
