@@ -360,7 +360,7 @@ def generate(args) -> int:
 
 def _stream(engine, tok, prompt, key, options) -> int:
     """Prints the prompt, then the text each step adds (whole characters only)."""
-    from dsjax.serving.llm import IncrementalText
+    from dsjax.serving.detokenize import IncrementalText
 
     text, made = IncrementalText(tok, prompt), []
     print(tok.decode(list(prompt)), end="", flush=True)

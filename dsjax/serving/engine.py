@@ -36,6 +36,7 @@ from dsjax.parallel import distributed, pipeline
 from dsjax.prompts import bucket
 from dsjax.serving import batch
 from dsjax.serving.blocks import BlockAllocator
+from dsjax.serving.detokenize import IncrementalText
 from dsjax.serving.paged import PagedCache
 from dsjax.serving.scheduler import PENDING, Chunk, Scheduler, Sequence
 from dsjax.serving.step import FEATURES, TOP_LOGPROBS, program, swap_weights
@@ -46,19 +47,35 @@ SERVING_OPTIONS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample"
                    "top_k", "top_p", "min_p", "eos_token_id", "stop_strings")
 
 
-@dataclasses.dataclass
 class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # every token generated so far
-    logprobs: list[float]  # log p of each under the model
-    new_token_ids: list[int]  # those of this step
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" (a stop token or string), "length", "abort"
-    stop_string: str | None = None  # the stop string that ended it (OpenAI's and vLLM's
-    # semantics: found in the decoded text; the text returned ends before it)
-    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, the request's
-    # top_logprobs most likely (token, log p), most likely first (None unless asked)
+    """A request after a step: new_token_ids are the step's; token_ids (every token generated
+    so far), logprobs (log p of each under the model) and top_logprobs (per token, the
+    request's top_logprobs most likely (token, log p), most likely first; None unless asked)
+    are its whole output so far, sliced from the request's own lists when read (a step costs
+    nothing per token generated before it). finish_reason: "stop" (a stop token or string),
+    "length", "abort"; stop_string: the one that ended it (OpenAI's and vLLM's semantics: found
+    in the decoded text; the text returned ends before it)."""
+
+    __slots__ = ("request_id", "prompt_token_ids", "new_token_ids", "finished", "finish_reason",
+                 "stop_string", "_req", "_n")
+    FIELDS = ("request_id", "prompt_token_ids", "token_ids", "logprobs", "new_token_ids",
+              "finished", "finish_reason", "stop_string", "top_logprobs")
+
+    def __init__(self, req: _Request, new: list[int], reason: str | None):
+        self.request_id, self.prompt_token_ids, self.new_token_ids = req.seq.id, req.seq.prompt, new
+        self.finished, self.finish_reason = reason is not None, reason
+        self.stop_string, self._req, self._n = req.stop_string, req, len(req.logprobs)
+
+    token_ids = property(lambda self: self._req.seq.out[:self._n])
+    logprobs = property(lambda self: self._req.logprobs[:self._n])
+    top_logprobs = property(lambda self: self._req.top[:self._n] if self._req.top_n else None)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RequestOutput) and all(
+            getattr(self, f) == getattr(other, f) for f in self.FIELDS)
+
+    def __repr__(self) -> str:
+        return "RequestOutput(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.FIELDS) + ")"
 
 
 @dataclasses.dataclass
@@ -82,7 +99,8 @@ class _Request:
     top_n: int = 0  # top log-probabilities to report per token
     logprobs: list = dataclasses.field(default_factory=list)
     top: list = dataclasses.field(default_factory=list)
-    searched: int = 0  # decoded characters already searched for stop strings
+    text: IncrementalText | None = None  # its output's text, with stop strings to search
+    searched: int = 0  # characters of text already searched for stop strings
     stop_string: str | None = None
 
 
@@ -186,7 +204,9 @@ class ServingEngine:
         seed = int(seed) & 0xFFFFFFFF
         self.requests[rid] = _Request(seq, settings, seed, replica,
                                       batch.request_record(settings, ids.size, seed),
-                                      int(top_logprobs))
+                                      int(top_logprobs), text=IncrementalText(
+                                          self.engine.tokenizer, seq.prompt)
+                                      if settings.stop_strings else None)
         return rid
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -245,7 +265,7 @@ class ServingEngine:
         start = time.perf_counter()
         out = np.asarray(distributed.gather(out)).reshape(self.replicas, -1, out.shape[-1])
         waited = time.perf_counter() - start
-        tok, chosen = out[..., 0], out[..., 1].view(np.float32)
+        tok, chosen = out[..., 0].tolist(), out[..., 1].view(np.float32).tolist()
         top_ids = out[..., 2:2 + TOP_LOGPROBS]
         top = out[..., 2 + TOP_LOGPROBS:].view(np.float32)
         outs = []
@@ -253,14 +273,14 @@ class ServingEngine:
             for i, c in enumerate(chunks):
                 if not c.samples:
                     continue
-                c.seq.out[c.start + c.n - len(c.seq.prompt)] = int(tok[r, i])
+                c.seq.out[c.start + c.n - len(c.seq.prompt)] = tok[r][i]
                 if c.seq.out[-1] != PENDING:  # no newer token of it in flight
                     c.seq.pending_row = None
                 req = self.requests.get(c.seq.id)
                 if req is not None:  # not aborted or finished meanwhile
                     pairs = list(zip(top_ids[r, i, :req.top_n].tolist(),
-                                     top[r, i, :req.top_n].tolist()))
-                    outs.append(self._took(req, int(tok[r, i]), float(chosen[r, i]), pairs))
+                                     top[r, i, :req.top_n].tolist())) if req.top_n else []
+                    outs.append(self._took(req, tok[r][i], chosen[r][i], pairs))
         return outs, waited
 
     def _took(self, req: _Request, token: int, logprob: float, top: list) -> RequestOutput:
@@ -279,9 +299,10 @@ class ServingEngine:
         return self._output(req, [token], reason)
 
     def _stop_string(self, req: _Request) -> bool:
-        """Whether the decoded output now contains a stop string (searching only the text that
-        could hold a new occurrence)."""
-        text = self.engine.tokenizer.decode(req.seq.out[:len(req.logprobs)])
+        """Whether the decoded output now contains a stop string (decoding only the new tokens,
+        searching only the text that could hold a new occurrence)."""
+        req.text.add(req.seq.out, end=len(req.logprobs))
+        text = req.text.text
         longest = max(len(s) for s in req.settings.stop_strings)
         start = max(0, req.searched - longest + 1)
         found = [(text.find(s, start), s) for s in req.settings.stop_strings]
@@ -293,9 +314,7 @@ class ServingEngine:
 
     @staticmethod
     def _output(req: _Request, new: list[int], reason: str | None) -> RequestOutput:
-        return RequestOutput(req.seq.id, req.seq.prompt, req.seq.out[:len(req.logprobs)],
-                             list(req.logprobs), new, reason is not None, reason, req.stop_string,
-                             list(req.top) if req.top_n else None)
+        return RequestOutput(req, new, reason)
 
     def _layout(self, plans: list[list[Chunk]], records) -> batch.Layout:
         """The step's bucketed shapes: N tokens and S sequences to powers of two (the same for

@@ -22,36 +22,10 @@ import dataclasses
 import threading
 
 from dsjax.serving.engine import RequestOutput, ServingEngine
+from dsjax.serving.detokenize import IncrementalText
 
 SERVING_KEYS = ("block_size", "num_blocks", "memory_fraction", "token_budget", "max_seqs",
                 "max_model_len")
-
-
-class IncrementalText:
-    """The text of a growing token list, handed out in pieces that end on whole characters;
-    with stop strings, the last characters that could begin one are held back until the end,
-    and the final text ends before the stop string that ended it."""
-
-    CONTEXT = 8  # prompt tokens decoded before the output (spaces and merges at the seam)
-
-    def __init__(self, tokenizer, prompt: list[int], stops=None):
-        self.tok, self.prompt, self.shown = tokenizer, list(prompt)[-self.CONTEXT:], ""
-        self.start = len(self.tok.decode(self.prompt))  # (not the whole prompt each token)
-        self.hold = max([len(s) for s in stops or []] + [1]) - 1
-
-    def delta(self, tokens: list[int], final: bool = False, stop: str | None = None) -> str:
-        text = self.tok.decode(self.prompt + list(tokens))[self.start:]
-        if stop is not None:
-            text = text[:text.find(stop)]
-        elif not final:
-            if text.endswith("\ufffd"):  # a character still being spelled out
-                return ""
-            text = text[:max(0, len(text) - self.hold)]
-        # (a decode that changed earlier text, e.g. a tokenizer's space clean-up, cannot be
-        # taken back from the client: only what lies past the text already shown is sent)
-        piece = text[len(self.shown):]
-        self.shown = text
-        return piece
 
 
 @dataclasses.dataclass

@@ -323,9 +323,42 @@ def test_stop_strings_end_the_text_before_them():
         out.token_ids[:-1])
 
 
+def test_incremental_text_joins_to_the_whole_decode_at_a_constant_cost_per_token():
+    """A byte-level BPE tokenizer (trained here with `tokenizers`) on random ids, multi-byte
+    characters split across tokens included: the pieces join to the decode of the whole output
+    after the prompt's context, and each step decodes a window, not the whole output."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from dsjax.serving.detokenize import IncrementalText
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = "Ünïcödé façade — naïve café, 東京 and 🙂 emoji; " * 20
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                        initial_alphabet=alphabet))
+    decoded = []
+
+    class Counting:
+        def decode(self, ids):
+            decoded.append(len(ids))
+            return tok.decode(ids)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        prompt, out = rng.integers(0, 300, 12).tolist(), rng.integers(0, 300, 400).tolist()
+        decoded.clear()
+        inc = IncrementalText(Counting(), prompt)
+        pieces = [inc.delta(out[:n]) for n in range(1, len(out))]
+        pieces.append(inc.delta(out, final=True))
+        whole = tok.decode(prompt[-8:] + out)[len(tok.decode(prompt[-8:])):]
+        assert "".join(pieces) == whole == inc.shown
+        assert sum(decoded) < 12 * len(out)  # (decoding the whole output each step: ~n^2 / 2)
+
+
 def test_incremental_text_holds_back_what_may_begin_a_stop_string():
     from dsjax.presets import ByteTokenizer
-    from dsjax.serving.llm import IncrementalText
+    from dsjax.serving.detokenize import IncrementalText
 
     text = IncrementalText(ByteTokenizer(), list(b"> "), ["Hello"])
     # (the step whose token completes a stop string is final: the engine found it there)
