@@ -2,7 +2,9 @@
 processes of one dsjax command joined into one mesh (jax.distributed), for trying several
 hosts on one machine. Each child gets DSJAX_COORDINATOR (127.0.0.1:P), DSJAX_NUM_PROCESSES
 and DSJAX_PROCESS_ID; its output lines come back prefixed by its rank; the first child to fail
-stops the others and its exit status is the launcher's."""
+stops the others and its exit status is the launcher's. On a GPU machine the GPUs are split
+evenly between the processes (each child's CUDA_VISIBLE_DEVICES), one process per GPU with -n
+equal to their count."""
 
 from __future__ import annotations
 
@@ -43,12 +45,43 @@ def main(argv: list[str], out=None) -> int:
     if problem:
         print(f"dsjax launch: {problem}", file=sys.stderr)
         return 2
-    env = {}
+    env, ranks = {}, None
     if args.cpu_devices:
         env = dict(JAX_PLATFORMS="cpu",
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={args.cpu_devices}")
+    else:
+        try:
+            ranks = gpu_shares(args.num_processes, local_gpus())
+        except ValueError as e:
+            print(f"dsjax launch: {e}", file=sys.stderr)
+            return 2
     return run([sys.executable, "-m", "dsjax.cli", *command], args.num_processes,
-               port=args.port, env=env, out=out)
+               port=args.port, env=env, out=out, rank_env=ranks)
+
+
+def local_gpus() -> list[str]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES names them (its value if set, else
+    nvidia-smi's list; none without either)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(listed.stdout.splitlines())
+            if line.startswith("GPU ")] if listed.returncode == 0 else []
+
+
+def gpu_shares(n: int, gpus: list[str]) -> list[dict] | None:
+    """Each rank's CUDA_VISIBLE_DEVICES: the GPUs split evenly, in order (JAX would otherwise
+    give every process every GPU); None without GPUs."""
+    if not gpus:
+        return None
+    if len(gpus) % n:
+        raise ValueError(f"{n} processes cannot share {len(gpus)} GPUs evenly ({','.join(gpus)});"
+                         " set CUDA_VISIBLE_DEVICES to a multiple of -n of them")
+    k = len(gpus) // n
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[r * k:(r + 1) * k])} for r in range(n)]
 
 
 def free_port() -> int:
@@ -58,14 +91,15 @@ def free_port() -> int:
 
 
 def run(argv: list[str], n: int, *, port: int | None = None, env: dict | None = None,
-        out=None) -> int:
-    """Runs argv as N ranks; 0 when all succeed, else the first failure's exit status (the
-    others are stopped then)."""
+        out=None, rank_env: list[dict] | None = None) -> int:
+    """Runs argv as N ranks (rank_env: each one's own variables); 0 when all succeed, else the
+    first failure's exit status (the others are stopped then)."""
     out = out or sys.stdout
     port = port or free_port()
     procs = []
     for rank in range(n):
-        child = dict(os.environ, **(env or {}), DSJAX_COORDINATOR=f"127.0.0.1:{port}",
+        child = dict(os.environ, **(env or {}), **(rank_env[rank] if rank_env else {}),
+                     DSJAX_COORDINATOR=f"127.0.0.1:{port}",
                      DSJAX_NUM_PROCESSES=str(n), DSJAX_PROCESS_ID=str(rank),
                      PYTHONUNBUFFERED="1")
         procs.append(subprocess.Popen(argv, env=child, stdout=subprocess.PIPE,

@@ -44,7 +44,8 @@ class Shard:
         return jax.lax.axis_index(self.axis)
 
     def psum(self, x):
-        return jax.lax.psum(x, self.axis)
+        """The sum over the tp axis (none when it has one device: expert parallelism alone)."""
+        return x if self.size == 1 else jax.lax.psum(x, self.axis)
 
     def embed(self, table, ids):
         """Vocabulary-parallel lookup: table [V/T, E] holds rows index*V/T ...; ids [...]."""
@@ -56,7 +57,8 @@ class Shard:
 
     def gather_vocab(self, logits):
         """[..., V/T] local logits -> [..., V]."""
-        full = jax.lax.all_gather(logits, self.axis, axis=logits.ndim - 1, tiled=True)
+        full = logits if self.size == 1 else jax.lax.all_gather(
+            logits, self.axis, axis=logits.ndim - 1, tiled=True)
         return full[..., : self.vocab_size]
 
     def local_heads(self, values: np.ndarray):

@@ -152,6 +152,8 @@ def test_expert_parallel_equals_hf(name, opts):
     np.testing.assert_allclose(np.asarray(mesh(prompts[:1])), hf_logits(model, prompts[:1]),
                                atol=1e-4, rtol=1e-4)
     if ep == 2 and mesh.plan.par.tp == 1:  # the serving engine over the same mesh
+        fn, args, kw = mesh.greedy_program(prompts, 8)  # (no collective over the 1-device tp)
+        assert "replica_groups={{0},{1}}" not in fn.lower(*args, **kw).compile().as_text()
         outs = ServingEngine(mesh, block_size=4, num_blocks=32, token_budget=16).generate(
             prompts, max_new_tokens=8, eos_token_id=[])
         assert [o.token_ids for o in outs] == [hf_greedy(model, p, 8) for p in prompts]

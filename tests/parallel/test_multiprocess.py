@@ -186,6 +186,28 @@ def test_launch_stops_the_others_when_one_fails():
     assert launch.main(["-n", "2"]) == 2  # no command: a usage line, nothing started
 
 
+def test_launch_gives_each_rank_its_share_of_the_gpus(monkeypatch):
+    """On a GPU machine each rank sees only its GPUs (JAX would give every process all of
+    them); an uneven split is refused before anything starts."""
+    import io
+
+    from dsjax import launch
+
+    script = "import os; print('sees', os.environ['CUDA_VISIBLE_DEVICES'], flush=True)\n"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert launch.local_gpus() == ["0", "1", "2", "3"]
+    out = io.StringIO()
+    assert launch.run([sys.executable, "-c", script], 2, out=out,
+                      rank_env=launch.gpu_shares(2, launch.local_gpus())) == 0
+    assert sorted(out.getvalue().splitlines()) == ["[0] sees 0,1", "[1] sees 2,3"]
+    assert launch.gpu_shares(4, ["4", "5", "6", "7"])[3] == {"CUDA_VISIBLE_DEVICES": "7"}
+    assert launch.gpu_shares(2, []) is None  # no GPUs: nothing set
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert launch.main(["-n", "3", "--", "generate", "--model", "tiny-llama"]) == 2
+    assert "3 processes cannot share 4 GPUs evenly" in err.getvalue()
+
+
 def test_no_cluster_is_a_clear_error(monkeypatch):
     import jax
 
