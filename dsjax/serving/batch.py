@@ -79,11 +79,13 @@ def request_record(settings: st.GenerationSettings, prompt_len: int, seed: int) 
 def pack(chunks, records: list[np.ndarray], fill: np.ndarray, layout: Layout, block_size: int):
     """One replica's buffer: chunks (scheduler Chunks, in row order), their requests' records,
     the record of filler rows."""
-    N, S, k = layout.tokens, layout.seqs, len(chunks)
+    N, S, MB, k = layout.tokens, layout.seqs, layout.max_blocks, len(chunks)
     tok = np.zeros((5, N), np.int32)
     tok[1], tok[3] = -1, -1  # no previous-step token; padding writes nowhere
+    rows = np.full((S, len(ROW_COLUMNS) + layout.eos), -1, np.int32)
+    tables = np.zeros((S, MB), np.int32)
     ids, prev_at, prev_row = [], [], []
-    for c in chunks:
+    for i, (c, rec) in enumerate(zip(chunks, records)):
         seq = c.seq
         if seq.pending_row is not None:  # its last token is the step in flight's
             last = seq.length - 1
@@ -91,8 +93,9 @@ def pack(chunks, records: list[np.ndarray], fill: np.ndarray, layout: Layout, bl
                 prev_at.append(len(ids) + last - c.start)
                 prev_row.append(seq.pending_row)
         ids += seq.token_slice(c.start, c.n)
-    tables = _tables([c.seq.block_array() for c in chunks], S, layout.max_blocks)
-    rows = _rows(records, fill, S, len(ROW_COLUMNS) + layout.eos)
+        blocks = seq.block_array()
+        tables[i, :len(blocks)] = blocks
+        rows[i, :len(rec)] = rec
     ns = np.fromiter((c.n for c in chunks), np.int32, k)
     ends = np.cumsum(ns, dtype=np.int32)
     n = int(ends[-1]) if k else 0
@@ -103,34 +106,9 @@ def pack(chunks, records: list[np.ndarray], fill: np.ndarray, layout: Layout, bl
     tok[1, prev_at] = prev_row
     tok[2, :n], tok[4, :n] = pos, seq_of
     tok[3, :n] = tables[seq_of, pos // block_size] * block_size + pos % block_size
-    rows[:k, 0] = ends - 1
-    rows[:k, 1] = np.fromiter((len(c.seq.out) for c in chunks), np.int32, k)
-    return np.concatenate([tok.ravel(), rows.ravel(), tables.ravel()])
-
-
-def _tables(blocks: list[np.ndarray], S: int, MB: int) -> np.ndarray:
-    """[S, MB] block tables, row i holding blocks[i] (then zeros): one scatter, not a row each."""
-    tables = np.zeros((S, MB), np.int32)
-    if blocks:
-        lens = np.fromiter(map(len, blocks), np.int64, len(blocks))
-        flat = np.concatenate(blocks)
-        first = np.repeat(np.cumsum(lens) - lens, lens)
-        tables[np.repeat(np.arange(len(blocks)), lens), np.arange(flat.size) - first] = flat
-    return tables
-
-
-def _rows(records: list[np.ndarray], fill: np.ndarray, S: int, width: int) -> np.ndarray:
-    """[S, width] sequence rows: each record (its request's values and EOS ids, -1 padded),
-    then filler rows; records of one length (the usual case) copied in one go."""
-    rows = np.full((S, width), -1, np.int32)
-    k = len(records)
-    if k and all(len(r) == len(records[0]) for r in records):
-        rows[:k, :len(records[0])] = np.stack(records)
-    else:
-        for i, rec in enumerate(records):
-            rows[i, :len(rec)] = rec
+    rows[:k, 0], rows[:k, 1] = ends - 1, [len(c.seq.out) for c in chunks]
     rows[k:, :len(fill)] = fill
-    return rows
+    return np.concatenate([tok.ravel(), rows.ravel(), tables.ravel()])
 
 
 def eos_columns(records) -> int:
