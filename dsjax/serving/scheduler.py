@@ -100,7 +100,8 @@ class Scheduler:
         need = -(-total // self.alloc.block_size)
         if need > self.alloc.capacity:
             raise ValueError(f"this request needs {need} KV blocks; the pool has "
-                             f"{self.alloc.capacity}: it can never run")
+                             f"{self.alloc.capacity} for sequences (of its "
+                             f"{self.alloc.num_blocks}, one is reserved): it can never run")
 
     def add(self, seq: Sequence) -> None:
         self.check(len(seq.prompt), seq.max_new)
