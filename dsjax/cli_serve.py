@@ -25,6 +25,11 @@ def add_parser(sub) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--quant", choices=("int8", "int4"), help="weight-only quantization")
+    p.add_argument("--kernels", choices=KERNELS, default="auto",
+                   help="attention: the Pallas attention and paged-KV kernels with XLA's GEMMs "
+                   "(the serving benchmark's fastest); pallas: every Pallas kernel "
+                   "(replace_with_kernel_inject); xla: none; auto (default): attention on a GPU, "
+                   "xla elsewhere (the CPU interprets Pallas kernels)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     p.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per step (SplitFuse budget)")
     p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request")
@@ -41,7 +46,21 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="for random-weight models")
 
 
+KERNELS = ("auto", "attention", "pallas", "xla")
+
+
+def kernel_policy(name: str, backend: str):
+    """--kernels as a KernelPolicy on `backend` (jax.default_backend())."""
+    from dsjax.policy import KernelPolicy
+
+    if name == "auto":
+        name = "attention" if backend == "gpu" else "xla"
+    return {"attention": KernelPolicy.pallas(linear="xla"), "pallas": KernelPolicy.pallas(),
+            "xla": KernelPolicy()}[name]
+
+
 def serve(args) -> int:
+    import jax
     import uvicorn
 
     from dsjax.serving.llm import LLM
@@ -51,7 +70,8 @@ def serve(args) -> int:
     quant = {"bits": 8 if args.quant == "int8" else 4} if args.quant else None
     options = dict(dtype=args.dtype, progress=False, seed=args.seed, max_seqs=args.max_num_seqs,
                    token_budget=args.max_batched_tokens, block_size=args.block_size,
-                   memory_fraction=args.kv_cache_memory, num_blocks=args.num_blocks)
+                   memory_fraction=args.kv_cache_memory, num_blocks=args.num_blocks,
+                   kernels=kernel_policy(args.kernels, jax.default_backend()))
     if args.max_model_len:
         options.update(max_out_tokens=args.max_model_len, max_model_len=args.max_model_len)
     if args.tp > 1:

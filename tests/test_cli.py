@@ -42,3 +42,18 @@ def test_help_explains_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--prompt", "--max-new-tokens", "--top-p", "--max-out-tokens", "--seed"):
         assert flag in text
+
+
+def test_serve_kernels_choose_the_serving_benchmarks_fastest_on_a_gpu():
+    """dsjax serve --kernels: auto is Pallas attention and paged-KV kernels with XLA's GEMMs on
+    a GPU (what benchmarks/serving.py measured fastest), XLA on the CPU (which would interpret
+    the Pallas kernels); the named sets are what they say."""
+    from dsjax.cli_serve import kernel_policy
+    from dsjax.policy import KernelPolicy
+
+    gpu = kernel_policy("auto", "gpu")
+    assert (gpu.paged_attention, gpu.attention, gpu.linear) == ("pallas", "pallas", "xla")
+    assert kernel_policy("auto", "cpu") == KernelPolicy() == kernel_policy("xla", "gpu")
+    assert kernel_policy("pallas", "cpu") == KernelPolicy.pallas()
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "tiny-llama", "--kernels", "triton"])
