@@ -101,8 +101,9 @@ def run_system(system: str, path: Path, args, port: int) -> list[dict]:
     url, rows = f"http://127.0.0.1:{port}", []
     try:
         wait_ready(proc, url, system, args.ready_timeout)
-        device = next((line.rsplit(", on ", 1)[1].strip() for line in open(log_path)
-                       if line.startswith("dsjax: ") and ", on " in line), None)
+        start = next((line.strip() for line in open(log_path)
+                      if line.startswith("dsjax: ") and ", on " in line), None)  # (kernels too)
+        device = start.rsplit(", on ", 1)[1] if start else None
         for seed, rate in enumerate(["warmup"] + args.rates):  # warmup: a burst, not reported
             load = ["--url", url, "--model", str(path), "--dataset", "random-text",
                     "--no-ignore-eos", "--input-len", args.input_len,
@@ -117,7 +118,8 @@ def run_system(system: str, path: Path, args, port: int) -> list[dict]:
                 continue
             fig = json.loads((Path(tempfile.gettempdir()) / f"{system}-{rate}.json").read_text())
             fig.pop("samples_ms", None)
-            rows.append(dict(fig, system=system, rate=rate, server_device=device))
+            rows.append(dict(fig, system=system, rate=rate, server_device=device,
+                             server_start=start))
     except Exception as e:  # noqa: BLE001 (the report says so)
         rows.append({"system": system, "error": harness.error_line(e)})
     finally:
