@@ -49,6 +49,9 @@ def model_dir(arch: str, out: Path) -> Path:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # a CPU)
     model.generation_config.eos_token_id = None
     model.save_pretrained(out)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # (the GPU is the servers')
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(out)
