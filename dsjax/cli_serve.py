@@ -9,6 +9,8 @@ prints every thread's Python stack to stderr (what a server that seems stuck is 
 from __future__ import annotations
 
 import faulthandler
+import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -84,10 +86,20 @@ def serve(args) -> int:
     # uvicorn drains on SIGTERM / SIGINT, then raises the signal again under the handlers it
     # found: these make that a clean exit (status 0) instead of death by the signal
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: sys.exit(0))
+        signal.signal(sig, lambda *_: _exit(app.state.server))
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     print(f"dsjax serve: listening on http://{args.host}:{args.port} (ready when /ready says "
           "so: the step programs compile first)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=args.drain_timeout)
     return 0
+
+
+def _exit(srv) -> None:
+    """Exits 0. Stopped while warming up, without Python's shutdown: the warm-up thread may be
+    inside XLA, and finalizing the interpreter under it aborts the process."""
+    if srv.failed is None and not srv.ready.is_set():
+        print("dsjax serve: stopped while warming up", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(0)
+    sys.exit(0)

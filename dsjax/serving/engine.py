@@ -110,7 +110,8 @@ class ServingEngine:
     scheduler and blocks, all running one step program together.
 
     block_size: tokens per KV block; num_blocks: blocks per replica (default: memory_fraction of
-    the device memory left after the weights); token_budget: tokens per step and replica;
+    the device memory left after the weights; on the CPU, whose memory the host shares, at
+    most what max_seqs sequences of max_model_len tokens hold); token_budget: tokens per step and replica;
     max_seqs: sequences per step and replica; max_model_len: prompt + new tokens per request
     (default: the engine's max_out_tokens)."""
 
@@ -124,7 +125,8 @@ class ServingEngine:
         self.replicas = 1 if plan is None else plan.par.dp
         local = self.cfg if plan is None else pipeline.stage_config(self.cfg, plan.par)
         int8 = icfg.kv_cache_dtype == "int8"
-        num_blocks = num_blocks or self._fit_blocks(local, block_size, memory_fraction, int8)
+        num_blocks = num_blocks or self._fit_blocks(local, block_size, memory_fraction, int8,
+                                                    1 + max_seqs * self.max_blocks)
         self.cache = self._pools(local, num_blocks, block_size, int8)
         self.scheds = [Scheduler(BlockAllocator(num_blocks, block_size), token_budget, max_seqs,
                                  self.max_len, prefix_salt=icfg.kv_cache_dtype.encode())
@@ -147,13 +149,15 @@ class ServingEngine:
                  num_blocks, block_size, "" if plan is None else f" per replica ({plan.par.dp} "
                  f"replicas of {plan.par.tp} tensor slices)", token_budget, max_seqs)
 
-    def _fit_blocks(self, local, block_size: int, fraction: float, int8: bool) -> int:
+    def _fit_blocks(self, local, block_size: int, fraction: float, int8: bool, cpu_cap: int) -> int:
         """Blocks per replica that fit `fraction` of one device's free memory (each device holds
-        its tensor slice of its replica's blocks)."""
-        limit, used = device_memory(self.engine.runner.device)
+        its tensor slice of its replica's blocks); on the CPU at most cpu_cap."""
+        device = self.engine.runner.device
+        limit, used = device_memory(device)
         per_block = cache_bytes(local, 1, block_size, self.engine.inference_config.jnp_dtype,
                                 quantized=int8)
-        return max(2, int((limit - used) * fraction) // per_block)
+        fit = max(2, int((limit - used) * fraction) // per_block)
+        return min(fit, cpu_cap) if device.platform == "cpu" else fit
 
     def _pools(self, local, num_blocks: int, block_size: int, int8: bool) -> PagedCache:
         """The pools: [replicas x num_blocks, KV heads, ...], over a mesh split by replica on

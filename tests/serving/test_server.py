@@ -213,6 +213,28 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     assert "(most recent call first)" in log and "uvicorn/server.py" in log
 
 
+def test_sigterm_while_warming_up_exits_at_once():
+    """SIGTERM before the server is ready: it says so and exits 0 without waiting for the
+    warm-up (whose thread may be inside XLA, where the interpreter's shutdown would abort)."""
+    port = _port()
+    proc = subprocess.Popen([sys.executable, "-m", "dsjax.cli", "serve", "tiny-llama", "--port",
+                             str(port), "--max-num-seqs", "64", "--max-batched-tokens", "1024",
+                             "--num-blocks", "256", "--max-model-len", "128"],  # (many programs)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    assert httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 503
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert "dsjax serve: stopped while warming up" in proc.stdout.read()
+
+
 def test_a_full_queue_answers_429(server):
     """64 requests may wait for their first token; a burst of 120 gets some 429s with
     Retry-After, and every other request its answer (answers of 32 tokens: the 8 sequences a

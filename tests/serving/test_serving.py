@@ -367,3 +367,12 @@ def test_incremental_text_holds_back_what_may_begin_a_stop_string():
     text = IncrementalText(ByteTokenizer(), [], ["XY"])
     assert [text.delta(list(b"abcX"[:i])) for i in range(1, 5)] == ["", "a", "b", "c"]
     assert text.delta(list(b"abcXZ"), final=True) == "XZ"
+
+
+def test_default_pool_on_the_cpu_holds_max_seqs_full_sequences():
+    """Without num_blocks the pool takes memory_fraction of the free memory; on the CPU (the
+    host's own memory) no more than max_seqs sequences of max_model_len tokens can use."""
+    engine = dsjax.init_inference("tiny-llama", dtype="fp32", max_out_tokens=100, progress=False)
+    srv = ServingEngine(engine, block_size=16, max_seqs=6)
+    assert srv.alloc.num_blocks == 1 + 6 * 7  # (block 0 reserved; 100 tokens: 7 blocks)
+    assert ServingEngine(engine, block_size=16, max_seqs=6, num_blocks=500).alloc.num_blocks == 500
