@@ -167,7 +167,8 @@ def main(argv=None) -> None:
                    "(the first requests pay one-time costs: CUDA graphs, allocator growth)")
     p.add_argument("--ready-timeout", type=float, default=300)
     p.add_argument("--name", default="serve-compare")
-    p.add_argument("--model-dir", help="keep the checkpoint here (written if absent)")
+    p.add_argument("--model-dir", help="keep the checkpoint here (written if absent; one "
+                   "already there is used as it is, whatever --arch says)")
     args = p.parse_args(argv)
     # a `timeout` stops this script with SIGTERM: exit through the `finally`s that stop servers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))

@@ -62,6 +62,7 @@ def kernel_policy(name: str, backend: str):
 
 
 def serve(args) -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # (a load that hangs, too)
     import jax
     import uvicorn
 
@@ -87,7 +88,6 @@ def serve(args) -> int:
     # found: these make that a clean exit (status 0) instead of death by the signal
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: _exit(app.state.server))
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     print(f"dsjax serve: listening on http://{args.host}:{args.port} (ready when /ready says "
           "so: the step programs compile first)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",

@@ -49,7 +49,7 @@ def main(argv: list[str], out=None) -> int:
     if args.cpu_devices:
         env = dict(JAX_PLATFORMS="cpu",
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={args.cpu_devices}")
-    else:
+    elif os.environ.get("JAX_PLATFORMS", "").strip().lower() != "cpu":
         try:
             ranks = gpu_shares(args.num_processes, local_gpus())
         except ValueError as e:
@@ -68,8 +68,8 @@ def local_gpus() -> list[str]:
         listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [str(i) for i, line in enumerate(listed.stdout.splitlines())
-            if line.startswith("GPU ")] if listed.returncode == 0 else []
+    gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]  # (not MIG)
+    return [str(i) for i in range(len(gpus))] if listed.returncode == 0 else []
 
 
 def gpu_shares(n: int, gpus: list[str]) -> list[dict] | None:

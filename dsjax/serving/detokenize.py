@@ -7,10 +7,12 @@ last piece it emitted (the context that spacing and merges at the seam depend on
 ones, and emits what the new tokens add. A window whose text ends inside a character (U+FFFD)
 waits for the tokens that complete it.
 
-The pieces join to the tokenizer's decode of the whole list for tokenizers whose decode is a
-concatenation of its tokens' texts given their left neighbour (byte-level BPE, SentencePiece,
-word-level); a decode-time clean-up that looks further back (e.g. HF's
-clean_up_tokenization_spaces) can differ at a seam, as in every streaming server.
+Windows are decoded without HF's clean_up_tokenization_spaces (which can shorten the text
+a token before it and so break the window's arithmetic), as streaming servers do. The pieces
+join to the decode of the whole list for tokenizers whose decode is a concatenation of their
+tokens' texts given their left neighbour (byte-level BPE, SentencePiece, word-level, WordPiece),
+with two differences: no clean-up of spaces, and invalid UTF-8 in the output, which a whole
+decode may turn into U+FFFD differently.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ class IncrementalText:
         self.text = ""  # the output's text so far (whole characters)
         self.shown = ""  # what delta() has handed out (text less what is held back)
         self.hold = max([len(s) for s in stops or []] + [1]) - 1
+        self.plain = False  # the tokenizer's decode takes no clean_up_tokenization_spaces
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.plain:
+            return self.tok.decode(ids)
+        try:
+            return self.tok.decode(ids, clean_up_tokenization_spaces=False)
+        except TypeError:  # a decode without the option (tokenizers.Tokenizer, ByteTokenizer)
+            self.plain = True
+            return self.tok.decode(ids)
 
     def add(self, tokens: list[int], final: bool = False, end: int | None = None) -> str:
         """Takes in the output tokens past those seen (tokens[:end]: the whole output so far)
@@ -39,8 +51,8 @@ class IncrementalText:
         self.seen = end
         if self.read == len(self.ids):
             return ""
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        now = self.tok.decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
         if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
             return ""
         self.prefix, self.read = self.read, len(self.ids)

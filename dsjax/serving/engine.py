@@ -111,9 +111,9 @@ class ServingEngine:
 
     block_size: tokens per KV block; num_blocks: blocks per replica (default: memory_fraction of
     the device memory left after the weights; on the CPU, whose memory the host shares, at
-    most what max_seqs sequences of max_model_len tokens hold); token_budget: tokens per step and replica;
-    max_seqs: sequences per step and replica; max_model_len: prompt + new tokens per request
-    (default: the engine's max_out_tokens)."""
+    most what max_seqs sequences of max_model_len tokens hold); token_budget: tokens per step
+    and replica; max_seqs: sequences per step and replica; max_model_len: prompt + new tokens
+    per request (default: the engine's max_out_tokens)."""
 
     def __init__(self, engine, *, block_size: int = 16, num_blocks: int | None = None,
                  memory_fraction: float = 0.9, token_budget: int = 512, max_seqs: int = 64,
@@ -149,7 +149,8 @@ class ServingEngine:
                  num_blocks, block_size, "" if plan is None else f" per replica ({plan.par.dp} "
                  f"replicas of {plan.par.tp} tensor slices)", token_budget, max_seqs)
 
-    def _fit_blocks(self, local, block_size: int, fraction: float, int8: bool, cpu_cap: int) -> int:
+    def _fit_blocks(self, local, block_size: int, fraction: float, int8: bool,
+                    cpu_cap: int) -> int:
         """Blocks per replica that fit `fraction` of one device's free memory (each device holds
         its tensor slice of its replica's blocks); on the CPU at most cpu_cap."""
         device = self.engine.runner.device
@@ -209,7 +210,7 @@ class ServingEngine:
         self.requests[rid] = _Request(seq, settings, seed, replica,
                                       batch.request_record(settings, ids.size, seed),
                                       int(top_logprobs), text=IncrementalText(
-                                          self.engine.tokenizer, seq.prompt)
+                                          self.engine.tokenizer, [])  # (the output's own text)
                                       if settings.stop_strings else None)
         return rid
 
@@ -281,7 +282,8 @@ class ServingEngine:
                 if c.seq.out[-1] != PENDING:  # no newer token of it in flight
                     c.seq.pending_row = None
                 req = self.requests.get(c.seq.id)
-                if req is not None:  # not aborted or finished meanwhile
+                if req is not None and req.seq is c.seq:  # not aborted or finished meanwhile
+                    # (nor its id taken by a new request)
                     pairs = list(zip(top_ids[r, i, :req.top_n].tolist(),
                                      top[r, i, :req.top_n].tolist())) if req.top_n else []
                     outs.append(self._took(req, tok[r][i], chosen[r][i], pairs))

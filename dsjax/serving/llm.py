@@ -106,8 +106,9 @@ class LLM:
             text = self.tokenizer.decode(out.token_ids)
         except ValueError:  # no tokenizer: token ids only
             text = ""
-        if out.stop_string is not None:  # the text ends before the stop string
-            text = text[:text.find(out.stop_string)]
+        at = -1 if out.stop_string is None else text.find(out.stop_string)
+        if at >= 0:  # the text ends before the stop string
+            text = text[:at]
         return Completion(out, text)
 
     async def stream(self, prompt, **options):

@@ -186,7 +186,7 @@ def test_launch_stops_the_others_when_one_fails():
     assert launch.main(["-n", "2"]) == 2  # no command: a usage line, nothing started
 
 
-def test_launch_gives_each_rank_its_share_of_the_gpus(monkeypatch):
+def test_launch_gives_each_rank_its_share_of_the_gpus(monkeypatch, tmp_path):
     """On a GPU machine each rank sees only its GPUs (JAX would give every process all of
     them); an uneven split is refused before anything starts."""
     import io
@@ -206,6 +206,13 @@ def test_launch_gives_each_rank_its_share_of_the_gpus(monkeypatch):
     monkeypatch.setattr(sys, "stderr", err)
     assert launch.main(["-n", "3", "--", "generate", "--model", "tiny-llama"]) == 2
     assert "3 processes cannot share 4 GPUs evenly" in err.getvalue()
+    fake = tmp_path / "nvidia-smi"  # no CUDA_VISIBLE_DEVICES: nvidia-smi's GPUs, not its MIGs
+    fake.write_text("#!/bin/sh\necho 'GPU 0: H100 (UUID: a)'\n"
+                    "echo '  MIG 1g.10gb Device 0: (UUID: m)'\necho 'GPU 1: H100 (UUID: b)'\n")
+    fake.chmod(0o755)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert launch.local_gpus() == ["0", "1"]
 
 
 def test_no_cluster_is_a_clear_error(monkeypatch):

@@ -376,3 +376,47 @@ def test_default_pool_on_the_cpu_holds_max_seqs_full_sequences():
     srv = ServingEngine(engine, block_size=16, max_seqs=6)
     assert srv.alloc.num_blocks == 1 + 6 * 7  # (block 0 reserved; 100 tokens: 7 blocks)
     assert ServingEngine(engine, block_size=16, max_seqs=6, num_blocks=500).alloc.num_blocks == 500
+
+
+def test_incremental_text_decodes_windows_without_hfs_space_clean_up():
+    """HF's clean_up_tokenization_spaces can shorten the text a token before the new one
+    ("don '" + "t" -> "don't"), which cut characters out of the pieces; windows are decoded
+    without it: the pieces join to the whole output's decode without clean-up."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from dsjax.serving.detokenize import IncrementalText
+
+    text = "I don ' t know . We ' re here ! It ' s rock ' n ' roll , isn ' t it ? " * 30
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.decoder = decoders.WordPiece()
+    wp.train_from_iterator([text], trainers.WordPieceTrainer(vocab_size=200, show_progress=False,
+                                                             special_tokens=["[UNK]"]))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wp,
+                                               clean_up_tokenization_spaces=True)
+    ids = tok.encode(text, add_special_tokens=False)
+    plain = lambda t: tok.decode(t, clean_up_tokenization_spaces=False)  # noqa: E731
+    for start in range(0, 200, 7):
+        prompt, out = ids[start:start + 10], ids[start + 10:start + 40]
+        inc = IncrementalText(tok, prompt)
+        pieces = [inc.delta(out[:n]) for n in range(1, len(out))] + [inc.delta(out, final=True)]
+        assert "".join(pieces) == plain(prompt[-8:] + out)[len(plain(prompt[-8:])):]
+
+
+def test_a_reused_request_id_gets_none_of_the_aborted_requests_tokens():
+    """A request aborted with its token in flight, then a new request under the same id: the
+    new one's tokens are what its prompt gives alone (the in-flight token is not its)."""
+    engine = dsjax.init_inference("tiny-llama", dtype="fp32", max_out_tokens=64, progress=False)
+    srv = ServingEngine(engine, block_size=4, num_blocks=48, token_budget=16)
+    alone = srv.generate([[9, 8, 7]], max_new_tokens=4, eos_token_id=[])[0].token_ids
+    srv.add_request([1, 2, 3, 4, 5], request_id="x", max_new_tokens=4, eos_token_id=[])
+    srv.step()  # its prompt dispatched, its first token in flight
+    srv.abort("x")
+    srv.add_request([9, 8, 7], request_id="x", max_new_tokens=4, eos_token_id=[])
+    outs = []
+    while srv.has_unfinished():
+        outs += srv.step()
+    assert [o.new_token_ids for o in outs] == [[t] for t in alone]
+    assert outs[-1].token_ids == alone and outs[-1].finish_reason == "length"
+    assert srv.blocks_in_use() == 0
