@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from dsjax import checkpoint, compile_cache, validate
 from dsjax.cache import check_cache_fits
@@ -154,20 +156,22 @@ def build_engine(config: ModelConfig, params: dict, *, inference: InferenceConfi
                  parallel: Parallel | None = None, devices=None,
                  source: Source | None = None) -> InferenceEngine:
     """An engine from a model config and its params (nested, in the stored [K, N] layout; host
-    arrays for a mesh): checks the plan, quantizes (per inference.quant, unless already
-    quantized), lays the weights out for the policy's kernels, places them (one device: as they
-    are; a mesh: each device its slice, quantized per slice), and wraps them in an engine."""
+    arrays for a mesh): checks the plan, casts float weights to the dtypes the model declares
+    under inference.dtype, quantizes (per inference.quant, unless already quantized), lays the
+    weights out for the policy's kernels, places them (one device: as they are; a mesh: each
+    device its slice, quantized per slice), and wraps them in an engine."""
     icfg = inference or InferenceConfig()
     par = parallel or Parallel()
     compile_cache.enable()
     check_plan(config, icfg, par, devices)
     policy, dtype = icfg.kernels, icfg.jnp_dtype
+    graphdef, expected = abstract_model(config, dtype, policy, module=module_for(config))
+    params = _in_dtypes(params, expected)
     if par.is_parallel:
         plan, graphdef, params = pipeline.build(config, par, par.mesh(devices), flatten(params),
                                                 dtype, policy, icfg.quant)
         runner = MeshRunner(plan, graphdef, layout(params, policy))
     else:
-        graphdef, _ = abstract_model(config, dtype, policy, module=module_for(config))
         runner = LocalRunner(graphdef, layout(quantize(params, icfg.quant), policy))
     log.info("dsjax: %s, %d layers, %s%s, budget %d tokens, kernels %s%s, on %s",
              config.family, config.num_layers, icfg.dtype,
@@ -338,3 +342,21 @@ def _device_name(par: Parallel, devices) -> str:
             else [_first_device(par, devices)])
     kind = f"{devs[0].platform}: {devs[0].device_kind}" if devs[0].platform != "cpu" else "cpu"
     return kind + (f" x{len(devs)}" if len(devs) > 1 else "")
+
+
+def _in_dtypes(params: dict, expected: dict) -> dict:
+    """params with every float array in the dtype the model declares for it under the
+    inference dtype (a caller's float32 arrays under a bf16 config would otherwise run as they
+    are); quantized and lazy weights as they are; logged."""
+    flat, cast = flatten(params), []
+    for path, v in flat.items():
+        want = expected.get(path)
+        floats = want is not None and all(jnp.issubdtype(d, jnp.floating)
+                                          for d in (getattr(v, "dtype", np.int8), want.dtype))
+        if floats and isinstance(v, (np.ndarray, jax.Array)) and v.dtype != want.dtype:
+            flat[path] = v.astype(want.dtype)
+            cast.append(f"{path}: {v.dtype} -> {want.dtype}")
+    if not cast:
+        return params
+    log.info("dsjax: %d weights cast to the engine's dtypes (%s, ...)", len(cast), cast[0])
+    return unflatten(flat)

@@ -142,3 +142,29 @@ def test_tokenizer_is_never_guessed(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="has no tokenizer files"):
         dsjax.init_inference(tmp_path, max_out_tokens=64, progress=False).tokenizer
+
+
+def test_build_engine_casts_float_weights_to_the_inference_dtype(caplog):
+    """float32 arrays under a bf16 inference config run as bf16 weights (on one device and over
+    a mesh): the same logits as the arrays cast first, and the log says so."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsjax import presets
+    from dsjax.config import InferenceConfig
+    from dsjax.engine import build_engine
+    from dsjax.model import random_params
+
+    cfg = presets.model_config("tiny-llama")
+    fp32 = jax.tree.map(np.asarray, random_params(cfg, jnp.float32, 0))
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), fp32)
+    icfg = InferenceConfig(dtype="bf16", max_out_tokens=64)
+    p = [prompt(5, 9, cfg.vocab_size)]
+    for par in (None, Parallel(tp=2)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="dsjax"):
+            got = build_engine(cfg, fp32, inference=icfg, parallel=par)
+        assert {str(a.dtype) for a in jax.tree.leaves(got.params)} == {"bfloat16"}
+        assert "weights cast to the engine's dtypes" in caplog.text
+        want = build_engine(cfg, bf16, inference=icfg, parallel=par)
+        np.testing.assert_array_equal(np.asarray(got(p), np.float32), np.asarray(want(p), np.float32))
