@@ -3,7 +3,7 @@
 # wheels of .whl/ (flax, orbax, ...; the machine's own jax, torch and transformers), NVLink
 # multicast off (KINDS.md; as comm_profile.sh), its arguments passed on after a --deadline that
 # leaves the report time to be written before LIMIT seconds (default 560) stop it. For scripts
-# that take --deadline (moe_parallel, serving_parallel). Log: $OUT/NAME.log.
+# that take --deadline (speed, moe_parallel, serving_parallel). Log: $OUT/NAME.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 name=${1:?usage: gpu_run.sh NAME [ARGS...]}; shift
