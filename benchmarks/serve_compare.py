@@ -70,7 +70,7 @@ def server_command(system: str, path: Path, port: int, args) -> list[str]:
 
 def pool_blocks(args) -> int:
     """dsjax's KV pool for the comparison: every sequence slot at max_model_len, 16-token blocks
-    (the default pool, 0.9 of the free memory, is ~200x that for a 1B model on an H100)."""
+    (the default pool, 0.9 of the free memory, holds far more for a 1B model on a GPU, and its warm-up and allocation cost more)."""
     return args.max_num_seqs * -(-args.max_model_len // 16)
 
 
