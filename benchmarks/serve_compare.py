@@ -45,8 +45,8 @@ def model_dir(arch: str, out: Path) -> Path:
     hf = {k: v for k, v in presets.hf_config(arch).items() if k not in ("eos_token_id", "bos_token_id")}
     config = transformers.AutoConfig.for_model(**hf)
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # (a 1B init: 90 s on
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # a CPU)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # (the GPU inits faster)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.generation_config.eos_token_id = None
     model.save_pretrained(out)
     del model
@@ -70,7 +70,8 @@ def server_command(system: str, path: Path, port: int, args) -> list[str]:
 
 def pool_blocks(args) -> int:
     """dsjax's KV pool for the comparison: every sequence slot at max_model_len, 16-token blocks
-    (the default pool, 0.9 of the free memory, holds far more for a 1B model on a GPU, and its warm-up and allocation cost more)."""
+    (the default pool, 0.9 of the free memory, holds far more for a 1B model on a GPU, and
+    costs more to allocate)."""
     return args.max_num_seqs * -(-args.max_model_len // 16)
 
 
