@@ -410,27 +410,31 @@ def demo(args) -> int:
     print(f"text (byte tokenizer; random weights make noise): {tok.decode(ours)!r}")
     if hf_model is None:
         return 0
-    theirs, hf_ms = _hf_generate(hf_model, prompt, n, engine.pad_token_id)
+    theirs, hf_ms = _hf_generate(hf_model, prompt, n, engine.pad_token_id, args.runs)
     same = sum(a == b for a, b in zip(ours, theirs))
     agree = ours == theirs
-    print(f"HF transformers (torch, eager): {hf_ms:.1f} ms = {hf_ms / max(len(theirs), 1):.2f} ms/token")
+    print(f"HF transformers (torch, eager): median {hf_ms:.1f} ms = "
+          f"{hf_ms / max(len(theirs), 1):.2f} ms/token over {args.runs} runs")
     print(f"token agreement with HF: {'identical' if agree else 'DIFFERENT'} "
           f"({same}/{max(len(ours), len(theirs))} positions equal)")
     return 0 if agree else 1
 
 
-def _hf_generate(model, prompt: list[int], n: int, pad: int) -> tuple[list[int], float]:
+def _hf_generate(model, prompt: list[int], n: int, pad: int, runs: int) -> tuple[list, float]:
+    """HF's greedy tokens and median ms over `runs` timed calls after a warm-up (as dsjax's)."""
     import torch
 
     ids = torch.tensor([prompt])
     kwargs = dict(max_new_tokens=n, do_sample=False, pad_token_id=pad,
                   attention_mask=torch.ones_like(ids))
+    times = []
     with torch.no_grad():
         model.generate(ids, **kwargs)  # warm-up
-        t0 = time.perf_counter()
-        out = model.generate(ids, **kwargs)
-        ms = (time.perf_counter() - t0) * 1e3
-    return out[0, len(prompt):].tolist(), ms
+        for _ in range(max(runs, 1)):
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kwargs)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return out[0, len(prompt):].tolist(), statistics.median(times)
 
 
 if __name__ == "__main__":
