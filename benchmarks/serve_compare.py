@@ -5,8 +5,8 @@ the same load generator (`dsjax bench serve`), at the same request rates.
 
 The model: a built-in architecture (dsjax/presets.py) with random weights, saved once as an HF
 directory (bf16 safetensors) with a small word-level tokenizer and no EOS token (so every
-answer runs to its max_tokens on both servers: random weights have no meaningful end), which
-both servers load. Prompts are random words (transformers serve takes only text prompts), one
+answer runs to its max_tokens on both servers: random weights have no meaningful end; every
+token of the model's vocabulary is a word), which both servers load. Prompts are random words (transformers serve takes only text prompts), one
 word per token of the intended length; each server reports the prompt tokens it saw. For each
 server: start it on 127.0.0.1, wait until it answers, send a warm-up burst (not reported), run
 the load at every rate, stop it.
@@ -31,7 +31,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only sends load: t
 
 from benchmarks import harness  # noqa: E402
 
-WORDS = ["<unk>"] + [f"w{i}" for i in range(256)]
+
+
+def words(vocab_size: int) -> list[str]:
+    """The word tokenizer's vocabulary: token i + 1 is the word f"w{i}" (bench serve's
+    random-text prompts), token 0 "<unk>". It covers the model's whole vocabulary, so that every
+    token the model samples is a word of text: a token without text streams nothing, and both
+    servers would hold their chunks until a token with text came (tokens then arrive in a few
+    bursts, and TTFT and TPOT measure the bursts, not the tokens)."""
+    return ["<unk>"] + [f"w{i}" for i in range(vocab_size - 1)]
 
 
 def model_dir(arch: str, out: Path) -> Path:
@@ -52,7 +60,8 @@ def model_dir(arch: str, out: Path) -> Path:
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # (the GPU is the servers')
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    vocab = {w: i for i, w in enumerate(words(config.vocab_size))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(out)
     return out
