@@ -98,8 +98,7 @@ def model_costs(engine) -> dict:
 def roofline(steps, costs: dict, ceil: dict) -> dict:
     """The trace's floor over the run's steps, and each step's decode floor."""
     total, decode_floors = 0.0, []
-    for s in steps:
-        chunks = s["chunks"]
+    for chunks in (one for s in steps for one in decode_steps(s["chunks"])):
         tokens = sum(n for _, n in chunks)
         kv = costs["kv_token_bytes"] * (sum(a + n for a, n in chunks) + tokens)
         nbytes = costs["weight_bytes"] + kv
@@ -113,6 +112,15 @@ def roofline(steps, costs: dict, ceil: dict) -> dict:
                                   * sum(a + 1 for a in dec)) / ceil["bytes_per_s"])
     return {"floor_s": total, "decode_floor_ms_p50": float(np.median(decode_floors) * 1e3)
             if decode_floors else None}
+
+
+def decode_steps(chunks) -> list[list[tuple[int, int]]]:
+    """A step's chunks [(start, n, steps)] as the model steps it ran [[(start, n)]]: a burst's
+    chunk (steps > 1) is one token in each of its first `steps` decode steps."""
+    k = max((st for _, _, st in chunks), default=1)
+    if k == 1:
+        return [[(a, n) for a, n, _ in chunks]]
+    return [[(a + j, 1) for a, _, st in chunks if j < st] for j in range(k)]
 
 
 def overlap(steps) -> dict:
@@ -200,7 +208,7 @@ def run_serving(args, trace, engine) -> dict:
 
     srv = ServingEngine(engine, block_size=args.block_size, token_budget=args.token_budget,
                         max_seqs=args.max_seqs, memory_fraction=0.85,
-                        num_blocks=args.num_blocks)
+                        num_blocks=args.num_blocks, decode_steps=args.decode_steps)
     t = time.perf_counter()
     programs = srv.warmup(workers=16)
     out = {"warmup": {"programs": programs, "seconds": time.perf_counter() - t}}
@@ -229,6 +237,9 @@ def parse(argv=None):
     ap.add_argument("--max-seqs", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, help="default: 85%% of the free device memory")
+    ap.add_argument("--decode-steps", type=int, default=1, help="the engine's decode bursts "
+                    "(ServingEngine(decode_steps=)): decode steps per step program where no "
+                    "request waits (default 1: none)")
     ap.add_argument("--rates", type=lambda t: [float(x) for x in t.split(",")],
                     default=[0.3, 0.6, 0.9])
     ap.add_argument("--poisson-requests", type=int, default=128)

@@ -38,7 +38,8 @@ def markdown(res: dict) -> str:
              f"{tr['requests']} requests, {tr['prompt_tokens']} prompt tokens "
              f"({res['args']['prompt_len']}), {tr['output_tokens']} output tokens "
              f"({res['args']['output_len']}); token budget {res['args']['token_budget']}, up to "
-             f"{res['args']['max_seqs']} sequences, blocks of {res['args']['block_size']}.", "",
+             f"{res['args']['max_seqs']} sequences, blocks of {res['args']['block_size']}, "
+             f"decode bursts of {res['args'].get('decode_steps', 1)} steps.", "",
              "| system | output tok/s | total tok/s | seconds | output vs best static |",
              "| --- | --- | --- | --- | --- |"]
     best = best_static(res)

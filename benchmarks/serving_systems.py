@@ -39,7 +39,7 @@ def serve(srv: ServingEngine, trace: list[dict], arrivals: list[float] | None = 
         t = time.perf_counter() - start
         rec = srv.last_step
         steps.append({"t": t, "prepare_s": rec.prepare_s, "wait_s": rec.wait_s,
-                      "chunks": [(c.start, c.n) for c in rec.chunks],
+                      "chunks": [(c.start, c.n, c.steps) for c in rec.chunks],
                       "running": sum(len(s.running) for s in srv.scheds)})
         for o in outs:
             timings[int(o.request_id)].token_times.extend([t] * len(o.new_token_ids))

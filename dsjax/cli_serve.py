@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
                    help="fraction of the device memory left after the weights for KV blocks")
     p.add_argument("--num-blocks", type=int, help="KV blocks (instead of --kv-cache-memory)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--decode-steps", type=int, default=1,
+                   help="decode steps per step program while every sequence decodes and none "
+                   "waits (decode bursts: the host's per-step work once per burst; default 1)")
     p.add_argument("--served-model-name", help="the model id clients send (default: MODEL)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--chat-template", type=Path, help="a Jinja chat template file (default: the tokenizer's)")
@@ -74,6 +77,7 @@ def serve(args) -> int:
     options = dict(dtype=args.dtype, progress=False, seed=args.seed, max_seqs=args.max_num_seqs,
                    token_budget=args.max_batched_tokens, block_size=args.block_size,
                    memory_fraction=args.kv_cache_memory, num_blocks=args.num_blocks,
+                   decode_steps=args.decode_steps,
                    kernels=kernel_policy(args.kernels, jax.default_backend()))
     if args.max_model_len:
         options.update(max_out_tokens=args.max_model_len, max_model_len=args.max_model_len)

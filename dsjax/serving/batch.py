@@ -9,7 +9,10 @@ The buffer of one replica holds, flattened:
 
 float32 and uint32 values lie in it as their bits. Each request's sampling values are packed
 once, when it is added (`request_record`); a step copies its records into the rows. The
-buffer's `Layout` (N, S, EOS columns, MB) is static: part of the step program's key.
+buffer's `Layout` (N, S, EOS columns, MB, decode steps) is static: part of the step program's
+key. A step of several decode steps (a burst: every chunk a running sequence's decode token,
+`Chunk.steps` > 1) holds one token per sequence, its first; the program makes the others (each
+row's `steps` column says how many decode steps it runs).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from dsjax.numerics import next_pow2
 from dsjax.serving.paged import StepMeta
 
 # the fixed columns of a row; EOS ids follow
-ROW_COLUMNS = ("sample_at", "new_tokens", "seed", "do_sample", "temperature", "top_k", "top_p",
-               "min_p", "min_new")
+ROW_COLUMNS = ("sample_at", "new_tokens", "steps", "seed", "do_sample", "temperature", "top_k",
+               "top_p", "min_p", "min_new")
 _FLOATS = ("temperature", "top_p", "min_p")
 _COL = {name: i for i, name in enumerate(ROW_COLUMNS)}
 MIN_EOS = 8  # EOS columns of a step: at least this many (a power of two), so that requests
@@ -42,6 +45,7 @@ class Layout:
     seqs: int  # S
     eos: int  # EOS columns
     max_blocks: int  # MB
+    steps: int = 1  # decode steps the program runs (> 1: a burst of one token per sequence)
 
     @property
     def size(self) -> int:
@@ -59,12 +63,14 @@ class StepInputs:
     meta: StepMeta
     sample_at: jax.Array  # [S] int32: the index in N of each sequence's last token
     new_tokens: jax.Array  # [S] int32: tokens each sequence has generated so far
+    steps: jax.Array  # [S] int32: decode steps each sequence runs (0: a filler row)
     seeds: jax.Array  # [S] uint32: each request's sampling seed
     sampling: smp.Sampling  # [S] rows
 
 
 def request_record(settings: st.GenerationSettings, prompt_len: int, seed: int) -> np.ndarray:
-    """A request's row (sample_at and new_tokens left 0: the step fills them) as int32."""
+    """A request's row (sample_at, new_tokens and steps left 0: the step fills them) as
+    int32."""
     s = st.sampling_rows([settings], 1, [prompt_len])
     row = np.zeros(len(ROW_COLUMNS) + len(settings.eos_token_id), np.int32)
     values = dict(seed=np.uint32(seed), do_sample=s.do_sample[0], temperature=s.temperature[0],
@@ -78,25 +84,25 @@ def request_record(settings: st.GenerationSettings, prompt_len: int, seed: int) 
 
 def pack(chunks, records: list[np.ndarray], fill: np.ndarray, layout: Layout, block_size: int):
     """One replica's buffer: chunks (scheduler Chunks, in row order), their requests' records,
-    the record of filler rows."""
+    the record of filler rows. A burst's chunk puts its first token in the buffer."""
     N, S, MB, k = layout.tokens, layout.seqs, layout.max_blocks, len(chunks)
     tok = np.zeros((5, N), np.int32)
     tok[1], tok[3] = -1, -1  # no previous-step token; padding writes nowhere
     rows = np.full((S, len(ROW_COLUMNS) + layout.eos), -1, np.int32)
     tables = np.zeros((S, MB), np.int32)
     ids, prev_at, prev_row = [], [], []
-    for i, (c, rec) in enumerate(zip(chunks, records)):
+    ns = np.fromiter((c.n - c.steps + 1 for c in chunks), np.int32, k)  # tokens in the buffer
+    for i, (c, rec, n) in enumerate(zip(chunks, records, ns.tolist())):
         seq = c.seq
         if seq.pending_row is not None:  # its last token is the step in flight's
             last = seq.length - 1
-            if c.start <= last < c.start + c.n:
+            if c.start <= last < c.start + n:
                 prev_at.append(len(ids) + last - c.start)
                 prev_row.append(seq.pending_row)
-        ids += seq.token_slice(c.start, c.n)
+        ids += seq.token_slice(c.start, n)
         blocks = seq.block_array()
         tables[i, :len(blocks)] = blocks
         rows[i, :len(rec)] = rec
-    ns = np.fromiter((c.n for c in chunks), np.int32, k)
     ends = np.cumsum(ns, dtype=np.int32)
     n = int(ends[-1]) if k else 0
     seq_of = np.repeat(np.arange(k, dtype=np.int32), ns)
@@ -107,6 +113,7 @@ def pack(chunks, records: list[np.ndarray], fill: np.ndarray, layout: Layout, bl
     tok[2, :n], tok[4, :n] = pos, seq_of
     tok[3, :n] = tables[seq_of, pos // block_size] * block_size + pos % block_size
     rows[:k, 0], rows[:k, 1] = ends - 1, [len(c.seq.out) for c in chunks]
+    rows[:k, 2] = [c.steps for c in chunks]
     rows[k:, :len(fill)] = fill
     return np.concatenate([tok.ravel(), rows.ravel(), tables.ravel()])
 
@@ -132,5 +139,5 @@ def unpack(buf, layout: Layout) -> StepInputs:
         eos=rows[:, len(ROW_COLUMNS):], bias_ids=jnp.full((S, 1), -1, jnp.int32),
         bias=jnp.zeros((S, 1), jnp.float32), bad_seqs=jnp.full((S, 1, 2), -1, jnp.int32))
     return StepInputs(tok[0], tok[1], tok[2], StepMeta(tok[3], tok[4], tables), col("sample_at"),
-                      col("new_tokens"), jax.lax.bitcast_convert_type(col("seed"), jnp.uint32),
-                      sampling)
+                      col("new_tokens"), col("steps"),
+                      jax.lax.bitcast_convert_type(col("seed"), jnp.uint32), sampling)

@@ -38,6 +38,7 @@ from dsjax.serving import batch
 from dsjax.serving.blocks import BlockAllocator
 from dsjax.serving.detokenize import IncrementalText
 from dsjax.serving.paged import PagedCache
+from dsjax.serving.requests import Request, RequestOutput
 from dsjax.serving.scheduler import PENDING, Chunk, Scheduler, Sequence
 from dsjax.serving.step import FEATURES, TOP_LOGPROBS, program, swap_weights
 from dsjax.validate import id_array
@@ -45,37 +46,6 @@ from dsjax.validate import id_array
 log = logging.getLogger("dsjax")
 SERVING_OPTIONS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature",
                    "top_k", "top_p", "min_p", "eos_token_id", "stop_strings")
-
-
-class RequestOutput:
-    """A request after a step: new_token_ids are the step's; token_ids (every token generated
-    so far), logprobs (log p of each under the model) and top_logprobs (per token, the
-    request's top_logprobs most likely (token, log p), most likely first; None unless asked)
-    are its whole output so far, sliced from the request's own lists when read (a step costs
-    nothing per token generated before it). finish_reason: "stop" (a stop token or string),
-    "length", "abort"; stop_string: the one that ended it (OpenAI's and vLLM's semantics: found
-    in the decoded text; the text returned ends before it)."""
-
-    __slots__ = ("request_id", "prompt_token_ids", "new_token_ids", "finished", "finish_reason",
-                 "stop_string", "_req", "_n")
-    FIELDS = ("request_id", "prompt_token_ids", "token_ids", "logprobs", "new_token_ids",
-              "finished", "finish_reason", "stop_string", "top_logprobs")
-
-    def __init__(self, req: _Request, new: list[int], reason: str | None):
-        self.request_id, self.prompt_token_ids, self.new_token_ids = req.seq.id, req.seq.prompt, new
-        self.finished, self.finish_reason = reason is not None, reason
-        self.stop_string, self._req, self._n = req.stop_string, req, len(req.logprobs)
-
-    token_ids = property(lambda self: self._req.seq.out[:self._n])
-    logprobs = property(lambda self: self._req.logprobs[:self._n])
-    top_logprobs = property(lambda self: self._req.top[:self._n] if self._req.top_n else None)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, RequestOutput) and all(
-            getattr(self, f) == getattr(other, f) for f in self.FIELDS)
-
-    def __repr__(self) -> str:
-        return "RequestOutput(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.FIELDS) + ")"
 
 
 @dataclasses.dataclass
@@ -89,21 +59,6 @@ class StepRecord:
     wait_s: float
 
 
-@dataclasses.dataclass
-class _Request:
-    seq: Sequence
-    settings: st.GenerationSettings
-    seed: int
-    replica: int  # the replica (scheduler and blocks) that runs it
-    record: np.ndarray  # its row of a step's buffer (dsjax.serving.batch)
-    top_n: int = 0  # top log-probabilities to report per token
-    logprobs: list = dataclasses.field(default_factory=list)
-    top: list = dataclasses.field(default_factory=list)
-    text: IncrementalText | None = None  # its output's text, with stop strings to search
-    searched: int = 0  # characters of text already searched for stop strings
-    stop_string: str | None = None
-
-
 class ServingEngine:
     """Continuous batching with Dynamic SplitFuse (see module docstring), on one device or over
     init_inference's mesh: tensor slices (tp) and replicas (dp), each replica with its own
@@ -113,11 +68,17 @@ class ServingEngine:
     the device memory left after the weights; on the CPU, whose memory the host shares, at
     most what max_seqs sequences of max_model_len tokens hold); token_budget: tokens per step
     and replica; max_seqs: sequences per step and replica; max_model_len: prompt + new tokens
-    per request (default: the engine's max_out_tokens)."""
+    per request (default: the engine's max_out_tokens); decode_steps: where every running
+    sequence is decoding and no request waits, the decode steps one step program runs (a
+    burst: the host's work per step is paid once per burst; a request that arrives meanwhile
+    waits for the burst to end; 1: one per step)."""
 
     def __init__(self, engine, *, block_size: int = 16, num_blocks: int | None = None,
                  memory_fraction: float = 0.9, token_budget: int = 512, max_seqs: int = 64,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, decode_steps: int = 1):
+        if not isinstance(decode_steps, int) or decode_steps < 1:
+            raise ValueError(f"decode_steps={decode_steps!r}: a whole number >= 1")
+        self.decode_steps = decode_steps
         self.engine, self.cfg, icfg = engine, engine.config, engine.inference_config
         self.plan = plan = _check_plan(engine.plan)
         self.max_len = max_model_len or icfg.max_out_tokens
@@ -131,7 +92,7 @@ class ServingEngine:
         self.scheds = [Scheduler(BlockAllocator(num_blocks, block_size), token_budget, max_seqs,
                                  self.max_len, prefix_salt=icfg.kv_cache_dtype.encode())
                        for _ in range(self.replicas)]
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._flight = None  # the step dispatched last: (chunks per replica, tokens, logprobs)
         rows = bucket(max_seqs, minimum=4)
@@ -207,7 +168,7 @@ class ServingEngine:
         replica = load.index(min(load))  # the least busy replica
         self.scheds[replica].add(seq)
         seed = int(seed) & 0xFFFFFFFF
-        self.requests[rid] = _Request(seq, settings, seed, replica,
+        self.requests[rid] = Request(seq, settings, seed, replica,
                                       batch.request_record(settings, ids.size, seed),
                                       int(top_logprobs), text=IncrementalText(
                                           self.engine.tokenizer, [])  # (the output's own text)
@@ -242,20 +203,20 @@ class ServingEngine:
         finished or is finishing): the host prepares step n + 1 while the device runs step n.
         Returns the outputs of the requests that got a token (or finished) in the step read."""
         start = time.perf_counter()
-        plans = [s.schedule() for s in self.scheds]
+        plans, steps = self._plan()
         flight, self._flight = self._flight, None
         if any(plans):
             prev = flight[1] if flight is not None else self._no_tokens
             reqs = [self.requests[c.seq.id] for chunks in plans for c in chunks]
             full = any(r.top_n or r.settings.do_sample for r in reqs)
-            layout = self._layout(plans, [r.record for r in reqs])
+            layout = self._layout(plans, [r.record for r in reqs], steps)
             self.cache, tok, out = self._run(self._buffer(plans, layout), prev, layout, full)
             out.copy_to_host_async()
             for sched, chunks in zip(self.scheds, plans):
                 sched.advance(chunks)
                 for i, c in enumerate(chunks):
-                    if c.samples:  # its token exists only on the device until the next step
-                        c.seq.out.append(PENDING)
+                    if c.samples:  # its tokens exist only on the device until the next step
+                        c.seq.out.extend([PENDING] * c.steps)
                         c.seq.pending_row = i
             self._flight = (plans, tok, out)
         prepared = time.perf_counter()
@@ -264,13 +225,23 @@ class ServingEngine:
                                     waited)
         return outs
 
+    def _plan(self) -> tuple[list[list[Chunk]], int]:
+        """The next step's chunks per replica and its decode steps: a burst of decode_steps
+        where every replica can run one (dsjax.serving.scheduler.Scheduler.burst), else one
+        SplitFuse step."""
+        if self.decode_steps > 1:
+            bursts = [s.burst(self.decode_steps) for s in self.scheds]
+            if all(b is not None for b in bursts) and any(bursts):
+                return bursts, self.decode_steps
+        return [s.schedule() for s in self.scheds], 1
+
     def _read(self, flight) -> tuple[list[RequestOutput], float]:
         """The outputs of the step in flight, and the seconds spent waiting for its tokens."""
         plans, _, out = flight
         start = time.perf_counter()
-        out = np.asarray(distributed.gather(out)).reshape(self.replicas, -1, out.shape[-1])
+        out = np.asarray(distributed.gather(out)).reshape(self.replicas, *out.shape[-3:])
         waited = time.perf_counter() - start
-        tok, chosen = out[..., 0].tolist(), out[..., 1].view(np.float32).tolist()
+        tok, chosen = out[..., 0].tolist(), out[..., 1].view(np.float32).tolist()  # [r][k][i]
         top_ids = out[..., 2:2 + TOP_LOGPROBS]
         top = out[..., 2 + TOP_LOGPROBS:].view(np.float32)
         outs = []
@@ -278,33 +249,42 @@ class ServingEngine:
             for i, c in enumerate(chunks):
                 if not c.samples:
                     continue
-                c.seq.out[c.start + c.n - len(c.seq.prompt)] = tok[r][i]
+                new = [tok[r][k][i] for k in range(c.steps)]
+                at = c.start + c.n - len(c.seq.prompt) - c.steps + 1
+                c.seq.out[at:at + c.steps] = new
                 if c.seq.out[-1] != PENDING:  # no newer token of it in flight
                     c.seq.pending_row = None
                 req = self.requests.get(c.seq.id)
                 if req is not None and req.seq is c.seq:  # not aborted or finished meanwhile
                     # (nor its id taken by a new request)
-                    pairs = list(zip(top_ids[r, i, :req.top_n].tolist(),
-                                     top[r, i, :req.top_n].tolist())) if req.top_n else []
-                    outs.append(self._took(req, tok[r][i], chosen[r][i], pairs))
+                    pairs = [list(zip(top_ids[r, k, i, :req.top_n].tolist(),
+                                      top[r, k, i, :req.top_n].tolist())) if req.top_n else []
+                             for k in range(c.steps)]
+                    outs.append(self._took(req, new, [chosen[r][k][i] for k in range(c.steps)],
+                                           pairs))
         return outs, waited
 
-    def _took(self, req: _Request, token: int, logprob: float, top: list) -> RequestOutput:
-        req.logprobs.append(logprob)
-        req.top.append(top)
+    def _took(self, req: Request, tokens: list[int], logprobs: list[float],
+              tops: list) -> RequestOutput:
+        """A request's new tokens, in order, up to the first that finishes it (the burst's
+        tokens after that one are dropped)."""
         reason = None
-        if token in req.settings.eos_token_id:  # (masked on the device before min_new_tokens)
-            reason = "stop"
-        elif req.settings.stop_strings and self._stop_string(req):
-            reason = "stop"
-        elif len(req.logprobs) >= req.seq.max_new:  # tokens read (one may still be in flight)
-            reason = "length"
-        if reason is not None:
-            self.requests.pop(req.seq.id)
-            self.scheds[req.replica].remove(req.seq)
-        return self._output(req, [token], reason)
+        for n, (token, logprob, top) in enumerate(zip(tokens, logprobs, tops), 1):
+            req.logprobs.append(logprob)
+            req.top.append(top)
+            if token in req.settings.eos_token_id:  # (masked on the device before min_new)
+                reason = "stop"
+            elif req.settings.stop_strings and self._stop_string(req):
+                reason = "stop"
+            elif len(req.logprobs) >= req.seq.max_new:  # tokens read (more may be in flight)
+                reason = "length"
+            if reason is not None:
+                self.requests.pop(req.seq.id)
+                self.scheds[req.replica].remove(req.seq)
+                return self._output(req, tokens[:n], reason)
+        return self._output(req, tokens, reason)
 
-    def _stop_string(self, req: _Request) -> bool:
+    def _stop_string(self, req: Request) -> bool:
         """Whether the decoded output now contains a stop string (decoding only the new tokens,
         searching only the text that could hold a new occurrence)."""
         req.text.add(req.seq.out, end=len(req.logprobs))
@@ -319,15 +299,16 @@ class ServingEngine:
         return bool(found)
 
     @staticmethod
-    def _output(req: _Request, new: list[int], reason: str | None) -> RequestOutput:
+    def _output(req: Request, new: list[int], reason: str | None) -> RequestOutput:
         return RequestOutput(req, new, reason)
 
-    def _layout(self, plans: list[list[Chunk]], records) -> batch.Layout:
-        """The step's bucketed shapes: N tokens and S sequences to powers of two (the same for
-        every replica)."""
-        return batch.Layout(bucket(max(sum(c.n for c in chunks) for chunks in plans)),
+    def _layout(self, plans: list[list[Chunk]], records, steps: int = 1) -> batch.Layout:
+        """The step's bucketed shapes: N tokens (a burst's chunk puts one in the buffer) and S
+        sequences to powers of two (the same for every replica), its decode steps."""
+        tokens = max(sum(c.n - c.steps + 1 for c in chunks) for chunks in plans)
+        return batch.Layout(bucket(tokens),
                             bucket(max(len(chunks) for chunks in plans), minimum=4),
-                            batch.eos_columns(records), self.max_blocks)
+                            batch.eos_columns(records), self.max_blocks, steps)
 
     def _buffer(self, plans: list[list[Chunk]], layout: batch.Layout):
         """The step's buffer on the device (one transfer; [replicas, ...] over a mesh)."""
@@ -346,11 +327,8 @@ class ServingEngine:
         nothing), so that serving never stops to trace or compile. Returns how many programs."""
         if self.has_unfinished():
             raise ValueError("warmup() needs an idle engine")
-        top_n = bucket(self.sched.budget)
-        top_s = bucket(self.sched.max_seqs, minimum=4)
-        eos = batch.eos_columns([])
-        todo = [(batch.Layout(n, s, eos, self.max_blocks), full) for n in _powers(16, top_n)
-                for s in _powers(4, top_s) if s <= max(n, 4) for full in (False, True)[:1 + sampling]]
+        todo = [(lay, full) for lay in self._step_layouts()
+                for full in (False, True)[:1 + sampling]]
         empty = {lay: self._buffer([[] for _ in self.scheds], lay) for lay, _ in todo}
         start, done = time.perf_counter(), itertools.count(1)
 
@@ -371,6 +349,19 @@ class ServingEngine:
                 log.info("dsjax serving: ran %d of %d step programs once (%.0f s)", n, len(todo),
                          time.perf_counter() - start)
         return len(todo)
+
+    def _step_layouts(self) -> list[batch.Layout]:
+        """Every layout a step can take: N tokens and S sequences (S <= N), and with
+        decode_steps > 1 the bursts' (one token per sequence)."""
+        top_n = bucket(self.sched.budget)
+        top_s = bucket(self.sched.max_seqs, minimum=4)
+        eos = batch.eos_columns([])
+        out = [batch.Layout(n, s, eos, self.max_blocks) for n in _powers(16, top_n)
+               for s in _powers(4, top_s) if s <= max(n, 4)]
+        if self.decode_steps > 1:
+            out += [batch.Layout(bucket(s), s, eos, self.max_blocks, self.decode_steps)
+                    for s in _powers(4, top_s) if bucket(s) <= top_n]
+        return out
 
     def _run(self, buf, prev, layout, full):
         """One step program: the executable warmup() compiled for its shape, else jit's call

@@ -21,11 +21,12 @@ import collections
 import dataclasses
 import threading
 
-from dsjax.serving.engine import RequestOutput, ServingEngine
+from dsjax.serving.engine import ServingEngine
+from dsjax.serving.requests import RequestOutput
 from dsjax.serving.detokenize import IncrementalText
 
 SERVING_KEYS = ("block_size", "num_blocks", "memory_fraction", "token_budget", "max_seqs",
-                "max_model_len")
+                "max_model_len", "decode_steps")
 
 
 @dataclasses.dataclass

@@ -68,12 +68,16 @@ class Sequence:
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """seq runs tokens [start, start + n) of its tokens this step; samples after the last."""
+    """seq runs tokens [start, start + n) of its tokens this step; samples after the last. A
+    burst's chunk (steps > 1) runs n = steps decode steps: its first token is known (or in
+    flight), the step samples each of the others from the one before, and a token after the
+    last."""
 
     seq: Sequence
     start: int
     n: int
     samples: bool  # the chunk ends the sequence's tokens: a token is sampled after it
+    steps: int = 1  # tokens sampled (decode steps run)
 
     @classmethod
     def of(cls, seq: Sequence, n: int) -> Chunk:
@@ -140,6 +144,27 @@ class Scheduler:
                 chunks.append(Chunk.of(seq, n))
                 left -= n
         return [c for c in chunks if c.seq not in self._dropped]
+
+    def burst(self, steps: int) -> list[Chunk] | None:
+        """`steps` decode steps of every running sequence in one step program (fewer for one
+        that reaches its max_new_tokens first), or None (and nothing changed) where a single
+        step is due: a request waiting, a prompt still running, or too few free blocks for
+        every sequence's next `steps` tokens (a burst never preempts)."""
+        if self.waiting or not self.running or any(s.pending != 1 for s in self.running):
+            return None
+        bs, runs, need = self.alloc.block_size, [], 0
+        for seq in sorted(self.running, key=lambda s: s.order):
+            n = min(steps, seq.max_new - len(seq.out))
+            if n > 0:
+                runs.append((seq, n))
+                need += max(0, -(-(seq.computed + n) // bs) - len(seq.blocks))
+        if not runs or len(runs) > self.budget or need > self.alloc.num_free:
+            return None
+        chunks = []
+        for seq, n in runs:
+            self._grow(seq, seq.computed + n)  # (counted above: takes free blocks only)
+            chunks.append(Chunk(seq, seq.computed, n, True, n))
+        return chunks
 
     def _admit(self, seq: Sequence) -> bool:
         """Moves the queue's head to running if blocks exist for its whole prompt (after taking

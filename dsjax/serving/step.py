@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as PS
 from dsjax import sampling as smp
 from dsjax.policy import ONCE
 from dsjax.serving import batch
-from dsjax.serving.paged import PagedCache
+from dsjax.serving.paged import PagedCache, StepMeta
 
 # the full program holds greedy and sampled rows, min_new_tokens and min-p: the request mix
 # changes from step to step, the program does not
@@ -32,11 +32,13 @@ TOP_LOGPROBS = 20  # the most likely tokens each step reports (OpenAI's top_logp
 def program(graphdef, mesh=None, specs=None):
     """The jitted step of one model, its graphdef closed over (hashed here, once, not on every
     call): run(params, cache, buf, prev_tokens, *, layout, full) -> (the cache with this step's
-    K/V written, tokens [R], out [R, 2 (+ 2 TOP_LOGPROBS when full)] int32), R = prev_tokens' length (the rows
-    of every step's output: one shape, so the next step reads this one's tokens on the device,
-    before the host has seen them). buf: the step's buffer (dsjax.serving.batch, its static
-    layout). out: per row the token, its log-probability's bits and, when full, the
-    TOP_LOGPROBS most likely tokens and their log-probabilities' bits. full: the program that
+    K/V written, tokens [R], out [K, R, 2 (+ 2 TOP_LOGPROBS when full)] int32), R =
+    prev_tokens' length (the rows of every step's output: one shape, so the next step reads
+    this one's tokens on the device, before the host has seen them), K = layout.steps (decode
+    steps: a burst runs several, tokens are each row's last). buf: the step's buffer
+    (dsjax.serving.batch, its static layout). out: per decode step and row the token, its
+    log-probability's bits and, when full, the TOP_LOGPROBS most likely tokens and their
+    log-probabilities' bits. full: the program that
     samples and reports top log-probabilities; otherwise greedy (the host picks per step, so a
     greedy step never sorts the vocabulary). A request's draws depend only on its seed and its
     position, never on what else shares the step.
@@ -44,7 +46,7 @@ def program(graphdef, mesh=None, specs=None):
     Over a ("dp", "pp", "tp") mesh with pp = 1 (dsjax.parallel; specs: the params' partition
     specs): each of the dp replicas runs its own buffer (buf and prev_tokens [dp, ...]) over its
     own blocks (the pools' first axis, dp x its blocks) with its tensor slice of the weights
-    and of the KV heads (the pools' second axis); tokens [dp, R] and out [dp, R, ...]."""
+    and of the KV heads (the pools' second axis); tokens [dp, R] and out [dp, K, R, ...]."""
     fn = functools.partial(_one if mesh is None else _over_mesh, graphdef)
     if mesh is not None:
         fn = functools.partial(fn, mesh=mesh, specs=specs)
@@ -77,24 +79,58 @@ def _step(model, cache: PagedCache, buf, prev_tokens, layout: batch.Layout, full
     inputs = batch.unpack(buf, layout)
     tokens = jnp.where(inputs.from_prev >= 0, prev_tokens[jnp.maximum(inputs.from_prev, 0)],
                        inputs.tokens)
-    hidden, cache = model(tokens[None], inputs.positions[None], cache.at_step(inputs.meta))
-    logits = model.logits(hidden[0][inputs.sample_at])  # [S, V]
+    if layout.steps > 1:
+        cache, tok, out = _burst(model, cache, inputs, tokens, layout.steps, full)
+    else:
+        hidden, cache = model(tokens[None], inputs.positions[None], cache.at_step(inputs.meta))
+        tok, out = _choose(model, hidden[0], inputs, inputs.positions, 0, full)
+        cache, out = cache.at_step(None), out[None]
+    pad = prev_tokens.shape[0] - tok.shape[0]
+    return cache, jnp.pad(tok, (0, pad)), jnp.pad(out, [(0, 0), (0, pad), (0, 0)])
+
+
+def _choose(model, hidden, inputs: batch.StepInputs, positions, j, full: bool):
+    """Each sequence row's token after its last token in hidden [N, D] (its `j`-th decode
+    step of this program), and its output columns [S, C]."""
+    logits = model.logits(hidden[inputs.sample_at])  # [S, V]
     keys = None
     if full:
-        pos = inputs.positions[inputs.sample_at]
+        pos = positions[inputs.sample_at]
         keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(inputs.seeds, pos)
     tok = smp.choose(logits, keys, inputs.sampling, FEATURES if full else GREEDY, None,
-                     inputs.new_tokens)
+                     inputs.new_tokens + j)
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
     bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)  # noqa: E731
     cols = [tok[:, None], bits(jnp.take_along_axis(logprobs, tok[:, None], axis=-1))]
     if full:
         top_lp, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
         cols += [top_ids.astype(jnp.int32), bits(top_lp)]
-    out = jnp.concatenate(cols, axis=1)
-    pad = prev_tokens.shape[0] - tok.shape[0]
-    rows = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
-    return cache.at_step(None), rows(tok), rows(out)
+    return tok, jnp.concatenate(cols, axis=1)
+
+
+def _burst(model, cache: PagedCache, inputs: batch.StepInputs, tokens, steps: int, full: bool):
+    """`steps` decode steps of one token per sequence row, each step's tokens the inputs of
+    the next: a row runs its `steps` column's count (a sequence that reaches its max_new_tokens
+    sooner), later steps write nowhere at its last position. Returns (cache, each row's last
+    token [S], the steps' outputs [steps, S, C])."""
+    meta, bs = inputs.meta, cache.block_size
+    limit = inputs.steps[meta.token_seq]  # [N]: the decode steps of each token's sequence
+    live0 = meta.slots >= 0  # (padding tokens never write)
+
+    def body(carry, j):
+        cache, tokens, last = carry
+        live = live0 & (j < limit)
+        pos = inputs.positions + jnp.minimum(j, jnp.maximum(limit - 1, 0))
+        slots = jnp.where(live, meta.block_tables[meta.token_seq, pos // bs] * bs + pos % bs, -1)
+        step_meta = StepMeta(slots, meta.token_seq, meta.block_tables)
+        hidden, cache = model(tokens[None], pos[None], cache.at_step(step_meta))
+        tok, out = _choose(model, hidden[0], inputs, pos, j, full)
+        last = jnp.where(j < inputs.steps, tok, last)
+        return (cache.at_step(None), tok[meta.token_seq], last), out
+
+    init = (cache, tokens, jnp.zeros_like(inputs.steps))
+    (cache, _, last), outs = jax.lax.scan(body, init, jnp.arange(steps))
+    return cache, last, outs
 
 
 def swap_weights(graphdef, old_params, new_params):

@@ -57,7 +57,8 @@ def start(tmp_path, *extra) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, url = start(tmp_path_factory.mktemp("serve"), "--api-key", KEY)
+    # decode bursts: every answer below comes through single steps and bursts alike
+    proc, url = start(tmp_path_factory.mktemp("serve"), "--api-key", KEY, "--decode-steps", "3")
     yield proc, url
     proc.kill()
     proc.wait(10)

@@ -1,7 +1,8 @@
 """The serving engine (continuous batching, Dynamic SplitFuse, paged KV pools) against the
 static engine: on the CPU in fp32 every request's greedy tokens and log-probabilities equal
 engine.generate's for that prompt alone, whatever the arrival order, token budget, chunk split,
-preemptions and prefix-cache hits; and the pool is fully free after every scenario."""
+preemptions, prefix-cache hits and decode bursts; and the pool is fully free after every
+scenario."""
 
 import time
 
@@ -35,7 +36,7 @@ def family(request):
 def run_scenario(engine, prompts, rng, **kw):
     """Requests arrive at random steps (in a random order); returns {index: output}."""
     srv = ServingEngine(engine, **kw)
-    srv.replica_of = {}
+    srv.replica_of, srv.bursts = {}, 0
     order, done, step = list(rng.permutation(len(prompts))), {}, 0
     while order or srv.has_unfinished():
         while order and (not srv.has_unfinished() or rng.random() < 0.5):
@@ -45,6 +46,7 @@ def run_scenario(engine, prompts, rng, **kw):
         for out in srv.step():
             if out.finished:
                 done[int(out.request_id)] = out
+        srv.bursts += any(c.steps > 1 for c in srv.last_step.chunks)
         step += 1
         assert step < 500
     for sched in srv.scheds:
@@ -56,7 +58,8 @@ def run_scenario(engine, prompts, rng, **kw):
     dict(block_size=4, num_blocks=64, token_budget=16, max_seqs=8),  # chunked prompts
     dict(block_size=4, num_blocks=20, token_budget=32, max_seqs=8),  # KV pressure: preemption
     dict(block_size=4, num_blocks=48, token_budget=8, max_seqs=4),  # tiny budget, many chunks
-], ids=["chunked", "preempting", "tiny_budget"])
+    dict(block_size=4, num_blocks=24, token_budget=32, max_seqs=8, decode_steps=3),  # bursts
+], ids=["chunked", "preempting", "tiny_budget", "bursts"])
 def test_tokens_equal_each_prompt_alone(family, kw):
     engine, prompts, want = family
     srv, done = run_scenario(engine, prompts, np.random.default_rng(len(kw) + kw["num_blocks"]), **kw)
@@ -66,6 +69,7 @@ def test_tokens_equal_each_prompt_alone(family, kw):
         assert done[i].finish_reason == "length"
     if kw["num_blocks"] == 20:
         assert srv.sched.preemptions > 0  # the scenario did preempt
+    assert (srv.bursts > 0) == ("decode_steps" in kw)
     if kw["token_budget"] == 16:
         assert srv.alloc.hits > 0  # the shared prefix came from the cache
 
@@ -80,11 +84,11 @@ def test_tensor_slices_and_replicas_equal_one_device(family):
                               inference=engine.inference_config,
                               parallel=Parallel.parse(tensor_parallel=2, data_parallel=2))
     srv, done = run_scenario(mesh, prompts, np.random.default_rng(3), block_size=4,
-                             num_blocks=24, token_budget=16, max_seqs=4)
+                             num_blocks=24, token_budget=16, max_seqs=4, decode_steps=3)
     for i, (tokens, logprobs) in enumerate(want):
         assert done[i].token_ids == tokens, i
         np.testing.assert_allclose(done[i].logprobs, logprobs, atol=1e-4)
-    assert sorted(set(srv.replica_of.values())) == [0, 1]
+    assert sorted(set(srv.replica_of.values())) == [0, 1] and srv.bursts > 0
 
 
 @pytest.mark.parametrize("family", ["qwen2_qkv_bias_gqa"], indirect=True)
