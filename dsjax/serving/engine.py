@@ -241,7 +241,8 @@ class ServingEngine:
         start = time.perf_counter()
         out = np.asarray(distributed.gather(out)).reshape(self.replicas, *out.shape[-3:])
         waited = time.perf_counter() - start
-        tok, chosen = out[..., 0].tolist(), out[..., 1].view(np.float32).tolist()  # [r][k][i]
+        single = out.shape[1] == 1  # a program of one decode step
+        tok, chosen = _by_row(out[..., 0]), _by_row(out[..., 1].view(np.float32))
         top_ids = out[..., 2:2 + TOP_LOGPROBS]
         top = out[..., 2 + TOP_LOGPROBS:].view(np.float32)
         outs = []
@@ -249,29 +250,32 @@ class ServingEngine:
             for i, c in enumerate(chunks):
                 if not c.samples:
                     continue
-                new = [tok[r][k][i] for k in range(c.steps)]
-                at = c.start + c.n - len(c.seq.prompt) - c.steps + 1
-                c.seq.out[at:at + c.steps] = new
+                at = c.start + c.n - len(c.seq.prompt)  # the index of its last token
+                if single:
+                    new, lps = [tok[r][i]], [chosen[r][i]]
+                    c.seq.out[at] = new[0]
+                else:
+                    new, lps = tok[r][i][:c.steps], chosen[r][i]
+                    c.seq.out[at - c.steps + 1:at + 1] = new
                 if c.seq.out[-1] != PENDING:  # no newer token of it in flight
                     c.seq.pending_row = None
                 req = self.requests.get(c.seq.id)
                 if req is not None and req.seq is c.seq:  # not aborted or finished meanwhile
                     # (nor its id taken by a new request)
-                    pairs = [list(zip(top_ids[r, k, i, :req.top_n].tolist(),
-                                      top[r, k, i, :req.top_n].tolist())) if req.top_n else []
-                             for k in range(c.steps)]
-                    outs.append(self._took(req, new, [chosen[r][k][i] for k in range(c.steps)],
-                                           pairs))
+                    n = req.top_n
+                    pairs = [list(zip(top_ids[r, k, i, :n].tolist(), top[r, k, i, :n].tolist()))
+                             for k in range(c.steps)] if n else None
+                    outs.append(self._took(req, new, lps, pairs))
         return outs, waited
 
     def _took(self, req: Request, tokens: list[int], logprobs: list[float],
-              tops: list) -> RequestOutput:
+              tops: list | None) -> RequestOutput:
         """A request's new tokens, in order, up to the first that finishes it (the burst's
-        tokens after that one are dropped)."""
+        tokens after that one are dropped); tops: each one's top log-probabilities, if asked."""
         reason = None
-        for n, (token, logprob, top) in enumerate(zip(tokens, logprobs, tops), 1):
-            req.logprobs.append(logprob)
-            req.top.append(top)
+        for n, token in enumerate(tokens, 1):
+            req.logprobs.append(logprobs[n - 1])
+            req.top.append(tops[n - 1] if tops else [])
             if token in req.settings.eos_token_id:  # (masked on the device before min_new)
                 reason = "stop"
             elif req.settings.stop_strings and self._stop_string(req):
@@ -399,6 +403,12 @@ def _check_features(settings: st.GenerationSettings) -> None:
 _UNSERVED = {"penalties": "repetition/presence/frequency penalties",
              "ngram": "no_repeat_ngram_size", "bias": "logit bias / suppressed or bad tokens",
              "bad_seqs": "bad_words_ids sequences"}
+
+
+def _by_row(x: np.ndarray) -> list:
+    """[replicas, K, R] as nested lists by replica and row: [r][i] a row's K values, or (one
+    step, the common case, read fastest) its value."""
+    return x[:, 0].tolist() if x.shape[1] == 1 else x.transpose(0, 2, 1).tolist()
 
 
 def _check_plan(plan):
