@@ -16,7 +16,8 @@ Systems, in this order:
   serving  the ServingEngine: warmup() compiles every step shape, then the whole trace at once
            (throughput), then at Poisson rates (fractions --rates of the measured request
            throughput) over the first --poisson-requests requests: TTFT, TPOT, ITL, E2E,
-           FastGen's effective throughput (dsjax.serving.metrics).
+           FastGen's effective throughput (dsjax.serving.metrics); once per --decode-steps
+           value (decode bursts), the others compared with the first in their own table.
 Roofline of the trace: over the serving run's own steps, sum of max(bytes / bandwidth, FLOPs /
 matmul rate), bytes = the weights + each chunk's sequence K/V read once + the new K/V written,
 FLOPs = 2 x body parameters x tokens + 2 x head parameters x chunks + causal attention;
@@ -98,7 +99,7 @@ def model_costs(engine) -> dict:
 def roofline(steps, costs: dict, ceil: dict) -> dict:
     """The trace's floor over the run's steps, and each step's decode floor."""
     total, decode_floors = 0.0, []
-    for chunks in (one for s in steps for one in decode_steps(s["chunks"])):
+    for chunks in (one for s in steps for one in model_steps(s["chunks"])):
         tokens = sum(n for _, n in chunks)
         kv = costs["kv_token_bytes"] * (sum(a + n for a, n in chunks) + tokens)
         nbytes = costs["weight_bytes"] + kv
@@ -114,7 +115,7 @@ def roofline(steps, costs: dict, ceil: dict) -> dict:
             if decode_floors else None}
 
 
-def decode_steps(chunks) -> list[list[tuple[int, int]]]:
+def model_steps(chunks) -> list[list[tuple[int, int]]]:
     """A step's chunks [(start, n, steps)] as the model steps it ran [[(start, n)]]: a burst's
     chunk (steps > 1) is one token in each of its first `steps` decode steps."""
     k = max((st for _, _, st in chunks), default=1)
@@ -183,17 +184,23 @@ def run_dsjax(args, trace, res: dict, name: str) -> None:
             harness.save(name, res, report.markdown(res))
     if "serving" in which:
         costs = model_costs(engine)
-        try:
-            res["serving"] = run_serving(args, trace, engine)
-        except Exception as e:  # noqa: BLE001 (the report says so; the rest still runs)
-            traceback.print_exc()
-            res["serving_error"] = harness.error_line(e)
-        for fig in [res.get("serving", {}).get("offline")] + res.get("serving", {}).get("poisson", []):
-            if fig:
+        for k in args.decode_steps:  # the first: res["serving"]; the others: res["bursts"]
+            try:
+                base = res.get("serving", {}).get("offline", {}).get("request_throughput")
+                run = run_serving(args, trace, engine, k, base)
+            except Exception as e:  # noqa: BLE001 (the report says so; the rest still runs)
+                traceback.print_exc()
+                res["serving_error"] = harness.error_line(e)
+                continue
+            for fig in [run["offline"]] + run["poisson"]:
                 steps = fig.pop("steps")
                 fig["roofline"] = roofline(steps, costs, res["ceilings"])
                 fig["overlap"] = overlap(steps)
-        harness.save(name, res, report.markdown(res))
+            if "serving" in res:
+                res.setdefault("bursts", []).append(run)
+            else:
+                res["serving"] = run
+            harness.save(name, res, report.markdown(res))
     del engine
     if "check" in which:
         try:
@@ -203,17 +210,21 @@ def run_dsjax(args, trace, res: dict, name: str) -> None:
             res["check_error"] = harness.error_line(e)
 
 
-def run_serving(args, trace, engine) -> dict:
+def run_serving(args, trace, engine, decode_steps: int = 1, base_rate: float | None = None):
+    """The engine on the trace at once, then at Poisson rates: fractions of base_rate (default:
+    this run's own request throughput), so that every --decode-steps value sees the same
+    arrivals."""
     from dsjax.serving.engine import ServingEngine
 
     srv = ServingEngine(engine, block_size=args.block_size, token_budget=args.token_budget,
                         max_seqs=args.max_seqs, memory_fraction=0.85,
-                        num_blocks=args.num_blocks, decode_steps=args.decode_steps)
+                        num_blocks=args.num_blocks, decode_steps=decode_steps)
     t = time.perf_counter()
     programs = srv.warmup(workers=16)
-    out = {"warmup": {"programs": programs, "seconds": time.perf_counter() - t}}
+    out = {"decode_steps": decode_steps,
+           "warmup": {"programs": programs, "seconds": time.perf_counter() - t}}
     out["offline"] = systems.serve(srv, trace)
-    max_rate = out["offline"]["request_throughput"]
+    max_rate = base_rate or out["offline"]["request_throughput"]
     sub = trace[:args.poisson_requests]
     out["poisson"] = []
     for frac in args.rates:
@@ -237,9 +248,10 @@ def parse(argv=None):
     ap.add_argument("--max-seqs", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, help="default: 85%% of the free device memory")
-    ap.add_argument("--decode-steps", type=int, default=1, help="the engine's decode bursts "
-                    "(ServingEngine(decode_steps=)): decode steps per step program where no "
-                    "request waits (default 1: none)")
+    ap.add_argument("--decode-steps", type=harness.ints, default=[1], help="the engine's "
+                    "decode bursts (ServingEngine(decode_steps=)): decode steps per step "
+                    "program where no request waits; several (e.g. 1,8): one serving run each, "
+                    "the first the report's main one (default 1: none)")
     ap.add_argument("--rates", type=lambda t: [float(x) for x in t.split(",")],
                     default=[0.3, 0.6, 0.9])
     ap.add_argument("--poisson-requests", type=int, default=128)

@@ -39,7 +39,7 @@ def markdown(res: dict) -> str:
              f"({res['args']['prompt_len']}), {tr['output_tokens']} output tokens "
              f"({res['args']['output_len']}); token budget {res['args']['token_budget']}, up to "
              f"{res['args']['max_seqs']} sequences, blocks of {res['args']['block_size']}, "
-             f"decode bursts of {res['args'].get('decode_steps', 1)} steps.", "",
+             f"decode bursts of {res.get('serving', {}).get('decode_steps', 1)} steps.", "",
              "| system | output tok/s | total tok/s | seconds | output vs best static |",
              "| --- | --- | --- | --- | --- |"]
     best = best_static(res)
@@ -51,7 +51,7 @@ def markdown(res: dict) -> str:
         lines.append(f"| {label} | {_f(r['output_tokens_per_s'], '.0f')} | "
                      f"{_f(r['total_tokens_per_s'], '.0f')} | {_f(r['duration_s'], '.2f')} | "
                      f"{_f(ratio, '.2f')}x |")
-    lines += _engine_lines(res) + _poisson_lines(res)
+    lines += _engine_lines(res) + _poisson_lines(res) + _bursts_lines(res)
     if "check" in res:
         lines += ["", "Pallas paged attention against the XLA reference (6 requests x 24 greedy "
                       "tokens, two engines of the same weights):", ""]
@@ -100,6 +100,34 @@ def _poisson_lines(res: dict) -> list[str]:
         lines.append(f"| {r['fraction']:.2f} | {r['rate']:.2f} | {r['output_tokens_per_s']:.0f} | "
                      f"{trio(r['ttft_ms'])} | {trio(r['tpot_ms'])} | {trio(r['itl_ms'])} | "
                      f"{_f(r['e2e_ms']['p50'])} | {eff} | {_f(ratio, '.2f')}x |")
+    return lines
+
+
+def _bursts_lines(res: dict) -> list[str]:
+    """The engine at each --decode-steps value of the run (decode bursts), the first one's
+    figures again for comparison."""
+    runs = [res["serving"]] + res.get("bursts", []) if "serving" in res else []
+    if len(runs) < 2:
+        return []
+    fractions = [p["fraction"] for p in runs[0]["poisson"]]
+    lines = ["", "Decode bursts (the same trace, and the same Poisson arrivals: fractions of "
+                 "the first row's request throughput; TPOT P95 over the decode floor):", "",
+             "| decode steps | programs | out tok/s | roofline | host waited | step ms P50 | "
+             + " | ".join(f"TPOT P95/floor at {f:.2f}" for f in fractions) + " |",
+             "| --- " * (6 + len(fractions)) + "|"]
+    for run in runs:
+        off = run["offline"]
+        ratios = []
+        for p in run["poisson"]:
+            floor = p["roofline"]["decode_floor_ms_p50"]
+            ratios.append(p["tpot_ms"]["p95"] / floor if floor and p["tpot_ms"]["p95"] else None)
+        ov = off["overlap"]
+        lines.append(f"| {run['decode_steps']} | {run['warmup']['programs']} | "
+                     f"{off['output_tokens_per_s']:.0f} | "
+                     f"{off['roofline']['floor_s'] / off['duration_s']:.2f}x | "
+                     f"{_f(ov['waited_fraction'] and ov['waited_fraction'] * 100, '.0f')}% | "
+                     f"{_f(ov['step_ms_p50'], '.2f')} | "
+                     + " | ".join(f"{_f(r, '.2f')}x" for r in ratios) + " |")
     return lines
 
 
