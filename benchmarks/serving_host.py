@@ -48,7 +48,8 @@ def engine(seqs: int, steps: int, decode_steps: int = 1):
     import dsjax
     from dsjax.serving.engine import ServingEngine
 
-    new = 100 + steps * decode_steps  # (no request ends during the timed steps)
+    new = 100 + (40 + steps) * decode_steps  # (no request ends during the settling or the
+    # timed steps)
     eng = dsjax.init_inference("tiny-llama", dtype="fp32", max_out_tokens=200 + new,
                                progress=False)
     bursts = {"decode_steps": decode_steps} if decode_steps > 1 else {}  # (older trees: none)

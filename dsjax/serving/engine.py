@@ -227,12 +227,12 @@ class ServingEngine:
 
     def _plan(self) -> tuple[list[list[Chunk]], int]:
         """The next step's chunks per replica and its decode steps: a burst of decode_steps
-        where every replica can run one (dsjax.serving.scheduler.Scheduler.burst), else one
+        where every replica can run one (dsjax.serving.scheduler.Scheduler.burst_runs), else one
         SplitFuse step."""
         if self.decode_steps > 1:
-            bursts = [s.burst(self.decode_steps) for s in self.scheds]
-            if all(b is not None for b in bursts) and any(bursts):
-                return bursts, self.decode_steps
+            runs = [s.burst_runs(self.decode_steps) for s in self.scheds]
+            if all(r is not None for r in runs) and any(runs):
+                return [s.burst(r) for s, r in zip(self.scheds, runs)], self.decode_steps
         return [s.schedule() for s in self.scheds], 1
 
     def _read(self, flight) -> tuple[list[RequestOutput], float]:

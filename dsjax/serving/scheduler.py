@@ -145,12 +145,13 @@ class Scheduler:
                 left -= n
         return [c for c in chunks if c.seq not in self._dropped]
 
-    def burst(self, steps: int) -> list[Chunk] | None:
-        """`steps` decode steps of every running sequence in one step program (fewer for one
-        that reaches its max_new_tokens first), or None (and nothing changed) where a single
-        step is due: a request waiting, a prompt still running, or too few free blocks for
-        every sequence's next `steps` tokens (a burst never preempts)."""
-        if self.waiting or not self.running or any(s.pending != 1 for s in self.running):
+    def burst_runs(self, steps: int) -> list[tuple[Sequence, int]] | None:
+        """For a burst of `steps` decode steps: each running sequence and the steps it runs
+        (fewer for one that reaches its max_new_tokens first; [] when idle), or None where a
+        single step is due: a request waiting, a prompt still running, no sequence with all
+        `steps` left (a shorter burst would waste steps), or too few free blocks for every
+        sequence's next tokens (a burst never preempts). Changes nothing."""
+        if self.waiting or any(s.pending != 1 for s in self.running):
             return None
         bs, runs, need = self.alloc.block_size, [], 0
         for seq in sorted(self.running, key=lambda s: s.order):
@@ -158,11 +159,17 @@ class Scheduler:
             if n > 0:
                 runs.append((seq, n))
                 need += max(0, -(-(seq.computed + n) // bs) - len(seq.blocks))
-        if not runs or len(runs) > self.budget or need > self.alloc.num_free:
+        if not runs:
+            return []
+        if len(runs) > self.budget or need > self.alloc.num_free or max(n for _, n in runs) < steps:
             return None
+        return runs
+
+    def burst(self, runs: list[tuple[Sequence, int]]) -> list[Chunk]:
+        """The chunks of burst_runs()' runs, their blocks allocated (free ones: counted there)."""
         chunks = []
         for seq, n in runs:
-            self._grow(seq, seq.computed + n)  # (counted above: takes free blocks only)
+            self._grow(seq, seq.computed + n)
             chunks.append(Chunk(seq, seq.computed, n, True, n))
         return chunks
 

@@ -111,7 +111,9 @@ def _choose(model, hidden, inputs: batch.StepInputs, positions, j, full: bool):
 def _burst(model, cache: PagedCache, inputs: batch.StepInputs, tokens, steps: int, full: bool):
     """`steps` decode steps of one token per sequence row, each step's tokens the inputs of
     the next: a row runs its `steps` column's count (a sequence that reaches its max_new_tokens
-    sooner), later steps write nowhere at its last position. Returns (cache, each row's last
+    sooner); in later steps it repeats its last position and writes into the reserved block 0
+    (which no sequence reads), not nowhere: its token stays valid, as the Pallas kernel's tiles
+    need every sequence's valid tokens ahead of the padding. Returns (cache, each row's last
     token [S], the steps' outputs [steps, S, C])."""
     meta, bs = inputs.meta, cache.block_size
     limit = inputs.steps[meta.token_seq]  # [N]: the decode steps of each token's sequence
@@ -121,7 +123,8 @@ def _burst(model, cache: PagedCache, inputs: batch.StepInputs, tokens, steps: in
         cache, tokens, last = carry
         live = live0 & (j < limit)
         pos = inputs.positions + jnp.minimum(j, jnp.maximum(limit - 1, 0))
-        slots = jnp.where(live, meta.block_tables[meta.token_seq, pos // bs] * bs + pos % bs, -1)
+        slots = jnp.where(live, meta.block_tables[meta.token_seq, pos // bs] * bs + pos % bs,
+                          jnp.where(live0, pos % bs, -1))
         step_meta = StepMeta(slots, meta.token_seq, meta.block_tables)
         hidden, cache = model(tokens[None], pos[None], cache.at_step(step_meta))
         tok, out = _choose(model, hidden[0], inputs, pos, j, full)
