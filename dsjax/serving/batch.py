@@ -26,7 +26,7 @@ import numpy as np
 from dsjax import sampling as smp
 from dsjax import settings as st
 from dsjax.numerics import next_pow2
-from dsjax.serving.paged import StepMeta
+from dsjax.serving.paged import StepMeta, slots_of
 
 # the fixed columns of a row; EOS ids follow
 ROW_COLUMNS = ("sample_at", "new_tokens", "steps", "seed", "do_sample", "temperature", "top_k",
@@ -91,7 +91,7 @@ def pack(chunks, records: list[np.ndarray], fill: np.ndarray, layout: Layout, bl
     rows = np.full((S, len(ROW_COLUMNS) + layout.eos), -1, np.int32)
     tables = np.zeros((S, MB), np.int32)
     ids, prev_at, prev_row = [], [], []
-    ns = np.fromiter((c.n - c.steps + 1 for c in chunks), np.int32, k)  # tokens in the buffer
+    ns = np.fromiter((c.fed for c in chunks), np.int32, k)
     for i, (c, rec, n) in enumerate(zip(chunks, records, ns.tolist())):
         seq = c.seq
         if seq.pending_row is not None:  # its last token is the step in flight's
@@ -111,7 +111,7 @@ def pack(chunks, records: list[np.ndarray], fill: np.ndarray, layout: Layout, bl
     tok[0, :n] = np.maximum(ids, 0)  # (a pending token's place: from_prev fills it)
     tok[1, prev_at] = prev_row
     tok[2, :n], tok[4, :n] = pos, seq_of
-    tok[3, :n] = tables[seq_of, pos // block_size] * block_size + pos % block_size
+    tok[3, :n] = slots_of(tables, seq_of, pos, block_size)
     rows[:k, 0], rows[:k, 1] = ends - 1, [len(c.seq.out) for c in chunks]
     rows[:k, 2] = [c.steps for c in chunks]
     rows[k:, :len(fill)] = fill

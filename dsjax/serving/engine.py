@@ -307,9 +307,9 @@ class ServingEngine:
         return RequestOutput(req, new, reason)
 
     def _layout(self, plans: list[list[Chunk]], records, steps: int = 1) -> batch.Layout:
-        """The step's bucketed shapes: N tokens (a burst's chunk puts one in the buffer) and S
+        """The step's bucketed shapes: N tokens (Chunk.fed: a burst's chunk puts one in) and S
         sequences to powers of two (the same for every replica), its decode steps."""
-        tokens = max(sum(c.n - c.steps + 1 for c in chunks) for chunks in plans)
+        tokens = max(sum(c.fed for c in chunks) for chunks in plans)
         return batch.Layout(bucket(tokens),
                             bucket(max(len(chunks) for chunks in plans), minimum=4),
                             batch.eos_columns(records), self.max_blocks, steps)

@@ -34,6 +34,12 @@ class StepMeta:
     block_tables: jax.Array  # [S, max_blocks] int32 (0-padded)
 
 
+def slots_of(block_tables, token_seq, positions, block_size: int):
+    """Each token's slot (block * block_size + offset) from its sequence's block table row and
+    its position: numpy on the host (a step's buffer), jax.numpy inside a step alike."""
+    return block_tables[token_seq, positions // block_size] * block_size + positions % block_size
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedLayer:

@@ -79,6 +79,12 @@ class Chunk:
     samples: bool  # the chunk ends the sequence's tokens: a token is sampled after it
     steps: int = 1  # tokens sampled (decode steps run)
 
+    @property
+    def fed(self) -> int:
+        """Tokens it puts in the step's buffer: all n, or a burst's first (the step makes the
+        others)."""
+        return self.n - self.steps + 1
+
     @classmethod
     def of(cls, seq: Sequence, n: int) -> Chunk:
         """seq's next n pending tokens."""
@@ -153,12 +159,12 @@ class Scheduler:
         sequence's next tokens (a burst never preempts). Changes nothing."""
         if self.waiting or any(s.pending != 1 for s in self.running):
             return None
-        bs, runs, need = self.alloc.block_size, [], 0
+        runs, need = [], 0
         for seq in sorted(self.running, key=lambda s: s.order):
             n = min(steps, seq.max_new - len(seq.out))
             if n > 0:
                 runs.append((seq, n))
-                need += max(0, -(-(seq.computed + n) // bs) - len(seq.blocks))
+                need += max(0, self._short(seq, seq.computed + n))
         if not runs:
             return []
         if len(runs) > self.budget or need > self.alloc.num_free or max(n for _, n in runs) < steps:
@@ -187,7 +193,7 @@ class Scheduler:
                 break
             seq.blocks.append(block)
         seq.computed = len(seq.blocks) * self.alloc.block_size
-        need = -(-n // self.alloc.block_size) - len(seq.blocks)
+        need = self._short(seq, n)
         if need > self.alloc.num_free:
             self.alloc.free(seq.blocks)
             seq.blocks, seq.computed = [], 0
@@ -197,6 +203,10 @@ class Scheduler:
         self.prefix_queried += len(keys)
         self.prefix_hits += len(seq.blocks)
         return True
+
+    def _short(self, seq: Sequence, tokens: int) -> int:
+        """Blocks seq lacks to hold its first `tokens` tokens (negative: it holds more)."""
+        return -(-tokens // self.alloc.block_size) - len(seq.blocks)
 
     def _grow(self, seq: Sequence, tokens: int) -> bool:
         """Blocks for seq's first `tokens` tokens, preempting the newest other sequences when

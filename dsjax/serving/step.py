@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as PS
 from dsjax import sampling as smp
 from dsjax.policy import ONCE
 from dsjax.serving import batch
-from dsjax.serving.paged import PagedCache, StepMeta
+from dsjax.serving.paged import PagedCache, StepMeta, slots_of
 
 # the full program holds greedy and sampled rows, min_new_tokens and min-p: the request mix
 # changes from step to step, the program does not
@@ -38,9 +38,8 @@ def program(graphdef, mesh=None, specs=None):
     steps: a burst runs several, tokens are each row's last). buf: the step's buffer
     (dsjax.serving.batch, its static layout). out: per decode step and row the token, its
     log-probability's bits and, when full, the TOP_LOGPROBS most likely tokens and their
-    log-probabilities' bits. full: the program that
-    samples and reports top log-probabilities; otherwise greedy (the host picks per step, so a
-    greedy step never sorts the vocabulary). A request's draws depend only on its seed and its
+    log-probabilities' bits. full: the program that samples and reports top log-probabilities;
+    otherwise greedy (the host picks per step, so a greedy step never sorts the vocabulary). A request's draws depend only on its seed and its
     position, never on what else shares the step.
 
     Over a ("dp", "pp", "tp") mesh with pp = 1 (dsjax.parallel; specs: the params' partition
@@ -123,7 +122,7 @@ def _burst(model, cache: PagedCache, inputs: batch.StepInputs, tokens, steps: in
         cache, tokens, last = carry
         live = live0 & (j < limit)
         pos = inputs.positions + jnp.minimum(j, jnp.maximum(limit - 1, 0))
-        slots = jnp.where(live, meta.block_tables[meta.token_seq, pos // bs] * bs + pos % bs,
+        slots = jnp.where(live, slots_of(meta.block_tables, meta.token_seq, pos, bs),
                           jnp.where(live0, pos % bs, -1))
         step_meta = StepMeta(slots, meta.token_seq, meta.block_tables)
         hidden, cache = model(tokens[None], pos[None], cache.at_step(step_meta))
