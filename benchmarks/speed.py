@@ -4,7 +4,9 @@
         [--smoke] [--name NAME] [--out benchmarks/results]
 
 attention: prompt attention of the default GPU kernel policy (KernelPolicy.pallas(), through
-  ops.cache_attention, as a prompt fills an empty cache) against cuDNN
+  ops.cache_attention as generate's prefill calls it: from_start, so a prompt of at least
+  cudnn_prompt_tokens runs cuDNN over K/V copied out of the cache's layout, a shorter one the
+  flash kernel; the row also gives the largest output difference) against cuDNN
   (jax.nn.dot_product_attention(implementation="cudnn"), given K/V in its own [B, S, KVH, Dh]
   layout), causal, B=1, GQA 32/8 heads x 128, bf16, at T = 512, 2048, 8192, 32768, and with a
   sliding window of 4096 keys (cuDNN's local_window_size) where T is at least twice that.
@@ -146,9 +148,9 @@ def prompt_fns(T: int, window: int | None, sizes: Sizes):
     scale, q_pos = dim ** -0.5, jnp.arange(T, dtype=jnp.int32)[None]
     left = None if window is None else (window - 1, 0)  # keys left of the query, itself excluded
 
-    def dsjax(q, k, v):
+    def dsjax(q, k, v):  # a prompt's phase, as generate's prefill calls it
         return ops.cache_attention(q, (k, v), q_pos, scale=scale, window=window, alibi_slopes=None,
-                                   policy=harness.PALLAS)
+                                   policy=harness.PALLAS, from_start=True)
 
     def reference(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=left,
@@ -161,14 +163,28 @@ def attention_row(T: int, window: int | None, sizes: Sizes) -> dict:
     """Median ms per call of each of prompt_fns (None + its error where it failed)."""
     heads, kv_heads, dim = sizes.heads
     row = {"T": T, "window": window, "ms": {}, "errors": {}}
-    for name, (fn, layout) in prompt_fns(T, window, sizes).items():
+    fns = prompt_fns(T, window, sizes)
+    for name, (fn, layout) in fns.items():
         try:
             row["ms"][name] = attention.time_prefill(fn, layout, T, kv_heads, heads, dim,
                                                      sizes.attention_reps, calls=sizes.attention_calls)
         except Exception as e:  # noqa: BLE001  the row records it
             row["ms"][name], row["errors"][name] = None, error_line(e)
         gc.collect()
+    if all(ms is not None for ms in row["ms"].values()):
+        row["max_abs_diff"] = max_abs_diff(fns, T, kv_heads, heads, dim)
     return row
+
+
+def max_abs_diff(fns: dict, T: int, kv_heads: int, heads: int, dim: int) -> float:
+    """The largest |dsjax - reference| over one bf16 prompt's outputs (each given K/V in its
+    own layout)."""
+    kq, kk, kv = jax.random.split(jax.random.key(T + 1), 3)
+    q = jax.random.normal(kq, (1, T, heads, dim), jnp.bfloat16)
+    k, v = (jax.random.normal(x, (1, kv_heads, T, dim), jnp.bfloat16) for x in (kk, kv))
+    outs = [jax.jit(fn)(q, layout(k), layout(v)).reshape(1, T, -1).astype(jnp.float32)
+            for fn, layout in fns.values()]
+    return float(jnp.max(jnp.abs(outs[0] - outs[1])))
 
 
 def run_attention(report: Report) -> None:
@@ -186,6 +202,8 @@ def run_attention(report: Report) -> None:
         ours, ref = row["ms"]["dsjax"], row["ms"][s.reference]
         measured = "; ".join(f"{n} " + (f"{ms:.3f} ms" if ms is not None else row["errors"][n])
                              for n, ms in row["ms"].items())
+        if "max_abs_diff" in row:
+            measured += f"; outputs differ by at most {row['max_abs_diff']:.2g}"
         report.add("attention", goal, ref / ours if ours and ref else None, measured)
 
 

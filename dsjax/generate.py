@@ -75,7 +75,7 @@ def is_stop_token(tok, stop_ids):
 def prefill(model, tokens, lengths, cache: KVCache):
     """Runs the prompts [B, T] into an empty cache; returns last-token logits [B, V]."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    hidden, cache = model(tokens, positions, cache)
+    hidden, cache = model(tokens, positions, cache, from_start=True)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     return model.logits(last), cache.replace(lengths=lengths)
 

@@ -170,9 +170,10 @@ class Attention(nnx.Module):
         return self.shard.local_heads(alibi_slopes(self.shard.num_heads))
 
     def __call__(self, x, positions, kv, write_at, key_mask, *, norm=None, residual=None,
-                 partial=False):
+                 partial=False, from_start=False):
         """x [B, T, D] (normed first when `norm` is given) -> out(attention) + residual, and
-        the layer's kv: its updated cache (KVCache.layer), or this block's own keys without one."""
+        the layer's kv: its updated cache (KVCache.layer), or this block's own keys without one.
+        from_start: the tokens are their sequences' first (ops.cache_attention)."""
         cfg = self.cfg
         heads = (cfg.num_heads, cfg.kv_heads, cfg.dim_head)
         attn = dict(scale=cfg.scale, window=self.window, policy=self.policy,
@@ -191,7 +192,7 @@ class Attention(nnx.Module):
         else:  # write into the cache (slot index == position), attend over all of it
             q, kv = ops.write_kv(qkv, kv, positions, write_at, heads=heads, rotary=rotary(cfg),
                                  policy=self.policy)
-            o = ops.cache_attention(q, kv, positions, **attn)
+            o = ops.cache_attention(q, kv, positions, from_start=from_start, **attn)
         return self.out(o, residual=residual, partial=partial), kv
 
 
@@ -287,19 +288,20 @@ class Block(nnx.Module):
                     if cfg.moe is not None and cfg.moe.sparse(layer) else
                     MLP(cfg, dtype=dtype, rngs=rngs, policy=policy, shard=shard))
 
-    def __call__(self, x, positions, kv, write_at, key_mask):
-        cfg = self.cfg
+    def __call__(self, x, positions, kv, write_at, key_mask, from_start=False):
+        cfg, at = self.cfg, dict(from_start=from_start)
         if cfg.norm_position == "post":
-            x, kv = self.attn(x, positions, kv, write_at, key_mask, residual=x)
+            x, kv = self.attn(x, positions, kv, write_at, key_mask, residual=x, **at)
             x = self.attn_norm(x)
             return self.mlp_norm(self.mlp(x, residual=x)), kv
         attn_norm = self.attn_norm.spec()
         mlp_norm = attn_norm if cfg.shared_norm else self.mlp_norm.spec()
         if cfg.parallel_residual and self.shard is not None:  # one psum for both branches
-            a, kv = self.attn(x, positions, kv, write_at, key_mask, norm=attn_norm, partial=True)
+            a, kv = self.attn(x, positions, kv, write_at, key_mask, norm=attn_norm, partial=True,
+                              **at)
             m = self.mlp(x, norm=mlp_norm, partial=True)
             return self.mlp.down.add_bias(self.attn.out.add_bias(self.shard.psum(a + m), x)), kv
-        a, kv = self.attn(x, positions, kv, write_at, key_mask, norm=attn_norm, residual=x)
+        a, kv = self.attn(x, positions, kv, write_at, key_mask, norm=attn_norm, residual=x, **at)
         if cfg.parallel_residual:  # x + attn(norm1(x)) + mlp(norm2(x))
             return self.mlp(x, norm=mlp_norm, residual=a), kv
         return self.mlp(a, norm=mlp_norm, residual=a), kv
@@ -338,18 +340,20 @@ class Transformer(nnx.Module):
         self.policy = policy
 
     def __call__(self, tokens, positions, cache: kv_cache.KVCache | None = None, key_mask=None,
-                 token_types=None, inputs_embeds=None):
+                 token_types=None, inputs_embeds=None, from_start=False):
         """tokens, positions: [B, T] -> hidden [B, T, D], updated cache.
 
         With a cache, the T tokens of sequence b are written at slots cache.lengths[b] ...
         (lengths themselves are left to the caller) and attend over the cache. Without one, they
         attend among themselves; key_mask [B, T] marks real tokens. inputs_embeds [B, T, D]
         replaces the token embedding (image patches, say); tokens then only give the shape.
+        from_start (static): the tokens are their sequences' first, positions 0..T-1 in every
+        row of an empty cache (a prompt's phase: ops.cache_attention).
         """
         x = self.embed_inputs(tokens, positions, token_types, inputs_embeds)
         if cache is None and key_mask is None:
             key_mask = jnp.ones(tokens.shape, bool)
-        x, cache = self.blocks(x, positions, cache, key_mask)
+        x, cache = self.blocks(x, positions, cache, key_mask, from_start)
         return self.finish(x), cache
 
     def embed_inputs(self, tokens, positions, token_types=None, inputs_embeds=None):
@@ -370,12 +374,13 @@ class Transformer(nnx.Module):
             x = self.embed_norm(x)
         return x
 
-    def blocks(self, x, positions, cache: kv_cache.KVCache | None, key_mask):
-        """x [B, T, D] through every layer (see __call__ for the cache)."""
+    def blocks(self, x, positions, cache: kv_cache.KVCache | None, key_mask, from_start=False):
+        """x [B, T, D] through every layer (see __call__ for the cache and from_start)."""
         new_kv = []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layer(i)
-            x, kv = layer(x, positions, kv, None if cache is None else cache.lengths, key_mask)
+            x, kv = layer(x, positions, kv, None if cache is None else cache.lengths, key_mask,
+                          from_start)
             new_kv.append(kv)
         return x, None if cache is None else cache.with_layers(new_kv)
 

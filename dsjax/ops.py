@@ -116,10 +116,13 @@ def attention_xla(q, k, v, q_pos, k_pos, k_valid, *, scale: float, causal: bool,
     return o.reshape(B, T, H * Dh)
 
 
-def cache_attention_xla(q, kv, q_pos, *, scale, window, alibi_slopes):
+def cache_attention_xla(q, kv, q_pos, *, scale, window, alibi_slopes, from_start=False):
     """Causal attention of q [B, T, H, Dh] at positions q_pos [B, T] over a layer's KV cache
     kv = (k, v) [B, KVH, S, Dh] (or int8 k, v with k_scale, v_scale [B, KVH, S]) whose slot
-    index is the key position."""
+    index is the key position. from_start: the T tokens are their sequences' first (q_pos
+    0..T-1 in every row), so only the cache's first T slots are read."""
+    if from_start:
+        kv = tuple(x[:, :, :q.shape[1]] for x in kv)
     k, v = kv[:2]
     if len(kv) == 4:
         k, v = (x.astype(jnp.float32) * s[..., None] for x, s in ((k, kv[2]), (v, kv[3])))
@@ -278,9 +281,12 @@ def attention(q, k, v, q_pos, k_pos, k_valid, *, scale, causal, window, alibi_sl
                window=window, alibi_slopes=alibi_slopes)
 
 
-def cache_attention(q, kv, q_pos, *, scale, window, alibi_slopes, policy: KernelPolicy):
+def cache_attention(q, kv, q_pos, *, scale, window, alibi_slopes, policy: KernelPolicy,
+                    from_start: bool = False):
+    """from_start (static): the caller's promise that q's T tokens are their sequences' first
+    (q_pos = 0..T-1 in every row, nothing in the cache before them): a prompt's phase."""
     return run("cache_attention", policy, q, kv, q_pos, scale=scale, window=window,
-               alibi_slopes=alibi_slopes)
+               alibi_slopes=alibi_slopes, from_start=from_start)
 
 
 def write_kv(qkv, kv, positions, write_at, *, heads, rotary, policy: KernelPolicy):

@@ -172,9 +172,41 @@ def attention(q, k, v, q_pos, k_pos, k_valid, *, scale, causal, window, alibi_sl
                            interpret=_interpret(policy))
 
 
-def cache_attention(q, kv, q_pos, *, scale, window, alibi_slopes, policy: KernelPolicy):
-    """One query per sequence: flash-decoding over the cache (bf16/fp16/fp32 or int8); more:
-    causal flash attention that skips the cache's unreached blocks."""
+def cudnn_refusal(q, kv, *, alibi_slopes, from_start: bool, policy: KernelPolicy) -> str | None:
+    """Why this cache_attention call does not run cuDNN's fused attention (None: it does):
+    cuDNN takes a prompt that starts its sequences (its causal mask counts from key 0), of at
+    least policy.cudnn_prompt_tokens tokens, bf16/fp16 K/V, no ALiBi, head sizes of at most
+    128 in multiples of 8, on a CUDA GPU."""
+    T, Dh = q.shape[1], q.shape[3]
+    if not policy.cudnn_prompt_tokens or T < policy.cudnn_prompt_tokens or not from_start:
+        return "not a long prompt from the start"
+    if len(kv) != 2 or kv[0].dtype not in (jnp.bfloat16, jnp.float16) or q.dtype != kv[0].dtype:
+        return f"cuDNN takes bf16/fp16 K/V, not {kv[0].dtype}"
+    if alibi_slopes is not None:
+        return "ALiBi"
+    if Dh > 128 or Dh % 8:
+        return f"head size {Dh}"
+    if _interpret(policy) or jax.default_backend() != "gpu":
+        return "cuDNN needs a CUDA GPU"
+    return None
+
+
+def _cudnn_prompt(q, kv, *, scale, window):
+    """cuDNN's causal attention of a prompt's T queries over the cache's first T slots, whose
+    K/V it takes as [B, T, KVH, Dh] (a copy of each: the cache keeps [B, KVH, S, Dh])."""
+    B, T, H, Dh = q.shape
+    k, v = (x[:, :, :T].transpose(0, 2, 1, 3) for x in kv)
+    left = None if window is None else (window - 1, 0)  # keys left of the query, itself excluded
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                       local_window_size=left, implementation="cudnn")
+    return out.reshape(B, T, H * Dh)
+
+
+def cache_attention(q, kv, q_pos, *, scale, window, alibi_slopes, policy: KernelPolicy,
+                    from_start: bool = False):
+    """One query per sequence: flash-decoding over the cache (bf16/fp16/fp32 or int8); a long
+    prompt from the start: cuDNN's fused attention where it takes the case (cudnn_refusal);
+    other queries: causal flash attention that skips the cache's unreached blocks."""
     from pallas_kernels.decode_attention import decode_attention
     from pallas_kernels.flash_attention import flash_attention
 
@@ -187,9 +219,14 @@ def cache_attention(q, kv, q_pos, *, scale, window, alibi_slopes, policy: Kernel
                                v_scale=scales[1] if scales else None,
                                min_split_keys=policy.min_split_keys, interpret=_interpret(policy))
         return out.reshape(B, 1, H * Dh)
+    refusal = cudnn_refusal(q, kv, alibi_slopes=alibi_slopes, from_start=from_start, policy=policy)
+    if refusal is None:
+        announce(f"ops.cache_attention: cuDNN fused attention (prompts of {T} tokens)")
+        return _cudnn_prompt(q, kv, scale=scale, window=window)
     if scales:
         raise Unsupported("flash attention over an int8 cache (prompt phase)")
-    _kernel("cache_attention", "flash_attention kernel (causal over the cache)")
+    why = "" if refusal.startswith("not a long") else f"; not cuDNN: {refusal}"
+    _kernel("cache_attention", f"flash_attention kernel (causal over the cache{why})")
     return flash_attention(q, k, v, q_pos, None, None, scale=scale, causal=True, window=window,
                            alibi_slopes=alibi_slopes, interpret=_interpret(policy))
 

@@ -24,6 +24,8 @@ PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv", "paged_atten
 # (docs/decisions.md#expert-layers-in-xla): it runs only where a policy names it
 INJECTED_OPS = tuple(op for op in PALLAS_OPS if op != "experts")
 GEMV_MAX_ROWS = 8  # the most rows the gemv kernel takes (pallas_kernels.gemv.MAX_ROWS)
+# KernelPolicy.pallas()'s cudnn_prompt_tokens (why: docs/decisions.md#cudnn-prompt-attention)
+CUDNN_PROMPT_TOKENS = 1024
 
 log = logging.getLogger("dsjax.ops")
 
@@ -45,10 +47,13 @@ class KernelPolicy:
       many (token, pick) rows the XLA expert op runs each row against its own expert sliced
       from the stacks, reading only the picked experts, instead of ragged_dot (which reads
       every expert; 0: never; off until measured on a GPU); min_split_keys: cache slots a
-      decode-attention split covers at least (0: one key block); interpret: run the Pallas
-      kernels in interpret mode (None: when the backend is the CPU).
+      decode-attention split covers at least (0: one key block); cudnn_prompt_tokens: under
+      the Pallas cache_attention, a prompt that starts its sequences with at least this many
+      tokens runs cuDNN's fused attention where cuDNN takes the case (0: never; the flash
+      kernel otherwise); interpret: run the Pallas kernels in interpret mode (None: when the
+      backend is the CPU).
     Why each default: docs/decisions.md (gemv-rows, gemv-fused-norms, norm-in-xla-rows,
-    int8-gemv-rows, decode-split-minimum).
+    int8-gemv-rows, decode-split-minimum, cudnn-prompt-attention).
     """
 
     norm: str = "xla"
@@ -65,6 +70,7 @@ class KernelPolicy:
     int8_gemv_rows: int = 0
     min_split_keys: int = 0
     expert_slice_rows: int = 0
+    cudnn_prompt_tokens: int = 0
     interpret: bool | None = None
 
     def __post_init__(self):
@@ -81,7 +87,7 @@ class KernelPolicy:
             if norm not in NORM_KINDS:
                 raise ValueError(f"gemv_fused_norms: {norm!r} is not one of {NORM_KINDS}")
         for name in ("gemv_rows", "norm_in_xla_rows", "int8_gemv_rows", "min_split_keys",
-                     "expert_slice_rows"):
+                     "expert_slice_rows", "cudnn_prompt_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"KernelPolicy.{name} must be an integer >= 0, got {value!r}")
@@ -93,8 +99,9 @@ class KernelPolicy:
     @classmethod
     def pallas(cls, **changes) -> KernelPolicy:
         """DeepSpeed's replace_with_kernel_inject=True: every op with a Pallas kernel runs it
-        (but the experts: INJECTED_OPS)."""
-        return cls(**{**{op: "pallas" for op in INJECTED_OPS}, **changes})
+        (but the experts: INJECTED_OPS), long prompts through cuDNN where it takes them."""
+        return cls(**{**{op: "pallas" for op in INJECTED_OPS},
+                      "cudnn_prompt_tokens": CUDNN_PROMPT_TOKENS, **changes})
 
     @classmethod
     def parse(cls, kernels=None, inject: bool = False) -> KernelPolicy:

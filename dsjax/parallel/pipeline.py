@@ -210,12 +210,12 @@ class _Stage:
         self.first, self.last = self.s == 0, self.s == self.P - 1
         self.plan = plan
 
-    def run(self, recv, tokens, positions, cache, key_mask=None):
+    def run(self, recv, tokens, positions, cache, key_mask=None, from_start=False):
         """The stage's layers on the previous stage's output (the embedded tokens on stage 0)."""
         x = self.model.embed_inputs(tokens, positions)
         if self.P > 1:
             x = jnp.where(self.first, x, recv)
-        return self.model.blocks(x, positions, cache, key_mask)
+        return self.model.blocks(x, positions, cache, key_mask, from_start)
 
     def head(self, hidden):
         return self.model.logits(self.model.finish(hidden))
@@ -282,7 +282,7 @@ def _prompt_tick(st: _Stage, tau: int, recv, tokens, lengths, old, mbs: MicroBat
     b, T = tokens.shape[1:]
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
     j = tau - st.s
-    h, new = st.run(recv, tokens[min(tau, M - 1)], positions, old)
+    h, new = st.run(recv, tokens[min(tau, M - 1)], positions, old, from_start=True)
     new = new.replace(lengths=jnp.maximum(lengths[jnp.clip(j, 0, M - 1)], 1))
     new = new if P - 1 <= tau < M else _select((j >= 0) & (j < M), new, old)
     tok = jnp.zeros((b,), jnp.int32)
