@@ -191,15 +191,23 @@ def cudnn_refusal(q, kv, *, alibi_slopes, from_start: bool, policy: KernelPolicy
     return None
 
 
-def _cudnn_prompt(q, kv, *, scale, window):
+def cudnn_prompt(q, kv, *, scale, window):
     """cuDNN's causal attention of a prompt's T queries over the cache's first T slots, whose
-    K/V it takes as [B, T, KVH, Dh] (a copy of each: the cache keeps [B, KVH, S, Dh])."""
+    K/V it takes as [B, T, KVH, Dh] (a copy of each: the cache keeps [B, KVH, S, Dh]):
+    (out [B, T, H * Dh], None), or (None, why) where cuDNN's own checks refuse the call as it
+    traces (logged as a warning)."""
     B, T, H, Dh = q.shape
     k, v = (x[:, :, :T].transpose(0, 2, 1, 3) for x in kv)
     left = None if window is None else (window - 1, 0)  # keys left of the query, itself excluded
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                       local_window_size=left, implementation="cudnn")
-    return out.reshape(B, T, H * Dh)
+    try:
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                           local_window_size=left, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+        why = f"cuDNN refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        announce(f"ops.cache_attention: {why}", logging.WARNING)
+        return None, why
+    announce(f"ops.cache_attention: cuDNN fused attention (prompts of {T} tokens)")
+    return out.reshape(B, T, H * Dh), None
 
 
 def cache_attention(q, kv, q_pos, *, scale, window, alibi_slopes, policy: KernelPolicy,
@@ -221,8 +229,9 @@ def cache_attention(q, kv, q_pos, *, scale, window, alibi_slopes, policy: Kernel
         return out.reshape(B, 1, H * Dh)
     refusal = cudnn_refusal(q, kv, alibi_slopes=alibi_slopes, from_start=from_start, policy=policy)
     if refusal is None:
-        announce(f"ops.cache_attention: cuDNN fused attention (prompts of {T} tokens)")
-        return _cudnn_prompt(q, kv, scale=scale, window=window)
+        out, refusal = cudnn_prompt(q, kv, scale=scale, window=window)
+        if out is not None:
+            return out
     if scales:
         raise Unsupported("flash attention over an int8 cache (prompt phase)")
     why = "" if refusal.startswith("not a long") else f"; not cuDNN: {refusal}"

@@ -24,7 +24,8 @@ PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv", "paged_atten
 # (docs/decisions.md#expert-layers-in-xla): it runs only where a policy names it
 INJECTED_OPS = tuple(op for op in PALLAS_OPS if op != "experts")
 GEMV_MAX_ROWS = 8  # the most rows the gemv kernel takes (pallas_kernels.gemv.MAX_ROWS)
-# KernelPolicy.pallas()'s cudnn_prompt_tokens (why: docs/decisions.md#cudnn-prompt-attention)
+# the cudnn_prompt_tokens benchmarks/speed.py tries (off by default until measured on a GPU:
+# docs/decisions.md#cudnn-prompt-attention)
 CUDNN_PROMPT_TOKENS = 1024
 
 log = logging.getLogger("dsjax.ops")
@@ -99,9 +100,8 @@ class KernelPolicy:
     @classmethod
     def pallas(cls, **changes) -> KernelPolicy:
         """DeepSpeed's replace_with_kernel_inject=True: every op with a Pallas kernel runs it
-        (but the experts: INJECTED_OPS), long prompts through cuDNN where it takes them."""
-        return cls(**{**{op: "pallas" for op in INJECTED_OPS},
-                      "cudnn_prompt_tokens": CUDNN_PROMPT_TOKENS, **changes})
+        (but the experts: INJECTED_OPS)."""
+        return cls(**{**{op: "pallas" for op in INJECTED_OPS}, **changes})
 
     @classmethod
     def parse(cls, kernels=None, inject: bool = False) -> KernelPolicy:
