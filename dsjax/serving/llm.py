@@ -41,6 +41,12 @@ class Completion:
         return getattr(self.output, name)
 
 
+def _deliver(items) -> None:
+    """On a stream's event loop: each (queue, output) of one step into its queue."""
+    for queue, out in items:
+        queue.put_nowait(out)
+
+
 class LLM:
     """An engine (init_inference's options) and a ServingEngine on it (SERVING_KEYS)."""
 
@@ -94,13 +100,16 @@ class LLM:
                     self._streams.pop(o.request_id, None)
                     if targets[o.request_id] is None:
                         self._done[o.request_id] = o
+        by_loop: dict = {}  # one hand-off per event loop and step, not one per token
         for o in outs:
             if targets[o.request_id] is not None:
                 loop, queue = targets[o.request_id]
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, o)
-                except RuntimeError:  # its event loop is closed: nobody reads it any more
-                    self._aborts.append(o.request_id)
+                by_loop.setdefault(loop, []).append((queue, o))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # its event loop is closed: nobody reads it any more
+                self._aborts.extend(o.request_id for _, o in items)
 
     def _completion(self, out: RequestOutput) -> Completion:
         try:
