@@ -3,10 +3,10 @@
     python benchmarks/speed.py [--parts attention,int8,gpt2,cold] [--deadline UNIX_TIME]
         [--smoke] [--name NAME] [--out benchmarks/results]
 
-attention: prompt attention of the default GPU kernel policy (KernelPolicy.pallas(), through
-  ops.cache_attention as generate's prefill calls it: from_start, so a prompt of at least
-  cudnn_prompt_tokens runs cuDNN over K/V copied out of the cache's layout, a shorter one the
-  flash kernel; the row also gives the largest output difference) against cuDNN
+attention: prompt attention through ops.cache_attention as generate's prefill calls it
+  (from_start), under KernelPolicy.pallas() (the flash kernel) and with its cuDNN route on
+  (cudnn_prompt_tokens = policy.CUDNN_PROMPT_TOKENS: longer prompts through cuDNN over K/V
+  copied out of the cache's layout), each route's largest output difference given, against cuDNN
   (jax.nn.dot_product_attention(implementation="cudnn"), given K/V in its own [B, S, KVH, Dh]
   layout), causal, B=1, GQA 32/8 heads x 128, bf16, at T = 512, 2048, 8192, 32768, and with a
   sliding window of 4096 keys (cuDNN's local_window_size) where T is at least twice that.
