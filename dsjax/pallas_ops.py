@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import math
 from types import MappingProxyType
@@ -181,33 +182,57 @@ def cudnn_refusal(q, kv, *, alibi_slopes, from_start: bool, policy: KernelPolicy
     if not policy.cudnn_prompt_tokens or T < policy.cudnn_prompt_tokens or not from_start:
         return "not a long prompt from the start"
     if len(kv) != 2 or kv[0].dtype not in (jnp.bfloat16, jnp.float16) or q.dtype != kv[0].dtype:
-        return f"cuDNN takes bf16/fp16 K/V, not {kv[0].dtype}"
+        return f"cuDNN takes q and K/V of one dtype, bf16 or fp16 (q {q.dtype}, K/V {kv[0].dtype})"
     if alibi_slopes is not None:
         return "ALiBi"
     if Dh > 128 or Dh % 8:
         return f"head size {Dh}"
     if _interpret(policy) or jax.default_backend() != "gpu":
-        return "cuDNN needs a CUDA GPU"
+        return "cuDNN needs an NVIDIA GPU"
     return None
 
 
-def cudnn_prompt(q, kv, *, scale, window):
-    """cuDNN's causal attention of a prompt's T queries over the cache's first T slots, whose
-    K/V it takes as [B, T, KVH, Dh] (a copy of each: the cache keeps [B, KVH, S, Dh]):
-    (out [B, T, H * Dh], None), or (None, why) where cuDNN's own checks refuse the call as it
-    traces (logged as a warning)."""
+def _cudnn_attention(q, k, v, *, scale, window, implementation="cudnn"):
+    """jax.nn.dot_product_attention over the cache's first T slots of k, v [B, KVH, S, Dh],
+    copied to its [B, T, KVH, Dh] (the cache keeps [B, KVH, S, Dh]) -> [B, T, H * Dh]."""
     B, T, H, Dh = q.shape
-    k, v = (x[:, :, :T].transpose(0, 2, 1, 3) for x in kv)
+    k, v = (x[:, :, :T].transpose(0, 2, 1, 3) for x in (k, v))
     left = None if window is None else (window - 1, 0)  # keys left of the query, itself excluded
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                       local_window_size=left, implementation=implementation)
+    return out.reshape(B, T, H * Dh)
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_compiles(q: jax.ShapeDtypeStruct, kv: jax.ShapeDtypeStruct, scale: float,
+                    window: int | None) -> str | None:
+    """Compiles cuDNN's attention of these shapes once, outside the program being traced:
+    None, or why it does not compile (cuDNN reports some cases, e.g. no engine for the
+    configuration, only as it compiles, which would fail the whole prompt program)."""
     try:
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                           local_window_size=left, implementation="cudnn")
-    except (ValueError, NotImplementedError, RuntimeError) as e:
-        why = f"cuDNN refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        jax.jit(functools.partial(_cudnn_attention, scale=scale, window=window)).lower(
+            q, kv, kv).compile()
+    except Exception as e:  # noqa: BLE001  (any failure: the flash kernel runs instead)
+        return f"cuDNN refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None
+
+
+def cudnn_prompt(q, kv, *, scale, window, implementation="cudnn"):
+    """cuDNN's causal attention of a prompt's T queries over the cache's first T slots:
+    (out [B, T, H * Dh], None), or (None, why) where cuDNN refuses these shapes as they
+    compile on their own (logged as a warning). implementation: jax.nn.dot_product_attention's
+    ("xla" checks this function's slicing, layout and window on the CPU)."""
+    k, v = kv
+    why = None
+    if implementation == "cudnn":
+        why = _cudnn_compiles(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                              jax.ShapeDtypeStruct(k.shape, k.dtype), float(scale), window)
+    if why is not None:
         announce(f"ops.cache_attention: {why}", logging.WARNING)
         return None, why
-    announce(f"ops.cache_attention: cuDNN fused attention (prompts of {T} tokens)")
-    return out.reshape(B, T, H * Dh), None
+    announce(f"ops.cache_attention: {implementation} fused attention (prompts of {q.shape[1]} tokens)")
+    return _cudnn_attention(q, k, v, scale=scale, window=window,
+                            implementation=implementation), None
 
 
 def cache_attention(q, kv, q_pos, *, scale, window, alibi_slopes, policy: KernelPolicy,

@@ -282,6 +282,7 @@ def _prompt_tick(st: _Stage, tau: int, recv, tokens, lengths, old, mbs: MicroBat
     b, T = tokens.shape[1:]
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
     j = tau - st.s
+    # from_start holds on the tick that keeps its result (a fresh slot); the others are dropped
     h, new = st.run(recv, tokens[min(tau, M - 1)], positions, old, from_start=True)
     new = new.replace(lengths=jnp.maximum(lengths[jnp.clip(j, 0, M - 1)], 1))
     new = new if P - 1 <= tau < M else _select((j >= 0) & (j < M), new, old)
