@@ -87,29 +87,28 @@ class LLM:
         return [self._completion(self._done.pop(i)) for i in ids]
 
     def _step(self) -> None:
-        """One engine step; each output goes to its stream's queue, or (finished) to _done."""
+        """One engine step; each output goes to its stream's queue, or (finished) to _done.
+        Handed over under the lock, so that a stream gets its steps in order whichever thread
+        steps (generate()'s caller or the stream thread)."""
         with self._lock:
             while self._aborts:  # streams whose reader left
                 rid = self._aborts.popleft()
                 if self._streams.pop(rid, None) is not None:
                     self.serving.abort(rid)
-            outs = self.serving.step()
-            targets = {o.request_id: self._streams.get(o.request_id) for o in outs}
-            for o in outs:
+            by_loop: dict = {}  # one hand-off per event loop and step, not one per token
+            for o in self.serving.step():
+                target = self._streams.get(o.request_id)
                 if o.finished:
                     self._streams.pop(o.request_id, None)
-                    if targets[o.request_id] is None:
+                    if target is None:
                         self._done[o.request_id] = o
-        by_loop: dict = {}  # one hand-off per event loop and step, not one per token
-        for o in outs:
-            if targets[o.request_id] is not None:
-                loop, queue = targets[o.request_id]
-                by_loop.setdefault(loop, []).append((queue, o))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # its event loop is closed: nobody reads it any more
-                self._aborts.extend(o.request_id for _, o in items)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], o))
+            for loop, items in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # its event loop is closed: nobody reads it any more
+                    self._aborts.extend(o.request_id for _, o in items)
 
     def _completion(self, out: RequestOutput) -> Completion:
         try:
