@@ -326,6 +326,7 @@ def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolic
     scale = jnp.zeros((M,), jnp.float32).at[slot].set(weights.reshape(-1).astype(jnp.float32),
                                                       mode="drop")
     h = grouped_matmul(rows, up, block_expert, activation=activation, interpret=interpret)
-    o = grouped_matmul(h, down, block_expert, scale, interpret=interpret)
-    back = jnp.take(o, slot, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+    # each pick's scaled output stays float32 until the picks are summed (as the XLA op's)
+    o = grouped_matmul(h, down, block_expert, scale, out_dtype=jnp.float32, interpret=interpret)
+    back = jnp.take(o, slot, axis=0, mode="fill", fill_value=0)
     return jnp.zeros((N, D), jnp.float32).at[token].add(back).astype(x.dtype)

@@ -126,13 +126,14 @@ def _kernel(expert_ref, x_ref, w_ref, *refs, bn, bk, activation, gated, scaled, 
         o_ref[...] = y.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("activation", "out_dtype", "block_sizes", "interpret"))
 def grouped_matmul(x, w, block_expert, row_scale=None, *, activation: str | None = None,
-                   block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
+                   out_dtype=None, block_sizes: BlockSizes = BlockSizes(),
+                   interpret: bool = False):
     """x [M, K] (M = B x block_m rows in the padded layout), w [E, K, N] (or a QuantizedWeight
     stack: codes, scales [E, K/G, N], zeros; dequantized tile by tile), block_expert [B] ->
     [M, N] (activation given: the gated epilogue, [M, N / 2]); row_scale [M] multiplies each
-    output row."""
+    output row; out_dtype: the output's (default x's)."""
     quantized = isinstance(w, QuantizedWeight)
     codes = w.values if quantized else w
     M, K = x.shape
@@ -163,6 +164,6 @@ def grouped_matmul(x, w, block_expert, row_scale=None, *, activation: str | None
     return pl.pallas_call(
         kernel, grid=(M // bm, out_n // bn), in_specs=in_specs,
         out_specs=pl.BlockSpec((bm, bn), lambda b, j: (b, j)),
-        out_shape=jax.ShapeDtypeStruct((M, out_n), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((M, out_n), out_dtype or x.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret, name="grouped_matmul")(*inputs)

@@ -43,6 +43,20 @@ def test_grouped_gemm_equals_xla(how):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
 
 
+def test_bf16_experts_round_as_the_xla_op():
+    """In bf16 each pick's scaled output stays float32 until the picks are summed, as in the XLA
+    op, so the two round alike: (nearly) every output equal, where rounding each pick to bf16
+    first left a third of them a bf16 step apart."""
+    N, k, D, I, E = 64, 2, 64, 96, 8
+    picks = np.random.default_rng(3).integers(0, E, (N, k))
+    x, up, down, picks, w = _case(N, k, D, I, E, picks, dtype=jnp.bfloat16, seed=3)
+    got, want = (f(x, up, down, picks, w.astype(x.dtype), activation="silu", policy=p)
+                 for f, p in ((pallas_ops.experts, KernelPolicy.pallas(interpret=True)),
+                              (ops.experts, KernelPolicy())))
+    assert got.dtype == want.dtype == jnp.bfloat16
+    assert np.mean(np.asarray(got, np.float32) == np.asarray(want, np.float32)) > 0.99
+
+
 @pytest.mark.parametrize("bits, group, symmetric, I", [
     (8, 16, True, 48),  # int8 groups of 16: two K steps of one group each
     (4, 16, True, 32),  # packed 4-bit: K steps in the low, then the high nibbles
