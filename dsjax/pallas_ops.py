@@ -177,7 +177,7 @@ def cudnn_refusal(q, kv, *, alibi_slopes, from_start: bool, policy: KernelPolicy
     """Why this cache_attention call does not run cuDNN's fused attention (None: it does):
     cuDNN takes a prompt that starts its sequences (its causal mask counts from key 0), of at
     least policy.cudnn_prompt_tokens tokens, bf16/fp16 K/V, no ALiBi, head sizes of at most
-    128 in multiples of 8, on a CUDA GPU."""
+    128 in multiples of 8, on an NVIDIA GPU."""
     T, Dh = q.shape[1], q.shape[3]
     if not policy.cudnn_prompt_tokens or T < policy.cudnn_prompt_tokens or not from_start:
         return "not a long prompt from the start"

@@ -68,17 +68,7 @@ async def _start(srv, req, prompts: list[list[int]], *, default_max, top: int) -
 
 
 async def _merged(streams):
-    """(choice index, Completion) from every choice's stream as they come (one choice: read
-    in place, without a task and a queue between it and the response)."""
-    if len(streams) == 1:
-        first, stream = streams[0]
-        try:
-            yield 0, first
-            async for item in stream:
-                yield 0, item
-        finally:
-            await stream.aclose()
-        return
+    """(choice index, Completion) from every choice's stream as they come."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, first, stream):
