@@ -73,7 +73,7 @@ DSJAX_VARIANTS = {  # name -> (label, init_inference keywords)
                               {"kernels": pallas(min_split_keys=256)}),
     "dsjax-pallas-ln-split256": ("dsjax all Pallas, LayerNorm fused, splits of >= 256 keys",
                                  {"kernels": pallas(gemv_fused_norms=BOTH_NORMS, min_split_keys=256)}),
-    "dsjax-pallas-cudnn": ("dsjax all Pallas, prompts of >= 1024 tokens through cuDNN",
+    "dsjax-pallas-cudnn": (f"dsjax all Pallas, prompts of >= {CUDNN_PROMPT_TOKENS} tokens through cuDNN",
                            {"kernels": pallas(cudnn_prompt_tokens=CUDNN_PROMPT_TOKENS)}),
 }
 FORMER_NAMES = {  # decode_variants.py's names, which its results files (decode_variants*) use

@@ -26,7 +26,7 @@ INJECTED_OPS = tuple(op for op in PALLAS_OPS if op != "experts")
 GEMV_MAX_ROWS = 8  # the most rows the gemv kernel takes (pallas_kernels.gemv.MAX_ROWS)
 # the cudnn_prompt_tokens benchmarks/speed.py tries (off by default until measured on a GPU:
 # docs/decisions.md#cudnn-prompt-attention)
-CUDNN_PROMPT_TOKENS = 1024
+CUDNN_PROMPT_TOKENS = 512
 
 log = logging.getLogger("dsjax.ops")
 
