@@ -298,10 +298,13 @@ def paged_attention(q, layer, q_pos, *, scale, window, alibi_slopes, policy: Ker
     return out.reshape(1, N, H * Dh)
 
 
-def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolicy):
+def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolicy,
+            block_sizes=None):
     """ops.experts through two grouped GEMMs over the rows laid out by expert (each expert's
     rows padded to the kernel's row block): [gate | up] with the gated activation, then down
-    with the routing weights in the epilogue; only experts with rows are read."""
+    with the routing weights in the epilogue; only experts with rows are read. block_sizes:
+    (up's, down's) grouped_matmul.BlockSizes (default: split K where few experts have rows,
+    BlockSizes.for_rows)."""
     from pallas_kernels.grouped_matmul import BlockSizes, expert_layout, grouped_matmul, k_unit
 
     N, D = x.shape
@@ -325,8 +328,13 @@ def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolic
     rows = jnp.zeros((M, D), x.dtype).at[slot].set(x[token], mode="drop")
     scale = jnp.zeros((M,), jnp.float32).at[slot].set(weights.reshape(-1).astype(jnp.float32),
                                                       mode="drop")
-    h = grouped_matmul(rows, up, block_expert, activation=activation, interpret=interpret)
+    if block_sizes is None:
+        block_sizes = tuple(BlockSizes().for_rows(N * k, E, K, n, gated=g)
+                            for K, n, g in ((D, two_i // 2, True), (two_i // 2, D, False)))
+    h = grouped_matmul(rows, up, block_expert, activation=activation,
+                       block_sizes=block_sizes[0], interpret=interpret)
     # each pick's scaled output stays float32 until the picks are summed (as the XLA op's)
-    o = grouped_matmul(h, down, block_expert, scale, out_dtype=jnp.float32, interpret=interpret)
+    o = grouped_matmul(h, down, block_expert, scale, out_dtype=jnp.float32,
+                       block_sizes=block_sizes[1], interpret=interpret)
     back = jnp.take(o, slot, axis=0, mode="fill", fill_value=0)
     return jnp.zeros((N, D), jnp.float32).at[token].add(back).astype(x.dtype)

@@ -13,6 +13,12 @@ expert: docs/decisions.md#expert-layers-in-xla).
 Epilogues: gated (the first GEMM of an expert MLP: w holds [gate | up] columns, the output is
 act(x @ gate) * (x @ up), N / 2 columns) and row_scale (the second GEMM: each row times its
 routing weight). Accumulation in float32.
+
+Split K (`BlockSizes.split_k`): program (b, j, s) sums its K / split slice into a float32
+partial [split, M, N], summed after the kernel (gated: the [gate | up] sums, whose activation
+then runs in XLA). A decode step has few blocks with rows (top-2 of one token: two), so a GEMM
+of few output columns would otherwise run fewer programs than the GPU has SMs, each walking
+the whole K.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class BlockSizes:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    split_k: int = 1  # K slices summed after the kernel (float32 partials)
 
     def fit(self, K: int, N: int, w=None) -> BlockSizes:
         """The largest power-of-two tiles (at least 16) that divide N and k_unit(K, w)."""
@@ -47,6 +54,18 @@ class BlockSizes:
             return t
         block_k = tile(k_unit(K, w), self.block_k)
         return dataclasses.replace(self, block_k=block_k, block_n=tile(N, self.block_n))
+
+    def for_rows(self, rows: int, experts: int, K: int, N: int, gated: bool,
+                 programs: int = 1024) -> BlockSizes:
+        """Split K (powers of two, up to 8, each slice at least 4 K steps) until the blocks
+        expected to have rows (one per row up to the experts' count, at least rows / block_m)
+        times the output's column tiles (gated: N of [gate | up]'s 2 N) reach `programs`."""
+        blocks = max(-(-rows // self.block_m), min(rows, experts))
+        split, cols = 1, (2 if gated else 1) * N // self.block_n
+        while (split < 8 and blocks * cols * split * 2 <= programs
+               and K // (self.block_k * split * 2) >= 4 and K % (self.block_k * split * 2) == 0):
+            split *= 2
+        return dataclasses.replace(self, split_k=split)
 
 
 def k_unit(K: int, w=None) -> int:
@@ -59,7 +78,7 @@ def k_unit(K: int, w=None) -> int:
 
 def expert_layout(picks, num_experts: int, block_m: int):
     """(slot of each (token, pick) row [N k] in the padded layout, block_expert [B]) for picks
-    [N, k]; B = ceil(N k / block_m) + E, the padded row count B x block_m. A pick of -1 gets
+    [N, k]; B = ceil(N k / block_m) + min(E, N k), the padded row count B x block_m. A pick of -1 gets
     the slot B x block_m, past the layout: it is neither computed nor read back."""
     E = num_experts
     flat = jnp.where(picks < 0, E, picks).reshape(-1)  # -1: no expert
@@ -71,22 +90,23 @@ def expert_layout(picks, num_experts: int, block_m: int):
     order = jnp.argsort(flat, stable=True)
     rank = jnp.zeros(R, jnp.int32).at[order].set(jnp.arange(R, dtype=jnp.int32))
     e = jnp.minimum(flat, E - 1)
-    B = -(-R // block_m) + E
+    B = -(-R // block_m) + min(E, R)  # each expert with rows adds at most one partial block
     slot = jnp.where(flat < E, start[e] + rank - first[e], B * block_m)  # no expert: no slot
     block_start = jnp.arange(B) * block_m
     owner = jnp.searchsorted(jnp.cumsum(padded), block_start, side="right")
     return slot.astype(jnp.int32), jnp.where(owner < E, owner, -1).astype(jnp.int32)
 
 
-def _kernel(expert_ref, x_ref, w_ref, *refs, bn, bk, activation, gated, scaled, quant):
+def _kernel(expert_ref, x_ref, w_ref, *refs, bn, bk, splits, activation, gated, scaled, quant):
     # quant: None, or (bits, group_size, has zeros): w_ref holds codes ([E, K, N] int8/uint8,
     # or [E, K/2, N] packed 4-bit) followed by scales (and zeros) [E, K/G, N] refs
     refs = list(refs)
     qs_ref, qz_ref = (refs.pop(0), refs.pop(0) if quant[2] else None) if quant else (None, None)
     scale_ref = refs.pop(0) if scaled else None
     (o_ref,) = refs
-    e, j = expert_ref[()], pl.program_id(1)
+    e, j, s = expert_ref[()], pl.program_id(1), pl.program_id(2)
     K = x_ref.shape[1]
+    steps = K // bk // splits  # this program's K steps: [s steps, (s + 1) steps)
     half = w_ref.shape[2] // 2
 
     def tile(k, col):  # expert e's weight rows [k bk, (k + 1) bk), columns [col, col + bn)
@@ -119,7 +139,7 @@ def _kernel(expert_ref, x_ref, w_ref, *refs, bn, bk, activation, gated, scaled, 
             u = jnp.dot(x, tile(k, half + j * bn), preferred_element_type=jnp.float32)
             return acc[0] + a, acc[1] + u
         zero = jnp.zeros((x_ref.shape[0], bn), jnp.float32)
-        acc = jax.lax.fori_loop(0, K // bk, step, (zero, zero) if gated else zero)
+        acc = jax.lax.fori_loop(s * steps, (s + 1) * steps, step, (zero, zero) if gated else zero)
         y = ACTIVATIONS[activation](acc[0]) * acc[1] if gated else acc
         if scaled:
             y = y * scale_ref[...].astype(jnp.float32)[:, None]
@@ -133,7 +153,8 @@ def grouped_matmul(x, w, block_expert, row_scale=None, *, activation: str | None
     """x [M, K] (M = B x block_m rows in the padded layout), w [E, K, N] (or a QuantizedWeight
     stack: codes, scales [E, K/G, N], zeros; dequantized tile by tile), block_expert [B] ->
     [M, N] (activation given: the gated epilogue, [M, N / 2]); row_scale [M] multiplies each
-    output row; out_dtype: the output's (default x's)."""
+    output row; out_dtype: the output's (default x's); block_sizes.split_k > 1 (not gated):
+    float32 partials over K slices, summed."""
     quantized = isinstance(w, QuantizedWeight)
     codes = w.values if quantized else w
     M, K = x.shape
@@ -141,14 +162,22 @@ def grouped_matmul(x, w, block_expert, row_scale=None, *, activation: str | None
     gated = activation is not None
     out_n = N // 2 if gated else N
     bs = block_sizes.fit(K, out_n, w)
-    bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
+    bm, bn, bk, splits = bs.block_m, bs.block_n, bs.block_k, bs.split_k
     if M % bm or k_unit(K, w) % bk or out_n % bn or (gated and N % 2):
         raise ValueError(f"grouped_matmul: M={M}, K={K}, N={out_n} must be multiples of the "
                          f"tiles ({bm}, {bk}, {bn}), and quantization groups (4-bit: K / 2) "
                          "of block_k")
-    whole = lambda a: pl.BlockSpec(a.shape, lambda b, j: (0,) * a.ndim)  # noqa: E731 (indexed by the expert)
-    in_specs = [pl.BlockSpec((None,), lambda b, j: (b,)),
-                pl.BlockSpec((bm, K), lambda b, j: (b, 0)), whole(codes)]
+    if splits < 1 or (K // bk) % splits:
+        raise ValueError(f"grouped_matmul: split_k={splits} must divide the {K // bk} K steps")
+    if gated and splits > 1:  # the activation needs whole sums: [gate | up] split, act after
+        gu = grouped_matmul(x, w, block_expert, out_dtype=jnp.float32, block_sizes=bs,
+                            interpret=interpret)
+        y = ACTIVATIONS[activation](gu[:, :out_n]) * gu[:, out_n:]
+        y = y if row_scale is None else y * row_scale.astype(jnp.float32)[:, None]
+        return y.astype(out_dtype or x.dtype)
+    whole = lambda a: pl.BlockSpec(a.shape, lambda b, j, s: (0,) * a.ndim)  # noqa: E731 (indexed by the expert)
+    in_specs = [pl.BlockSpec((None,), lambda b, j, s: (b,)),
+                pl.BlockSpec((bm, K), lambda b, j, s: (b, 0)), whole(codes)]
     inputs = [block_expert.astype(jnp.int32), x, codes]
     quant = None
     if quantized:
@@ -157,13 +186,15 @@ def grouped_matmul(x, w, block_expert, row_scale=None, *, activation: str | None
         in_specs += [whole(a) for a in extra]
         inputs += extra
     if row_scale is not None:
-        in_specs.append(pl.BlockSpec((bm,), lambda b, j: (b,)))
+        in_specs.append(pl.BlockSpec((bm,), lambda b, j, s: (b,)))
         inputs.append(row_scale)
-    kernel = functools.partial(_kernel, bn=bn, bk=bk, activation=activation, gated=gated,
-                               scaled=row_scale is not None, quant=quant)
-    return pl.pallas_call(
-        kernel, grid=(M // bm, out_n // bn), in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda b, j: (b, j)),
-        out_shape=jax.ShapeDtypeStruct((M, out_n), out_dtype or x.dtype),
+    kernel = functools.partial(_kernel, bn=bn, bk=bk, splits=splits, activation=activation,
+                               gated=gated, scaled=row_scale is not None, quant=quant)
+    out_dtype = out_dtype or x.dtype
+    out = pl.pallas_call(
+        kernel, grid=(M // bm, out_n // bn, splits), in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, bm, bn), lambda b, j, s: (s, b, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, M, out_n), out_dtype if splits == 1 else jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret, name="grouped_matmul")(*inputs)
+    return out[0] if splits == 1 else out.sum(0).astype(out_dtype)

@@ -12,7 +12,7 @@ from dsjax.policy import KernelPolicy, Unsupported
 from dsjax.quant import QuantSpec, dequantize
 from dsjax.quant.weights import quantize_any
 from dsjax.weights import QuantizedWeight
-from pallas_kernels.grouped_matmul import expert_layout, grouped_matmul
+from pallas_kernels.grouped_matmul import BlockSizes, expert_layout, grouped_matmul
 
 
 def _case(N, k, D, I, E, picks, dtype=jnp.float32, seed=0):
@@ -83,6 +83,45 @@ def test_quantized_experts_equal_xla(bits, group, symmetric, I):
     np.testing.assert_allclose(np.asarray(want), np.asarray(dense), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_split_k_equals_one_pass(bits):
+    """K split into 2 and 4 slices summed after the kernel equals one pass over K (float,
+    int8 groups and packed 4-bit codes, whose slices cross from the low to the high nibbles),
+    idle experts and rows with no expert included; so does the gated GEMM, its activation
+    then applied to the summed [gate | up]."""
+    N, k, D, I, E = 5, 2, 32, 64, 4
+    picks = np.asarray([[0, 2], [2, -1], [0, 0], [2, 0], [-1, 2]])
+    x, up, down, picks, w = _case(N, k, D, I, E, picks)
+    if bits:
+        down = quantize_any(down, QuantSpec(bits=bits, group_size=16))
+    slot, block_expert = expert_layout(picks, E, 16)
+    h = jnp.zeros((block_expert.shape[0] * 16, I), jnp.float32).at[slot].set(
+        jnp.asarray(np.random.default_rng(4).normal(size=(N * k, I)), jnp.float32), mode="drop")
+    scale = jnp.zeros(h.shape[0], jnp.float32).at[slot].set(w.reshape(-1), mode="drop")
+    one, *split = (grouped_matmul(h, down, block_expert, scale, interpret=True,
+                                  block_sizes=BlockSizes(block_k=16, split_k=s)) for s in (1, 2, 4))
+    assert float(jnp.abs(one).max()) > 0
+    for got in split:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(one), rtol=1e-5, atol=1e-5)
+    xs = h[:, :D].astype(jnp.float32)
+    one, two = (grouped_matmul(xs, up, block_expert, activation="silu", interpret=True,
+                               block_sizes=BlockSizes(block_k=16, split_k=s)) for s in (1, 2))
+    assert float(jnp.abs(one).max()) > 0
+    np.testing.assert_allclose(np.asarray(two), np.asarray(one), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="split_k"):
+        grouped_matmul(h, down, block_expert, interpret=True, block_sizes=BlockSizes(block_k=16, split_k=3))
+
+
+def test_decode_rows_split_the_second_gemm():
+    """A decode step's few rows (Mixtral: top-2 of one token, two blocks with rows) split K
+    so that enough programs run; prompt-sized steps do not."""
+    bs = BlockSizes()
+    split = bs.for_rows(2, 8, 14336, 4096, gated=False).split_k
+    assert split > 1 and 2 * (4096 // bs.block_n) * split <= 1024
+    assert bs.for_rows(8, 128, 2048, 768, gated=True).split_k > 1  # Qwen3-30B-A3B: top-8 of 128
+    assert bs.for_rows(2048, 8, 14336, 4096, gated=False).split_k == 1
+
+
 def test_quantized_groups_the_kernel_cannot_step_are_unsupported():
     x, up, down, picks, w = _case(4, 1, 32, 32, 2, np.zeros((4, 1)))
     q = QuantSpec(bits=4, group_size=8)  # K steps of 8: under tl.dot's 16
@@ -99,6 +138,11 @@ def test_layout_gives_each_block_one_expert():
     for row, s in enumerate(np.asarray(slot)):
         assert np.asarray(block_expert)[s // 4] == flat[row]
     assert np.asarray(block_expert).tolist() == [0, 2, 5] + [-1] * 5  # ceil(6 / 4) + 6 blocks
+    # many experts, few rows (a decode step of top-8 of 128): ceil(8 / 16) + 8 blocks, not + 128
+    picks = jnp.asarray([[3, 77, 5, 127, 0, 64, 9, 100]], jnp.int32)
+    slot, block_expert = expert_layout(picks, 128, 16)
+    assert block_expert.shape == (9,)
+    assert np.asarray(block_expert)[np.asarray(slot) // 16].tolist() == np.asarray(picks)[0].tolist()
 
 
 def test_quantized_kernel_lowers_for_cuda():
