@@ -93,7 +93,7 @@ def expert_layout(picks, num_experts: int, block_m: int):
     B = -(-R // block_m) + min(E, R)  # each expert with rows adds at most one partial block
     slot = jnp.where(flat < E, start[e] + rank - first[e], B * block_m)  # no expert: no slot
     block_start = jnp.arange(B) * block_m
-    owner = jnp.searchsorted(jnp.cumsum(padded), block_start, side="right")
+    owner = jnp.searchsorted(jnp.cumsum(padded), block_start, side="right", method="compare_all")
     return slot.astype(jnp.int32), jnp.where(owner < E, owner, -1).astype(jnp.int32)
 
 

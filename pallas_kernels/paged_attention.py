@@ -174,7 +174,7 @@ def _tiles(token_seq, valid, block_tables, block_q: int):
     ends = jnp.cumsum(per_seq)
     T = -(-N // block_q) + S
     t = jnp.arange(T, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, t, side="right"), S - 1)
+    seq = jnp.minimum(jnp.searchsorted(ends, t, side="right", method="compare_all"), S - 1)
     local = t - (ends - per_seq)[seq]
     count = jnp.where(t < ends[-1], jnp.minimum(counts[seq] - local * block_q, block_q), 0)
     mine = n - firsts[token_seq]  # each token's index in its sequence's chunk
