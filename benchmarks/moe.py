@@ -3,11 +3,12 @@ transformers eager on the same random weights, and against the active-bytes floo
 
     python benchmarks/moe.py [--arch mixtral-8l,qwen3-30b-a3b] [--batch 1,8,64] [--new-tokens 64]
 
-Variants: dsjax-xla (ragged_dot), dsjax-xla-sliced (up to 16 (token, pick) rows, each row
-against its own expert sliced from the stacks: bs 1 and 8 of top-2), the grouped GEMM in bf16
-and int8. Architectures (random weights, bf16): Mixtral-8x7B's layer shape with 8 of its 32
-layers (the whole model does not fit one H100 in bf16 next to HF's copy), and Qwen3-30B-A3B's
-whole shape (48 layers, 128 experts, top-8). Order per architecture: the HF model is made on
+Variants (--variants): dsjax-xla (ragged_dot), dsjax-xla-sliced (up to 16 (token, pick) rows,
+each row against its own expert sliced from the stacks: bs 1 and 8 of top-2), the grouped GEMM
+in bf16 (XLA elsewhere, or with every other kernel: dsjax-pallas-grouped-gemm) and int8.
+Architectures (random weights, bf16): Mixtral-8x7B's layer shape with 8 of its 32 layers (the
+whole model does not fit one H100 in bf16 next to HF's copy), and Qwen3-30B-A3B's whole shape
+(48 layers, 128 experts, top-8) or 12 of its layers (qwen3-30b-a3b-12l). Order per architecture: the HF model is made on
 the GPU, timed (eager, greedy, `generate`), checked, moved to the CPU and converted by
 init_inference (so both run the same weights), then each dsjax variant is checked and timed.
 decode ms/token = (P50 T(n) - P50 T(1)) / (n - 1) (dsjax.bench.timing) for both. Floor of a
@@ -55,8 +56,14 @@ ARCHS = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)),
 }
+# Qwen3-30B-A3B's layer shape with 12 of its 48 layers (a run builds the model for HF and again
+# for each dsjax variant: the whole model takes minutes a copy)
+ARCHS["qwen3-30b-a3b-12l"] = ("Qwen3MoeForCausalLM", dict(ARCHS["qwen3-30b-a3b"][1], num_hidden_layers=12))
 VARIANTS = {"dsjax-xla": {}, "dsjax-xla-sliced": {"kernels": {"expert_slice_rows": 16}},
             "dsjax-grouped-gemm": {"kernels": {"experts": "pallas"}},
+            # every kernel (the gemv, the Pallas attention) and the grouped GEMM
+            "dsjax-pallas-grouped-gemm": {"replace_with_kernel_inject": True,
+                                          "kernels": {"experts": "pallas"}},
             "dsjax-grouped-gemm-int8": {"kernels": {"experts": "pallas"},
                                         "quant": {"bits": 8, "group_size": 128}}}
 
@@ -153,8 +160,8 @@ def run_arch(arch: str, args, bw: float) -> list[dict]:
         import torch
         torch.cuda.empty_cache()
     reference = None
-    for name, opts in VARIANTS.items():
-        engine = None
+    for name in args.variants:
+        opts, engine = VARIANTS[name], None
         try:
             engine = dsjax.init_inference(model, dtype="bf16", progress=False, **opts,
                                           max_out_tokens=args.prompt_len + max(args.new_tokens, 16))
@@ -223,8 +230,12 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--hf-device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
+                   help=f"dsjax variants, of {', '.join(VARIANTS)} (the first: the others' reference)")
     p.add_argument("--name", default="moe")
     args = p.parse_args(argv)
+    if set(args.variants) - set(VARIANTS):
+        p.error(f"unknown variants {sorted(set(args.variants) - set(VARIANTS))}")
     env, t0 = harness.environment(), time.perf_counter()
     bw = harness.gemv_bandwidth()["bytes_per_s"]
     rows = []
