@@ -31,7 +31,7 @@ from dsjax import bench
 from dsjax.bench import (decode_ms_per_token, gemv_bandwidth, kv_bytes_per_step, kv_itemsize,  # noqa: F401
                          latency_stats, median_time, peak_memory_bytes, random_prompts, roofline,
                          time_generate, timing, weight_bytes_per_step)
-from dsjax.policy import CUDNN_PROMPT_TOKENS, KernelPolicy
+from dsjax.policy import KernelPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,8 +73,8 @@ DSJAX_VARIANTS = {  # name -> (label, init_inference keywords)
                               {"kernels": pallas(min_split_keys=256)}),
     "dsjax-pallas-ln-split256": ("dsjax all Pallas, LayerNorm fused, splits of >= 256 keys",
                                  {"kernels": pallas(gemv_fused_norms=BOTH_NORMS, min_split_keys=256)}),
-    "dsjax-pallas-cudnn": (f"dsjax all Pallas, prompts of >= {CUDNN_PROMPT_TOKENS} tokens through cuDNN",
-                           {"kernels": pallas(cudnn_prompt_tokens=CUDNN_PROMPT_TOKENS)}),
+    "dsjax-pallas-flash": ("dsjax all Pallas, every prompt through the flash kernel (no cuDNN)",
+                           {"kernels": pallas(cudnn_prompt_tokens=0)}),
 }
 FORMER_NAMES = {  # decode_variants.py's names, which its results files (decode_variants*) use
     "bf16-xla": "dsjax-xla", "bf16-pallas": "dsjax-pallas", "attn-pallas": "dsjax-kernels",

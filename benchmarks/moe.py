@@ -16,9 +16,12 @@ decode step at batch B: (the weights outside the experts + the experts routed to
 cache) / the measured GEMV bandwidth, with the experts routed to taken as the expected number
 of distinct experts that B tokens x top-k picks reach when routing is uniform,
 E (1 - (1 - k/E)^B), per layer (random routers route near-uniformly). Check of each variant
-against dsjax-xla (the exact expert op) and against HF (bf16 both: rounding differences are
-expected) on 8 prompts: the last position's logits (largest difference over the largest
-logit) and 16 greedy tokens (how many agree before the first that differs, of 8 x 16). Writes
+against the first of --variants and against HF on 8 prompts: the last position's logits
+(largest difference over the largest logit) and 16 greedy tokens (how many agree before the
+first that differs, of 8 x 16). With dsjax-fp32 first (the same weights in float32, checked,
+not timed) that is each one's distance to float32, HF's bf16 included: in bf16 a random
+router's near-ties round differently in every implementation, so bf16 variants part from each
+other and from HF's bf16 by expert choices, not by errors (docs/decisions.md#expert-layers-in-xla). Writes
 benchmarks/results/NAME.json/.md (+ $OUT).
 """
 
@@ -59,7 +62,7 @@ ARCHS = {
 # Qwen3-30B-A3B's layer shape with 12 of its 48 layers (a run builds the model for HF and again
 # for each dsjax variant: the whole model takes minutes a copy)
 ARCHS["qwen3-30b-a3b-12l"] = ("Qwen3MoeForCausalLM", dict(ARCHS["qwen3-30b-a3b"][1], num_hidden_layers=12))
-VARIANTS = {"dsjax-xla": {}, "dsjax-xla-sliced": {"kernels": {"expert_slice_rows": 16}},
+VARIANTS = {"dsjax-fp32": {"dtype": "fp32"}, "dsjax-xla": {}, "dsjax-xla-sliced": {"kernels": {"expert_slice_rows": 16}},
             "dsjax-grouped-gemm": {"kernels": {"experts": "pallas"}},
             # every kernel (the gemv, the Pallas attention) and the grouped GEMM
             "dsjax-pallas-grouped-gemm": {"replace_with_kernel_inject": True,
@@ -161,18 +164,22 @@ def run_arch(arch: str, args, bw: float) -> list[dict]:
         torch.cuda.empty_cache()
     reference = None
     for name in args.variants:
-        opts, engine = VARIANTS[name], None
+        opts, engine = dict(VARIANTS[name]), None
+        dtype = opts.pop("dtype", "bf16")
         try:
-            engine = dsjax.init_inference(model, dtype="bf16", progress=False, **opts,
+            engine = dsjax.init_inference(model, dtype=dtype, progress=False, **opts,
                                           max_out_tokens=args.prompt_len + max(args.new_tokens, 16))
             got = check(engine, engine.config.vocab_size, args.prompt_len)
             reference = reference or got
             rows.append(dict(agreement(got, reference), system=name, batch="check",
                              hf=agreement(got, hf)))
+            if got is reference:  # HF's bf16 against the reference too
+                rows.append(dict(agreement(hf, reference), system="hf-eager", batch="check",
+                                 hf=agreement(hf, hf)))
         except Exception as e:  # noqa: BLE001
             rows.append({"system": name, "batch": "check", "error": harness.error_line(e)})
         print(rows[-1], flush=True)
-        for batch in args.batch if engine is not None else []:
+        for batch in args.batch if engine is not None and dtype == "bf16" else []:
             prompts = bench.random_prompts(engine.config.vocab_size, batch, args.prompt_len)
             try:
                 def gen(n, e=engine, p=prompts):
@@ -209,7 +216,7 @@ def markdown(rows: list[dict], env: dict, args) -> str:
         speed = f"{hf['decode_ms_per_token'] / ms:.2f}x" if hf else "-"
         lines.append(f"| {r['arch']} | {r['batch']} | {r['system']} | {ms:.3f} | {floor} | "
                      f"{speed} |")
-    lines += ["", "Against dsjax-xla / HF eager on 8 prompts: |logit difference| / largest |logit| "
+    lines += ["", f"Against {args.variants[0]} / HF eager on 8 prompts: |logit difference| / largest |logit| "
               "at the last position, argmax agreement, greedy tokens equal before each row's "
               "first difference.", "", "| arch | system | logit diff | same argmax | "
               "tokens agreeing |", "|---|---|---|---|---|"]

@@ -4,9 +4,10 @@
         [--smoke] [--name NAME] [--out benchmarks/results]
 
 attention: prompt attention through ops.cache_attention as generate's prefill calls it
-  (from_start), under KernelPolicy.pallas() (the flash kernel) and with its cuDNN route on
-  (cudnn_prompt_tokens = policy.CUDNN_PROMPT_TOKENS: longer prompts through cuDNN over K/V
-  copied out of the cache's layout), each route's largest output difference given, against cuDNN
+  (from_start), under KernelPolicy.pallas() ("dsjax": prompts of policy.CUDNN_PROMPT_TOKENS or
+  more through cuDNN over K/V copied out of the cache's layout, shorter ones through the flash
+  kernel) and with the flash kernel at every length ("dsjax-flash"), each route's largest
+  output difference given, against cuDNN
   (jax.nn.dot_product_attention(implementation="cudnn"), given K/V in its own [B, S, KVH, Dh]
   layout), causal, B=1, GQA 32/8 heads x 128, bf16, at T = 512, 2048, 8192, 32768, and with a
   sliding window of 4096 keys (cuDNN's local_window_size) where T is at least twice that.
@@ -54,7 +55,6 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import attention, cold_start, harness  # noqa: E402
 from benchmarks.harness import error_line  # noqa: E402
 from dsjax import ops  # noqa: E402
-from dsjax.policy import CUDNN_PROMPT_TOKENS  # noqa: E402
 
 PARTS = ("cold", "attention", "gpt2", "int8")  # the order they run in
 ROW_S = 30  # least time left to start an attention row
@@ -145,7 +145,7 @@ class Report:
 def prompt_fns(T: int, window: int | None, sizes: Sizes):
     """name -> (fn(q, k, v), layout(k)) as attention.time_prefill takes them: dsjax's prompt
     attention over K/V as the cache holds them, under KernelPolicy.pallas() ("dsjax") and with
-    its cuDNN route on ("dsjax-cudnn"), and the reference (the last)."""
+    its cuDNN route off ("dsjax-flash"), and the reference (the last)."""
     _, _, dim = sizes.heads
     scale, q_pos = dim ** -0.5, jnp.arange(T, dtype=jnp.int32)[None]
     left = None if window is None else (window - 1, 0)  # keys left of the query, itself excluded
@@ -161,7 +161,7 @@ def prompt_fns(T: int, window: int | None, sizes: Sizes):
                                             implementation=sizes.reference)
 
     return {"dsjax": dsjax(harness.PALLAS),
-            "dsjax-cudnn": dsjax(harness.pallas(cudnn_prompt_tokens=CUDNN_PROMPT_TOKENS)),
+            "dsjax-flash": dsjax(harness.pallas(cudnn_prompt_tokens=0)),
             sizes.reference: (reference, lambda k: k.transpose(0, 2, 1, 3))}
 
 
@@ -207,7 +207,7 @@ def run_attention(report: Report) -> None:
         row = attention_row(T, window, s)
         rows.append(row)
         ref = row["ms"][s.reference]
-        ours = min((row["ms"][n] for n in ("dsjax", "dsjax-cudnn") if row["ms"][n]), default=None)
+        ours = min((row["ms"][n] for n in ("dsjax", "dsjax-flash") if row["ms"][n]), default=None)
         measured = "; ".join(f"{n} " + (f"{ms:.3f} ms" if ms is not None else row["errors"][n])
                              for n, ms in row["ms"].items())
         if "max_abs_diff" in row:

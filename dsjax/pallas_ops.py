@@ -319,10 +319,6 @@ def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolic
     how = f"int{up.bits} groups of {up.group_size}, " if isinstance(up, QuantizedWeight) else ""
     _kernel("experts", f"grouped GEMM over {E} experts ({how}top-{k})")
     interpret = _interpret(policy)
-    if jax.default_backend() == "gpu" and not interpret:
-        announce("ops.experts: the compiled Pallas grouped GEMM equals a float32 reference on an "
-                 "H100, but a model's logits with it differed from the XLA op's there, not yet "
-                 "explained (docs/decisions.md#expert-layers-in-xla)", logging.WARNING)
     slot, block_expert = expert_layout(picks, E, bm)
     M, token = block_expert.shape[0] * bm, jnp.arange(N * k) // k
     rows = jnp.zeros((M, D), x.dtype).at[slot].set(x[token], mode="drop")

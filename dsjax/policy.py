@@ -19,14 +19,11 @@ OPS = ("norm", "linear", "attention", "cache_attention", "write_kv", "paged_writ
 IMPLEMENTATIONS = ("xla", "pallas")
 # the ops that have a Pallas kernel (dsjax.pallas_ops); the others are XLA under every policy
 PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv", "paged_attention", "experts")
-# the ops KernelPolicy.pallas() (replace_with_kernel_inject) runs as kernels: not "experts": with
-# its grouped GEMM a model's logits differed from the XLA op's on a GPU, not yet explained
-# (docs/decisions.md#expert-layers-in-xla): it runs only where a policy names it
-INJECTED_OPS = tuple(op for op in PALLAS_OPS if op != "experts")
+# the ops KernelPolicy.pallas() (replace_with_kernel_inject) runs as kernels: every one
+INJECTED_OPS = PALLAS_OPS
 GEMV_MAX_ROWS = 8  # the most rows the gemv kernel takes (pallas_kernels.gemv.MAX_ROWS)
-# the cudnn_prompt_tokens benchmarks/speed.py tries (off by default until measured on a GPU:
-# docs/decisions.md#cudnn-prompt-attention)
-CUDNN_PROMPT_TOKENS = 512
+# KernelPolicy.pallas()'s cudnn_prompt_tokens (docs/decisions.md#cudnn-prompt-attention)
+CUDNN_PROMPT_TOKENS = 1024
 
 log = logging.getLogger("dsjax.ops")
 
@@ -99,9 +96,10 @@ class KernelPolicy:
 
     @classmethod
     def pallas(cls, **changes) -> KernelPolicy:
-        """DeepSpeed's replace_with_kernel_inject=True: every op with a Pallas kernel runs it
-        (but the experts: INJECTED_OPS)."""
-        return cls(**{**{op: "pallas" for op in INJECTED_OPS}, **changes})
+        """DeepSpeed's replace_with_kernel_inject=True: every op with a Pallas kernel runs it,
+        and prompts of CUDNN_PROMPT_TOKENS or more run cuDNN's attention where it takes them."""
+        return cls(**{**{op: "pallas" for op in INJECTED_OPS},
+                      "cudnn_prompt_tokens": CUDNN_PROMPT_TOKENS, **changes})
 
     @classmethod
     def parse(cls, kernels=None, inject: bool = False) -> KernelPolicy:
@@ -147,13 +145,12 @@ class KernelPolicy:
         return 1 if platform == "cpu" else self.min_rows
 
     def describe(self) -> str:
-        """'pallas' / 'xla' (how the injected ops run; the experts named when they run the
-        grouped GEMM, which injection leaves out), or the per-op choice when they differ."""
-        names = {getattr(self, op) for op in INJECTED_OPS}
+        """'pallas' / 'xla' (how the ops with a kernel run), or the per-op choice when they
+        differ."""
+        names = {getattr(self, op) for op in PALLAS_OPS}
         if len(names) > 1:
             return ", ".join(f"{op}={getattr(self, op)}" for op in PALLAS_OPS)
-        name = names.pop()
-        return name if self.experts == "xla" else f"{name}, experts={self.experts}"
+        return names.pop()
 
 
 # ----------------------------------------------------------------------------- the kernel log

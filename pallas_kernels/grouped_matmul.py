@@ -59,13 +59,15 @@ class BlockSizes:
                  programs: int = 1024) -> BlockSizes:
         """Split K (powers of two, up to 8, each slice at least 4 K steps) until the blocks
         expected to have rows (one per row up to the experts' count, at least rows / block_m)
-        times the output's column tiles (gated: N of [gate | up]'s 2 N) reach `programs`."""
+        times the output's column tiles (gated: N of [gate | up]'s 2 N) reach `programs`;
+        decode-sized steps (at most 64 rows) load three tiles ahead (num_stages=3)."""
         blocks = max(-(-rows // self.block_m), min(rows, experts))
         split, cols = 1, (2 if gated else 1) * N // self.block_n
         while (split < 8 and blocks * cols * split * 2 <= programs
                and K // (self.block_k * split * 2) >= 4 and K % (self.block_k * split * 2) == 0):
             split *= 2
-        return dataclasses.replace(self, split_k=split)
+        stages = 3 if rows <= 64 else self.num_stages
+        return dataclasses.replace(self, split_k=split, num_stages=stages)
 
 
 def k_unit(K: int, w=None) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dsjax import ops, pallas_ops
-from dsjax.policy import ONCE, KernelPolicy
+from dsjax.policy import CUDNN_PROMPT_TOKENS, ONCE, KernelPolicy
 
 B, T, S, H, KVH, DH = 2, 24, 40, 4, 2, 16
 
@@ -45,7 +45,8 @@ def test_from_start_equals_attention_over_the_whole_cache(window):
 
 
 def test_pallas_policy_defaults_and_checks():
-    assert KernelPolicy.pallas().cudnn_prompt_tokens == 0  # off until measured on a GPU
+    assert KernelPolicy.pallas().cudnn_prompt_tokens == CUDNN_PROMPT_TOKENS > 0  # on under injection
+    assert KernelPolicy().cudnn_prompt_tokens == 0
     with pytest.raises(ValueError, match="cudnn_prompt_tokens must be an integer >= 0"):
         KernelPolicy.pallas(cudnn_prompt_tokens=-1)
 
