@@ -18,6 +18,7 @@ experts (sparse expert MLPs of MoE layers, dropless).
 from __future__ import annotations
 
 import logging
+import math
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -270,9 +271,17 @@ def linear(x, w, bias=None, residual=None, *, norm: NormSpec | None = None,
            activation: str | None = None, gated: bool = False, policy: KernelPolicy):
     """act(norm(x) @ W + bias) + residual. w: a stored [K, N] array or a dsjax.weights weight
     (DenseWeight or QuantizedWeight, either layout); gated: W is a fused [gate | up] and the
-    result act(gate) * up."""
-    return run("linear", policy, x, as_weight(w), bias, residual, norm=norm,
-               activation=activation, gated=gated)
+    result act(gate) * up. Under the Pallas linear, GEMMs of more rows than the policy's
+    xla_gemm_rows (prompts) run XLA's (pallas_ops.route_linear)."""
+    w = as_weight(w)
+    if policy.linear == "pallas":
+        rows = math.prod(x.shape[:-1])
+        if pallas_ops.route_linear(w, rows, norm, policy).kernel == "xla":
+            announce(f"ops.linear: XLA's GEMM for more than {policy.xla_gemm_rows} rows "
+                     "(KernelPolicy.xla_gemm_rows)")
+            return linear_xla(x, w, bias, residual, norm=norm, activation=activation, gated=gated)
+    return run("linear", policy, x, w, bias, residual, norm=norm, activation=activation,
+               gated=gated)
 
 
 def attention(q, k, v, q_pos, k_pos, k_valid, *, scale, causal, window, alibi_slopes,

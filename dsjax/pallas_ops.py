@@ -41,8 +41,9 @@ def _kernel(op: str, what: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    """How `linear` runs: kernel "gemv" | "matmul" | "quant_matmul"; norm "fused" (in the
-    kernel) | "xla" (applied in XLA first) | None (no norm)."""
+    """How `linear` runs: kernel "gemv" | "matmul" | "quant_matmul" | "xla" (XLA's GEMM:
+    ops.linear runs it); norm "fused" (in the kernel) | "xla" (applied in XLA first) | None
+    (no norm)."""
 
     kernel: str
     norm: str | None
@@ -53,6 +54,7 @@ def route_linear(w, rows: int, norm: NormSpec | None, policy: KernelPolicy) -> R
     docs/decisions.md, under the KernelPolicy field's name):
 
       weight           layout   rows                     kernel         norm
+      any              any      > xla_gemm_rows (if set) XLA's GEMM     XLA
       float            K-major  <= gemv_rows             gemv           fused if its kind is in
                                                                         gemv_fused_norms, else XLA
       int8 per-channel K-major  <= int8_gemv_rows        gemv           (as above)
@@ -61,6 +63,8 @@ def route_linear(w, rows: int, norm: NormSpec | None, policy: KernelPolicy) -> R
       float            [K, N]   any                      matmul         fused prologue
       quantized        [K, N]   any (all int4 codes)     quant_matmul   fused prologue
     """
+    if policy.xla_gemm_rows and rows > policy.xla_gemm_rows:
+        return Route("xla", None if norm is None else "xla")
     quantized = isinstance(w, QuantizedWeight)
     gemv_rows = (policy.int8_gemv_rows if quantized and w.bits == 8 and w.per_channel
                  else 0 if quantized else policy.gemv_rows)
@@ -82,6 +86,8 @@ def linear(x, w, bias=None, residual=None, *, norm=None, activation=None, gated=
            policy: KernelPolicy):
     _integer_codes(w, "GEMM")
     route = route_linear(w, math.prod(x.shape[:-1]), norm, policy)
+    if route.kernel == "xla":  # ops.linear routes these before calling here
+        raise Unsupported(f"more rows than xla_gemm_rows={policy.xla_gemm_rows}")
     if route.norm == "xla":
         x, norm = numerics.apply_norm(x, norm), None
     interpret = _interpret(policy)

@@ -24,6 +24,8 @@ INJECTED_OPS = PALLAS_OPS
 GEMV_MAX_ROWS = 8  # the most rows the gemv kernel takes (pallas_kernels.gemv.MAX_ROWS)
 # KernelPolicy.pallas()'s cudnn_prompt_tokens (docs/decisions.md#cudnn-prompt-attention)
 CUDNN_PROMPT_TOKENS = 1024
+# KernelPolicy.pallas()'s xla_gemm_rows (docs/decisions.md#xla-gemms-for-prompts)
+XLA_GEMM_ROWS = 16
 
 log = logging.getLogger("dsjax.ops")
 
@@ -48,10 +50,11 @@ class KernelPolicy:
       decode-attention split covers at least (0: one key block); cudnn_prompt_tokens: under
       the Pallas cache_attention, a prompt that starts its sequences with at least this many
       tokens runs cuDNN's fused attention where cuDNN takes the case (0: never; the flash
-      kernel otherwise); interpret: run the Pallas kernels in interpret mode (None: when the
-      backend is the CPU).
+      kernel otherwise); xla_gemm_rows: under the Pallas linear, GEMMs of more rows than
+      this (prompts) run XLA's GEMM over the same weights (0: never); interpret: run the
+      Pallas kernels in interpret mode (None: when the backend is the CPU).
     Why each default: docs/decisions.md (gemv-rows, gemv-fused-norms, norm-in-xla-rows,
-    int8-gemv-rows, decode-split-minimum, cudnn-prompt-attention).
+    int8-gemv-rows, decode-split-minimum, cudnn-prompt-attention, xla-gemms-for-prompts).
     """
 
     norm: str = "xla"
@@ -69,6 +72,7 @@ class KernelPolicy:
     min_split_keys: int = 0
     expert_slice_rows: int = 0
     cudnn_prompt_tokens: int = 0
+    xla_gemm_rows: int = 0
     interpret: bool | None = None
 
     def __post_init__(self):
@@ -85,7 +89,7 @@ class KernelPolicy:
             if norm not in NORM_KINDS:
                 raise ValueError(f"gemv_fused_norms: {norm!r} is not one of {NORM_KINDS}")
         for name in ("gemv_rows", "norm_in_xla_rows", "int8_gemv_rows", "min_split_keys",
-                     "expert_slice_rows", "cudnn_prompt_tokens"):
+                     "expert_slice_rows", "cudnn_prompt_tokens", "xla_gemm_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"KernelPolicy.{name} must be an integer >= 0, got {value!r}")
@@ -96,10 +100,12 @@ class KernelPolicy:
 
     @classmethod
     def pallas(cls, **changes) -> KernelPolicy:
-        """DeepSpeed's replace_with_kernel_inject=True: every op with a Pallas kernel runs it,
-        and prompts of CUDNN_PROMPT_TOKENS or more run cuDNN's attention where it takes them."""
+        """DeepSpeed's replace_with_kernel_inject=True: every op with a Pallas kernel runs it;
+        prompts of CUDNN_PROMPT_TOKENS or more run cuDNN's attention where it takes them, and
+        GEMMs of more than XLA_GEMM_ROWS rows XLA's GEMM."""
         return cls(**{**{op: "pallas" for op in INJECTED_OPS},
-                      "cudnn_prompt_tokens": CUDNN_PROMPT_TOKENS, **changes})
+                      "cudnn_prompt_tokens": CUDNN_PROMPT_TOKENS, "xla_gemm_rows": XLA_GEMM_ROWS,
+                      **changes})
 
     @classmethod
     def parse(cls, kernels=None, inject: bool = False) -> KernelPolicy:

@@ -29,10 +29,12 @@ BUDGET = 64  # test_decoder_families' max_out_tokens: its XLA engines' programs 
 TOL = dict(atol=2e-4, rtol=2e-4)  # fp32; the kernels sum in another order than XLA
 
 
-def _pair(hf, **kw):
+def _pair(hf, policy=None, **kw):
+    """An XLA engine and a Pallas one (replace_with_kernel_inject, or `policy`)."""
     kw = dict(dtype="fp32", progress=False, **kw)
     xla = dsjax.init_inference(hf, **kw)
-    pallas = dsjax.init_inference(hf, replace_with_kernel_inject=True, **kw)
+    pallas = dsjax.init_inference(hf, **({"kernels": policy} if policy else
+                                         {"replace_with_kernel_inject": True}), **kw)
     return xla, pallas
 
 
@@ -164,7 +166,8 @@ def test_bf16_within_dtype_tolerance():
     (test_clip.clip, lambda: test_clip.texts()),
 ], ids=["bert", "distilbert", "clip"])
 def test_encoder_family(make, inputs):
-    xla, pallas = _pair(make())
+    """Every GEMM in a Pallas kernel (xla_gemm_rows off: the batch's rows would run XLA's)."""
+    xla, pallas = _pair(make(), KernelPolicy.pallas(xla_gemm_rows=0))
     a, b = xla.embed(*inputs()), pallas.embed(*inputs())
     batch = encoders.pack_text(pallas.config, *inputs())
     kernels = pallas_calls(jax.make_jaxpr(lambda *arrays: encoders.encode_text(
@@ -217,6 +220,20 @@ def test_the_log_names_each_kernel_and_each_policy_compiles_apart(caplog):
     assert set(kernels) == {"matmul", "gemv", "flash_attention", "decode_attention",
                             "rotary_cache_write"}, kernels
     assert "gemv" not in generate_kernels(no_gemv, rows)
+
+
+def test_prompt_gemms_run_xla_above_xla_gemm_rows(caplog):
+    """Under replace_with_kernel_inject, GEMMs of more than xla_gemm_rows rows (a prompt of
+    20 tokens) run XLA's GEMM over the K-major weights, said in the log; one-row decode steps
+    keep the gemv; the tokens and log-probabilities are the XLA engine's."""
+    xla, pallas = _pair(ONE_LAYER["llama_gqa"](), max_out_tokens=BUDGET)
+    assert pallas.policy.xla_gemm_rows == 16 and pallas.policy.k_major
+    rows = [prompt(11, 20, 96)]
+    with caplog.at_level(logging.INFO, logger="dsjax.ops"):
+        _same_generation(xla, pallas, 96, rows)
+    assert "ops.linear: XLA's GEMM for more than 16 rows" in caplog.text
+    kernels = generate_kernels(pallas, rows, return_logprobs=True)
+    assert "gemv" in kernels and "matmul" not in kernels and "norm_matmul" not in kernels
 
 
 def test_per_op_choice(caplog):
