@@ -48,7 +48,7 @@ def pallas(**changes) -> KernelPolicy:
     return dataclasses.replace(PALLAS, **changes)
 
 
-ATTENTION = pallas(linear="xla")  # Pallas attention and cache write, XLA GEMMs
+ATTENTION = pallas(linear="xla", experts="xla")  # Pallas attention and cache write, XLA GEMMs
 BOTH_NORMS = ("rmsnorm", "layernorm")
 KV8 = {"kv_cache_dtype": "int8"}
 

@@ -143,6 +143,8 @@ def agreement(got, want) -> dict:
 
 
 def run_arch(arch: str, args, bw: float) -> list[dict]:
+    import jax
+
     import dsjax
 
     device = "cuda" if args.hf_device == "cuda" else "cpu"
@@ -169,13 +171,16 @@ def run_arch(arch: str, args, bw: float) -> list[dict]:
         try:
             engine = dsjax.init_inference(model, dtype=dtype, progress=False, **opts,
                                           max_out_tokens=args.prompt_len + max(args.new_tokens, 16))
-            got = check(engine, engine.config.vocab_size, args.prompt_len)
-            reference = reference or got
-            rows.append(dict(agreement(got, reference), system=name, batch="check",
-                             hf=agreement(got, hf)))
-            if got is reference:  # HF's bf16 against the reference too
+            # a float32 engine is the reference: its dots in float32, not TF32
+            with jax.default_matmul_precision("highest" if dtype == "fp32" else None):
+                got = check(engine, engine.config.vocab_size, args.prompt_len)
+            if name == args.variants[0]:  # the reference: none other stands in for it
+                reference = got
                 rows.append(dict(agreement(hf, reference), system="hf-eager", batch="check",
                                  hf=agreement(hf, hf)))
+            rows.append(dict(agreement(got, reference), system=name, batch="check",
+                             hf=agreement(got, hf)) if reference else
+                        dict(system=name, batch="check", error=f"no reference: {args.variants[0]} failed"))
         except Exception as e:  # noqa: BLE001
             rows.append({"system": name, "batch": "check", "error": harness.error_line(e)})
         print(rows[-1], flush=True)

@@ -60,7 +60,8 @@ def kernel_policy(name: str, backend: str):
 
     if name == "auto":
         name = "attention" if backend == "gpu" else "xla"
-    return {"attention": KernelPolicy.pallas(linear="xla"), "pallas": KernelPolicy.pallas(),
+    attention = KernelPolicy.pallas(linear="xla", experts="xla")  # Pallas attention, XLA GEMMs
+    return {"attention": attention, "pallas": KernelPolicy.pallas(),
             "xla": KernelPolicy()}[name]
 
 

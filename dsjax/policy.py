@@ -114,8 +114,11 @@ class KernelPolicy:
         replace_with_kernel_inject selects."""
         if isinstance(kernels, KernelPolicy):
             if inject and kernels != cls.pallas():
+                differ = ", ".join(f"{f.name}={getattr(kernels, f.name)!r}"
+                                   for f in dataclasses.fields(cls)
+                                   if getattr(kernels, f.name) != getattr(cls.pallas(), f.name))
                 raise ValueError("replace_with_kernel_inject=True asks for KernelPolicy.pallas(), "
-                                 f"kernels= for another policy ({kernels.describe()}): pass one")
+                                 f"kernels= for another policy ({differ}): pass one")
             return kernels
         base = cls.pallas() if inject else cls()
         if kernels is None:

@@ -4,8 +4,8 @@ own weights, reading only the experts that have rows.
 Layout (made by `expert_layout`): the (token, pick) rows are sorted by expert and each expert's
 group is padded to a multiple of block_m rows, so every block of block_m rows belongs to one
 expert; `block_expert[b]` names it (-1: a block past the last group, skipped: it reads no weight
-and writes zeros). There are at most M / block_m + E blocks for M rows and E experts, a static
-bound, so the routing never changes a shape. Program (b, j) computes output columns
+and writes zeros). There are at most ceil(M / block_m) + min(E, M) blocks for M rows and E
+experts, a static bound, so the routing never changes a shape. Program (b, j) computes output columns
 [j block_n, (j + 1) block_n) of block b's rows, looping over K in block_k steps: it loads only
 its expert's weight tiles, so an expert without rows is never read (XLA's ragged_dot reads every
 expert: docs/decisions.md#expert-layers-in-xla).
@@ -155,8 +155,8 @@ def grouped_matmul(x, w, block_expert, row_scale=None, *, activation: str | None
     """x [M, K] (M = B x block_m rows in the padded layout), w [E, K, N] (or a QuantizedWeight
     stack: codes, scales [E, K/G, N], zeros; dequantized tile by tile), block_expert [B] ->
     [M, N] (activation given: the gated epilogue, [M, N / 2]); row_scale [M] multiplies each
-    output row; out_dtype: the output's (default x's); block_sizes.split_k > 1 (not gated):
-    float32 partials over K slices, summed."""
+    output row; out_dtype: the output's (default x's); block_sizes.split_k > 1: float32
+    partials over K slices, summed (gated: of [gate | up], the activation applied after)."""
     quantized = isinstance(w, QuantizedWeight)
     codes = w.values if quantized else w
     M, K = x.shape

@@ -52,7 +52,8 @@ def test_serve_kernels_choose_the_serving_benchmarks_fastest_on_a_gpu():
     from dsjax.policy import KernelPolicy
 
     gpu = kernel_policy("auto", "gpu")
-    assert (gpu.paged_attention, gpu.attention, gpu.linear) == ("pallas", "pallas", "xla")
+    assert (gpu.paged_attention, gpu.attention, gpu.linear, gpu.experts) == (
+        "pallas", "pallas", "xla", "xla")
     assert kernel_policy("auto", "cpu") == KernelPolicy() == kernel_policy("xla", "gpu")
     assert kernel_policy("pallas", "cpu") == KernelPolicy.pallas()
     with pytest.raises(SystemExit):

@@ -70,6 +70,8 @@ def test_kernel_policy_bounds_and_contradictions():
         KernelPolicy(min_split_keys=-1)
     with pytest.raises(ValueError, match="pass one"):
         dsjax.init_inference(TINY, replace_with_kernel_inject=True, kernels=KernelPolicy())
+    with pytest.raises(ValueError, match=r"another policy \(xla_gemm_rows=0\)"):  # names what differs
+        KernelPolicy.parse(KernelPolicy.pallas(xla_gemm_rows=0), inject=True)
     assert KernelPolicy.parse(KernelPolicy.pallas(), inject=True) == KernelPolicy.pallas()
     assert KernelPolicy.parse({"linear": "xla"}, inject=True) == KernelPolicy.pallas(linear="xla")
 

@@ -116,8 +116,9 @@ def markdown(payload: dict) -> str:
         keep = [r for r in timed if not r["variant"].startswith(("pallas up", "pallas down"))]
         keep += [r for r in timed if r not in keep][:6]  # the six fastest of the sweep
         for r in sorted(keep, key=lambda r: r["us"]):
+            vs = f"{xla / r['us']:.2f}x" if xla else "-"
             lines.append(f"| {arch} | {tokens} | {r['variant']} | {r['us']:.1f} | {r['gb_s']:.0f} | "
-                         f"{xla / r['us']:.2f}x | {r['rel_err']:.1e} |")
+                         f"{vs} | {r['rel_err']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
