@@ -1,7 +1,8 @@
 """MoE decode on one GPU: dsjax with XLA's expert op and with the Pallas grouped GEMM, against HF
 transformers eager on the same random weights, and against the active-bytes floor.
 
-    python benchmarks/moe.py [--arch mixtral-8l,qwen3-30b-a3b] [--batch 1,8,64] [--new-tokens 64]
+    python benchmarks/moe.py [--arch mixtral-8l,qwen3-30b-a3b-12l] [--batch 1,8,64] [--new-tokens 64]
+        [--variants dsjax-fp32,dsjax-xla,...]
 
 Variants (--variants): dsjax-xla (ragged_dot), dsjax-xla-sliced (up to 16 (token, pick) rows,
 each row against its own expert sliced from the stacks: bs 1 and 8 of top-2), the grouped GEMM
@@ -236,7 +237,7 @@ def markdown(rows: list[dict], env: dict, args) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="mixtral-8l,qwen3-30b-a3b")
+    p.add_argument("--arch", default="mixtral-8l,qwen3-30b-a3b-12l")  # (each fits one H100 with HF's copy)
     p.add_argument("--batch", type=harness.ints, default=[1, 8, 64])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=128)
