@@ -310,8 +310,9 @@ def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolic
     rows padded to the kernel's row block): [gate | up] with the gated activation, then down
     with the routing weights in the epilogue; only experts with rows are read. block_sizes:
     (up's, down's) grouped_matmul.BlockSizes (default: split K where few experts have rows,
-    BlockSizes.for_rows)."""
-    from pallas_kernels.grouped_matmul import BlockSizes, expert_layout, grouped_matmul, k_unit
+    expert_block_sizes)."""
+    from pallas_kernels.grouped_matmul import (BlockSizes, expert_block_sizes, expert_layout,
+                                               grouped_matmul, k_unit)
 
     N, D = x.shape
     E, _, two_i = up.shape
@@ -330,9 +331,7 @@ def experts(x, up, down, picks, weights, *, activation: str, policy: KernelPolic
     rows = jnp.zeros((M, D), x.dtype).at[slot].set(x[token], mode="drop")
     scale = jnp.zeros((M,), jnp.float32).at[slot].set(weights.reshape(-1).astype(jnp.float32),
                                                       mode="drop")
-    if block_sizes is None:
-        block_sizes = tuple(BlockSizes().for_rows(N * k, E, K, n, gated=g)
-                            for K, n, g in ((D, two_i // 2, True), (two_i // 2, D, False)))
+    block_sizes = block_sizes or expert_block_sizes(N * k, E, D, two_i // 2)
     h = grouped_matmul(rows, up, block_expert, activation=activation,
                        block_sizes=block_sizes[0], interpret=interpret)
     # each pick's scaled output stays float32 until the picks are summed (as the XLA op's)

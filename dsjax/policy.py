@@ -19,8 +19,6 @@ OPS = ("norm", "linear", "attention", "cache_attention", "write_kv", "paged_writ
 IMPLEMENTATIONS = ("xla", "pallas")
 # the ops that have a Pallas kernel (dsjax.pallas_ops); the others are XLA under every policy
 PALLAS_OPS = ("linear", "attention", "cache_attention", "write_kv", "paged_attention", "experts")
-# the ops KernelPolicy.pallas() (replace_with_kernel_inject) runs as kernels: every one
-INJECTED_OPS = PALLAS_OPS
 GEMV_MAX_ROWS = 8  # the most rows the gemv kernel takes (pallas_kernels.gemv.MAX_ROWS)
 # KernelPolicy.pallas()'s cudnn_prompt_tokens (docs/decisions.md#cudnn-prompt-attention)
 CUDNN_PROMPT_TOKENS = 1024
@@ -103,7 +101,7 @@ class KernelPolicy:
         """DeepSpeed's replace_with_kernel_inject=True: every op with a Pallas kernel runs it;
         prompts of CUDNN_PROMPT_TOKENS or more run cuDNN's attention where it takes them, and
         GEMMs of more than XLA_GEMM_ROWS rows XLA's GEMM."""
-        return cls(**{**{op: "pallas" for op in INJECTED_OPS},
+        return cls(**{**{op: "pallas" for op in PALLAS_OPS},
                       "cudnn_prompt_tokens": CUDNN_PROMPT_TOKENS, "xla_gemm_rows": XLA_GEMM_ROWS,
                       **changes})
 
@@ -113,10 +111,11 @@ class KernelPolicy:
         of per-op overrides (plus any routing field) over the policy that
         replace_with_kernel_inject selects."""
         if isinstance(kernels, KernelPolicy):
-            if inject and kernels != cls.pallas():
+            injected = cls.pallas()
+            if inject and kernels != injected:
                 differ = ", ".join(f"{f.name}={getattr(kernels, f.name)!r}"
                                    for f in dataclasses.fields(cls)
-                                   if getattr(kernels, f.name) != getattr(cls.pallas(), f.name))
+                                   if getattr(kernels, f.name) != getattr(injected, f.name))
                 raise ValueError("replace_with_kernel_inject=True asks for KernelPolicy.pallas(), "
                                  f"kernels= for another policy ({differ}): pass one")
             return kernels

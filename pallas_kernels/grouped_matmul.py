@@ -70,6 +70,13 @@ class BlockSizes:
         return dataclasses.replace(self, split_k=split, num_stages=stages)
 
 
+def expert_block_sizes(rows: int, experts: int, hidden: int, width: int):
+    """The (gated [gate | up], down) BlockSizes of an expert MLP step of `rows` (token, pick)
+    rows over experts of hidden size `hidden` and width `width` (BlockSizes.for_rows)."""
+    return (BlockSizes().for_rows(rows, experts, hidden, width, gated=True),
+            BlockSizes().for_rows(rows, experts, width, hidden, gated=False))
+
+
 def k_unit(K: int, w=None) -> int:
     """What block_k must divide: K; for a QuantizedWeight w also its group (a K step lies in one
     group) and, for 4-bit codes, K / 2 (a step reads one nibble of its bytes)."""

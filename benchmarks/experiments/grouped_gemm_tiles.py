@@ -5,7 +5,7 @@
 
 An experiment, not a benchmark of the library: it times the whole expert op (layout, the two
 grouped GEMMs, the combine; `pallas_ops.experts`) of one layer, bf16, random routing, under
-block sizes given explicitly: the default choice (`BlockSizes.for_rows`), no split, and a
+block sizes given explicitly: the default choice (`expert_block_sizes`), no split, and a
 sweep of the first GEMM's tiles with the second's at its default, then the second's with the
 first's at its default; against XLA's expert op (ragged_dot, reads every expert) and, where a
 step has at most 16 (token, pick) rows, the sliced XLA op (`expert_slice_rows`). Every variant
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from dsjax import ops, pallas_ops  # noqa: E402
 from dsjax.policy import KernelPolicy  # noqa: E402
-from pallas_kernels.grouped_matmul import BlockSizes  # noqa: E402
+from pallas_kernels.grouped_matmul import BlockSizes, expert_block_sizes  # noqa: E402
 
 # D, I, E, top-k ("tiny": a CPU smoke run, interpreted)
 ARCHS = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8), "tiny": (64, 256, 8, 2)}
@@ -56,12 +56,6 @@ def inputs(arch: str, tokens: int, n: int = 4):
     return out, active
 
 
-def defaults(arch: str, tokens: int) -> tuple[BlockSizes, BlockSizes]:
-    D, I, E, k = ARCHS[arch]
-    return (BlockSizes().for_rows(tokens * k, E, D, I, gated=True),
-            BlockSizes().for_rows(tokens * k, E, I, D, gated=False))
-
-
 def variants(arch: str, tokens: int) -> dict:
     """name -> fn(x, up, down, picks, w)."""
     k = ARCHS[arch][3]
@@ -69,7 +63,8 @@ def variants(arch: str, tokens: int) -> dict:
     if tokens * k <= 16:
         sliced = KernelPolicy(expert_slice_rows=16)
         xla["xla-sliced"] = lambda *a: ops.experts(*a, activation="silu", policy=sliced)
-    up0, down0 = defaults(arch, tokens)
+    D, I, E, _ = ARCHS[arch]
+    up0, down0 = expert_block_sizes(tokens * k, E, D, I)
     blocks = {"default": (up0, down0), "no split": (dataclasses.replace(up0, split_k=1),
                                                     dataclasses.replace(down0, split_k=1))}
     blocks |= {f"up {label(b)}": (dataclasses.replace(b, split_k=up0.split_k), down0) for b in UP}
