@@ -3,18 +3,18 @@
 Shapes: B batch, T new tokens, S cache slots, D hidden, H query heads, K kv heads, Dh head dim.
 Each layer owns its arrays (`layers` is a list of Blocks, looped over in Python inside the jit),
 since XLA copies a stacked [layers, ...] array's slice on every step
-(docs/decisions.md#per-layer-arrays). The KernelPolicy every module holds is part of the graphdef,
-so it is static under jit.
+(docs/decisions.md#per-layer-arrays); each Block runs as a nested jit that the blocks of one
+structure share, so a program traces and lowers one layer of each kind
+(docs/decisions.md#one-traced-layer-per-kind). The KernelPolicy every module holds is part of
+the graphdef, so it is static under jit.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dsjax import cache as kv_cache
@@ -23,6 +23,7 @@ from dsjax.config import ModelConfig
 from dsjax.parallel.tensor import EXPERT_AXIS, Shard
 from dsjax.serving.paged import PagedLayer
 from dsjax.policy import KernelPolicy
+from dsjax.positions import alibi_slopes, rope_inv_freq
 from dsjax.weights import DenseWeight
 
 _INIT_STD = 0.02
@@ -94,43 +95,10 @@ class Embed(nnx.Module):
 
 # ----------------------------------------------------------------------------- positions
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """[rot_dim / 2] float32 inverse frequencies, with HF's rope_scaling rules applied."""
-    rd = cfg.rot_dim
-    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, rd, 2, dtype=np.float32) / rd))
-    rs = cfg.rope_scaling
-    if rs is None or rs.kind == "default":
-        return inv.astype(np.float32)
-    if rs.kind == "linear":
-        return (inv / rs.factor).astype(np.float32)
-    # llama3: wavelengths longer than old_len/low_freq_factor are divided by factor, shorter
-    # than old_len/high_freq_factor kept, and the band between interpolated smoothly.
-    wavelen = 2 * math.pi / inv
-    low_wl = rs.original_max_position / rs.low_freq_factor
-    high_wl = rs.original_max_position / rs.high_freq_factor
-    scaled = np.where(wavelen > low_wl, inv / rs.factor, inv)
-    smooth = (rs.original_max_position / wavelen - rs.low_freq_factor) / (
-        rs.high_freq_factor - rs.low_freq_factor)
-    mid = (1 - smooth) * scaled / rs.factor + smooth * scaled
-    is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
-    return np.where(is_mid, mid, scaled).astype(np.float32)
-
-
 def rotary(cfg: ModelConfig) -> ops.Rotary | None:
     if cfg.positions != "rotary":
         return None
     return ops.Rotary(rope_inv_freq(cfg), cfg.rot_dim, cfg.rotary_layout)
-
-
-def alibi_slopes(num_heads: int) -> np.ndarray:
-    """Per-head ALiBi slopes (Press et al.; BLOOM's rule for head counts not a power of 2)."""
-    closest = 2 ** math.floor(math.log2(num_heads))
-    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
-    slopes = [base ** (i + 1) for i in range(closest)]
-    if closest != num_heads:
-        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
-        slopes += [extra ** (2 * i + 1) for i in range(num_heads - closest)]
-    return np.asarray(slopes, np.float32)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -307,6 +275,18 @@ class Block(nnx.Module):
         return self.mlp(a, norm=mlp_norm, residual=a), kv
 
 
+def run_block(block: Block, x, positions, kv, write_at, key_mask, from_start=False):
+    """block(...) as a nested jit: blocks of the same structure and shapes share one traced and
+    lowered program (XLA inlines it), so tracing and lowering a model cost one layer's worth."""
+    graphdef, state = nnx.split(block)
+    return _block_program(graphdef, from_start, state, x, positions, kv, write_at, key_mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _block_program(graphdef, from_start, state, x, positions, kv, write_at, key_mask):
+    return nnx.merge(graphdef, state)(x, positions, kv, write_at, key_mask, from_start)
+
+
 class Transformer(nnx.Module):
     """Embeddings -> blocks -> final norm; `logits()` applies the (tied or own) LM head.
 
@@ -379,8 +359,8 @@ class Transformer(nnx.Module):
         new_kv = []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layer(i)
-            x, kv = layer(x, positions, kv, None if cache is None else cache.lengths, key_mask,
-                          from_start)
+            x, kv = run_block(layer, x, positions, kv, None if cache is None else cache.lengths,
+                              key_mask, from_start)
             new_kv.append(kv)
         return x, None if cache is None else cache.with_layers(new_kv)
 

@@ -14,7 +14,9 @@ from flax import nnx
 from dsjax import generate as gen
 from dsjax.cache import KVCache
 from dsjax.config import ModelConfig, RopeScaling
-from dsjax.model import Transformer, alibi_slopes
+from dsjax import model as model_lib
+from dsjax.model import Transformer
+from dsjax.positions import alibi_slopes
 
 BASE = ModelConfig(family="test", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
                    intermediate_size=48, max_position_embeddings=64)
@@ -63,6 +65,24 @@ def test_cached_decode_equals_full_forward(name):
         steps.append(logits)
     np.testing.assert_allclose(np.stack(steps[:-1], 1), full[:, 5:9], atol=2e-5, rtol=2e-5)
     assert np.isfinite(np.asarray(full)).all()
+
+
+def test_blocks_of_one_structure_trace_once_and_inline(monkeypatch):
+    """Five layers, one of them windowed: the forward traces two blocks (the four alike share
+    one nested program), and the compiled program has no call left (XLA inlined it)."""
+    cfg = dataclasses.replace(BASE, hidden_size=24, num_layers=5, sliding_window=3,
+                              local_layers=(1,), positions="rotary")
+    traced = []
+    block_call = model_lib.Block.__call__
+    monkeypatch.setattr(model_lib.Block, "__call__",
+                        lambda self, *a, **k: traced.append(self.attn.window) or
+                        block_call(self, *a, **k))
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.zeros((1, 5), jnp.int32)
+    positions = jnp.arange(5)[None]
+    lowered = _full.lower(graphdef, state, tokens, positions)
+    assert sorted(traced, key=str) == [3, None]
+    assert " call(" not in lowered.compile().as_text()
 
 
 def test_window_masks_distant_tokens():

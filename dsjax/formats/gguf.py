@@ -34,7 +34,7 @@ from converters.loader import CheckpointError, TensorSource, regular_file
 from converters.policy import CONCAT_TRANSPOSED, TRANSPOSE, expand, match
 from dsjax.formats import gguf_blocks as blocks
 from dsjax.formats.gguf_header import check_metadata
-from dsjax.model import rope_inv_freq
+from dsjax.positions import rope_inv_freq
 from dsjax.quant import QuantSpec
 from dsjax.weights import is_gemm
 

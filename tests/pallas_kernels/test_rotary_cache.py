@@ -12,7 +12,8 @@ import pytest
 
 from dsjax import ops
 from dsjax.config import ModelConfig
-from dsjax.model import rope_inv_freq, rotary
+from dsjax.model import rotary
+from dsjax.positions import rope_inv_freq
 from pallas_kernels import rotary_cache as rc
 from dsjax.numerics import quantize_kv
 
