@@ -22,7 +22,7 @@ from dsjax import ops
 from dsjax.config import ModelConfig
 from dsjax.parallel.tensor import EXPERT_AXIS, Shard
 from dsjax.serving.paged import PagedLayer
-from dsjax.policy import KernelPolicy
+from dsjax.policy import KernelPolicy, announced_by_trace
 from dsjax.positions import alibi_slopes, rope_inv_freq
 from dsjax.weights import DenseWeight
 
@@ -277,9 +277,13 @@ class Block(nnx.Module):
 
 def run_block(block: Block, x, positions, kv, write_at, key_mask, from_start=False):
     """block(...) as a nested jit: blocks of the same structure and shapes share one traced and
-    lowered program (XLA inlines it), so tracing and lowering a model cost one layer's worth."""
+    lowered program (XLA inlines it), so tracing and lowering a model cost one layer's worth;
+    a program that reuses a trace still logs its kernels (policy.announced_by_trace)."""
     graphdef, state = nnx.split(block)
-    return _block_program(graphdef, from_start, state, x, positions, kv, write_at, key_mask)
+    args = (state, x, positions, kv, write_at, key_mask)
+    leaves, tree = jax.tree.flatten(args)
+    key = (graphdef, from_start, tree, tuple((jnp.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
+    return announced_by_trace(key, lambda: _block_program(graphdef, from_start, *args))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 
 from dsjax.numerics import NORM_KINDS
 
@@ -187,5 +188,33 @@ ONCE = OncePerProgram()
 log.addFilter(ONCE)
 
 
+_SAYING = threading.local()  # .said: the messages of the nested trace under way, or None
+_TRACE_SAID: dict = {}  # a nested trace's key -> the messages its tracing announced
+
+
 def announce(message: str, level: int = logging.INFO) -> None:
+    said = getattr(_SAYING, "said", None)
+    if said is not None:
+        said.append((message, level))
     log.log(level, message)
+
+
+def announced_by_trace(key, call):
+    """call(): a nested jitted function (dsjax.model.run_block) whose tracing announces the
+    kernels it chose. jit reuses a trace in later programs, which then would log nothing for
+    it: where the call traced nothing (key: its static arguments and shapes), the messages its
+    trace said are announced again, so every program logs the kernels it runs."""
+    outer = getattr(_SAYING, "said", None)
+    _SAYING.said = said = []
+    try:
+        out = call()
+    finally:
+        _SAYING.said = outer
+    if said:
+        _TRACE_SAID[key] = said
+        if outer is not None:
+            outer.extend(said)
+    else:
+        for message, level in _TRACE_SAID.get(key, ()):
+            announce(message, level)
+    return out

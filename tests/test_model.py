@@ -4,6 +4,7 @@ interleaved partial rotary, post-LN). HF parity of GPT-2 and LLaMA is in tests/c
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from dsjax.cache import KVCache
 from dsjax.config import ModelConfig, RopeScaling
 from dsjax import model as model_lib
 from dsjax.model import Transformer
+from dsjax.policy import ONCE
 from dsjax.positions import alibi_slopes
 
 BASE = ModelConfig(family="test", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
@@ -83,6 +85,22 @@ def test_blocks_of_one_structure_trace_once_and_inline(monkeypatch):
     lowered = _full.lower(graphdef, state, tokens, positions)
     assert sorted(traced, key=str) == [3, None]
     assert " call(" not in lowered.compile().as_text()
+
+
+def test_a_program_that_reuses_a_block_trace_still_logs_its_kernels(caplog):
+    """The second program's blocks come from the nested jit's cache (nothing traces them
+    again): their kernel choices are logged for it all the same."""
+    cfg = dataclasses.replace(BASE, hidden_size=40, num_layers=3)
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens, positions = jnp.zeros((1, 5), jnp.int32), jnp.arange(5)[None]
+    hidden = jax.jit(lambda s, t, p: nnx.merge(graphdef, s)(t, p)[0])
+    for lower in (lambda: _full.lower(graphdef, state, tokens, positions),
+                  lambda: hidden.lower(state, tokens, positions)):
+        ONCE.new_program()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dsjax.ops"):
+            lower()
+        assert "ops.attention runs the 'xla' implementation" in caplog.messages
 
 
 def test_window_masks_distant_tokens():
