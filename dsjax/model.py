@@ -282,7 +282,8 @@ def run_block(block: Block, x, positions, kv, write_at, key_mask, from_start=Fal
     graphdef, state = nnx.split(block)
     args = (state, x, positions, kv, write_at, key_mask)
     leaves, tree = jax.tree.flatten(args)
-    key = (graphdef, from_start, tree, tuple((jnp.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
+    shapes = tuple((jnp.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves)
+    key = (graphdef, from_start, tree, shapes)
     return announced_by_trace(key, lambda: _block_program(graphdef, from_start, *args))
 
 
